@@ -1,0 +1,3 @@
+from mpfleet.cli import main
+
+main()

@@ -1,0 +1,13 @@
+"""The virtual ESP32 board: emulated NOR flash, ESP32 shim modules for the real
+MicroPython unix port, and the supervisor that runs a device through resets and
+deep sleeps (see docs/architecture.md).
+
+- `mpfleet.sim.board.VirtualBoard`: one device in a directory; `create`, `power_on`,
+  `boot`, `run`, `schedule_power_cut`, flash counters and otadata inspection.
+- `mpfleet.sim.mpy`: the code that runs *inside* the device process (shims and
+  the bootloader); it is MicroPython, not part of the host package's API.
+"""
+
+from mpfleet.sim.board import BootRecord, SimError, VirtualBoard
+
+__all__ = ["BootRecord", "SimError", "VirtualBoard"]

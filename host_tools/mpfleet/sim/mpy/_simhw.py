@@ -1,0 +1,156 @@
+# The virtual board's hardware, as seen from inside the device process.
+#
+# One Hardware object per process (the process *is* the chip between two
+# resets): flash, RTC memory, the virtual clock, the watchdog and the record
+# the process leaves for the supervisor when it stops. The shim modules
+# machine, esp32, network, dht, time and socket all reach it through `hw`.
+#
+# Files in the device directory (all opened before LittleFS is mounted at /,
+# after which host paths are out of the firmware's reach):
+#   board.json     board definition (chip, partitions, sensors)
+#   boot.json      written by the supervisor before each boot: reset cause,
+#                  wake reason, clock, remembered slot, power-cut schedule, Wi-Fi
+#   flash.bin      the 4 MiB NOR flash (see _simflash)
+#   counters.bin   flash wear counters
+#   rtc.bin        RTC slow memory: u16 length + 2048 bytes
+#   wdt            watchdog: u32 timeout_ms, u32 feed count (polled by the supervisor)
+#   exit.json      why this process stopped (written once, by halt())
+
+import gc
+import json
+import os
+import struct
+import utime
+
+from _simflash import NorFlash
+
+RTC_MEMORY_MAX = 2048
+PWRON_RESET = 1
+HARD_RESET = 2
+WDT_RESET = 3
+DEEPSLEEP_RESET = 4
+SOFT_RESET = 5
+
+hw = None
+
+
+def _load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class Hardware:
+    def __init__(self, devdir):
+        self.dir = devdir
+        self.boot = _load_json(devdir + "/boot.json")
+        self.board = _load_json(devdir + "/board.json")
+        self.settings = _load_json(devdir + "/settings.json")
+        regions = [(p["name"], p["offset"], p["size"]) for p in self.board["partitions"]]
+        self.flash = NorFlash(
+            devdir + "/flash.bin",
+            self.board["flash_size"],
+            regions,
+            cut_after_ops=self.boot.get("cut_after_ops"),
+            seed=self.boot.get("seed", 1),
+            on_power_cut=self._power_cut,
+            counters_path=devdir + "/counters.bin",
+        )
+        self._rtc_file = open(devdir + "/rtc.bin", "r+b")
+        self._exit_file = open(devdir + "/exit.json", "wb")
+        self._wdt_file = open(devdir + "/wdt", "r+b")
+        self._wdt_buf = bytearray(8)
+        self._wdt_feeds = 0
+        self.wdt_timeout_ms = None
+        self._start_ticks = utime.ticks_ms()
+        self.clock_at_boot_s = self.boot["clock_s"]
+        self.heap_base = 0
+        self.ballast = None
+        self.running_slot = None
+        self.app = None
+        self.halted = False
+        self.output_mode = self.boot.get("mode", "run")
+
+    # --- clock -----------------------------------------------------------
+    def awake_ms(self):
+        return utime.ticks_diff(utime.ticks_ms(), self._start_ticks)
+
+    def clock_s(self):
+        """The RTC's time: seconds since 1970 (kept over deep sleep and resets)."""
+        return self.clock_at_boot_s + self.awake_ms() / 1000
+
+    def set_clock_s(self, seconds):
+        self.clock_at_boot_s = seconds - self.awake_ms() / 1000
+
+    # --- RTC memory ------------------------------------------------------
+    def rtc_memory(self):
+        self._rtc_file.seek(0)
+        head = self._rtc_file.read(2)
+        n = struct.unpack("<H", head)[0] if len(head) == 2 else 0
+        if n > RTC_MEMORY_MAX:
+            n = 0
+        return self._rtc_file.read(n) if n else b""
+
+    def set_rtc_memory(self, data):
+        if len(data) > RTC_MEMORY_MAX:
+            raise ValueError("buffer too long")
+        self._rtc_file.seek(0)
+        self._rtc_file.write(struct.pack("<H", len(data)))
+        self._rtc_file.write(data)
+
+    # --- watchdog --------------------------------------------------------
+    def arm_wdt(self, timeout_ms):
+        self.wdt_timeout_ms = timeout_ms
+        self.feed_wdt()
+
+    def feed_wdt(self):
+        self._wdt_feeds += 1
+        struct.pack_into("<II", self._wdt_buf, 0, self.wdt_timeout_ms or 0, self._wdt_feeds)
+        self._wdt_file.seek(0)
+        self._wdt_file.write(self._wdt_buf)
+
+    # --- stopping --------------------------------------------------------
+    def _power_cut(self, detail):
+        self.halt("power_cut", detail=detail)
+
+    def _heap_live(self):
+        # Bytes the firmware still holds (the simulator's own objects and the
+        # ballast excluded); peaks are measured by searching the smallest
+        # heap a run fits in (mpfleet.sim.heap).
+        if not self.heap_base:
+            return None
+        gc.collect()
+        return gc.mem_alloc() - self.heap_base
+
+    def halt(self, reason, **extra):
+        """Stop the chip now: leave the exit record and end the process.
+
+        Nothing after this point runs, not even `finally` blocks, as on a
+        chip that enters deep sleep, resets or loses power.
+        """
+        record = {
+            "reason": reason,
+            "running_slot": self.running_slot,
+            "firmware_version": self.app["version"] if self.app else None,
+            "clock_s": self.clock_s(),
+            "awake_ms": self.awake_ms(),
+            "heap_live": self._heap_live(),
+            "wdt_armed": self.wdt_timeout_ms is not None,
+        }
+        for key in extra:
+            record[key] = extra[key]
+        self.halted = True
+        self._exit_file.write(json.dumps(record).encode())
+        self._exit_file.close()
+        # The process is killed outright: SystemExit would run the firmware's
+        # finally blocks, which a real chip never does. $PPID of the shell
+        # started by os.system is this interpreter's process.
+        os.system("kill -9 $PPID")
+        # Not reached; keep the firmware from continuing if kill failed.
+        while True:
+            utime.sleep(1)
+
+
+def init(devdir):
+    global hw
+    hw = Hardware(devdir)
+    return hw
