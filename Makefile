@@ -29,7 +29,7 @@ test: $(STAMP)
 
 stress: $(STAMP)
 	@scripts/ensure-mosquitto
-	MPFLEET_STRESS=1 $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	MPFLEET_STRESS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 check-firmware: $(STAMP)
 	$(BIN)/python -m mpfleet.tools.check_firmware

@@ -1,0 +1,134 @@
+"""Starting a local MQTT broker: mosquitto when installed (the fallback broker,
+amqtt, comes with the `broker` extra).
+
+Used by the test suite (a fresh broker per test module on a free loopback
+port, with its own configuration) and by `make demo`. Nothing is left running:
+`LocalBroker` is a context manager and stops its process on exit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from mpfleet.errors import MpfleetError
+
+_MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+
+
+class BrokerError(MpfleetError):
+    """No broker could be found or started."""
+
+
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in _MOSQUITTO_PATHS:
+        if Path(candidate).exists():
+            return candidate
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise BrokerError(f"broker did not accept connections on {host}:{port} within {timeout_s:.0f} s")
+
+
+class LocalBroker:
+    """A mosquitto process on 127.0.0.1:`port` with a generated configuration.
+
+    `extra_config` lines are appended (password_file, acl_file, ...). Without
+    them the listener allows anonymous clients. Queue limits are raised so a
+    dispatcher that falls briefly behind loses nothing (mosquitto's default
+    max_queued_messages of 1000 drops QoS 1 messages).
+    """
+
+    def __init__(self, port: int | None = None, extra_config: list[str] | None = None,
+                 workdir: str | Path | None = None, persistence: bool = False):
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.extra_config = list(extra_config or [])
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mpfleet-broker-"))
+        self.persistence = persistence
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def config_text(self) -> str:
+        lines = [
+            f"listener {self.port} {self.host}",
+            "max_queued_messages 100000",
+            "max_inflight_messages 1000",
+            "max_queued_bytes 0",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+        ]
+        if not any(line.startswith(("password_file", "allow_anonymous")) for line in self.extra_config):
+            lines.append("allow_anonymous true")
+        return "\n".join(lines + self.extra_config) + "\n"
+
+    def start(self) -> "LocalBroker":
+        binary = find_mosquitto()
+        if binary is None:
+            raise BrokerError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto; "
+                              "macOS: brew install mosquitto)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self.config_text())
+        self._log = open(self.workdir / "mosquitto.log", "ab")
+        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=self._log, stderr=self._log)
+        try:
+            wait_for_port(self.host, self.port)
+        except BrokerError:
+            self.stop()
+            log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
+            raise BrokerError(f"mosquitto did not start on port {self.port}:\n{log}") from None
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> "LocalBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
