@@ -1,0 +1,92 @@
+"""The `mpfleet` command line: a thin layer that checks arguments and calls the library.
+
+Every expected failure is an `MpfleetError`, printed once as `mpfleet: <message>`
+with exit status 1; usage errors exit with 2 (click's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mpfleet import __version__
+from mpfleet.boards import list_boards, load_board
+from mpfleet.errors import MpfleetError
+
+console = Console()
+
+
+def print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpfleet")
+def cli() -> None:
+    """mpfleet: flash, provision and command fleets of MicroPython ESP32 devices.
+
+    Virtual boards (`mpfleet sim ...`) run the same firmware on the real
+    MicroPython unix port, so everything can be tried without hardware.
+    """
+
+
+@cli.group()
+def boards() -> None:
+    """Board definitions (boards/*.json): chip, flash layout, sensors."""
+
+
+@boards.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def boards_list(as_json: bool) -> None:
+    """List the known boards."""
+    loaded = [load_board(name) for name in list_boards()]
+    if as_json:
+        print_json([b.to_json() for b in loaded])
+        return
+    table = Table(title="boards")
+    for col in ("name", "chip", "flash", "firmware offset", "sensors"):
+        table.add_column(col)
+    for b in loaded:
+        table.add_row(b.name, b.chip, f"{b.flash_size // (1024 * 1024)} MiB", hex(b.firmware_offset),
+                      ", ".join(s.name for s in b.sensors))
+    console.print(table)
+
+
+@boards.command("show")
+@click.argument("name")
+def boards_show(name: str) -> None:
+    """Show one board's definition (a name from `boards list` or a path to a .json file)."""
+    print_json(load_board(name).to_json())
+
+
+def _register_subcommands() -> None:
+    from mpfleet.sim.cli import sim
+
+    cli.add_command(sim)
+
+
+_register_subcommands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="mpfleet", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("mpfleet: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MpfleetError as e:
+        click.echo(f"mpfleet: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
