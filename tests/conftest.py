@@ -57,3 +57,19 @@ def mosquitto():
         pytest.fail("mosquitto is not installed: run `make test` (it installs it) or apt-get install mosquitto")
     with LocalBroker() as broker:
         yield broker
+
+
+FIRMWARE_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "firmware"
+
+
+def firmware_files(only: tuple[str, ...] | None = None) -> dict[str, bytes]:
+    """The firmware tree as {device path: bytes}, for VirtualBoard.fs_put.
+
+    `only` limits it to paths relative to firmware/ (e.g. ("lib/agent/mqtt.py",)).
+    """
+    out = {}
+    for path in sorted(FIRMWARE_DIR.rglob("*.py")):
+        rel = path.relative_to(FIRMWARE_DIR).as_posix()
+        if only is None or rel in only:
+            out["/" + rel] = path.read_bytes()
+    return out
