@@ -66,3 +66,9 @@ def test_power_cut_then_power_on_resets_rtc(tmp_path):
     mpfleet("sim", "power-cut", dev)
     out = mpfleet("sim", "run", dev, "--boots", "1").stdout
     assert "rtc b''" in out and "PWRON_RESET" in out
+
+
+def test_demo_shows_a_rollback_and_exits_zero():
+    proc = subprocess.run([sys.executable, "-m", "mpfleet.demo"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rolled back" in proc.stdout
