@@ -8,6 +8,7 @@ port, with its own configuration) and by `make demo`. Nothing is left running:
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -86,6 +87,10 @@ class LocalBroker:
             "log_type error",
             "log_type warning",
         ]
+        if os.geteuid() == 0 and not any(line.startswith("user ") for line in self.extra_config):
+            # Run as root, mosquitto drops to the "mosquitto" user before it
+            # reads password/ACL files, which a root-owned 0600 file forbids.
+            lines.append("user root")
         if not any(line.startswith(("password_file", "allow_anonymous")) for line in self.extra_config):
             lines.append("allow_anonymous true")
         return "\n".join(lines + self.extra_config) + "\n"
