@@ -170,6 +170,7 @@ def start(devdir, interactive):
         hw.halt(_BOOTLOADER_HALT, detail="no valid app image in any slot")
     hw.running_slot = slot["name"]
     hw.app = app
+    hw.note_running()
     if app["sim_note"].get("crash") == "boot":
         _log("Guru Meditation Error: firmware %s panicked at boot" % app["version"])
         hw.halt("panic", detail="image %s crashes at boot" % app["version"])

@@ -109,6 +109,16 @@ class Hardware:
         self._wdt_file.write(self._wdt_buf)
 
     # --- stopping --------------------------------------------------------
+    def note_running(self):
+        """Leave the booted slot and version in the exit record now: a process
+        that ends without halt() (Ctrl-D at the interactive REPL, which the
+        console supervisor turns into a soft reset) still tells the supervisor
+        which firmware ran. halt() writes over it with a longer record."""
+        note = {"running_slot": self.running_slot,
+                "firmware_version": self.app["version"] if self.app else None}
+        self._exit_file.write(json.dumps(note).encode())
+        self._exit_file.flush()
+
     def _power_cut(self, detail):
         self.halt("power_cut", detail=detail)
 
@@ -139,6 +149,9 @@ class Hardware:
         for key in extra:
             record[key] = extra[key]
         self.halted = True
+        # Over note_running()'s record: this one has its keys and more, so it
+        # is longer and no byte of the note is left behind.
+        self._exit_file.seek(0)
         self._exit_file.write(json.dumps(record).encode())
         self._exit_file.close()
         # The process is killed outright: SystemExit would run the firmware's
