@@ -59,17 +59,12 @@ def mosquitto():
         yield broker
 
 
-FIRMWARE_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "firmware"
-
-
-def firmware_files(only: tuple[str, ...] | None = None) -> dict[str, bytes]:
-    """The firmware tree as {device path: bytes}, for VirtualBoard.fs_put.
+def firmware_files(only: tuple[str, ...] | None = None, compiled: bool = True) -> dict[str, bytes]:
+    """The firmware tree as {device path: bytes}, for VirtualBoard.fs_put: lib/ as
+    .mpy, as a deploy puts it (see mpfleet.firmware).
 
     `only` limits it to paths relative to firmware/ (e.g. ("lib/agent/mqtt.py",)).
     """
-    out = {}
-    for path in sorted(FIRMWARE_DIR.rglob("*.py")):
-        rel = path.relative_to(FIRMWARE_DIR).as_posix()
-        if only is None or rel in only:
-            out["/" + rel] = path.read_bytes()
-    return out
+    from mpfleet.firmware import firmware_tree
+
+    return firmware_tree(compiled=compiled, only=only)

@@ -237,8 +237,13 @@ log = FlashLog(max_segments=3)
 for b in range(8):
     log.append([("b%d-%03d-xxxxxxxxx" % (b, i)).encode() for i in range(200)])
 print("STATS", log.stats())
-recs = [(s, bytes(r).decode()) for s, r in log.read(0, 5000)]
-print("FIRST", recs[0], "LAST", recs[-1], "N", len(recs))
+first = last = None
+n = 0
+for s, r in log.read(0, 5000):
+    last = (s, bytes(r).decode())
+    first = first or last
+    n += 1
+print("FIRST", first, "LAST", last, "N", n)
 """, board=vb)
     st = _stats(out)
     assert st["segments"] == 3

@@ -63,6 +63,48 @@ def boards_show(name: str) -> None:
     print_json(load_board(name).to_json())
 
 
+_DB_OPTION = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
+                          help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
+
+
+@cli.group()
+def samples() -> None:
+    """Sensor samples the devices uploaded."""
+
+
+@samples.command("export")
+@click.option("--device", help="Only this device id.")
+@click.option("--since", help="From this time: ISO 8601 (2026-11-24T10:00Z) or relative (90m, 2h, 7d).")
+@click.option("--until", help="Up to (not including) this time; same forms as --since.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="File (default stdout).")
+@_DB_OPTION
+def samples_export(device: str | None, since: str | None, until: str | None, fmt: str, output: str | None,
+                   db: str | None) -> None:
+    """Export stored samples as CSV or JSON Lines, ordered by device and seq."""
+    from mpfleet.export import export_samples, parse_time
+    from mpfleet.store import Store
+
+    since_s = parse_time(since) if since else None
+    until_s = parse_time(until) if until else None
+    with Store(db) as store:
+        if output:
+            import os
+            import tempfile
+
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)) or ".", suffix=".part")
+            try:
+                with os.fdopen(fd, "w", newline="") as out:
+                    count = export_samples(store, out, fmt, device, since_s, until_s)
+                os.replace(tmp, output)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            click.echo(f"{count} samples written to {output}", err=True)
+        else:
+            export_samples(store, sys.stdout, fmt, device, since_s, until_s)
+
+
 def _register_subcommands() -> None:
     from mpfleet.sim.cli import sim
 

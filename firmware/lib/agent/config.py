@@ -100,6 +100,9 @@ SCHEMA = (
     ("limits", "log_max_bytes", _int_in(8192, 4 * 1024 * 1024), 256 * 1024),
     ("limits", "job_max_bytes", _int_in(256, 65536), 4096),
     ("limits", "upload_batch", _int_in(1, 1000), 200),
+    # Samples staged in RTC memory before they go to flash; 0: as many as fit
+    # (fewest flash writes). Lower it to lose fewer samples to a power loss.
+    ("limits", "stage_max_samples", _int_in(0, 2000), 0),
 )
 
 

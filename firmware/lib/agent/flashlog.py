@@ -40,8 +40,8 @@ _CHUNK_BYTES = const(1024)
 _HDR = const(14)
 _MAGIC = const(0xC7)
 _VERSION = const(1)
-_STATE_LEN = const(20)
-_STATE_MAGIC = const(0x316C666D)  # b"mfl1" little-endian
+_STATE_LEN = const(28)
+_STATE_MAGIC = const(0x326C666D)  # b"mfl2" little-endian
 _SEQ_MAX = const(0xFFFFFFFF)
 
 
@@ -62,6 +62,9 @@ class FlashLog:
         self._floor = 0  # every seq <= floor is acked or dropped: never handed out
         self._acked = 0
         self._dropped = 0
+        self._reserved = 0  # highest seq handed out by the caller before it was stored (reserve())
+        # Seqs outside this class are stored seq + offset (rebase()); inside, stored seqs.
+        self._offset = 0
         self._load_state()
         self._segs = sorted(int(n[:8], 16) for n in os.listdir(path) if len(n) == 12 and n[8:] == ".seg")
         self._tail_size = 0
@@ -89,14 +92,16 @@ class FlashLog:
                 continue
             if n != _STATE_LEN:
                 continue
-            magic, floor, acked, dropped, crc = struct.unpack_from("<IIIII", self._buf, 0)
-            if magic == _STATE_MAGIC and crc == binascii.crc32(self._mv[:16]) & 0xFFFFFFFF:
+            magic, floor, acked, dropped, reserved, offset, crc = struct.unpack_from("<IIIIIII", self._buf, 0)
+            if magic == _STATE_MAGIC and crc == binascii.crc32(self._mv[:24]) & 0xFFFFFFFF:
                 self._floor, self._acked, self._dropped = floor, acked, dropped
+                self._reserved, self._offset = reserved, offset
                 return
 
     def _save_state(self):
-        struct.pack_into("<IIII", self._buf, 0, _STATE_MAGIC, self._floor, self._acked, self._dropped)
-        struct.pack_into("<I", self._buf, 16, binascii.crc32(self._mv[:16]) & 0xFFFFFFFF)
+        struct.pack_into("<IIIIII", self._buf, 0, _STATE_MAGIC, self._floor, self._acked, self._dropped,
+                         self._reserved, self._offset)
+        struct.pack_into("<I", self._buf, 24, binascii.crc32(self._mv[:24]) & 0xFFFFFFFF)
         tmp = self._dir + "/state.new"
         with open(tmp, "wb") as f:
             f.write(self._mv[:_STATE_LEN])
@@ -235,7 +240,7 @@ class FlashLog:
                 self._next = self._write(f, records, i, j, self._next)
                 self._tail_size = f.tell()
             i = j
-        return first
+        return first + self._offset
 
     # ------------------------------------------------------------ read / trim
     def read(self, from_seq=0, max_records=100):
@@ -243,7 +248,8 @@ class FlashLog:
         first one not acked), at most max_records. `record` is a memoryview
         into the log's buffer, valid until the next item: copy what you keep.
         Finish (or close()) the iteration before the next append or trim."""
-        seq0 = max(from_seq, self._floor + 1)
+        seq0 = max(from_seq - self._offset, self._floor + 1)
+        offset = self._offset
         given = 0
         segs = self._segs
         for idx in range(len(segs)):
@@ -260,7 +266,7 @@ class FlashLog:
                     for k in range(count):
                         size = self._buf[pos]
                         if seq + k >= seq0:
-                            yield seq + k, self._mv[pos + 1:pos + 1 + size]
+                            yield seq + k + offset, self._mv[pos + 1:pos + 1 + size]
                             given += 1
                             if given >= max_records:
                                 return
@@ -270,13 +276,59 @@ class FlashLog:
     def trim(self, upto):
         """The host committed every seq <= upto: persist that, then delete
         the segments that hold nothing newer."""
-        upto = min(upto, self._next - 1)
+        upto = min(upto - self._offset, self._next - 1)
         if upto > self._acked:
             self._acked = upto
             if upto > self._floor:
                 self._floor = upto
             self._save_state()
         self._forget_upto(self._floor)
+
+    def advance(self, next_seq):
+        """The host committed every seq below `next_seq`, including seqs this
+        log never stored (samples uploaded straight from RTC memory): persist
+        that, drop whatever is covered, and number the next append from there.
+
+        Only for an ack: every record held must be below `next_seq`."""
+        next_seq -= self._offset
+        upto = next_seq - 1
+        if upto <= self._floor and next_seq <= self._next:
+            return
+        if upto > self._acked:
+            self._acked = upto
+        if upto > self._floor:
+            self._floor = upto
+        if next_seq > self._next:
+            self._next = next_seq
+            self._tail_ok = False  # chunks must continue their segment's seqs: start a new one
+        self._save_state()
+        self._forget_upto(self._floor)
+
+    def rebase(self, next_seq):
+        """Number the oldest record held (or the next append) `next_seq`, and
+        everything after it accordingly; seqs only ever move up.
+
+        For a device whose log restarted (fresh flash) under an id the host
+        already holds samples for: its ack is then beyond anything this log
+        numbered, and without a rebase the host would take the new samples
+        for duplicates of old ones."""
+        first = self._floor + 1
+        if self._segs and self._segs[0] > first:
+            first = self._segs[0]
+        if first > self._next:
+            first = self._next
+        offset = next_seq - first
+        if offset > self._offset:
+            self._offset = offset
+            self._save_state()
+
+    def reserve(self, upto):
+        """Persist that seqs up to `upto` are in use although not stored yet
+        (samples sent from RTC memory before they reached flash). After a
+        power loss, stats()["reserved"] tells the caller which seqs were lost."""
+        if upto > self._reserved:
+            self._reserved = upto
+            self._save_state()
 
     def _forget_upto(self, floor):
         segs = self._segs
@@ -299,12 +351,15 @@ class FlashLog:
         size = 0
         for s in self._segs:
             size += os.stat(self._name(s))[6]
+        offset = self._offset
         return {
-            "first_seq": first,
-            "next_seq": self._next,
+            "first_seq": first + offset,
+            "next_seq": self._next + offset,
             "backlog": self._next - first,
             "bytes": size,
             "segments": len(self._segs),
             "dropped": self._dropped,
-            "acked": self._acked,
+            "acked": self._acked + offset if self._acked else 0,
+            "reserved": self._reserved,
+            "offset": offset,
         }

@@ -1,0 +1,226 @@
+# Samples staged in RTC memory between wakes, and the wake counters.
+#
+# RTC slow memory survives deep sleep and resets but not power loss, and
+# holds at most 2048 bytes. Staging a few dozen wakes of samples here and
+# flushing them to the flash log in one batch costs one flash write per
+# batch instead of one per wake (see docs/flashlog.md for the wear numbers).
+# What is staged when the power fails is lost: at most one batch.
+#
+# Layout (little endian), protected by a CRC-32 over everything after it:
+#
+#   off size field
+#   0   2    magic b"MS"
+#   2   1    version (1)
+#   3   1    channel count of the staged samples
+#   4   4    crc32 (binascii.crc32) of bytes 8 .. 8+16+payload_len
+#   8   4    wake_count     wakes since the RTC was last valid
+#   12  4    next_seq       sequence number of the next sample
+#   16  4    base_t         time of the first staged sample (s since 1970)
+#   20  2    staged         number of staged samples
+#   22  2    payload_len    bytes of staged payload
+#   24  2    skip_wakes     uploads to skip (network backoff)
+#   26  1    backoff_level  consecutive failed uploads (capped)
+#   27  1    flags          bit 0: upload requested for the next wake
+#   28  4    log_backlog    samples waiting in the flash log (as of its last use)
+#   32  ..   payload        per sample: a missing-channel bitmap byte, the
+#                           time delta (zigzag varint) from the previous sample
+#                           (the first from base_t), then per channel present the
+#                           value delta (zigzag varint) from the previous present
+#                           value of that channel (the first from 0)
+
+import binascii
+import struct
+
+import machine
+
+_MAGIC = b"MS"
+_VERSION = 1
+_HEADER = 32
+_RTC_MAX = 2048
+_CAPACITY = _RTC_MAX - _HEADER
+_MAX_CHANNELS = 8
+FLAG_UPLOAD_REQUESTED = 1
+
+
+def _zigzag(n):
+    return (n << 1) ^ (n >> 63) if n < 0 else n << 1
+
+
+def _unzigzag(z):
+    return (z >> 1) ^ -(z & 1)
+
+
+def _put_varint(buf, pos, n):
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            buf[pos] = b | 0x80
+            pos += 1
+        else:
+            buf[pos] = b
+            return pos + 1
+
+
+def _get_varint(buf, pos, end):
+    shift = 0
+    n = 0
+    while pos < end:
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, pos
+        shift += 7
+        if shift > 63:
+            break
+    raise ValueError("bad varint in RTC stage")
+
+
+class Stage:
+    """The RTC-resident wake state; `load()` it at wake, `save()` before sleep."""
+
+    def __init__(self):
+        self.buf = bytearray(_RTC_MAX)
+        self.valid = False
+        self.nchan = 0
+        self.wake_count = 0
+        self.next_seq = 0
+        self.base_t = 0
+        self.staged = 0
+        self.payload_len = 0
+        self.skip_wakes = 0
+        self.backoff_level = 0
+        self.flags = 0
+        self.log_backlog = 0
+        # Decoding state of the last staged sample, to append deltas.
+        self._last_t = 0
+        self._last_values = [0] * _MAX_CHANNELS
+
+    def load(self):
+        """Read RTC memory; returns False (and starts afresh) when it holds no valid stage."""
+        raw = machine.RTC().memory()
+        n = len(raw)
+        self.valid = False
+        if n >= _HEADER and raw[0:2] == _MAGIC and raw[2] == _VERSION:
+            (crc,) = struct.unpack_from("<I", raw, 4)
+            fields = struct.unpack_from("<IIIHHHBBI", raw, 8)
+            payload_len = fields[4]
+            if _HEADER + payload_len <= n and binascii.crc32(memoryview(raw)[8:_HEADER + payload_len]) == crc:
+                self.nchan = raw[3]
+                (self.wake_count, self.next_seq, self.base_t, self.staged, self.payload_len,
+                 self.skip_wakes, self.backoff_level, self.flags, self.log_backlog) = fields
+                self.buf[:_HEADER + payload_len] = raw[:_HEADER + payload_len]
+                self.valid = True
+        if not self.valid:
+            self.wake_count = self.next_seq = self.base_t = self.staged = self.payload_len = 0
+            self.skip_wakes = self.backoff_level = self.flags = self.log_backlog = 0
+            return False
+        self._replay()
+        return True
+
+    def save(self):
+        buf = self.buf
+        buf[0:2] = _MAGIC
+        buf[2] = _VERSION
+        buf[3] = self.nchan
+        struct.pack_into("<IIIHHHBBI", buf, 8, self.wake_count, self.next_seq, self.base_t, self.staged,
+                         self.payload_len, self.skip_wakes, min(self.backoff_level, 255), self.flags,
+                         self.log_backlog)
+        end = _HEADER + self.payload_len
+        struct.pack_into("<I", buf, 4, binascii.crc32(memoryview(buf)[8:end]))
+        machine.RTC().memory(memoryview(buf)[:end])
+
+    # --- samples -----------------------------------------------------------
+    def room_for(self, nchan):
+        """Whether one more sample of `nchan` channels surely fits."""
+        if self.staged and nchan != self.nchan:
+            return False
+        return self.payload_len + 1 + 10 * (nchan + 1) <= _CAPACITY
+
+    def add(self, t, values):
+        """Stage a sample (values: ints or None); returns its seq. Check room_for first."""
+        nchan = len(values)
+        if nchan > _MAX_CHANNELS:
+            raise ValueError("too many channels")
+        if not self.room_for(nchan):
+            raise ValueError("RTC stage full")
+        buf = self.buf
+        pos = _HEADER + self.payload_len
+        if self.staged == 0:
+            self.nchan = nchan
+            self.base_t = t
+            self._last_t = t
+            for i in range(_MAX_CHANNELS):
+                self._last_values[i] = 0
+        missing = 0
+        for i in range(nchan):
+            if values[i] is None:
+                missing |= 1 << i
+        buf[pos] = missing
+        pos = _put_varint(buf, pos + 1, _zigzag(t - self._last_t))
+        self._last_t = t
+        for i in range(nchan):
+            v = values[i]
+            if v is not None:
+                pos = _put_varint(buf, pos, _zigzag(v - self._last_values[i]))
+                self._last_values[i] = v
+        self.payload_len = pos - _HEADER
+        seq = self.next_seq
+        self.next_seq += 1
+        self.staged += 1
+        return seq
+
+    def samples(self):
+        """Yield the staged samples as (seq, t, values list with None for missing)."""
+        buf = self.buf
+        pos = _HEADER
+        end = _HEADER + self.payload_len
+        t = self.base_t
+        last = [0] * self.nchan
+        seq = self.next_seq - self.staged
+        for _ in range(self.staged):
+            missing = buf[pos]
+            z, pos = _get_varint(buf, pos + 1, end)
+            t += _unzigzag(z)
+            values = []
+            for i in range(self.nchan):
+                if missing & (1 << i):
+                    values.append(None)
+                else:
+                    z, pos = _get_varint(buf, pos, end)
+                    last[i] += _unzigzag(z)
+                    values.append(last[i])
+            yield seq, t, values
+            seq += 1
+
+    def _replay(self):
+        # Rebuild the delta state so that add() can continue after load().
+        self._last_t = self.base_t
+        for seq, t, values in self.samples():
+            self._last_t = t
+            for i in range(len(values)):
+                if values[i] is not None:
+                    self._last_values[i] = values[i]
+
+    def clear_samples(self):
+        self.staged = 0
+        self.payload_len = 0
+
+    @property
+    def first_seq(self):
+        """Seq of the oldest staged sample (== next_seq when none is staged)."""
+        return self.next_seq - self.staged
+
+    def drop_upto(self, upto):
+        """Forget staged samples with seq <= upto (the host has them)."""
+        if upto < self.first_seq:
+            return
+        keep = [s for s in self.samples() if s[0] > upto]
+        next_seq = self.next_seq
+        self.clear_samples()
+        if keep:
+            self.next_seq = keep[0][0]
+            for seq, t, values in keep:
+                self.add(t, values)
+        self.next_seq = max(next_seq, upto + 1)

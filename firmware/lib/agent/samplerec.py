@@ -1,0 +1,74 @@
+# One sample as a flash log record (the log's records are opaque bytes).
+#
+#   off  size  field
+#   0    1     missing-channel bitmap (bit i: channel i has no reading)
+#   1    1     channel count N
+#   2    4     t, u32 LE seconds since 1970
+#   6    ..    N - popcount(bitmap) zigzag varints: the stored integer value
+#              (reading * 10**scale) of each channel present, in order
+#
+# The sample's seq is the log's seq for the record.
+
+import struct
+
+
+def _zigzag(n):
+    return n << 1 if n >= 0 else ((-n) << 1) - 1
+
+
+def _unzigzag(z):
+    return (z >> 1) if not z & 1 else -((z + 1) >> 1)
+
+
+def encode(t, values, buf):
+    """Write the record into `buf` (bytearray); returns its length."""
+    missing = 0
+    for i in range(len(values)):
+        if values[i] is None:
+            missing |= 1 << i
+    buf[0] = missing
+    buf[1] = len(values)
+    struct.pack_into("<I", buf, 2, t & 0xFFFFFFFF)
+    pos = 6
+    for v in values:
+        if v is None:
+            continue
+        n = _zigzag(v)
+        while n > 0x7F:
+            buf[pos] = (n & 0x7F) | 0x80
+            n >>= 7
+            pos += 1
+        buf[pos] = n
+        pos += 1
+    return pos
+
+
+def decode(rec):
+    """(t, values) of a record; raises ValueError for a malformed one."""
+    n = len(rec)
+    if n < 6:
+        raise ValueError("sample record too short")
+    missing = rec[0]
+    nchan = rec[1]
+    t = struct.unpack_from("<I", rec, 2)[0]
+    values = []
+    pos = 6
+    for i in range(nchan):
+        if missing & (1 << i):
+            values.append(None)
+            continue
+        z = 0
+        shift = 0
+        while True:
+            if pos >= n or shift > 63:
+                raise ValueError("sample record truncated")
+            b = rec[pos]
+            pos += 1
+            z |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
+            shift += 7
+        values.append(_unzigzag(z))
+    if pos != n:
+        raise ValueError("sample record has trailing bytes")
+    return t, values

@@ -1,0 +1,127 @@
+"""Host-side MQTT: broker URLs, topics, and paho clients set up the same way everywhere.
+
+Broker URL: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (TLS,
+default port 8883; ``?ca=/path/ca.pem`` names a CA file, ``?insecure=1`` skips
+certificate checks for lab brokers).
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import threading
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlparse
+
+import paho.mqtt.client as mqtt
+
+from mpfleet.errors import MpfleetError
+
+TOPIC_ROOT = "mpf/v1"
+DEVICE_ID_RE = re.compile(r"[a-z0-9_-]{1,64}\Z")
+
+
+class BrokerUrlError(MpfleetError):
+    """A --broker value that is not a usable MQTT URL."""
+
+
+class MqttLinkError(MpfleetError):
+    """The broker could not be reached or refused us."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str
+    port: int
+    user: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    insecure: bool = False
+
+    def url(self, with_password: bool = False) -> str:
+        auth = ""
+        if self.user:
+            auth = self.user + (f":{self.password}" if with_password and self.password else "") + "@"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerConfig:
+    parsed = urlparse(url if "://" in url else "mqtt://" + url)
+    if parsed.scheme not in ("mqtt", "mqtts"):
+        raise BrokerUrlError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parsed.hostname:
+        raise BrokerUrlError(f"broker URL {url!r}: no host")
+    tls = parsed.scheme == "mqtts"
+    try:
+        port = parsed.port or (8883 if tls else 1883)
+    except ValueError:
+        raise BrokerUrlError(f"broker URL {url!r}: bad port") from None
+    query = parse_qs(parsed.query)
+    return BrokerConfig(
+        host=parsed.hostname,
+        port=port,
+        user=unquote(parsed.username) if parsed.username else None,
+        password=unquote(parsed.password) if parsed.password else None,
+        tls=tls,
+        ca_file=query.get("ca", [None])[0],
+        insecure=query.get("insecure", ["0"])[0] in ("1", "true", "yes"),
+    )
+
+
+def topic(device: str, leaf: str) -> str:
+    return f"{TOPIC_ROOT}/{device}/{leaf}"
+
+
+def device_from_topic(name: str) -> tuple[str, str] | None:
+    """(device id, leaf) of an mpfleet topic, or None for anything else."""
+    parts = name.split("/", 3)
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT or not DEVICE_ID_RE.match(parts[2]):
+        return None
+    return parts[2], parts[3]
+
+
+def make_client(cfg: BrokerConfig, client_id: str, clean_session: bool = True) -> mqtt.Client:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                         protocol=mqtt.MQTTv311)
+    if cfg.user:
+        client.username_pw_set(cfg.user, cfg.password)
+    if cfg.tls:
+        context = ssl.create_default_context(cafile=cfg.ca_file)
+        if cfg.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        client.tls_set_context(context)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    return client
+
+
+def connect(client: mqtt.Client, cfg: BrokerConfig, timeout_s: float = 10.0, keepalive_s: int = 30,
+            on_connected=None) -> None:
+    """Connect and start the network loop; raise MqttLinkError with the cause on failure.
+
+    `on_connected(client)` runs after every successful (re)connect: subscribe there.
+    """
+    done = threading.Event()
+    result: dict = {}
+
+    def on_connect(c, userdata, flags, reason_code, properties=None):
+        result["rc"] = reason_code
+        if not reason_code.is_failure and on_connected is not None:
+            on_connected(c)
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=keepalive_s)
+    except OSError as e:
+        raise MqttLinkError(f"cannot reach the broker at {cfg.url()}: {e}") from None
+    client.loop_start()
+    if not done.wait(timeout_s):
+        client.loop_stop()
+        raise MqttLinkError(f"the broker at {cfg.url()} did not answer within {timeout_s:.0f} s")
+    rc = result["rc"]
+    if rc.is_failure:
+        client.loop_stop()
+        raise MqttLinkError(f"the broker at {cfg.url()} refused the connection: {rc}")

@@ -1,0 +1,184 @@
+"""The host's SQLite store: devices, samples and acks (jobs join later).
+
+One file (default ~/.mpfleet/mpfleet.db, or $MPFLEET_DB, or --db). Samples are
+stored idempotently by (device, seq): a batch delivered twice, or re-sent after
+a lost ack, inserts nothing the second time. The ack point per device is the
+highest seq up to which the host holds every sample the device still had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mpfleet.errors import MpfleetError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id          TEXT PRIMARY KEY,
+    board       TEXT,
+    groups_json TEXT NOT NULL DEFAULT '[]',
+    first_seen  REAL NOT NULL,
+    last_seen   REAL,
+    state_json  TEXT
+);
+CREATE TABLE IF NOT EXISTS samples (
+    device      TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    t           INTEGER NOT NULL,
+    values_json TEXT NOT NULL,
+    received    REAL NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS samples_by_time ON samples (device, t);
+CREATE TABLE IF NOT EXISTS acks (
+    device      TEXT PRIMARY KEY,
+    upto        INTEGER NOT NULL,
+    updated     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingest_errors (
+    id          INTEGER PRIMARY KEY,
+    device      TEXT,
+    at          REAL NOT NULL,
+    reason      TEXT NOT NULL
+);
+"""
+
+
+class StoreError(MpfleetError):
+    """The database could not be opened or used."""
+
+
+def default_db_path() -> Path:
+    env = os.environ.get("MPFLEET_DB")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("MPFLEET_HOME", Path.home() / ".mpfleet")) / "mpfleet.db"
+
+
+class Store:
+    """A connection to the mpfleet database (one per thread)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else default_db_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open database {self.path}: {e}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ devices
+    def touch_device(self, device: str, board: str | None = None, state: dict | None = None) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO devices (id, board, first_seen, last_seen, state_json) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, "
+            "board = COALESCE(excluded.board, devices.board), "
+            "state_json = COALESCE(excluded.state_json, devices.state_json)",
+            (device, board, now, now, json.dumps(state) if state is not None else None),
+        )
+
+    def device(self, device: str) -> dict | None:
+        row = self.db.execute("SELECT id, board, groups_json, first_seen, last_seen, state_json FROM devices "
+                              "WHERE id = ?", (device,)).fetchone()
+        if row is None:
+            return None
+        return {"id": row[0], "board": row[1], "groups": json.loads(row[2]), "first_seen": row[3],
+                "last_seen": row[4], "state": json.loads(row[5]) if row[5] else None}
+
+    # ------------------------------------------------------------ samples
+    def add_samples(self, db: sqlite3.Connection, device: str,
+                    samples: Iterable[tuple[int, int, list]]) -> int:
+        """Insert samples inside an open transaction; returns how many were new."""
+        now = time.time()
+        before = db.total_changes
+        db.executemany(
+            "INSERT OR IGNORE INTO samples (device, seq, t, values_json, received) VALUES (?, ?, ?, ?, ?)",
+            ((device, seq, t, json.dumps(values), now) for seq, t, values in samples),
+        )
+        return db.total_changes - before
+
+    def ack_point(self, device: str) -> int:
+        row = self.db.execute("SELECT upto FROM acks WHERE device = ?", (device,)).fetchone()
+        return row[0] if row else -1
+
+    def advance_ack(self, db: sqlite3.Connection, device: str, oldest_held: int | None = None) -> int:
+        """Move the device's ack point over every seq now stored contiguously.
+
+        `oldest_held` is the oldest seq the device still holds: anything before
+        it is gone from the device (dropped by its capacity bound), so the ack
+        may pass over that gap, never over a gap the device could still fill.
+        """
+        row = db.execute("SELECT upto FROM acks WHERE device = ?", (device,)).fetchone()
+        upto = row[0] if row else -1
+        if oldest_held is not None and oldest_held - 1 > upto:
+            upto = oldest_held - 1
+        for (seq,) in db.execute("SELECT seq FROM samples WHERE device = ? AND seq > ? ORDER BY seq",
+                                 (device, upto)):
+            if seq != upto + 1:
+                break
+            upto = seq
+        db.execute("INSERT INTO acks (device, upto, updated) VALUES (?, ?, ?) ON CONFLICT(device) DO UPDATE "
+                   "SET upto = excluded.upto, updated = excluded.updated", (device, upto, time.time()))
+        return upto
+
+    def samples(self, device: str | None = None, since: float | None = None,
+                until: float | None = None) -> Iterator[tuple[str, int, int, list]]:
+        query = "SELECT device, seq, t, values_json FROM samples WHERE 1=1"
+        args: list = []
+        if device:
+            query += " AND device = ?"
+            args.append(device)
+        if since is not None:
+            query += " AND t >= ?"
+            args.append(int(since))
+        if until is not None:
+            query += " AND t < ?"
+            args.append(int(until))
+        query += " ORDER BY device, seq"
+        for dev, seq, t, values in self.db.execute(query, args):
+            yield dev, seq, t, json.loads(values)
+
+    def sample_count(self, device: str | None = None) -> int:
+        if device:
+            return self.db.execute("SELECT COUNT(*) FROM samples WHERE device = ?", (device,)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+
+    def record_ingest_error(self, device: str | None, reason: str) -> None:
+        self.db.execute("INSERT INTO ingest_errors (device, at, reason) VALUES (?, ?, ?)",
+                        (device, time.time(), reason))
+
+    def ingest_errors(self, device: str | None = None) -> list[tuple[str, str]]:
+        if device:
+            rows = self.db.execute("SELECT device, reason FROM ingest_errors WHERE device = ? ORDER BY id",
+                                   (device,))
+        else:
+            rows = self.db.execute("SELECT device, reason FROM ingest_errors ORDER BY id")
+        return list(rows)
