@@ -125,3 +125,18 @@ def test_wrong_wifi_password_backs_off_with_growing_gaps(mosquitto, tmp_path, ho
     gaps = [b - a for a, b in zip(tried, tried[1:])]
     assert gaps[:4] == [2, 4, 8, 16], gaps
     assert "status 202" in records[tried[0]].output  # STAT_WRONG_PASSWORD named in the cause
+
+
+def test_device_without_time_takes_the_hosts_and_corrects_staged_samples(mosquitto, tmp_path, host):
+    from mpfleet.sim.board import RTC_EPOCH_AFTER_POWER_LOSS
+
+    vb = make_device(tmp_path / "dev", mosquitto.port, upload_every_wakes=4,
+                     clock_s=RTC_EPOCH_AFTER_POWER_LOSS)  # power-on: the RTC says 2000-01-01
+    _run(vb, 8)
+    host.wait_idle()
+    times = [r[2] for r in host.rows(vb.device_id)]
+    now = time.time()
+    assert len(times) == 8
+    # Wake 4 learns the time before it sends: the staged samples are corrected too.
+    assert all(abs(t - now) < 3600 for t in times), times
+    assert all(59 <= b - a <= 61 for a, b in zip(times, times[1:])), times

@@ -105,6 +105,37 @@ def samples_export(device: str | None, since: str | None, until: str | None, fmt
             export_samples(store, sys.stdout, fmt, device, since_s, until_s)
 
 
+@cli.command("ingest")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="Broker URL: mqtt://[user:pass@]host[:port] or mqtts://...")
+@_DB_OPTION
+@click.option("--client-id", default="mpfleet-ingest", show_default=True,
+              help="MQTT client id; the session is persistent, so frames sent while this was down arrive.")
+def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
+    """Store the devices' samples in SQLite and ack them, until Ctrl-C."""
+    import time
+
+    from mpfleet.ingest import Ingester
+    from mpfleet.mqttlink import parse_broker_url
+    from mpfleet.store import Store
+
+    cfg = parse_broker_url(broker)
+    path = Store(db).path
+    ingester = Ingester(cfg, path, client_id=client_id)
+    ingester.start()
+    console.print(f"ingesting from {cfg.url()} into {path} (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(5)
+            stats = ingester.stats.as_dict()
+            console.print(f"frames {stats['frames']}  new samples {stats['samples_new']}  "
+                          f"duplicates {stats['duplicates']}  corrupt {stats['corrupt']}", highlight=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ingester.stop()
+
+
 def _register_subcommands() -> None:
     from mpfleet.sim.cli import sim
 

@@ -26,6 +26,8 @@ from mpfleet.mqttlink import BrokerConfig, connect, device_from_topic, make_clie
 from mpfleet.store import Store
 
 log = logging.getLogger("mpfleet.ingest")
+# A device clock earlier than this (2020-01-01) has not been set since power loss.
+CLOCK_SET_AFTER = 1577836800
 
 
 @dataclass
@@ -139,3 +141,9 @@ class Ingester:
             store.record_ingest_error(device, f"unreadable state: {e}")
             return
         store.touch_device(device, board=state.get("board"), state=state)
+        device_time = state.get("time")
+        if isinstance(device_time, (int, float)) and device_time < CLOCK_SET_AFTER:
+            # The device lost its clock with its power: answer at once with the
+            # host's time (and the current ack) so its samples get real times.
+            ack = {"upto": store.ack_point(device), "time": int(time.time())}
+            self._client.publish(topic(device, "samples/ack"), json.dumps(ack), qos=1, retain=True)

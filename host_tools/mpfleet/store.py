@@ -127,7 +127,7 @@ class Store:
 
     def ack_point(self, device: str) -> int:
         row = self.db.execute("SELECT upto FROM acks WHERE device = ?", (device,)).fetchone()
-        return row[0] if row else -1
+        return row[0] if row else 0
 
     def advance_ack(self, db: sqlite3.Connection, device: str, oldest_held: int | None = None) -> int:
         """Move the device's ack point over every seq now stored contiguously.
@@ -137,7 +137,7 @@ class Store:
         may pass over that gap, never over a gap the device could still fill.
         """
         row = db.execute("SELECT upto FROM acks WHERE device = ?", (device,)).fetchone()
-        upto = row[0] if row else -1
+        upto = row[0] if row else 0  # seqs start at 1: an ack of 0 covers nothing
         if oldest_held is not None and oldest_held - 1 > upto:
             upto = oldest_held - 1
         for (seq,) in db.execute("SELECT seq FROM samples WHERE device = ? AND seq > ? ORDER BY seq",

@@ -77,7 +77,7 @@ SCHEMA = (
     (None, "device_id", _is_device_id, None),
     (None, "groups", _is_str_list, []),
     (None, "sample_interval_s", _int_in(1, 86400), 60),
-    (None, "upload_every_wakes", _int_in(1, 10000), 10),
+    (None, "upload_every_wakes", _int_in(1, 10000), 30),
     (None, "upload_watermark", _int_in(1, 1000000), 500),
     (None, "wake_budget_ms", _int_in(1000, 600000), 20000),
     (None, "wdt_timeout_ms", _int_in(1000, 600000), 30000),

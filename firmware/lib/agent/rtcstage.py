@@ -212,6 +212,18 @@ class Stage:
         """Seq of the oldest staged sample (== next_seq when none is staged)."""
         return self.next_seq - self.staged
 
+    def shift_times(self, delta, before):
+        """Add `delta` seconds to every staged sample time earlier than `before`."""
+        if not self.staged or not delta:
+            return
+        samples = list(self.samples())
+        next_seq = self.next_seq
+        self.clear_samples()
+        self.next_seq = samples[0][0]
+        for seq, t, values in samples:
+            self.add(t + delta if t < before else t, values)
+        self.next_seq = next_seq
+
     def drop_upto(self, upto):
         """Forget staged samples with seq <= upto (the host has them)."""
         if upto < self.first_seq:

@@ -29,6 +29,7 @@ _MIN_SLEEP_MS = const(1000)
 _MAX_SKIP_WAKES = const(63)
 _RETAINED_WAIT_MS = const(300)
 _ACK_WAIT_MS = const(3000)
+_CLOCK_WAIT_MS = const(1500)
 _BUDGET_RESERVE_MS = const(1500)
 # An RTC earlier than this has not been set since the last power loss.
 _CLOCK_SET_AFTER = const(1577836800)  # 2020-01-01
@@ -67,6 +68,7 @@ class Wake:
         self.rssi = None
         self.acked = -1
         self.jobs_message = None
+        self.clock_provisional = False
         self._rec = bytearray(6 + 10 * 8)
 
     # ------------------------------------------------------------ helpers
@@ -230,21 +232,36 @@ class Wake:
             if isinstance(upto, int) and upto > self.acked:
                 self.acked = upto
             host_time = ack.get("time") if isinstance(ack, dict) else None
-            if isinstance(host_time, (int, float)) and time.time() < _CLOCK_SET_AFTER:
+            if isinstance(host_time, (int, float)) and (time.time() < _CLOCK_SET_AFTER or self.clock_provisional):
+                # A retained ack may be hours old: use it, but let a fresh one
+                # (the host answers a state with an unset clock) correct it.
                 self.set_clock(host_time)
+                self.clock_provisional = retained
         elif leaf == b"jobs":
             self.jobs_message = msg
 
     def set_clock(self, seconds):
+        """Set the RTC from the host and move the staged samples taken on the
+        unset clock by the same amount: the RTC ran on through every deep sleep
+        since they were taken (a power loss would have emptied the stage)."""
+        delta = int(seconds) - time.time()
         tm = time.gmtime(int(seconds))
         machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], 0))
+        self.stage.shift_times(delta, _CLOCK_SET_AFTER)
 
     def exchange(self, client):
         did = self.device_id
         client.set_callback(self._on_message)
         client.subscribe(topic(did, "samples/ack"), 1)
+        clock_unset = time.time() < _CLOCK_SET_AFTER
         client.publish(topic(did, "state"), json.dumps(self.state()), qos=1, retain=True)
-        client.wait_msg(_RETAINED_WAIT_MS)
+        # The retained ack arrives at once; with the clock unset, also wait
+        # (briefly) for the host's fresh answer carrying its time.
+        deadline = time.ticks_add(time.ticks_ms(), _CLOCK_WAIT_MS if clock_unset else _RETAINED_WAIT_MS)
+        while time.ticks_diff(deadline, time.ticks_ms()) > 0:
+            client.wait_msg(time.ticks_diff(deadline, time.ticks_ms()))
+            if self.acked >= 0 and not (clock_unset and (self.clock_provisional or time.time() < _CLOCK_SET_AFTER)):
+                break
         self.apply_ack()
         sent_upto = self.send_backlog(client)
         if sent_upto > self.acked:

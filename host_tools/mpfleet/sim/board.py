@@ -197,6 +197,7 @@ class BootRecord:
     awake_ms: int | None = None
     real_s: float = 0.0
     heap_live: int | None = None
+    alloc_bytes: int | None = None
     output: str = field(default="", repr=False)
 
     @property
@@ -259,7 +260,7 @@ class VirtualBoard:
             "device_id": device_id or bytes(mac).hex(),
             "mac": mac,
             "heap": heap,
-            "wifi": {"networks": {}, "connect_ms": 50},
+            "wifi": {"networks": {"sim": {"password": "sim", "rssi": -60}}, "connect_ms": 50},
             "clock_scale": 0,
             "boot_timeout_s": 60,
         }
@@ -509,6 +510,7 @@ class VirtualBoard:
             awake_ms=record.get("awake_ms"),
             real_s=round(real_s, 4),
             heap_live=record.get("heap_live"),
+            alloc_bytes=record.get("alloc_bytes"),
             output=output,
         )
         rec.firmware_version = record.get("firmware_version")

@@ -61,6 +61,28 @@ def sim_put(directory: Path, local: Path, remote: str) -> None:
     console.print(f"{local} -> :{remote}")
 
 
+@sim.command("deploy")
+@_DIR
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A config.json to install as /config.json (see docs/agent.md).")
+@click.option("--source", is_flag=True, help="Copy lib/ as .py source instead of compiled .mpy.")
+def sim_deploy(directory: Path, config_file: Path | None, source: bool) -> None:
+    """Install the firmware tree (lib/ compiled to .mpy) onto a virtual board."""
+    import json as _json
+
+    from mpfleet.firmware import firmware_tree
+
+    files = firmware_tree(compiled=not source)
+    if config_file:
+        try:
+            _json.loads(config_file.read_text())
+        except ValueError as e:
+            raise click.BadParameter(f"{config_file} is not valid JSON: {e}", param_hint="--config") from None
+        files["/config.json"] = config_file.read_bytes()
+    VirtualBoard(directory).fs_put(files)
+    console.print(f"deployed {len(files)} files to {directory}")
+
+
 @sim.command("ls")
 @_DIR
 @click.argument("remote", default="/")

@@ -64,6 +64,7 @@ class Hardware:
         self._start_ticks = utime.ticks_ms()
         self.clock_at_boot_s = self.boot["clock_s"]
         self.heap_base = 0
+        self.alloc_base = 0
         self.ballast = None
         self.running_slot = None
         self.app = None
@@ -131,6 +132,15 @@ class Hardware:
         gc.collect()
         return gc.mem_alloc() - self.heap_base
 
+    def _allocated(self):
+        # Bytes the firmware allocated during this boot (all of them, freed or
+        # not): micropython.mem_total() counts from the interpreter's start.
+        import micropython
+
+        if not hasattr(micropython, "mem_total") or not self.heap_base:
+            return None
+        return micropython.mem_total() - self.alloc_base
+
     def halt(self, reason, **extra):
         """Stop the chip now: leave the exit record and end the process.
 
@@ -144,6 +154,7 @@ class Hardware:
             "clock_s": self.clock_s(),
             "awake_ms": self.awake_ms(),
             "heap_live": self._heap_live(),
+            "alloc_bytes": self._allocated(),
             "wdt_armed": self.wdt_timeout_ms is not None,
         }
         for key in extra:

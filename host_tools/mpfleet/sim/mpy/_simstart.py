@@ -145,6 +145,10 @@ def _leave_budget(hw):
     reserve = None
     gc.collect()
     hw.heap_base = gc.mem_alloc()
+    import micropython
+
+    if hasattr(micropython, "mem_total"):
+        hw.alloc_base = micropython.mem_total()
 
 
 def _run_host_script(hw):
