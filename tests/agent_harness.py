@@ -85,6 +85,16 @@ class Host:
     def rows(self, device: str) -> list:
         return list(self.store.samples(device))
 
-    def wait_idle(self, seconds: float = 0.3) -> None:
-        """Give the ingester a moment to drain what the broker holds."""
-        time.sleep(seconds)
+    def wait_idle(self, quiet_s: float = 0.3, timeout_s: float = 15.0) -> None:
+        """Wait until the ingester has taken nothing new for `quiet_s` (what the
+        broker held for it has drained), at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        last = None
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            now = self.ingester.stats.as_dict()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return
+            time.sleep(0.05)

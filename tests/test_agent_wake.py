@@ -140,3 +140,29 @@ def test_device_without_time_takes_the_hosts_and_corrects_staged_samples(mosquit
     # Wake 4 learns the time before it sends: the staged samples are corrected too.
     assert all(abs(t - now) < 3600 for t in times), times
     assert all(59 <= b - a <= 61 for a, b in zip(times, times[1:])), times
+
+
+def test_all_sensor_kinds_and_a_failed_sensor_reading(mosquitto, tmp_path, host):
+    import json
+
+    sensors = [
+        {"name": "adc0", "kind": "adc", "pin": 34, "scale": 3},
+        {"name": "battery", "kind": "battery", "pin": 36, "divider": 2.0, "scale": 2},
+        {"name": "mcu_temp", "kind": "internal_temp", "scale": 1},
+        {"name": "air", "kind": "dht22", "pin": 4, "scale": 1},
+        {"name": "absent", "kind": "dht22", "pin": 5, "scale": 1},  # nothing wired on pin 5
+    ]
+    vb = make_device(tmp_path / "dev", mosquitto.port, upload_every_wakes=2, sensors=sensors)
+    _run(vb, 2)
+    host.wait_idle()
+    rows = host.rows(vb.device_id)
+    assert len(rows) == 2
+    adc, battery, temp, air, absent = rows[0][3]
+    assert 0.79 <= adc <= 1.61
+    assert 3.5 <= battery <= 4.3  # ramp from 4.2 V down, read through the 2:1 divider
+    assert 41.5 <= temp <= 48.5 and 16.9 <= air <= 25.1
+    assert absent is None
+    state = last_state(vb, host.store)
+    assert state["sensor_failures"] == 1
+    assert state["channels"] == ["adc0", "battery", "mcu_temp", "air", "absent"]
+    assert json.loads(json.dumps(state["scales"])) == [3, 2, 1, 1, 1]

@@ -50,6 +50,8 @@ import binascii
 
 from micropython import const
 
+from agent.varint import put_uvarint, uvlen, zigzag
+
 MAGIC = const(0xB1)
 FLAG_OLDEST = const(0x01)
 FLAG_MISSING = const(0x02)
@@ -57,27 +59,6 @@ MAX_ID = const(64)
 MAX_CHANNELS = const(16)
 _CRC_LEN = const(4)
 _VARINT_MAX = const(10)
-
-
-def _zigzag(n):
-    return n << 1 if n >= 0 else ((-n) << 1) - 1
-
-
-def _uvlen(n):
-    size = 1
-    while n > 0x7F:
-        n >>= 7
-        size += 1
-    return size
-
-
-def _put_uvarint(buf, pos, n):
-    while n > 0x7F:
-        buf[pos] = (n & 0x7F) | 0x80
-        n >>= 7
-        pos += 1
-    buf[pos] = n
-    return pos + 1
 
 
 def to_stored(value, scale):
@@ -155,9 +136,9 @@ class FrameEncoder:
             self._prev[i] = 0
         # samples start where a one-byte count would put them; finish() moves
         # them right when the count needs more bytes.
-        self._start = self._fixed + _uvlen(first_seq) + 1
+        self._start = self._fixed + uvlen(first_seq) + 1
         if self._oldest >= 0:
-            self._start += _uvlen(self._oldest)
+            self._start += uvlen(self._oldest)
         self._pos = self._start
 
     @property
@@ -179,26 +160,26 @@ class FrameEncoder:
             if self._count:
                 return False  # this frame has no bitmaps: the next one will
             self._flags |= FLAG_MISSING
-        dt = _zigzag(t - self._t)
-        need = _uvlen(dt)
+        dt = zigzag(t - self._t)
+        need = uvlen(dt)
         if self._flags & FLAG_MISSING:
-            need += _uvlen(missing)
+            need += uvlen(missing)
         # first pass: size, so a sample is written whole or not at all
         for i in range(len(scales)):
             if not missing & (1 << i):
-                need += _uvlen(_zigzag(self._stored(values[i], scales[i]) - prev[i]))
-        grow = _uvlen(self._count + 1) - 1
+                need += uvlen(zigzag(self._stored(values[i], scales[i]) - prev[i]))
+        grow = uvlen(self._count + 1) - 1
         if self._pos + need + grow + _CRC_LEN > len(self._buf):
             return False
         buf = self._buf
         pos = self._pos
         if self._flags & FLAG_MISSING:
-            pos = _put_uvarint(buf, pos, missing)
-        pos = _put_uvarint(buf, pos, dt)
+            pos = put_uvarint(buf, pos, missing)
+        pos = put_uvarint(buf, pos, dt)
         for i in range(len(scales)):
             if not missing & (1 << i):
                 v = self._stored(values[i], scales[i])
-                pos = _put_uvarint(buf, pos, _zigzag(v - prev[i]))
+                pos = put_uvarint(buf, pos, zigzag(v - prev[i]))
                 prev[i] = v
         self._pos = pos
         self._t = t
@@ -211,7 +192,7 @@ class FrameEncoder:
     def finish(self):
         """Write header and CRC; the frame as a memoryview of the buffer."""
         buf = self._buf
-        shift = _uvlen(self._count) - 1
+        shift = uvlen(self._count) - 1
         if shift:
             # move the samples right, last byte first (the ranges overlap)
             i = self._pos - 1
@@ -224,10 +205,10 @@ class FrameEncoder:
         buf[2] = len(self._id)
         pos = 3 + len(self._id)
         buf[3:pos] = self._id
-        pos = _put_uvarint(buf, pos, self._first)
-        pos = _put_uvarint(buf, pos, self._count)
+        pos = put_uvarint(buf, pos, self._first)
+        pos = put_uvarint(buf, pos, self._count)
         if self._oldest >= 0:
-            pos = _put_uvarint(buf, pos, self._oldest)
+            pos = put_uvarint(buf, pos, self._oldest)
         b = self._base
         buf[pos] = b & 0xFF
         buf[pos + 1] = (b >> 8) & 0xFF

@@ -33,6 +33,8 @@ import struct
 
 import machine
 
+from agent.varint import get_uvarint, put_uvarint, unzigzag, zigzag
+
 _MAGIC = b"MS"
 _VERSION = 1
 _HEADER = 32
@@ -40,41 +42,6 @@ _RTC_MAX = 2048
 _CAPACITY = _RTC_MAX - _HEADER
 _MAX_CHANNELS = 8
 FLAG_UPLOAD_REQUESTED = 1
-
-
-def _zigzag(n):
-    return (n << 1) ^ (n >> 63) if n < 0 else n << 1
-
-
-def _unzigzag(z):
-    return (z >> 1) ^ -(z & 1)
-
-
-def _put_varint(buf, pos, n):
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            buf[pos] = b | 0x80
-            pos += 1
-        else:
-            buf[pos] = b
-            return pos + 1
-
-
-def _get_varint(buf, pos, end):
-    shift = 0
-    n = 0
-    while pos < end:
-        b = buf[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, pos
-        shift += 7
-        if shift > 63:
-            break
-    raise ValueError("bad varint in RTC stage")
 
 
 class Stage:
@@ -158,12 +125,12 @@ class Stage:
             if values[i] is None:
                 missing |= 1 << i
         buf[pos] = missing
-        pos = _put_varint(buf, pos + 1, _zigzag(t - self._last_t))
+        pos = put_uvarint(buf, pos + 1, zigzag(t - self._last_t))
         self._last_t = t
         for i in range(nchan):
             v = values[i]
             if v is not None:
-                pos = _put_varint(buf, pos, _zigzag(v - self._last_values[i]))
+                pos = put_uvarint(buf, pos, zigzag(v - self._last_values[i]))
                 self._last_values[i] = v
         self.payload_len = pos - _HEADER
         seq = self.next_seq
@@ -181,15 +148,15 @@ class Stage:
         seq = self.next_seq - self.staged
         for _ in range(self.staged):
             missing = buf[pos]
-            z, pos = _get_varint(buf, pos + 1, end)
-            t += _unzigzag(z)
+            z, pos = get_uvarint(buf, pos + 1, end)
+            t += unzigzag(z)
             values = []
             for i in range(self.nchan):
                 if missing & (1 << i):
                     values.append(None)
                 else:
-                    z, pos = _get_varint(buf, pos, end)
-                    last[i] += _unzigzag(z)
+                    z, pos = get_uvarint(buf, pos, end)
+                    last[i] += unzigzag(z)
                     values.append(last[i])
             yield seq, t, values
             seq += 1

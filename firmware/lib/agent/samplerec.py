@@ -11,13 +11,7 @@
 
 import struct
 
-
-def _zigzag(n):
-    return n << 1 if n >= 0 else ((-n) << 1) - 1
-
-
-def _unzigzag(z):
-    return (z >> 1) if not z & 1 else -((z + 1) >> 1)
+from agent.varint import get_uvarint, put_uvarint, unzigzag, zigzag
 
 
 def encode(t, values, buf):
@@ -33,13 +27,7 @@ def encode(t, values, buf):
     for v in values:
         if v is None:
             continue
-        n = _zigzag(v)
-        while n > 0x7F:
-            buf[pos] = (n & 0x7F) | 0x80
-            n >>= 7
-            pos += 1
-        buf[pos] = n
-        pos += 1
+        pos = put_uvarint(buf, pos, zigzag(v))
     return pos
 
 
@@ -57,18 +45,8 @@ def decode(rec):
         if missing & (1 << i):
             values.append(None)
             continue
-        z = 0
-        shift = 0
-        while True:
-            if pos >= n or shift > 63:
-                raise ValueError("sample record truncated")
-            b = rec[pos]
-            pos += 1
-            z |= (b & 0x7F) << shift
-            if not b & 0x80:
-                break
-            shift += 7
-        values.append(_unzigzag(z))
+        z, pos = get_uvarint(rec, pos, n)
+        values.append(unzigzag(z))
     if pos != n:
         raise ValueError("sample record has trailing bytes")
     return t, values
