@@ -98,3 +98,60 @@ class Host:
             elif time.monotonic() - quiet_since >= quiet_s:
                 return
             time.sleep(0.05)
+
+
+class JobDesk:
+    """The host side of signed jobs in tests: signs, publishes a device's
+    retained queue, and collects what the device reports on jobs/status."""
+
+    def __init__(self, broker, device_id: str, key=None):
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        from mpfleet.signing import SigningKey
+
+        self.device_id = device_id
+        self.key = key or SigningKey.generate()
+        self.next_seq = 1
+        self.statuses: list[dict] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"desk-{device_id}")
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(f"mpf/v1/{device_id}/jobs/status", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg):
+        with self._lock:
+            self.statuses.append(json.loads(msg.payload))
+
+    def trusted(self) -> dict:
+        return {self.key.kid: self.key.public_b64}
+
+    def job(self, type_: str, params: dict | None = None, targets=None, seq: int | None = None,
+            job_id: str | None = None, **extra) -> tuple[dict, str]:
+        if seq is None:
+            seq = self.next_seq
+        self.next_seq = max(self.next_seq, seq + 1)
+        payload = {"id": job_id or f"job-{seq}", "seq": seq, "type": type_, "params": params or {},
+                   "targets": targets if targets is not None else [self.device_id], "iat": int(time.time())}
+        payload.update(extra)
+        return payload, self.key.sign(payload)
+
+    def publish_queue(self, envelopes: list[str]) -> None:
+        self.client.publish(f"mpf/v1/{self.device_id}/jobs", json.dumps(envelopes), qos=1,
+                            retain=True).wait_for_publish(5)
+
+    def final(self) -> dict[str, list[dict]]:
+        """{job id: [final statuses]} (SUCCEEDED, FAILED, REJECTED)."""
+        out: dict[str, list[dict]] = {}
+        with self._lock:
+            for s in self.statuses:
+                if s["status"] in ("SUCCEEDED", "FAILED", "REJECTED"):
+                    out.setdefault(s["job"], []).append(s)
+        return out
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

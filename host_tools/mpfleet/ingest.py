@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from mpfleet.codec import FrameError, decode_frame
-from mpfleet.mqttlink import BrokerConfig, connect, device_from_topic, make_client, topic
+from mpfleet.mqttlink import BrokerConfig, MqttLinkError, connect, device_from_topic, make_client, topic
 from mpfleet.store import Store
 
 log = logging.getLogger("mpfleet.ingest")
@@ -78,7 +78,14 @@ class Ingester:
         # are per-thread).
         self._client = make_client(self.broker, self.client_id, clean_session=False)
         self._client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self._client.on_subscribe = lambda *args: self._subscribed.set()
         connect(self._client, self.broker, on_connected=self._subscribe)
+        # Return only once the broker has the subscription: a frame published
+        # after start() returns is then sure to be delivered.
+        if not self._subscribed.wait(10):
+            self.stop()
+            raise MqttLinkError(f"the broker at {self.broker.url()} did not confirm the subscription")
 
     def _subscribe(self, client) -> None:
         client.subscribe([(topic("+", "samples"), 1), (topic("+", "state"), 1)])

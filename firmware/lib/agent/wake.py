@@ -30,10 +30,21 @@ _MAX_SKIP_WAKES = const(63)
 _RETAINED_WAIT_MS = const(300)
 _ACK_WAIT_MS = const(3000)
 _CLOCK_WAIT_MS = const(1500)
+_FLAG_TRIAL = const(2)  # agent.jobs.FLAG_TRIAL
 _BUDGET_RESERVE_MS = const(1500)
 # An RTC earlier than this has not been set since the last power loss.
 _CLOCK_SET_AFTER = const(1577836800)  # 2020-01-01
 _APP_DESC_OFFSET = const(0x20)
+
+
+def _file_exists(path):
+    import os
+
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
 
 
 def topic(device_id, leaf):
@@ -85,6 +96,13 @@ class Wake:
             self.log = FlashLog("/log", max_segments=max(2, self.cfg["limits"]["log_max_bytes"] // 4096))
         return self.log
 
+    def request_upload(self):
+        """Connect at the next wake whatever the cadence (a job asked)."""
+        self.stage.flags |= rtcstage.FLAG_UPLOAD_REQUESTED
+
+    def app_version(self):
+        return AGENT_VERSION
+
     def scales(self):
         return [sensors.scale_of(s) for s in self.cfg["sensors"]]
 
@@ -93,6 +111,11 @@ class Wake:
         stage = self.stage
         if not self.rtc_valid:
             self.recover_after_power_loss()
+            if _file_exists("/jobs.json"):
+                from agent import jobs
+
+                if jobs.trial_active():
+                    stage.flags |= _FLAG_TRIAL
         stage.wake_count += 1
         self.sample()
         if self.upload_due():
@@ -126,8 +149,8 @@ class Wake:
         stage = self.stage
         if not self.cfg["wifi"]["ssid"]:
             return False
-        if stage.flags & rtcstage.FLAG_UPLOAD_REQUESTED:
-            return True
+        if stage.flags & (rtcstage.FLAG_UPLOAD_REQUESTED | _FLAG_TRIAL):
+            return True  # asked for, or a config trial that must try every wake
         if stage.skip_wakes:
             stage.skip_wakes -= 1
             return False
@@ -204,15 +227,24 @@ class Wake:
             self.connect_wifi()
             self.wdt.feed()
             client = self.connect_mqtt()
-            self.exchange(client)
             stage.backoff_level = 0
             stage.skip_wakes = 0
+            # Cleared now: whatever asks for another upload during this one sets it again.
             stage.flags &= ~rtcstage.FLAG_UPLOAD_REQUESTED
+            if stage.flags & _FLAG_TRIAL:
+                from agent import jobs
+
+                jobs.on_connected(self, client)
+            self.exchange(client)
         except OSError as e:
             self.last_error = str(e)
             print("upload failed:", e)
             stage.backoff_level = min(stage.backoff_level + 1, 6)
             stage.skip_wakes = min((1 << stage.backoff_level) - 1, _MAX_SKIP_WAKES)
+            if stage.flags & _FLAG_TRIAL:
+                from agent import jobs
+
+                jobs.on_upload_failed(self)
         finally:
             if client is not None:
                 try:
@@ -253,6 +285,7 @@ class Wake:
         did = self.device_id
         client.set_callback(self._on_message)
         client.subscribe(topic(did, "samples/ack"), 1)
+        client.subscribe(topic(did, "jobs"), 1)
         clock_unset = time.time() < _CLOCK_SET_AFTER
         client.publish(topic(did, "state"), json.dumps(self.state()), qos=1, retain=True)
         # The retained ack arrives at once; with the clock unset, also wait
@@ -371,11 +404,9 @@ class Wake:
         self.wdt.feed()
 
     def run_jobs(self, client):
-        """Pending signed jobs run here (agent.jobs); until that module exists, none do."""
-        try:
-            from agent import jobs
-        except ImportError:
-            return
+        """Run the pending signed jobs (agent.jobs) within what is left of the budget."""
+        from agent import jobs
+
         jobs.run_pending(self, client)
 
     # ------------------------------------------------------------ state

@@ -74,6 +74,8 @@ class NorFlash:
         self._file = open(path, "r+b")
         self.regions = [Region(r[0], r[1], r[2]) for r in regions]
         self._other = Region("other", 0, size)
+        # Built once: the write path must not allocate (see program()).
+        self._every_region = self.regions + [self._other]
         self.ops = 0
         # Counters persist in a small binary file written after every
         # operation, so they survive a killed process (power cut, WDT).
@@ -109,7 +111,7 @@ class NorFlash:
         return out
 
     def _all_regions(self):
-        return self.regions + [self._other]
+        return self._every_region
 
     def _open_counters(self, path):
         try:
@@ -186,44 +188,49 @@ class NorFlash:
             addr += SECTOR
 
     def program(self, addr, data):
-        """Program `data` at `addr`: each stored byte becomes old AND new."""
+        """Program `data` at `addr`: each stored byte becomes old AND new.
+
+        Allocation-free apart from the torn case: LittleFS may flush a file
+        from a garbage-collector finaliser, where the heap is locked, and a
+        flash chip's driver needs no heap either.
+        """
         self._check_alive()
         n = len(data)
         self._check_range(addr, n)
-        data = memoryview(data)
-        done = 0
         # One operation per call, as a driver's page-program loop is one write
         # request; split at sector boundaries only to bound the scratch buffer.
         cut = self._next_op_is_cut()
         region = self.region_at(addr)
         region.programs += 1
+        done = 0
         while done < n:
             chunk = min(n - done, SECTOR - ((addr + done) % SECTOR))
             if cut:
-                self._torn_program(addr + done, data[done:done + chunk])
+                self._torn_program(addr + done, memoryview(data)[done:done + chunk])
                 region.bytes_programmed += chunk
                 self._save_counters()
                 self._cut("program", addr, n)
                 return
-            self._program_chunk(addr + done, data[done:done + chunk])
+            self._program_range(addr + done, data, done, chunk)
             region.bytes_programmed += chunk
             done += chunk
         self._save_counters()
 
+    def _program_range(self, addr, data, start, count):
+        # Read-modify-write of the whole sector in the preallocated buffer.
+        base = addr - addr % SECTOR
+        off = addr - base
+        buf = self._sector
+        f = self._file
+        f.seek(base)
+        f.readinto(buf)
+        for i in range(count):
+            buf[off + i] &= data[start + i]
+        f.seek(base)
+        f.write(buf)
+
     def _program_chunk(self, addr, data):
-        n = len(data)
-        old = memoryview(self._sector)[:n]
-        self._file.seek(addr)
-        self._file.readinto(old)
-        if old == memoryview(self._erased)[:n]:
-            # Programming erased flash: the result is the new data itself.
-            self._file.seek(addr)
-            self._file.write(data)
-            return
-        for i in range(n):
-            old[i] &= data[i]
-        self._file.seek(addr)
-        self._file.write(old)
+        self._program_range(addr, data, 0, len(data))
 
     def _torn_program(self, addr, data):
         # A prefix of the bytes lands; the byte at the tear gets only some of
