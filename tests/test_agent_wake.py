@@ -166,3 +166,46 @@ def test_all_sensor_kinds_and_a_failed_sensor_reading(mosquitto, tmp_path, host)
     assert state["sensor_failures"] == 1
     assert state["channels"] == ["adc0", "battery", "mcu_temp", "air", "absent"]
     assert json.loads(json.dumps(state["scales"])) == [3, 2, 1, 1, 1]
+
+
+def test_ntp_sets_an_unset_clock_before_anything_is_sent(mosquitto, tmp_path, host):
+    import socket
+    import struct
+    import threading
+
+    from mpfleet.sim.board import RTC_EPOCH_AFTER_POWER_LOSS
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    ntp_now = 1_800_000_000  # a time the host's clock is not at, to tell NTP from the ack
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                request, peer = server.recvfrom(48)
+            except OSError:
+                continue
+            reply = bytearray(48)
+            reply[0] = 0x1C  # version 3, mode 4 (server)
+            reply[1] = 2  # stratum
+            struct.pack_into("!II", reply, 40, ntp_now + 2208988800, 0)
+            server.sendto(bytes(reply), peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        vb = make_device(tmp_path / "dev", mosquitto.port, upload_every_wakes=3,
+                         clock_s=RTC_EPOCH_AFTER_POWER_LOSS,
+                         ntp={"host": "127.0.0.1", "port": server.getsockname()[1]})
+        records = _run(vb, 3)
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert any("ntp: clock set" in r.output for r in records)
+    host.wait_idle()
+    times = [r[2] for r in host.rows(vb.device_id)]
+    assert len(times) == 3
+    assert all(abs(t - ntp_now) < 300 for t in times), times

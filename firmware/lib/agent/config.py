@@ -90,6 +90,8 @@ SCHEMA = (
     ("wifi", "ssid", _is_str, ""),
     ("wifi", "password", _is_str, ""),
     ("wifi", "connect_timeout_ms", _int_in(100, 60000), 10000),
+    ("ntp", "host", _is_str, ""),
+    ("ntp", "port", _int_in(1, 65535), 123),
     ("broker", "host", _is_str, "127.0.0.1"),
     ("broker", "port", _int_in(1, 65535), 1883),
     ("broker", "user", _is_opt_str, None),
@@ -133,7 +135,7 @@ def _get(data, section, key):
 
 def validate(data, fallback, default_id):
     """Build a complete config from `data`; returns (config, problems)."""
-    cfg = {"wifi": {}, "broker": {}, "limits": {}}
+    cfg = {"wifi": {}, "ntp": {}, "broker": {}, "limits": {}}
     problems = []
     for section, key, check, default in SCHEMA:
         name = key if section is None else section + "." + key

@@ -211,6 +211,23 @@ class Wake:
             self.rssi = None
         return wlan
 
+    def sync_clock_if_unset(self):
+        """NTP, when configured and the RTC was lost with the power; a failure
+        only means the host's time (samples/ack) is used instead."""
+        ntp_cfg = self.cfg["ntp"]
+        if not ntp_cfg["host"] or time.time() >= _CLOCK_SET_AFTER:
+            return
+        from agent import ntp
+
+        before = time.time()
+        try:
+            delta = ntp.sync(ntp_cfg["host"], ntp_cfg["port"])
+        except OSError as e:
+            print("ntp:", e)
+            return
+        self.stage.shift_times(int(delta), _CLOCK_SET_AFTER)
+        print("ntp: clock set (was %d)" % before)
+
     def connect_mqtt(self):
         from agent.mqtt import MQTTClient
 
@@ -226,6 +243,7 @@ class Wake:
         try:
             self.connect_wifi()
             self.wdt.feed()
+            self.sync_clock_if_unset()
             client = self.connect_mqtt()
             stage.backoff_level = 0
             stage.skip_wakes = 0
