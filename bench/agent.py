@@ -133,6 +133,30 @@ def ram(tmp: Path, broker) -> dict:
     }
 
 
+def job_ram(tmp: Path, broker) -> dict:
+    from agent_harness import JobDesk
+
+    host = Host(broker, tmp / "jobram.db", client_id="jobram-ingest").start()
+    desk = JobDesk(broker, "jobram-1")
+    vb = make_device(tmp / "jobram", broker.port, device_id="jobram-1", upload_every_wakes=1,
+                     trusted_keys=desk.trusted())
+    desk.publish_queue([desk.job("config", {"set": {"upload_watermark": 321}}, job_id="ram-job")[1]])
+
+    def ran(rec):
+        return "job ram-job SUCCEEDED" in rec.output and "Traceback" not in rec.output
+
+    need = heap_needed(vb, ran, low=16 * 1024, high=256 * 1024, resolution=1024)
+    desk.close()
+    host.close()
+    return {
+        "metric": "smallest heap for a wake that verifies and runs a job (KiB)",
+        "mpfleet": None if need is None else round(need / 1024, 1),
+        "naive": 128.0,
+        "ratio": None if need is None else round(128 * 1024 / need, 2),
+        "target": "fits 128 KiB",
+    }
+
+
 def wake(tmp: Path, port: int) -> dict:
     agent = make_device(tmp / "wake-agent", port, wifi={"ssid": "nowhere"})
     agent.run(boots=3)
@@ -160,7 +184,7 @@ def run() -> dict:
     with tempfile.TemporaryDirectory(prefix="mpfleet-bench-") as tmp, LocalBroker() as broker:
         tmp = Path(tmp)
         rows = [wear(tmp, broker.port), wire(tmp, broker, 10), wire(tmp, broker, 30), ram(tmp, broker),
-                wake(tmp, broker.port)]
+                job_ram(tmp, broker), wake(tmp, broker.port)]
     return {"name": "agent", "rows": rows}
 
 

@@ -47,6 +47,20 @@ CREATE TABLE IF NOT EXISTS ingest_errors (
     at          REAL NOT NULL,
     reason      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS keys (
+    kid         TEXT PRIMARY KEY,
+    public_b64  TEXT NOT NULL,
+    created     REAL NOT NULL,
+    retired     REAL,
+    active      INTEGER NOT NULL DEFAULT 1,
+    last_seq    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS device_credentials (
+    device      TEXT PRIMARY KEY,
+    username    TEXT NOT NULL,
+    password    TEXT NOT NULL,
+    created     REAL NOT NULL
+);
 """
 
 
@@ -182,3 +196,47 @@ class Store:
         else:
             rows = self.db.execute("SELECT device, reason FROM ingest_errors ORDER BY id")
         return list(rows)
+
+    # ------------------------------------------------------------ signing keys (mpfleet.keys)
+    _KEY_COLS = "kid, public_b64, created, retired, active, last_seq"
+
+    def add_key(self, kid: str, public_b64: str) -> None:
+        self.db.execute("INSERT INTO keys (kid, public_b64, created) VALUES (?, ?, ?)",
+                        (kid, public_b64, time.time()))
+
+    def keys(self) -> list[dict]:
+        """Every key, oldest first."""
+        rows = self.db.execute(f"SELECT {self._KEY_COLS} FROM keys ORDER BY created, rowid")
+        return [dict(zip(("kid", "public_b64", "created", "retired", "active", "last_seq"), r)) for r in rows]
+
+    def retire_key(self, kid: str) -> None:
+        self.db.execute("UPDATE keys SET active = 0, retired = ? WHERE kid = ?", (time.time(), kid))
+
+    def next_seq(self, kid: str) -> int:
+        """The next job seq for `kid`: strictly increasing, never reused, safe across processes
+        (one IMMEDIATE transaction takes the write lock before reading)."""
+        with self.transaction() as db:
+            row = db.execute("UPDATE keys SET last_seq = last_seq + 1 WHERE kid = ? RETURNING last_seq",
+                             (kid,)).fetchone()
+        if row is None:
+            raise StoreError(f"unknown signing key {kid}")
+        return row[0]
+
+    # ------------------------------------------------------------ broker credentials (mpfleet.brokerconf)
+    def device_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM devices ORDER BY id")]
+
+    def credentials(self, device: str) -> dict | None:
+        row = self.db.execute("SELECT device, username, password, created FROM device_credentials "
+                              "WHERE device = ?", (device,)).fetchone()
+        return dict(zip(("device", "username", "password", "created"), row)) if row else None
+
+    def all_credentials(self) -> list[dict]:
+        rows = self.db.execute("SELECT device, username, password, created FROM device_credentials ORDER BY device")
+        return [dict(zip(("device", "username", "password", "created"), r)) for r in rows]
+
+    def put_credentials(self, device: str, username: str, password: str) -> None:
+        self.db.execute("INSERT INTO device_credentials (device, username, password, created) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(device) DO UPDATE SET username = excluded.username, "
+                        "password = excluded.password, created = excluded.created",
+                        (device, username, password, time.time()))

@@ -34,13 +34,14 @@ _DONE_KEEP = const(16)
 _REJ_KEEP = const(16)
 _MAX_ATTEMPTS = const(3)
 _JOB_MIN_BUDGET_MS = const(500)
-_QUEUE_WAIT_MS = const(500)
 _DEFAULT_TRIAL_WAKES = const(3)
 _CLOCK_KNOWN_AFTER = const(1577836800)
 _MAX_BURST = const(600)
 _MAX_EXEC_OUTPUT = const(4096)
-# RTC stage flag (agent.rtcstage): a connectivity config is on trial.
+# RTC stage flags (agent.rtcstage): a connectivity config is on trial; a job
+# is in progress or a status waits to be sent (so the next wake loads this code).
 FLAG_TRIAL = const(2)
+FLAG_JOBS = const(4)
 
 QUEUED = "QUEUED"
 IN_PROGRESS = "IN_PROGRESS"
@@ -111,6 +112,7 @@ class Runner:
             st["cur"] = None
         st["out"].append(_status(job["id"], seq, status, detail, job.get("attempt", 1)))
         save_state(st)
+        print("job", job["id"], status)
         self.flush_outbox()
 
     def reject_unattributed(self, text, reason):
@@ -126,9 +128,6 @@ class Runner:
     # --- the queue ---------------------------------------------------------
     def read_queue(self):
         wake = self.wake
-        deadline = time.ticks_add(time.ticks_ms(), _QUEUE_WAIT_MS)
-        while wake.jobs_message is None and time.ticks_diff(deadline, time.ticks_ms()) > 0:
-            self.client.wait_msg(time.ticks_diff(deadline, time.ticks_ms()))
         raw = wake.jobs_message
         wake.jobs_message = None
         if not raw:
@@ -305,6 +304,7 @@ class Runner:
         cur["data"] = {"boots": self.wake.stage.wake_count}
         save_state(self.state)
         self.wake.request_upload()  # the rebooted device connects to report
+        self.wake.stage.flags |= FLAG_JOBS
         self.wake.stage.save()
         self.client.disconnect()
         machine.reset()
@@ -483,9 +483,18 @@ def on_upload_failed(wake):
     state["cur"] = None
     save_state(state)
     wake.stage.flags &= ~FLAG_TRIAL
+    wake.stage.flags |= FLAG_JOBS
     wake.request_upload()  # report the failure with the old settings next wake
     print("jobs: config trial failed, previous settings restored")
 
 
 def run_pending(wake, client):
-    Runner(wake, client).run_pending()
+    runner = Runner(wake, client)
+    try:
+        runner.run_pending()
+    finally:
+        st = runner.state
+        if st["cur"] is not None or st["out"]:
+            wake.stage.flags |= FLAG_JOBS
+        else:
+            wake.stage.flags &= ~FLAG_JOBS

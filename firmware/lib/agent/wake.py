@@ -31,6 +31,8 @@ _RETAINED_WAIT_MS = const(300)
 _ACK_WAIT_MS = const(3000)
 _CLOCK_WAIT_MS = const(1500)
 _FLAG_TRIAL = const(2)  # agent.jobs.FLAG_TRIAL
+_FLAG_JOBS = const(4)  # agent.jobs.FLAG_JOBS: a job in progress or a status to send
+_QUEUE_WAIT_MS = const(100)
 _BUDGET_RESERVE_MS = const(1500)
 # An RTC earlier than this has not been set since the last power loss.
 _CLOCK_SET_AFTER = const(1577836800)  # 2020-01-01
@@ -422,7 +424,21 @@ class Wake:
         self.wdt.feed()
 
     def run_jobs(self, client):
-        """Run the pending signed jobs (agent.jobs) within what is left of the budget."""
+        """Run the pending signed jobs (agent.jobs) within what is left of the budget.
+
+        The job code is loaded only when there is something for it: a queue, a
+        job in progress or a status still to send (RTC flag, or after a power
+        loss the job state file)."""
+        if self.jobs_message is None:
+            client.wait_msg(_QUEUE_WAIT_MS)  # a retained queue follows its subscription at once
+        queue = self.jobs_message
+        if (queue is None or bytes(queue).strip() in (b"", b"[]")) and not (self.stage.flags & _FLAG_JOBS):
+            if self.rtc_valid or not _file_exists("/jobs.json"):
+                return
+        import sys
+
+        sys.modules.pop("agent.codec", None)  # the frame encoder's memory, for the verifier
+        gc.collect()
         from agent import jobs
 
         jobs.run_pending(self, client)

@@ -1,0 +1,128 @@
+"""`mpfleet keys ...`: the host's job-signing keys (library: mpfleet.keys)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+_DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
+                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
+_KEYS_DIR = click.option("--keys-dir", type=click.Path(file_okay=False), envvar="MPFLEET_KEYS",
+                         help="Private key directory (default ~/.mpfleet/keys; env MPFLEET_KEYS).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _ring(db: str | None, keys_dir: str | None):
+    from mpfleet.keys import KeyRing
+    from mpfleet.store import Store
+
+    store = Store(db)
+    return store, KeyRing(store, keys_dir)
+
+
+@click.group()
+def keys() -> None:
+    """Job-signing keys: create, list, rotate and retire.
+
+    \b
+    Devices trust the keys in their config `trusted_keys` ({kid: public key}).
+    Rotation without reflashing:
+      mpfleet keys rotate          # new key; a config job, signed by the old key, adds it
+      (dispatch that job, wait until the fleet has applied it)
+      mpfleet keys retire OLDKID   # a config job, signed by the new key, removes the old one
+    """
+
+
+@keys.command("init")
+@click.option("--force", is_flag=True, help="Create a key even though an active one exists.")
+@_KEYS_DIR
+@_DB
+@_JSON
+def keys_init(force: bool, keys_dir: str | None, db: str | None, as_json: bool) -> None:
+    """Create the first signing key and print it in the devices' `trusted_keys` form."""
+    store, ring = _ring(db, keys_dir)
+    with store:
+        info = ring.init(force=force)
+    trusted = {info.kid: info.public_b64}
+    if as_json:
+        _print_json({"kid": info.kid, "public_b64": info.public_b64, "trusted_keys": trusted})
+        return
+    click.echo(f"created key {info.kid} in {ring.keys_dir}; devices trust it with this config entry:", err=True)
+    click.echo(json.dumps({"trusted_keys": trusted}))
+
+
+@keys.command("list")
+@_KEYS_DIR
+@_DB
+@_JSON
+def keys_list(keys_dir: str | None, db: str | None, as_json: bool) -> None:
+    """List the keys: kid, created, active or retired, last seq used."""
+    store, ring = _ring(db, keys_dir)
+    with store:
+        infos = ring.list()
+    if as_json:
+        _print_json([i.to_json() for i in infos])
+        return
+    signing = next((i.kid for i in reversed(infos) if i.active), None)
+    table = Table(title="signing keys")
+    for col in ("kid", "created", "state", "last seq"):
+        table.add_column(col, no_wrap=True)
+    for i in infos:
+        state = f"retired {_when(i.retired)}" if not i.active else ("active, signing" if i.kid == signing
+                                                                    else "active")
+        table.add_row(i.kid, _when(i.created), state, str(i.last_seq))
+    console.print(table)
+
+
+def _show_job(job, verb: str, as_json: bool, key_field: str) -> None:
+    if as_json:
+        _print_json({key_field: job.kid, "public_b64": job.public_b64, "signed_by": job.signed_by,
+                     "envelope": job.envelope, "payload": job.payload})
+        return
+    click.echo(f"{verb} key {job.kid}; config job {job.payload['id']} (seq {job.payload['seq']}) "
+               f"signed by {job.signed_by}:", err=True)
+    click.echo(job.envelope)
+
+
+@keys.command("rotate")
+@_KEYS_DIR
+@_DB
+@_JSON
+def keys_rotate(keys_dir: str | None, db: str | None, as_json: bool) -> None:
+    """Create a new signing key and the config job (signed by the old key) that adds it on devices.
+
+    The job is printed, not sent: dispatch it to the fleet, then `keys retire` the old key.
+    """
+    store, ring = _ring(db, keys_dir)
+    with store:
+        job = ring.rotate()
+    _show_job(job, "new", as_json, "new_kid")
+
+
+@keys.command("retire")
+@click.argument("kid")
+@_KEYS_DIR
+@_DB
+@_JSON
+def keys_retire(kid: str, keys_dir: str | None, db: str | None, as_json: bool) -> None:
+    """Retire KID and print the config job (signed by the newest other key) that removes it on devices."""
+    store, ring = _ring(db, keys_dir)
+    with store:
+        job = ring.retire(kid)
+    _show_job(job, "retired", as_json, "retired_kid")

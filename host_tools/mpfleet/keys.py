@@ -1,0 +1,201 @@
+"""The host's signing keys: a key directory plus a per-key seq in the store.
+
+Private keys are files in the key directory (default ``~/.mpfleet/keys``, or
+``$MPFLEET_KEYS``, or ``--keys-dir``), one PEM per key, mode 0600 in a 0700
+directory; anything group- or world-readable is refused. The store's ``keys``
+table holds each key's public half, its state (active, or retired and when) and
+``last_seq``: every job a key signs gets the next seq, taken in one IMMEDIATE
+transaction, so seqs are strictly increasing and never reused, across restarts
+and across processes signing at the same time. (Devices reject a job whose seq
+is not above the last one they ran for that kid; losing the database means
+losing the seq, so back it up with the keys.)
+
+Rotation without reflashing, in two steps:
+
+1. ``rotate()`` makes a new key and returns a ``config`` job signed by the
+   current (old) key that adds the new key to the devices' ``trusted_keys``.
+   From then on the new key signs.
+2. ``retire(old_kid)``, once the fleet has applied step 1, marks the old key
+   retired and returns a ``config`` job signed by the new key that removes the
+   old one from ``trusted_keys``.
+
+Both return the signed envelope; dispatching it to the fleet (the retained
+``jobs`` queue, through the broker) is the dispatcher's work and is not done
+here.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mpfleet.errors import MpfleetError
+from mpfleet.signing import JOB_TYPES, KID_RE, SigningKey
+from mpfleet.store import Store
+
+
+class KeyringError(MpfleetError):
+    """A key operation was refused (no key yet, last active key, unknown kid...)."""
+
+
+def default_keys_dir() -> Path:
+    env = os.environ.get("MPFLEET_KEYS")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("MPFLEET_HOME", Path.home() / ".mpfleet")) / "keys"
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    kid: str
+    public_b64: str
+    created: float
+    retired: float | None
+    active: bool
+    last_seq: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KeyJob:
+    """A signed key-management job: what `rotate()` and `retire()` return."""
+
+    kid: str            # the key added (rotate) or removed (retire)
+    public_b64: str     # that key's public half
+    signed_by: str      # the kid that signed the envelope
+    payload: dict
+    envelope: str
+
+
+class KeyRing:
+    """The signing keys of one host: files in `keys_dir`, state and seqs in `store`."""
+
+    def __init__(self, store: Store, keys_dir: str | os.PathLike | None = None):
+        self.store = store
+        self.keys_dir = Path(keys_dir) if keys_dir else default_keys_dir()
+
+    # ------------------------------------------------------------ queries
+    def list(self) -> list[KeyInfo]:
+        """Every key, oldest first."""
+        return [KeyInfo(r["kid"], r["public_b64"], r["created"], r["retired"], bool(r["active"]), r["last_seq"])
+                for r in self.store.keys()]
+
+    def get(self, kid: str) -> KeyInfo:
+        for info in self.list():
+            if info.kid == kid:
+                return info
+        raise KeyringError(f"unknown key {kid} (see `mpfleet keys list`)")
+
+    def active(self) -> KeyInfo:
+        """The signing key: the newest key that is not retired."""
+        live = [k for k in self.list() if k.active]
+        if not live:
+            raise KeyringError("no signing key yet: run `mpfleet keys init`")
+        return live[-1]
+
+    def trusted_keys(self) -> dict[str, str]:
+        """{kid: public b64url} of every active key: the devices' `trusted_keys` config."""
+        return {k.kid: k.public_b64 for k in self.list() if k.active}
+
+    # ------------------------------------------------------------ key files
+    def _check_dir(self) -> None:
+        try:
+            mode = self.keys_dir.stat().st_mode
+        except FileNotFoundError:
+            return
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyringError(f"key directory {self.keys_dir} is open to others (mode {stat.filemode(mode)}): "
+                               f"chmod 700 {self.keys_dir}")
+
+    def _ensure_dir(self) -> None:
+        if not self.keys_dir.exists():
+            self.keys_dir.mkdir(parents=True, mode=0o700)
+            os.chmod(self.keys_dir, 0o700)  # mkdir's mode is masked by the umask
+        self._check_dir()
+
+    def load(self, kid: str) -> SigningKey:
+        """The private key `kid` from the key directory (mode checks included)."""
+        if not KID_RE.match(kid):
+            raise KeyringError(f"{kid!r} is not a key id (16 hex digits)")
+        self._check_dir()
+        key = SigningKey.load(self.keys_dir / f"{kid}.key")
+        if key.kid != kid:
+            raise KeyringError(f"{self.keys_dir / (kid + '.key')} holds key {key.kid}, not {kid}")
+        return key
+
+    def _create(self) -> KeyInfo:
+        self._ensure_dir()
+        key = SigningKey.generate()
+        key.save(self.keys_dir)
+        self.store.add_key(key.kid, key.public_b64)
+        return self.get(key.kid)
+
+    # ------------------------------------------------------------ operations
+    def init(self, force: bool = False) -> KeyInfo:
+        """Create the first signing key. Refused while an active key exists, unless `force`
+        (then the new key becomes the signing key and the others stay until retired)."""
+        live = [k for k in self.list() if k.active]
+        if live and not force:
+            raise KeyringError(f"an active signing key exists ({live[-1].kid}): use `mpfleet keys rotate` to "
+                               f"replace it, or --force to create another")
+        return self._create()
+
+    def sign(self, payload: dict, kid: str | None = None) -> tuple[dict, str]:
+        """Sign a job with `kid` (default: the active key).
+
+        `payload` is the job without `seq`: it gets the key's next seq and, unless
+        given, `iat` (now, Unix seconds). Returns (the payload as signed, envelope).
+        """
+        if "seq" in payload:
+            raise KeyringError("the payload must not carry a seq: sign() assigns it")
+        job_id = payload.get("id")
+        if not isinstance(job_id, str) or not 1 <= len(job_id) <= 64:
+            raise KeyringError("the payload needs an id of 1..64 characters")
+        if payload.get("type") not in JOB_TYPES:
+            raise KeyringError(f"unknown job type {payload.get('type')!r} (one of {', '.join(JOB_TYPES)})")
+        if not isinstance(payload.get("targets"), list) or not payload["targets"]:
+            raise KeyringError("the payload needs targets: a list of device ids, groups or '*'")
+        info = self.get(kid) if kid else self.active()
+        if not info.active:
+            raise KeyringError(f"key {info.kid} is retired: sign with an active key")
+        key = self.load(info.kid)  # before taking a seq: a broken key file wastes none
+        signed = dict(payload)
+        signed.setdefault("iat", int(time.time()))
+        signed["seq"] = self.store.next_seq(info.kid)
+        return signed, key.sign(signed)
+
+    def rotate(self, targets: list[str] | None = None) -> KeyJob:
+        """Make a new key; return the job, signed by the current key, that makes devices trust it.
+
+        The new key signs from now on. Dispatching the job is left to the caller.
+        """
+        old = self.active()
+        self.load(old.kid)  # the old key must be usable before a new one is made
+        new = self._create()
+        payload = {"id": f"key-add-{new.kid}-{secrets.token_hex(3)}", "type": "config",
+                   "targets": list(targets or ["*"]),
+                   "params": {"set": {f"trusted_keys.{new.kid}": new.public_b64}}}
+        signed, envelope = self.sign(payload, kid=old.kid)
+        return KeyJob(new.kid, new.public_b64, old.kid, signed, envelope)
+
+    def retire(self, kid: str, targets: list[str] | None = None) -> KeyJob:
+        """Retire `kid`; return the job, signed by the newest other active key, that makes
+        devices forget it. The only active key cannot be retired."""
+        info = self.get(kid)
+        if not info.active:
+            raise KeyringError(f"key {kid} is already retired")
+        others = [k for k in self.list() if k.active and k.kid != kid]
+        if not others:
+            raise KeyringError(f"key {kid} is the only active key: run `mpfleet keys rotate` first")
+        signer = others[-1]
+        payload = {"id": f"key-retire-{kid}-{secrets.token_hex(3)}", "type": "config",
+                   "targets": list(targets or ["*"]), "params": {"unset": [f"trusted_keys.{kid}"]}}
+        signed, envelope = self.sign(payload, kid=signer.kid)
+        self.store.retire_key(kid)
+        return KeyJob(kid, info.public_b64, signer.kid, signed, envelope)
