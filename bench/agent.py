@@ -114,6 +114,17 @@ def wire(tmp: Path, broker, every: int) -> dict:
     }
 
 
+def _heap_row(metric: str, vb, succeeded) -> dict:
+    need = heap_needed(vb, succeeded, low=16 * 1024, high=256 * 1024, resolution=1024)
+    return {
+        "metric": metric,
+        "mpfleet": None if need is None else round(need / 1024, 1),
+        "naive": 128.0,
+        "ratio": None if need is None else round(128 * 1024 / need, 2),
+        "target": "fits 128 KiB",
+    }
+
+
 def ram(tmp: Path, broker) -> dict:
     host = Host(broker, tmp / "ram.db", client_id="ram-ingest").start()
     vb = make_device(tmp / "ram", broker.port, upload_every_wakes=2)
@@ -122,15 +133,9 @@ def ram(tmp: Path, broker) -> dict:
     def uploaded(rec):
         return rec.exit_reason == "deepsleep" and "upload failed" not in rec.output and "Error" not in rec.output
 
-    need = heap_needed(vb, uploaded, low=16 * 1024, high=256 * 1024, resolution=1024)
+    row = _heap_row("smallest heap for a wake with upload (KiB)", vb, uploaded)
     host.close()
-    return {
-        "metric": "smallest heap for a wake with upload (KiB)",
-        "mpfleet": None if need is None else round(need / 1024, 1),
-        "naive": 128.0,
-        "ratio": None if need is None else round(128 * 1024 / need, 2),
-        "target": "fits 128 KiB",
-    }
+    return row
 
 
 def job_ram(tmp: Path, broker) -> dict:
@@ -145,16 +150,10 @@ def job_ram(tmp: Path, broker) -> dict:
     def ran(rec):
         return "job ram-job SUCCEEDED" in rec.output and "Traceback" not in rec.output
 
-    need = heap_needed(vb, ran, low=16 * 1024, high=256 * 1024, resolution=1024)
+    row = _heap_row("smallest heap for a wake that verifies and runs a job (KiB)", vb, ran)
     desk.close()
     host.close()
-    return {
-        "metric": "smallest heap for a wake that verifies and runs a job (KiB)",
-        "mpfleet": None if need is None else round(need / 1024, 1),
-        "naive": 128.0,
-        "ratio": None if need is None else round(128 * 1024 / need, 2),
-        "target": "fits 128 KiB",
-    }
+    return row
 
 
 def wake(tmp: Path, port: int) -> dict:

@@ -75,6 +75,19 @@ def _digest(text):
     return binascii.hexlify(hashlib.sha256(text.encode()).digest()[:8]).decode()
 
 
+def record_final(state, job, status, detail):
+    """A job's end in the state: its seq used up, remembered as done, no longer
+    current, and its status (unless None) in the outbox. The caller saves the state."""
+    kid, seq = job["kid"], job["seq"]
+    if seq > state["last"].get(kid, 0):
+        state["last"][kid] = seq
+    state["done"] = (state["done"] + [[kid, seq]])[-_DONE_KEEP:]
+    if state["cur"] is not None and state["cur"]["id"] == job["id"]:
+        state["cur"] = None
+    if status is not None:
+        state["out"].append(_status(job["id"], seq, status, detail, job.get("attempt", 1)))
+
+
 def _status(job_id, seq, status, detail=None, attempt=1, progress=None):
     return {"job": job_id, "seq": seq, "status": status, "progress": progress, "detail": detail,
             "attempt": attempt, "ts": time.time()}
@@ -103,15 +116,8 @@ class Runner:
 
     def finish(self, job, status, detail=None):
         """Record a final status durably, then publish it."""
-        st = self.state
-        kid, seq = job["kid"], job["seq"]
-        if seq > st["last"].get(kid, 0):
-            st["last"][kid] = seq
-        st["done"] = (st["done"] + [[kid, seq]])[-_DONE_KEEP:]
-        if st["cur"] is not None and st["cur"]["id"] == job["id"]:
-            st["cur"] = None
-        st["out"].append(_status(job["id"], seq, status, detail, job.get("attempt", 1)))
-        save_state(st)
+        record_final(self.state, job, status, detail)
+        save_state(self.state)
         print("job", job["id"], status)
         self.flush_outbox()
 
@@ -204,8 +210,7 @@ class Runner:
         for job in verified:
             if job["id"] in canceled and job["type"] != "cancel":
                 # Never started: the cancel job reports it; the host marks it CANCELED.
-                self.state["last"][job["kid"]] = max(job["seq"], self.state["last"].get(job["kid"], 0))
-                self.state["done"] = (self.state["done"] + [[job["kid"], job["seq"]]])[-_DONE_KEEP:]
+                record_final(self.state, job, None, None)  # no status of its own: the host sets CANCELED
                 save_state(self.state)
                 continue
             if self.wake.budget_left_ms() < _JOB_MIN_BUDGET_MS:
@@ -474,13 +479,7 @@ def on_upload_failed(wake):
         os.rename("/config.json.prev", "/config.json")
     except OSError:
         pass
-    kid, seq = cur["kid"], cur["seq"]
-    if seq > state["last"].get(kid, 0):
-        state["last"][kid] = seq
-    state["done"] = (state["done"] + [[kid, seq]])[-_DONE_KEEP:]
-    state["out"].append(_status(cur["id"], seq, FAILED,
-                                "could not reach the broker with the new settings; reverted", cur["attempt"]))
-    state["cur"] = None
+    record_final(state, cur, FAILED, "could not reach the broker with the new settings; reverted")
     save_state(state)
     wake.stage.flags &= ~FLAG_TRIAL
     wake.stage.flags |= FLAG_JOBS
