@@ -138,12 +138,14 @@ def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
 
 def _register_subcommands() -> None:
     from mpfleet.cli_broker import broker
+    from mpfleet.cli_devices import devices
     from mpfleet.cli_keys import keys
     from mpfleet.sim.cli import sim
 
     cli.add_command(sim)
     cli.add_command(keys)
     cli.add_command(broker)
+    cli.add_command(devices)
 
 
 _register_subcommands()

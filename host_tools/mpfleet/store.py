@@ -127,6 +127,27 @@ class Store:
         return {"id": row[0], "board": row[1], "groups": json.loads(row[2]), "first_seen": row[3],
                 "last_seen": row[4], "state": json.loads(row[5]) if row[5] else None}
 
+    # Registry (mpfleet.registry) additions: list, provision, set board/groups.
+    def devices(self) -> list[dict]:
+        """Every device record (as `device()` returns them), ordered by id."""
+        rows = self.db.execute("SELECT id, board, groups_json, first_seen, last_seen, state_json FROM devices "
+                               "ORDER BY id")
+        return [{"id": r[0], "board": r[1], "groups": json.loads(r[2]), "first_seen": r[3],
+                 "last_seen": r[4], "state": json.loads(r[5]) if r[5] else None} for r in rows]
+
+    def add_device(self, device: str, board: str | None = None, groups: Iterable[str] = ()) -> bool:
+        """Insert a device not seen yet (last_seen stays NULL); False if it already exists."""
+        cur = self.db.execute("INSERT OR IGNORE INTO devices (id, board, groups_json, first_seen) VALUES (?, ?, ?, ?)",
+                              (device, board, json.dumps(list(groups)), time.time()))
+        return cur.rowcount == 1
+
+    def set_device(self, device: str, board: str | None = None, groups: Iterable[str] | None = None) -> None:
+        """Replace the board and/or groups of a device; None leaves that column alone."""
+        if board is not None:
+            self.db.execute("UPDATE devices SET board = ? WHERE id = ?", (board, device))
+        if groups is not None:
+            self.db.execute("UPDATE devices SET groups_json = ? WHERE id = ?", (json.dumps(list(groups)), device))
+
     # ------------------------------------------------------------ samples
     def add_samples(self, db: sqlite3.Connection, device: str,
                     samples: Iterable[tuple[int, int, list]]) -> int:
