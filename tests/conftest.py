@@ -68,3 +68,40 @@ def firmware_files(only: tuple[str, ...] | None = None, compiled: bool = True) -
     from mpfleet.firmware import firmware_tree
 
     return firmware_tree(compiled=compiled, only=only)
+
+
+def child_processes() -> dict[int, str]:
+    """{pid: command line} of this process's children (zombies included)."""
+    me = str(os.getpid())
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = f.read()
+            ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip() or "<zombie>"
+        except (OSError, StopIteration):
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True, scope="module")
+def leaves_nothing_running(request):
+    """Every test module must stop what it started (brokers, devices, helpers)."""
+    before = set(child_processes())
+    yield
+    import time
+
+    deadline = time.monotonic() + 5
+    left = {}
+    while time.monotonic() < deadline:
+        left = {pid: cmd for pid, cmd in child_processes().items() if pid not in before}
+        if not left:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{request.module.__name__} left processes running: {left}")

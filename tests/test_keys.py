@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import stat
 import subprocess
@@ -83,25 +82,29 @@ def test_seq_survives_reopen(tmp_path):
     assert seqs == list(range(1, 16))
 
 
-def _sign_many(db: str, keys_dir: str, count: int, queue) -> None:
-    with Store(db) as store:
-        ring = KeyRing(store, keys_dir)
-        queue.put([ring.sign(_job(i))[0]["seq"] for i in range(count)])
+SIGN_MANY = """
+import json, sys
+from mpfleet.keys import KeyRing
+from mpfleet.store import Store
+db, keys_dir, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with Store(db) as store:
+    ring = KeyRing(store, keys_dir)
+    seqs = [ring.sign({"id": "j", "type": "diag", "params": {}, "targets": ["*"]})[0]["seq"] for _ in range(count)]
+print(json.dumps(seqs))
+"""
 
 
 def test_seq_unique_across_processes(tmp_path):
     db, keys_dir = str(tmp_path / "db.sqlite"), str(tmp_path / "keys")
     with Store(db) as store:
         KeyRing(store, keys_dir).init()
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_sign_many, args=(db, keys_dir, 200, queue)) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", SIGN_MANY, db, keys_dir, "200"], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = []
     for p in procs:
-        p.start()
-    results = [queue.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        results.append(json.loads(out))
     for seqs in results:
         assert seqs == sorted(seqs) and len(set(seqs)) == 200  # strictly increasing per process
     assert sorted(results[0] + results[1]) == list(range(1, 401))  # all distinct, none skipped
