@@ -5,14 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mpfleet-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test stress bench demo check-firmware clean hil
+.PHONY: help install test stress bench demo check-firmware clean
 
 help:
 	@echo "make test    create .venv, install mpfleet, ensure mosquitto, run the test suite"
 	@echo "make stress  the long stress runs at full count (power-cut fuzz)"
 	@echo "make bench   benchmarks: table on stdout, JSON in bench/results/"
 	@echo "make demo    the fleet demo on virtual boards"
-	@echo "make hil PORT=/dev/ttyUSB0   the hardware-in-the-loop tests on a real board"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "mpfleet needs Python >= 3.10")'
@@ -40,10 +39,6 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m mpfleet.demo
-
-hil: $(STAMP)
-	@test -n "$(PORT)" || (echo "usage: make hil PORT=/dev/ttyUSB0" >&2; exit 2)
-	MPFLEET_HIL_PORT=$(PORT) $(BIN)/python -m pytest -q -m hil
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info host_tools/*.egg-info
