@@ -24,7 +24,6 @@ from micropython import const
 from agent import config, rtcstage, samplerec, sensors
 
 AGENT_VERSION = "0.1.0"
-_BOOT_WDT_MS = const(30000)
 _MIN_SLEEP_MS = const(1000)
 _MAX_SKIP_WAKES = const(63)
 _RETAINED_WAIT_MS = const(300)
@@ -68,9 +67,10 @@ def running_firmware():
 class Wake:
     def __init__(self):
         self.started = time.ticks_ms()
-        self.wdt = machine.WDT(timeout=_BOOT_WDT_MS)
         self.mac_id = "".join("%02x" % b for b in machine.unique_id())
         self.cfg, self.problems = config.load(self.mac_id)
+        # Armed once: re-creating the task watchdog with a new timeout is not
+        # portable across ESP32 ports. Reading the config cannot hang.
         self.wdt = machine.WDT(timeout=self.cfg["wdt_timeout_ms"])
         self.device_id = self.cfg["device_id"]
         self.stage = rtcstage.Stage()
