@@ -199,3 +199,8 @@ def sim_console(directory: Path, link: Path | None) -> None:
     from mpfleet.sim.serial import serve_console  # noqa: PLC0415
 
     serve_console(directory, link=link)
+
+
+from mpfleet.sim.fleet_cli import sim_fleet  # noqa: E402 - registered last, kept in its own module
+
+sim.add_command(sim_fleet)
