@@ -23,6 +23,12 @@ try:
 except OSError:
     print("STATE none")
 n = (names[-1] + 1) if names else 0
+# Keep the filesystem from filling over long runs: a cut between writing a file
+# and deleting an old one leaves that old one behind, so sweep them here.
+for old in names:
+    if old < n - 24:
+        print("DELETING", old)
+        os.remove("f_%d" % old)
 while True:
     with open("f_%d" % n, "w") as f:
         f.write(content(n))
