@@ -475,7 +475,14 @@ class MQTTClient:
         if deliver:
             self._deliver(topic, msg, retained, pid)
         elif len(self._queue) < self.queue_len:
-            self._queue.append((topic, msg, retained, pid))
+            # Acknowledged now, not when delivered: some brokers (amqtt) hold back
+            # every later packet to this client, the SUBACK or PUBACK being waited
+            # for included, until the message is acknowledged. What arrives here
+            # is retained (jobs, samples/ack), so a reset before delivery loses
+            # nothing: the next subscription brings it again.
+            if pid:
+                self._send_puback(pid)
+            self._queue.append((topic, msg, retained, 0))
         else:
             self.dropped += 1  # not acknowledged: a persistent session redelivers it
 
