@@ -139,6 +139,7 @@ def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
 def _register_subcommands() -> None:
     from mpfleet.cli_broker import broker
     from mpfleet.cli_devices import devices
+    from mpfleet.cli_jobs import job, serve
     from mpfleet.cli_keys import keys
     from mpfleet.sim.cli import sim
 
@@ -146,6 +147,8 @@ def _register_subcommands() -> None:
     cli.add_command(keys)
     cli.add_command(broker)
     cli.add_command(devices)
+    cli.add_command(job)
+    cli.add_command(serve)
 
 
 _register_subcommands()

@@ -120,37 +120,51 @@ class Ingester:
             self._on_state(store, device, msg.payload)
 
     def _on_samples(self, client, store: Store, device: str, payload: bytes) -> None:
-        try:
-            result = ingest_frame(store, device, payload)
-        except FrameError as e:
-            with self.stats.lock:
-                self.stats.corrupt += 1
-            log.warning("corrupt sample frame from %s: %s", device, e)
-            store.record_ingest_error(device, str(e))
-            return
-        with self.stats.lock:
-            self.stats.frames += 1
-            self.stats.samples_new += result.new
-            self.stats.duplicates += result.duplicates
-        store.touch_device(device)
-        # Only now, after the commit, may the device forget these samples.
-        # The host's clock rides along: a device whose RTC restarted at power
-        # loss sets its clock from it until it has better time.
-        ack = {"upto": result.ack, "time": int(time.time())}
-        client.publish(topic(device, "samples/ack"), json.dumps(ack), qos=1, retain=True)
+        handle_samples(store, device, payload, client.publish, self.stats)
 
     def _on_state(self, store: Store, device: str, payload: bytes) -> None:
-        try:
-            state = json.loads(payload)
-            if not isinstance(state, dict):
-                raise ValueError("not an object")
-        except ValueError as e:
-            store.record_ingest_error(device, f"unreadable state: {e}")
-            return
-        store.touch_device(device, board=state.get("board"), state=state)
-        device_time = state.get("time")
-        if isinstance(device_time, (int, float)) and device_time < CLOCK_SET_AFTER:
-            # The device lost its clock with its power: answer at once with the
-            # host's time (and the current ack) so its samples get real times.
-            ack = {"upto": store.ack_point(device), "time": int(time.time())}
-            self._client.publish(topic(device, "samples/ack"), json.dumps(ack), qos=1, retain=True)
+        handle_state(store, device, payload, self._client.publish)
+
+
+def handle_samples(store: Store, device: str, payload: bytes, publish, stats: IngestStats) -> IngestResult | None:
+    """Store one `samples` frame and publish the ack (after the commit); a corrupt frame is
+    counted, logged and recorded, never fatal. `publish(topic, payload, qos=, retain=)`."""
+    try:
+        result = ingest_frame(store, device, payload)
+    except FrameError as e:
+        with stats.lock:
+            stats.corrupt += 1
+        log.warning("corrupt sample frame from %s: %s", device, e)
+        store.record_ingest_error(device, str(e))
+        return None
+    with stats.lock:
+        stats.frames += 1
+        stats.samples_new += result.new
+        stats.duplicates += result.duplicates
+    store.touch_device(device)
+    # Only now, after the commit, may the device forget these samples.
+    # The host's clock rides along: a device whose RTC restarted at power
+    # loss sets its clock from it until it has better time.
+    ack = {"upto": result.ack, "time": int(time.time())}
+    publish(topic(device, "samples/ack"), json.dumps(ack), qos=1, retain=True)
+    return result
+
+
+def handle_state(store: Store, device: str, payload: bytes, publish) -> dict | None:
+    """Record a device's `state` report in the registry (a device first seen this way is
+    registered); answer a device whose clock is unset with the host's time."""
+    try:
+        state = json.loads(payload)
+        if not isinstance(state, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        store.record_ingest_error(device, f"unreadable state: {e}")
+        return None
+    store.touch_device(device, board=state.get("board"), state=state)
+    device_time = state.get("time")
+    if isinstance(device_time, (int, float)) and device_time < CLOCK_SET_AFTER:
+        # The device lost its clock with its power: answer at once with the
+        # host's time (and the current ack) so its samples get real times.
+        ack = {"upto": store.ack_point(device), "time": int(time.time())}
+        publish(topic(device, "samples/ack"), json.dumps(ack), qos=1, retain=True)
+    return state

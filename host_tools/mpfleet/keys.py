@@ -99,6 +99,15 @@ class KeyRing:
             raise KeyringError("no signing key yet: run `mpfleet keys init`")
         return live[-1]
 
+    def fleet_key(self) -> KeyInfo:
+        """The key rollouts sign with: the oldest active key, the one every provisioned
+        device trusts. A rotation adds a newer key; it takes over when the old one is
+        retired (`mpfleet serve` does that once every device has applied the rotation)."""
+        live = [k for k in self.list() if k.active]
+        if not live:
+            raise KeyringError("no signing key yet: run `mpfleet keys init`")
+        return live[0]
+
     def trusted_keys(self) -> dict[str, str]:
         """{kid: public b64url} of every active key: the devices' `trusted_keys` config."""
         return {k.kid: k.public_b64 for k in self.list() if k.active}
@@ -128,6 +137,10 @@ class KeyRing:
         if key.kid != kid:
             raise KeyringError(f"{self.keys_dir / (kid + '.key')} holds key {key.kid}, not {kid}")
         return key
+
+    def add_key(self) -> KeyInfo:
+        """A new active key (it signs only once older keys are retired, see fleet_key())."""
+        return self._create()
 
     def _create(self) -> KeyInfo:
         self._ensure_dir()

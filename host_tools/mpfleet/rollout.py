@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from mpfleet.errors import MpfleetError
 from mpfleet.keys import KeyRing
 from mpfleet.registry import QueryError, Registry, parse_query
-from mpfleet.signing import JOB_TYPES
+from mpfleet.signing import JOB_TYPES, KID_RE
 from mpfleet.store import Store
 
 SCHEMA = """
@@ -150,6 +150,8 @@ DEFAULTS = {
     "start_at": None,
     "end_at": None,
     "continuous": False,
+    "sign_kid": None,    # sign with this key while it is active (default: KeyRing.fleet_key())
+    "rotation": None,    # {"old": kid, "new": kid}: a key rotation (create_rotation_job)
 }
 
 
@@ -220,6 +222,12 @@ def validate_options(options: dict) -> dict:
         raise RolloutError(f"end_at ({o['end_at']}) must be after start_at ({o['start_at']})")
     if not isinstance(o["continuous"], bool):
         raise RolloutError(f"continuous must be true or false, not {o['continuous']!r}")
+    if o["sign_kid"] is not None and not (isinstance(o["sign_kid"], str) and KID_RE.match(o["sign_kid"])):
+        raise RolloutError(f"sign_kid must be a key id (16 hex digits), not {o['sign_kid']!r}")
+    rot = o["rotation"]
+    if rot is not None and not (isinstance(rot, dict) and set(rot) == {"old", "new"}
+                                and all(isinstance(v, str) and KID_RE.match(v) for v in rot.values())):
+        raise RolloutError(f"rotation must be {{'old': kid, 'new': kid}}, not {rot!r}")
     return o
 
 
@@ -386,7 +394,7 @@ class RolloutEngine:
             payload["timeout"] = int(math.ceil(opts["timeout_s"]))
         if opts["end_at"] is not None:
             payload["exp"] = int(opts["end_at"])
-        signed, envelope = self.keyring.sign(payload)
+        signed, envelope = self.keyring.sign(payload, kid=self._signing_kid(job))
         kid = envelope.split(".")[1]
         cur = self.db.execute(
             "INSERT OR IGNORE INTO executions (job, device, attempt, seq, kid, envelope, status, stage, queued, "
@@ -398,6 +406,15 @@ class RolloutEngine:
             changes.devices.add(device)
             changes.queued.append((job["id"], device, attempt))
         return True
+
+    def _signing_kid(self, job: dict) -> str:
+        """The job's own key while it is active, else the fleet key (the oldest active one)."""
+        wanted = job["options"].get("sign_kid")
+        if wanted:
+            for info in self.keyring.list():
+                if info.kid == wanted and info.active:
+                    return wanted
+        return self.keyring.fleet_key().kid
 
     def _remove_queued(self, db, job_id: str, status: str, now: float, note: str, changes: Changes | None,
                        devices: Iterable[str] | None = None) -> list[str]:
@@ -545,6 +562,8 @@ class RolloutEngine:
             with self.store.transaction() as db:
                 self._finish_job(db, job_id, COMPLETED, now, None)
             changes.completed.append(job_id)
+            if opts.get("rotation"):
+                self._finish_rotation(job, [latest[d] for d in ranked], now)
             return
 
         # start new devices, within the stage and the rate
@@ -558,6 +577,37 @@ class RolloutEngine:
             room = min(room, max(0, opts["rate_per_min"] - started))
         for d in fresh[:room]:
             self._queue(job, d, 1, stage, now, changes)
+
+    # ------------------------------------------------------------ key rotation
+    def create_rotation_job(self, targets="*", job_id: str | None = None, **options) -> tuple[str, str]:
+        """Make a new signing key and roll out the config job, signed by the current fleet
+        key, that adds it to the devices' `trusted_keys`. Returns (job id, new kid).
+
+        When every target device SUCCEEDED, tick() retires the old key and rolls out the
+        follow-up job, signed by the new key, that removes the old key from the devices.
+        If some did not, the old key stays active and the job's reason says so: fix those
+        devices and retire by hand (`mpfleet keys retire`)."""
+        old = self.keyring.fleet_key()
+        self.keyring.load(old.kid)  # the old key must be usable before a new one is made
+        new = self.keyring.add_key()
+        job_id = job_id or f"key-add-{new.kid[:8]}-{secrets.token_hex(2)}"
+        self.create_job("config", {"set": {f"trusted_keys.{new.kid}": new.public_b64}}, targets, job_id=job_id,
+                        sign_kid=old.kid, rotation={"old": old.kid, "new": new.kid}, **options)
+        return job_id, new.kid
+
+    def _finish_rotation(self, job: dict, latest: list[dict], now: float) -> None:
+        rot = job["options"]["rotation"]
+        missing = [e["device"] for e in latest if e["status"] != SUCCEEDED]
+        if missing:
+            note = (f"key rotation incomplete: {len(missing)} device(s) did not apply it "
+                    f"(first: {', '.join(missing[:5])}); key {rot['old']} stays active")
+        else:
+            retire_id = f"key-retire-{rot['old'][:8]}-{secrets.token_hex(2)}"
+            self.keyring.store.retire_key(rot["old"])
+            self.create_job("config", {"unset": [f"trusted_keys.{rot['old']}"]}, job["targets"], job_id=retire_id,
+                            sign_kid=rot["new"])
+            note = f"key rotation applied everywhere: key {rot['old']} retired, job {retire_id} removes it"
+        self.db.execute("UPDATE jobs SET reason = ? WHERE id = ?", (note, job["id"]))
 
     # ------------------------------------------------------------ device statuses
     def on_status(self, device: str, message: dict) -> bool:
@@ -673,7 +723,8 @@ class RolloutEngine:
                                (job_id, d)).fetchone():
                 continue
             signed, envelope = self.keyring.sign({"id": control_id, "type": "cancel", "targets": [d],
-                                                  "params": {"job": job_id}, "iat": int(now)})
+                                                  "params": {"job": job_id}, "iat": int(now)},
+                                                 kid=self._signing_kid(job))
             self.db.execute("INSERT OR IGNORE INTO job_controls (job, device, control_id, type, seq, envelope, "
                             "status, created) VALUES (?, ?, ?, 'cancel', ?, ?, ?, ?)",
                             (job_id, d, control_id, signed["seq"], envelope, QUEUED, now))
@@ -691,6 +742,18 @@ class RolloutEngine:
             "UNION ALL SELECT seq, envelope FROM job_controls WHERE device = ? AND status = ? ORDER BY 1",
             (device, QUEUED, IN_PROGRESS, ACTIVE, device, QUEUED))
         return [r[1] for r in rows]
+
+    def all_queues(self) -> dict[str, list[str]]:
+        """device_queue() of every device whose queue is not empty, in one query."""
+        out: dict[str, list[str]] = {}
+        rows = self.db.execute(
+            "SELECT e.device, e.seq, e.envelope FROM executions e JOIN jobs j ON j.id = e.job "
+            "WHERE e.status IN (?, ?) AND j.status = ? "
+            "UNION ALL SELECT device, seq, envelope FROM job_controls WHERE status = ? ORDER BY 1, 2",
+            (QUEUED, IN_PROGRESS, ACTIVE, QUEUED))
+        for device, _seq, envelope in rows:
+            out.setdefault(device, []).append(envelope)
+        return out
 
     def job_status(self, job_id: str) -> dict:
         """Everything `mpfleet job status` shows: the job, counts per state (latest attempt

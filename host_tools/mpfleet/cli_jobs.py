@@ -1,0 +1,403 @@
+"""`mpfleet job ...` and `mpfleet serve` (libraries: mpfleet.rollout, mpfleet.serve).
+
+`job` commands work on the database directly; a running `serve` notices their
+changes (SQLite's data_version) and updates the devices' queues.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import signal
+import sys
+import time
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from mpfleet.cli_devices import ago
+
+console = Console()
+
+_DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
+                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
+_KEYS_DIR = click.option("--keys-dir", type=click.Path(file_okay=False), envvar="MPFLEET_KEYS",
+                         help="Private key directory (default ~/.mpfleet/keys; env MPFLEET_KEYS).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?\Z")
+_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "REJECTED": "red", "TIMED_OUT": "red",
+               "IN_PROGRESS": "cyan", "QUEUED": "yellow", "CANCELED": "magenta", "REMOVED": "magenta",
+               "ACTIVE": "cyan", "COMPLETED": "green", "ABORTED": "red"}
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _engine(db: str | None, keys_dir: str | None):
+    from mpfleet.keys import KeyRing
+    from mpfleet.registry import Registry
+    from mpfleet.rollout import RolloutEngine
+    from mpfleet.store import Store
+
+    store = Store(db)
+    return store, RolloutEngine(store, KeyRing(store, keys_dir), Registry(store))
+
+
+# ---------------------------------------------------------------- option parsing
+def parse_duration(text: str, what: str) -> float:
+    """'90', '90s', '10m', '2h', '1d' -> seconds."""
+    m = _DURATION_RE.match(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise click.BadParameter(f"{text!r} is not a duration such as 90s, 10m, 2h or 1d", param_hint=what)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_fraction(text: str, what: str) -> float:
+    """'5%' or '0.05' -> 0.05."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a percentage (5%) or a fraction (0.05)", param_hint=what) from None
+    if not t.endswith("%") and value > 1:
+        raise click.BadParameter(f"{text!r}: write percentages with % (e.g. {t}%), fractions as 0..1",
+                                 param_hint=what)
+    return value
+
+
+def parse_time(text: str, what: str, now: float | None = None) -> float:
+    """'+10m' (from now), an ISO 8601 time ('2026-12-01T08:00Z'), or Unix seconds."""
+    t = text.strip()
+    now = time.time() if now is None else now
+    if t.startswith("+"):
+        return now + parse_duration(t[1:], what)
+    if re.fullmatch(r"\d{9,}(\.\d+)?", t):
+        return float(t)
+    try:
+        dt = datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a time: use +10m, 2026-12-01T08:00Z or Unix seconds",
+                                 param_hint=what) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp()
+
+
+def parse_params(params: str | None, sets: tuple[str, ...], unsets: tuple[str, ...]) -> dict:
+    """--params JSON (or @file.json), plus config shorthands --set KEY=VALUE and --unset KEY."""
+    out: dict = {}
+    if params:
+        text = params
+        if params.startswith("@"):
+            try:
+                with open(params[1:]) as f:
+                    text = f.read()
+            except OSError as e:
+                raise click.BadParameter(f"cannot read {params[1:]}: {e.strerror}", param_hint="--params") from None
+        try:
+            out = json.loads(text)
+        except ValueError as e:
+            raise click.BadParameter(f"not JSON: {e}", param_hint="--params") from None
+        if not isinstance(out, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--params")
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare word is a string
+        out.setdefault("set", {})[key] = value
+    if unsets:
+        out.setdefault("unset", []).extend(unsets)
+    return out
+
+
+def parse_targets(targets: tuple[str, ...], query: str | None, all_devices: bool):
+    names = [t.strip() for item in targets for t in item.split(",") if t.strip()]
+    if all_devices:
+        names.append("*")
+    if not names and not query:
+        raise click.UsageError("say which devices: --targets ID|GROUP[,...], --query '...' or --all")
+    if query is None:
+        return names
+    spec: dict = {"query": query}
+    if "*" in names:
+        spec["all"] = True
+    names = [n for n in names if n != "*"]
+    if names:
+        spec["names"] = names
+    return spec
+
+
+def _split_names(engine, spec):
+    """Turn the CLI's names (ids or groups) into the engine's dict form."""
+    if isinstance(spec, dict) and "names" in spec:
+        known = set(engine.store.device_ids())
+        names = spec.pop("names")
+        spec["ids"] = [n for n in names if n in known]
+        spec["groups"] = [n for n in names if n not in known]
+    return spec
+
+
+# ---------------------------------------------------------------- rendering
+def _pct(x: float) -> str:
+    return f"{x * 100:g}%"
+
+
+def _stage_text(s: dict) -> str:
+    stages = s["stages"]
+    stage = min(s["stage"], len(stages) - 1)
+    return f"{stage + 1}/{len(stages)} ({_pct(stages[stage])}, {s['stage_size']} devices)"
+
+
+def _failure_reason(row: dict) -> str:
+    detail = row.get("detail")
+    if isinstance(detail, dict):
+        for key in ("error", "reason", "problems"):
+            if detail.get(key):
+                return str(detail[key])
+    if detail:
+        return str(detail)
+    return row.get("note") or ""
+
+
+def status_view(s: dict) -> Group:
+    head = Text()
+    head.append(f"job {s['id']}  ", style="bold")
+    head.append(s["status"], style=STATE_STYLE.get(s["status"], ""))
+    head.append(f"  type {s['type']}  stage {_stage_text(s)}  targets {s['target_count']} "
+                f"(not started {s['not_started']})")
+    if s.get("reason"):
+        head.append(f"\n{s['reason']}", style="red" if s["status"] == "ABORTED" else "")
+    counts = Table(box=None, show_header=True, pad_edge=False)
+    shown = [k for k, v in s["counts"].items() if v or k in ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED")]
+    for k in shown:
+        counts.add_column(k, justify="right", style=STATE_STYLE.get(k, ""))
+    counts.add_row(*(str(s["counts"][k]) for k in shown))
+    parts = [head, counts]
+    if s["failures"]:
+        fails = Table(title="failures", title_justify="left")
+        for col in ("device", "attempt", "status", "reason"):
+            fails.add_column(col)
+        for row in s["failures"][:20]:
+            fails.add_row(row["device"], str(row["attempt"]), row["status"], _failure_reason(row)[:100])
+        if len(s["failures"]) > 20:
+            fails.caption = f"... {len(s['failures']) - 20} more (--json shows all)"
+        parts.append(fails)
+    if s["unattributed_rejects"]:
+        parts.append(Text(f"{len(s['unattributed_rejects'])} envelope(s) rejected before their job could be "
+                          f"named (bad signature, unknown key): see --json", style="yellow"))
+    return Group(*parts)
+
+
+# ---------------------------------------------------------------- commands
+@click.group("job")
+def job() -> None:
+    """Batch jobs: create a signed rollout, watch it, cancel it.
+
+    \b
+      mpfleet job create config --set sample_interval_s=30 --targets pumps \\
+          --stages 5%,25%,100% --success-threshold 95% --abort-threshold 10% --rate 600
+      mpfleet job list
+      mpfleet job status j-1a2b3c --watch
+      mpfleet job cancel j-1a2b3c
+
+    `mpfleet serve` delivers what these commands record.
+    """
+
+
+@job.command("create")
+@click.argument("type_", metavar="TYPE")
+@click.option("--params", help="Job params as JSON, or @file.json.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="config jobs: set a dotted key (VALUE is JSON, else text). Repeatable.")
+@click.option("--unset", "unsets", multiple=True, metavar="KEY", help="config jobs: remove a dotted key. Repeatable.")
+@click.option("--targets", multiple=True, metavar="IDS|GROUPS",
+              help="Device ids and/or group names, comma separated. Repeatable.")
+@click.option("--query", help="Only devices whose reported state matches, e.g. 'fw<v1.25.0,group=pumps'.")
+@click.option("--all", "all_devices", is_flag=True, help="Every registered device.")
+@click.option("--id", "job_id", help="Job id (default: j-<random>).")
+@click.option("--rate", type=click.IntRange(min=1), help="At most this many devices started per minute.")
+@click.option("--stages", help="Cumulative stage sizes, e.g. 5%,25%,100% (default: one stage).")
+@click.option("--success-threshold", help="A stage must reach this success rate to advance (default 100%).")
+@click.option("--abort-threshold", help="Abort when this share of finished executions failed, e.g. 20%.")
+@click.option("--abort-min", type=click.IntRange(min=1), help="...counted only after this many finished (default 1).")
+@click.option("--timeout", help="A device in progress longer than this is TIMED_OUT (e.g. 10m).")
+@click.option("--retries", type=click.IntRange(0, 100), help="Retries of FAILED or TIMED_OUT executions (default 0).")
+@click.option("--start", "start_at", help="Not before: +10m, an ISO time or Unix seconds.")
+@click.option("--end", "end_at", help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
+@click.option("--continuous", is_flag=True, help="Devices that join the targets later get the job too.")
+@_DB
+@_KEYS_DIR
+@_JSON
+def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id, rate, stages, success_threshold,
+               abort_threshold, abort_min, timeout, retries, start_at, end_at, continuous, db, keys_dir, as_json):
+    """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec).
+
+    Nothing is signed or sent here: `mpfleet serve` signs one envelope per device as
+    the rollout reaches it (stage, rate), so each retry gets a fresh seq."""
+    options = {
+        "rate_per_min": rate,
+        "stages": [parse_fraction(x, "--stages") for x in stages.split(",")] if stages else None,
+        "success_threshold": parse_fraction(success_threshold, "--success-threshold") if success_threshold else None,
+        "abort_threshold": parse_fraction(abort_threshold, "--abort-threshold") if abort_threshold else None,
+        "abort_min_finished": abort_min,
+        "timeout_s": parse_duration(timeout, "--timeout") if timeout else None,
+        "retries": retries,
+        "start_at": parse_time(start_at, "--start") if start_at else None,
+        "end_at": parse_time(end_at, "--end") if end_at else None,
+        "continuous": continuous or None,
+    }
+    job_params = parse_params(params, sets, unsets)
+    spec = parse_targets(targets, query, all_devices)
+    store, engine = _engine(db, keys_dir)
+    with store:
+        engine.keyring.fleet_key()  # fail now, not in serve, when there is no key
+        new_id = engine.create_job(type_, job_params, _split_names(engine, spec), job_id=job_id,
+                                   **{k: v for k, v in options.items() if v is not None})
+        status = engine.job_status(new_id)
+    if as_json:
+        _print_json(status)
+        return
+    console.print(f"created job [bold]{new_id}[/] ({type_}); `mpfleet serve` rolls it out. "
+                  f"Watch it: mpfleet job status {new_id} --watch", highlight=False)
+
+
+@job.command("list")
+@click.option("--status", type=click.Choice(["ACTIVE", "COMPLETED", "ABORTED", "CANCELED"], case_sensitive=False))
+@_DB
+@_KEYS_DIR
+@_JSON
+def job_list(status, db, keys_dir, as_json):
+    """Jobs, newest last, with their counts per state."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        rows = [engine.job_status(j) for j in engine.jobs(status.upper() if status else None)]
+    if as_json:
+        _print_json([{k: r[k] for k in ("id", "type", "status", "stage", "stages", "target_count", "counts",
+                                        "created", "finished", "reason")} for r in rows])
+        return
+    if not rows:
+        console.print("no jobs yet: mpfleet job create --help")
+        return
+    table = Table(title="jobs")
+    for col in ("id", "type", "status", "stage", "targets", "succeeded", "failed", "pending", "created"):
+        table.add_column(col)
+    for r in rows:
+        c = r["counts"]
+        failed = c["FAILED"] + c["REJECTED"] + c["TIMED_OUT"]
+        table.add_row(r["id"], r["type"], Text(r["status"], style=STATE_STYLE.get(r["status"], "")),
+                      _stage_text(r), str(r["target_count"]), str(c["SUCCEEDED"]), str(failed),
+                      str(c["QUEUED"] + c["IN_PROGRESS"] + r["not_started"]), ago(r["created"]))
+    console.print(table)
+
+
+@job.command("status")
+@click.argument("job_id", metavar="JOB")
+@click.option("--watch", is_flag=True, help="Refresh until the job is no longer ACTIVE.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@_DB
+@_KEYS_DIR
+@_JSON
+def job_status(job_id, watch, interval, db, keys_dir, as_json):
+    """Counts per state, the current stage, failures with their reasons."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        status = engine.job_status(job_id)
+        if watch and not as_json:
+            with Live(status_view(status), console=console, refresh_per_second=4) as live:
+                while status["status"] == "ACTIVE":
+                    time.sleep(interval)
+                    status = engine.job_status(job_id)
+                    live.update(status_view(status))
+        elif watch:
+            while status["status"] == "ACTIVE":
+                time.sleep(interval)
+                status = engine.job_status(job_id)
+    if as_json:
+        _print_json(status)
+    elif not watch:
+        console.print(status_view(status))
+    sys.exit(0 if status["status"] in ("ACTIVE", "COMPLETED") else 3)
+
+
+@job.command("cancel")
+@click.argument("job_id", metavar="JOB")
+@_DB
+@_KEYS_DIR
+@_JSON
+def job_cancel(job_id, db, keys_dir, as_json):
+    """Cancel JOB: devices that have not started it lose it from their queue; devices
+    running it get a signed `cancel` job."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        engine.cancel(job_id, reason="canceled by the operator")
+        stops = engine.cancel_envelopes(job_id)
+        status = engine.job_status(job_id)
+    if as_json:
+        _print_json(status)
+        return
+    console.print(f"canceled job {job_id}: {status['counts']['CANCELED']} execution(s) canceled"
+                  + (f", cancel jobs sent to {len(stops)} device(s) already running it" if stops else ""),
+                  highlight=False)
+
+
+@click.command("serve")
+@click.option("--broker", envvar="MPFLEET_BROKER", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="Broker URL: mqtt://[user:pass@]host[:port], or mqtts://...?ca=ca.pem for TLS "
+                   "(env MPFLEET_BROKER).")
+@click.option("--client-id", default="mpfleet-serve", show_default=True,
+              help="MQTT client id; the session is persistent, so what devices sent while serve was down arrives.")
+@click.option("--tick", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
+              help="Seconds between rollout decisions.")
+@click.option("--quiet", is_flag=True, help="Only errors; no progress lines.")
+@_DB
+@_KEYS_DIR
+def serve(broker, client_id, tick, quiet, db, keys_dir):
+    """The dispatcher: roll out jobs, keep device queues, collect statuses and samples.
+
+    Runs until Ctrl-C or SIGTERM. All state is in the database, so it can be stopped
+    (or killed) and started again at any time: a rollout continues where it was and
+    no device runs a job twice."""
+    from mpfleet.mqttlink import parse_broker_url
+    from mpfleet.serve import Dispatcher
+    from mpfleet.store import Store
+
+    cfg = parse_broker_url(broker)
+    path = Store(db).path
+
+    def on_event(kind: str, data: dict) -> None:
+        if quiet and kind != "error":
+            return
+        stamp = time.strftime("%H:%M:%S")
+        text = " ".join(f"{k}={v}" for k, v in data.items())
+        style = {"error": "red", "aborted": "red", "completed": "green", "advanced": "cyan"}.get(kind, "")
+        console.print(f"{stamp} [{style}]{kind}[/] {text}" if style else f"{stamp} {kind} {text}", highlight=False)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    dispatcher = Dispatcher(cfg, path, keys_dir=keys_dir, client_id=client_id, tick_s=tick, on_event=on_event)
+    dispatcher.start()
+    console.print(f"serving {path} on {cfg.url()} (Ctrl-C stops)", highlight=False)
+    try:
+        while dispatcher.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dispatcher.stop()
+    stats = dispatcher.stats.as_dict()
+    if not quiet:
+        console.print(f"stopped: {stats['statuses']} statuses, {stats['queue_publishes']} queue updates, "
+                      f"{stats['ingest']['samples_new']} new samples, {stats['errors']} errors", highlight=False)
