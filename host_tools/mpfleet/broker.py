@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +61,8 @@ class LocalBroker:
     dispatcher that falls briefly behind loses nothing (mosquitto's default
     max_queued_messages of 1000 drops QoS 1 messages).
     """
+
+    kind = "mosquitto"
 
     def __init__(self, port: int | None = None, extra_config: list[str] | None = None,
                  workdir: str | Path | None = None, persistence: bool = False):
@@ -137,3 +140,77 @@ class LocalBroker:
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class AmqttBroker:
+    """The pure-Python fallback: an amqtt process on 127.0.0.1:`port` (the `broker`
+    extra). Anonymous clients only: amqtt has no mosquitto-style password file and
+    ACL, so it is for trying mpfleet out, not for a fleet."""
+
+    kind = "amqtt"
+
+    def __init__(self, port: int | None = None, workdir: str | Path | None = None):
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mpfleet-amqtt-"))
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> "AmqttBroker":
+        script = Path(sys.executable).with_name("amqtt")
+        if not script.exists():
+            found = shutil.which("amqtt")
+            if found is None:
+                raise BrokerError("neither mosquitto nor amqtt is installed: apt-get install mosquitto, "
+                                  "or pip install 'mpfleet[broker]'")
+            script = Path(found)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "amqtt.yaml"
+        conf.write_text("listeners:\n  default:\n    type: tcp\n"
+                        f"    bind: {self.host}:{self.port}\n"
+                        "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+                        "    allow_anonymous: true\n")
+        self._log = open(self.workdir / "amqtt.log", "ab")
+        self.process = subprocess.Popen([str(script), "-c", str(conf)], stdout=self._log, stderr=self._log)
+        try:
+            wait_for_port(self.host, self.port, timeout_s=20)
+        except BrokerError:
+            self.stop()
+            log = (self.workdir / "amqtt.log").read_text(errors="replace")[-2000:]
+            raise BrokerError(f"amqtt did not start on port {self.port}:\n{log}") from None
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "AmqttBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def embedded_broker(extra_config: list[str] | None = None, workdir: str | Path | None = None,
+                    prefer: str = "mosquitto"):
+    """A broker for the demo: mosquitto when installed (with `extra_config`, e.g. the
+    password file and ACL), else amqtt. Not started; use it as a context manager."""
+    if prefer == "mosquitto" and find_mosquitto() is not None:
+        return LocalBroker(extra_config=extra_config, workdir=workdir)
+    return AmqttBroker(workdir=workdir)

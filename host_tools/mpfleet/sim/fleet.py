@@ -155,13 +155,17 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
                     groups_fn: Callable[[int, str], list[str]] | None = None, config_overrides: dict | None = None,
                     trusted_keys: dict | None = None, broker_credentials: tuple[str, str] | None = None,
                     wifi: dict | None = None, board: str = "virtual", workers: int | None = None,
-                    clock_s: float | None = None) -> list[VirtualBoard]:
+                    clock_s: float | None = None,
+                    credentials_fn: Callable[[int, str], tuple[str, str] | None] | None = None
+                    ) -> list[VirtualBoard]:
     """Create `count` boards in `root/<prefix>-0001`..., each with the firmware, its
     own /config.json, its own id and MAC, powered on with the RTC at the host's time.
 
     `groups_fn(index, device_id)` gives a device's groups (index from 1);
     `config_overrides` merge into every config (e.g. AWAKE_CONFIG);
-    `broker_credentials` is (user, password); `wifi` is {"ssid", "password"}."""
+    `broker_credentials` is (user, password) for every device, `credentials_fn(index,
+    device_id)` each device's own (mpfleet.provision gives each its broker account);
+    `wifi` is {"ssid", "password"}."""
     from mpfleet.firmware import firmware_tree  # noqa: PLC0415
 
     if count < 1:
@@ -203,8 +207,9 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
         (path / "rtc.bin").write_bytes(b"\x00" * (2 + 2048))
         vb = VirtualBoard(path)
         groups = groups_fn(index, dev) if groups_fn else []
+        creds = credentials_fn(index, dev) if credentials_fn else broker_credentials
         cfg = device_config(dev, broker_host, broker_port, groups=groups, trusted_keys=trusted_keys,
-                            broker_credentials=broker_credentials, wifi=wifi, overrides=config_overrides)
+                            broker_credentials=creds, wifi=wifi, overrides=config_overrides)
         _put_files_forked(vb, {"/config.json": json.dumps(cfg).encode()})
         vb.power_on(clock_s=now)
         return vb
