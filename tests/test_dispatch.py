@@ -1,0 +1,286 @@
+"""`mpfleet serve` end to end: real mosquitto, a fleet of virtual devices running the
+real firmware, the dispatcher (in-process, or `mpfleet serve` as a process that gets
+killed), and an independent MQTT observer that records what the devices were sent
+(`jobs`, retained) and what they reported (`jobs/status`).
+
+The module runs one fleet of 50 awake devices ("awake" group) for its whole life,
+plus a few devices that are booted only by hand ("offline").
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from mpfleet.keys import KeyRing
+from mpfleet.mqttlink import parse_broker_url
+from mpfleet.provision import provision_sim_fleet
+from mpfleet.registry import Registry
+from mpfleet.rollout import RolloutEngine
+from mpfleet.serve import Dispatcher, ServeError
+from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner
+from mpfleet.store import Store
+
+AWAKE = 50
+OFFLINE = 4
+
+
+def _job_id_of(envelope: str) -> tuple[str, int]:
+    payload = envelope.split(".")[2]
+    job = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return job["id"], job["seq"]
+
+
+class Observer:
+    """Records every device's queue contents and job statuses, independent of serve."""
+
+    def __init__(self, broker):
+        self.lock = threading.Lock()
+        self.received: dict[str, set[str]] = defaultdict(set)   # job id -> devices whose queue held it
+        self.queue: dict[str, list[str]] = {}                    # device -> job ids in its current queue
+        self.statuses: list[tuple[str, dict]] = []               # (device, status message)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="observer")
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe([("mpf/v1/+/jobs", 1), ("mpf/v1/+/jobs/status", 1)])
+        self.client.loop_start()
+        assert subscribed.wait(5)
+
+    def _on_message(self, client, userdata, msg):
+        device, leaf = msg.topic.split("/", 3)[2:]
+        with self.lock:
+            if leaf == "jobs":
+                ids = [_job_id_of(e)[0] for e in json.loads(msg.payload or b"[]")]
+                self.queue[device] = ids
+                for job in ids:
+                    self.received[job].add(device)
+            else:
+                self.statuses.append((device, json.loads(msg.payload)))
+
+    def of(self, job: str) -> list[tuple[str, dict]]:
+        with self.lock:
+            return [(d, s) for d, s in self.statuses if s.get("job") == job]
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Env:
+    def __init__(self, root: Path, broker):
+        self.root = root
+        self.broker = broker
+        self.cfg = parse_broker_url(broker.url)
+        self.db = root / "mpfleet.db"
+        self.keys = root / "keys"
+        self.store = Store(self.db)
+        self.ring = KeyRing(self.store, self.keys)
+        self.ring.init()
+        self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
+
+    def status(self, job: str) -> dict:
+        return self.engine.job_status(job)
+
+    def wait(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    def wait_job_done(self, job: str, timeout: float = 90) -> dict:
+        self.wait(lambda: self.status(job)["status"] != "ACTIVE", timeout, f"job {job} to finish")
+        return self.status(job)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, mosquitto):
+    root = tmp_path_factory.mktemp("dispatch")
+    e = Env(root, mosquitto)
+    e.awake = provision_sim_fleet(e.store, e.ring, root / "awake", AWAKE, e.cfg, prefix="awake",
+                                  groups_fn=lambda i, d: ["awake"], with_credentials=False,
+                                  config_overrides=AWAKE_CONFIG)
+    e.offline = {b.device_id: b for b in provision_sim_fleet(
+        e.store, e.ring, root / "offline", OFFLINE, e.cfg, prefix="off", groups_fn=lambda i, d: ["offline"],
+        with_credentials=False, config_overrides=AWAKE_CONFIG)}
+    e.observer = Observer(mosquitto)
+    e.runner = FleetRunner(e.awake).start()
+    try:
+        e.runner.wait_until(lambda s: s["boots_per_device_min"] >= 1, timeout=120)
+        yield e
+    finally:
+        e.runner.stop()
+        e.observer.close()
+        e.store.close()
+
+
+@pytest.fixture
+def dispatcher(env):
+    d = Dispatcher(env.cfg, env.db, keys_dir=env.keys, tick_s=0.1).start()
+    yield d
+    d.stop()
+    assert d.stats.errors == 0, d.stats.last_error
+
+
+def _boot_until(board, env, predicate, boots: int = 6) -> None:
+    for _ in range(boots):
+        time.sleep(0.3)  # let serve publish what the last boot caused
+        board.boot()
+        time.sleep(0.3)
+        if predicate():
+            return
+    raise AssertionError(f"{board.device_id}: condition not met after {boots} boots")
+
+
+# ---------------------------------------------------------------- staged rollouts
+def test_failing_canary_aborts_and_later_stages_never_receive_the_job(env, dispatcher):
+    job = env.engine.create_job("config", {"set": {"sample_interval_s": 0}}, ["awake"], job_id="bad-canary",
+                                stages=[0.1, 0.5, 1.0])
+    s = env.wait_job_done(job, timeout=60)
+    assert s["status"] == "ABORTED" and "stage 0" in s["reason"], s["reason"]
+    canary = {row["device"] for row in s["devices"]}
+    assert len(canary) == s["stage_size"] == 5
+    assert all(row["status"] == "FAILED" and "sample_interval_s" in json.dumps(row["detail"]) for row in s["devices"])
+    time.sleep(3)  # more than one wake of every awake device
+    assert env.observer.received[job] == canary  # nobody past the canary ever had it in its queue
+    assert {d for d, _ in env.observer.of(job)} == canary
+    assert env.status(job)["counts"]["SUCCEEDED"] == 0
+
+
+def test_good_job_reaches_every_device_stage_by_stage_within_the_rate(env):
+    # The dispatcher's clock runs 20x fast so that 60 s rate windows pass in 3 s.
+    t0 = time.time()
+    fast = lambda: t0 + (time.time() - t0) * 20  # noqa: E731
+    job = env.engine.create_job("config", {"set": {"upload_watermark": 450}}, ["awake"], job_id="good-staged",
+                                stages=[0.1, 0.5, 1.0], rate_per_min=12, success_threshold=0.9)
+    with Dispatcher(env.cfg, env.db, keys_dir=env.keys, tick_s=0.1, clock=fast):
+        s = env.wait_job_done(job, timeout=120)
+    assert s["status"] == "COMPLETED", s["reason"]
+    assert s["counts"]["SUCCEEDED"] == AWAKE and len(s["devices"]) == AWAKE
+    rows = sorted(s["devices"], key=lambda r: r["queued"])
+    queued = [r["queued"] for r in rows]
+    # the rate: no 60 s window (dispatcher clock) starts more than 12 devices
+    assert all(queued[i + 12] - queued[i] >= 60 for i in range(len(queued) - 12))
+    # the stages: nobody of a later stage was queued before the earlier stage had finished
+    for stage in (1, 2):
+        earlier_done = max(r["finished"] for r in rows if r["stage"] < stage)
+        assert min(r["queued"] for r in rows if r["stage"] == stage) >= earlier_done
+    assert [len([r for r in rows if r["stage"] == k]) for k in (0, 1, 2)] == [5, 20, 25]
+    # each device ran it once: one seq, attempt 1, per device
+    seqs = defaultdict(set)
+    for device, status in env.observer.of(job):
+        seqs[device].add((status["seq"], status["attempt"]))
+    assert len(seqs) == AWAKE and all(len(v) == 1 and next(iter(v))[1] == 1 for v in seqs.values())
+
+
+# ---------------------------------------------------------------- offline, continuous, cancel, timeout
+def test_offline_device_gets_its_job_when_it_wakes(env, dispatcher):
+    board = env.offline["off-0001"]
+    job = env.engine.create_job("config", {"set": {"upload_watermark": 300}}, ["off-0001"], job_id="offline-1")
+    env.wait(lambda: env.observer.queue.get("off-0001") == [job], 10, "the queue to be published")
+    assert env.status(job)["counts"]["QUEUED"] == 1
+    _boot_until(board, env, lambda: env.status(job)["status"] == "COMPLETED")
+    assert env.status(job)["counts"]["SUCCEEDED"] == 1
+    env.wait(lambda: env.observer.queue.get("off-0001") == [], 10, "the finished job to leave the queue")
+
+
+def test_continuous_job_reaches_a_device_tagged_later(env, dispatcher):
+    job = env.engine.create_job("config", {"set": {"upload_watermark": 310}}, ["late"], job_id="continuous-late",
+                                continuous=True)
+    time.sleep(1)
+    s = env.status(job)
+    assert s["status"] == "ACTIVE" and s["target_count"] == 0
+    Registry(env.store).tag("off-0002", add=["late"])
+    env.wait(lambda: env.observer.queue.get("off-0002") == [job], 10, "the newly tagged device's queue")
+    _boot_until(env.offline["off-0002"], env, lambda: env.status(job)["counts"]["SUCCEEDED"] == 1)
+    assert env.status(job)["status"] == "ACTIVE"  # continuous: waits for more devices
+    env.engine.cancel(job)
+
+
+def test_cancel_from_the_cli_empties_the_queues_of_devices_that_did_not_start(env, dispatcher):
+    board = env.offline["off-0003"]
+    job = env.engine.create_job("config", {"set": {"upload_watermark": 320}}, ["off-0003"], job_id="to-cancel")
+    env.wait(lambda: env.observer.queue.get("off-0003") == [job], 10, "the queue to be published")
+    out = subprocess.run([sys.executable, "-m", "mpfleet.cli", "job", "cancel", job, "--db", str(env.db),
+                          "--keys-dir", str(env.keys)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    env.wait(lambda: env.observer.queue.get("off-0003") == [], 10, "serve to notice the cancel and empty the queue")
+    for _ in range(2):
+        board.boot()
+    time.sleep(0.5)
+    assert env.observer.of(job) == []  # never started
+    assert env.status(job)["counts"]["CANCELED"] == 1 and env.status(job)["status"] == "CANCELED"
+
+
+def test_in_progress_past_its_timeout_is_timed_out_and_retried(env, dispatcher):
+    board = env.offline["off-0004"]
+    job = env.engine.create_job("reboot", {}, ["off-0004"], job_id="slow-reboot", timeout_s=1.5, retries=1)
+    env.wait(lambda: env.observer.queue.get("off-0004") == [job], 10, "the queue to be published")
+    board.boot()  # takes the job, reports IN_PROGRESS, resets; then the device stays off
+    env.wait(lambda: any(r["status"] == "TIMED_OUT" for r in env.status(job)["devices"]), 10, "the timeout")
+    env.wait(lambda: len(env.status(job)["devices"]) == 2, 10, "the retry to be queued")
+    _boot_until(board, env, lambda: env.status(job)["status"] != "ACTIVE")
+    s = env.status(job)
+    first, second = sorted(s["devices"], key=lambda r: r["attempt"])
+    assert first["status"] == "TIMED_OUT" and "later reported SUCCEEDED" in first["note"]
+    assert second["status"] == "SUCCEEDED" and second["seq"] > first["seq"]
+    assert s["status"] == "COMPLETED"
+
+
+# ---------------------------------------------------------------- restart safety
+def _serve_process(env, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "mpfleet.cli", "serve", "--broker", env.broker.url,
+                             "--db", str(env.db), "--keys-dir", str(env.keys), "--tick", "0.1"],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    env.wait(lambda: b"serving" in log.read_bytes() or proc.poll() is not None, 30, "serve to start")
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
+def test_killing_serve_mid_rollout_loses_nothing_and_runs_nothing_twice(env, tmp_path):
+    log = tmp_path / "serve.log"
+    job = env.engine.create_job("config", {"set": {"upload_watermark": 460}}, ["awake"], job_id="survives-kill",
+                                stages=[0.2, 0.6, 1.0])
+    proc = _serve_process(env, log)
+    try:
+        env.wait(lambda: env.status(job)["stage"] >= 1, 60, "the first stage to pass")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        killed_at = env.status(job)
+        time.sleep(2)  # devices go on waking and reporting while serve is down
+        # a second serve refuses to run on the same database? none runs now: the lock died with the process
+        proc = _serve_process(env, log)
+        s = env.wait_job_done(job, timeout=90)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert killed_at["status"] == "ACTIVE"
+    assert s["status"] == "COMPLETED", s["reason"]
+    assert s["counts"]["SUCCEEDED"] == AWAKE and len(s["devices"]) == AWAKE  # one execution per device
+    reported = defaultdict(set)
+    for device, status in env.observer.of(job):
+        reported[device].add((status["seq"], status["attempt"]))
+        assert status["attempt"] == 1
+    # every device ran exactly one envelope, and the records name that envelope
+    assert {d: {seq for seq, _ in v} for d, v in reported.items()} == {r["device"]: {r["seq"]} for r in s["devices"]}
+    final = {(d, st["seq"]) for d, st in env.observer.of(job) if st["status"] == "SUCCEEDED"}
+    assert final == {(r["device"], r["seq"]) for r in s["devices"]}
+
+
+def test_one_dispatcher_per_database(env, dispatcher):
+    with pytest.raises(ServeError, match="another `mpfleet serve`"):
+        Dispatcher(env.cfg, env.db, keys_dir=env.keys, client_id="second").start()
