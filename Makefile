@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 demo: $(STAMP)
+	@scripts/ensure-mosquitto || echo "mosquitto unavailable: the demo falls back to amqtt"
 	$(BIN)/python -m mpfleet.demo
 
 clean:

@@ -284,3 +284,29 @@ def test_killing_serve_mid_rollout_loses_nothing_and_runs_nothing_twice(env, tmp
 def test_one_dispatcher_per_database(env, dispatcher):
     with pytest.raises(ServeError, match="another `mpfleet serve`"):
         Dispatcher(env.cfg, env.db, keys_dir=env.keys, client_id="second").start()
+
+
+# ---------------------------------------------------------------- key rotation (last: it changes the fleet's keys)
+def test_key_rotation_rolls_out_the_new_key_then_retires_the_old(env, dispatcher):
+    old = env.ring.fleet_key().kid
+    out = subprocess.run([sys.executable, "-m", "mpfleet.cli", "keys", "rotate", "--targets", "awake", "--json",
+                          "--db", str(env.db), "--keys-dir", str(env.keys)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    made = json.loads(out.stdout)
+    assert made["signed_by"] == old and made["new_kid"] != old
+    add = env.wait_job_done(made["job"], timeout=60)
+    assert add["status"] == "COMPLETED" and add["counts"]["SUCCEEDED"] == AWAKE
+    assert all(r["seq"] and r["device"].startswith("awake") for r in add["devices"])
+    assert f"key {old} retired" in add["reason"]
+    assert env.ring.fleet_key().kid == made["new_kid"] and not env.ring.get(old).active
+    retire = [j for j in env.engine.jobs() if j.startswith(f"key-retire-{old[:8]}")]
+    assert len(retire) == 1
+    done = env.wait_job_done(retire[0], timeout=60)
+    assert done["status"] == "COMPLETED" and done["counts"]["SUCCEEDED"] == AWAKE
+    # what the devices now run is signed by the new key alone
+    after = env.engine.create_job("config", {"set": {"upload_watermark": 470}}, ["awake"], job_id="after-rotation")
+    s = env.wait_job_done(after, timeout=60)
+    assert s["counts"]["SUCCEEDED"] == AWAKE
+    kids = {row["device"]: None for row in s["devices"]}
+    envelopes = env.store.db.execute("SELECT DISTINCT kid FROM executions WHERE job = ?", (after,)).fetchall()
+    assert envelopes == [(made["new_kid"],)] and len(kids) == AWAKE

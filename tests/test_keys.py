@@ -165,7 +165,7 @@ def test_cli_keys(tmp_path):
     assert again.stderr.strip().splitlines() == [again.stderr.strip()]
     assert again.stderr.startswith("mpfleet: an active signing key exists")
 
-    rot = _mpfleet(tmp_path, "rotate", "--json")
+    rot = _mpfleet(tmp_path, "rotate", "--envelope-only", "--json")
     assert rot.returncode == 0, rot.stderr
     out = json.loads(rot.stdout)
     assert {"new_kid", "envelope", "payload"} <= set(out)

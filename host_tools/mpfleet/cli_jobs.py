@@ -290,13 +290,14 @@ def job_list(status, db, keys_dir, as_json):
         console.print("no jobs yet: mpfleet job create --help")
         return
     table = Table(title="jobs")
-    for col in ("id", "type", "status", "stage", "targets", "succeeded", "failed", "pending", "created"):
-        table.add_column(col)
+    for col in ("id", "type", "status", "stage", "targets", "ok", "failed", "pending", "created"):
+        table.add_column(col, no_wrap=col in ("id", "status"))
     for r in rows:
         c = r["counts"]
         failed = c["FAILED"] + c["REJECTED"] + c["TIMED_OUT"]
+        stage = min(r["stage"], len(r["stages"]) - 1)
         table.add_row(r["id"], r["type"], Text(r["status"], style=STATE_STYLE.get(r["status"], "")),
-                      _stage_text(r), str(r["target_count"]), str(c["SUCCEEDED"]), str(failed),
+                      f"{stage + 1}/{len(r['stages'])}", str(r["target_count"]), str(c["SUCCEEDED"]), str(failed),
                       str(c["QUEUED"] + c["IN_PROGRESS"] + r["not_started"]), ago(r["created"]))
     console.print(table)
 

@@ -42,10 +42,12 @@ def keys() -> None:
 
     \b
     Devices trust the keys in their config `trusted_keys` ({kid: public key}).
+    Rollouts sign with the oldest active key, the one every device trusts.
     Rotation without reflashing:
-      mpfleet keys rotate          # new key; a config job, signed by the old key, adds it
-      (dispatch that job, wait until the fleet has applied it)
-      mpfleet keys retire OLDKID   # a config job, signed by the new key, removes the old one
+      mpfleet keys rotate   # a new key, and a rollout (signed by the old key) that adds it;
+                            # when every device has it, serve retires the old key and
+                            # rolls out the job (signed by the new one) that removes it
+    Offline, by hand: `keys rotate --envelope-only`, then `keys retire OLDKID`.
     """
 
 
@@ -79,13 +81,13 @@ def keys_list(keys_dir: str | None, db: str | None, as_json: bool) -> None:
     if as_json:
         _print_json([i.to_json() for i in infos])
         return
-    signing = next((i.kid for i in reversed(infos) if i.active), None)
+    signing = next((i.kid for i in infos if i.active), None)  # KeyRing.fleet_key()
     table = Table(title="signing keys")
     for col in ("kid", "created", "state", "last seq"):
         table.add_column(col, no_wrap=True)
     for i in infos:
         state = f"retired {_when(i.retired)}" if not i.active else ("active, signing" if i.kid == signing
-                                                                    else "active")
+                                                                    else "active, newer")
         table.add_row(i.kid, _when(i.created), state, str(i.last_seq))
     console.print(table)
 
@@ -101,18 +103,42 @@ def _show_job(job, verb: str, as_json: bool, key_field: str) -> None:
 
 
 @keys.command("rotate")
+@click.option("--targets", default="*", show_default=True,
+              help="Devices to carry the new key to: '*', or ids and groups, comma separated.")
+@click.option("--envelope-only", is_flag=True,
+              help="Only create the key and print the signed config job; dispatch it and `keys retire` by hand.")
 @_KEYS_DIR
 @_DB
 @_JSON
-def keys_rotate(keys_dir: str | None, db: str | None, as_json: bool) -> None:
-    """Create a new signing key and the config job (signed by the old key) that adds it on devices.
+def keys_rotate(targets: str, envelope_only: bool, keys_dir: str | None, db: str | None, as_json: bool) -> None:
+    """Create a new signing key and roll it out to the devices.
 
-    The job is printed, not sent: dispatch it to the fleet, then `keys retire` the old key.
-    """
+    The rollout is a config job signed by the current key that adds the new key to
+    the devices' trusted_keys; `mpfleet serve` delivers it. When every target device
+    has applied it, serve retires the old key and rolls out a job, signed by the new
+    key, that removes the old one. Until then the old key keeps signing."""
+    if envelope_only:
+        store, ring = _ring(db, keys_dir)
+        with store:
+            job = ring.rotate(targets=[t for t in targets.split(",") if t])
+        _show_job(job, "new", as_json, "new_kid")
+        return
+    from mpfleet.registry import Registry
+    from mpfleet.rollout import RolloutEngine
+
     store, ring = _ring(db, keys_dir)
+    names = [t.strip() for t in targets.split(",") if t.strip()]
     with store:
-        job = ring.rotate()
-    _show_job(job, "new", as_json, "new_kid")
+        old = ring.fleet_key()
+        engine = RolloutEngine(store, ring, Registry(store))
+        job_id, new_kid = engine.create_rotation_job("*" if names == ["*"] else names)
+        public = ring.get(new_kid).public_b64
+    if as_json:
+        _print_json({"new_kid": new_kid, "public_b64": public, "signed_by": old.kid, "job": job_id})
+        return
+    console.print(f"new key {new_kid}; rollout job {job_id} (signed by {old.kid}) adds it to the devices. "
+                  f"`mpfleet serve` delivers it, then retires {old.kid}. Watch: mpfleet job status {job_id} --watch",
+                  highlight=False)
 
 
 @keys.command("retire")

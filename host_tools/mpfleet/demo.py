@@ -92,7 +92,7 @@ def _watch(engine: RolloutEngine, job_ids: list[str], dispatcher: Dispatcher, li
         time.sleep(0.25)
 
 
-def run_demo(devices: int = 20, workdir: Path | None = None) -> DemoResult:
+def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = "auto") -> DemoResult:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mpfleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if any(workdir.iterdir()):
@@ -103,7 +103,10 @@ def run_demo(devices: int = 20, workdir: Path | None = None) -> DemoResult:
     key = ring.init()
     console.print(f"signing key {key.kid} (private key in {keys_dir}, mode 0600)", highlight=False)
 
-    broker = embedded_broker(workdir=workdir / "broker" / "run")
+    broker = embedded_broker(workdir=workdir / "broker" / "run",
+                             prefer="amqtt" if broker_kind == "amqtt" else "mosquitto")
+    if broker_kind == "mosquitto" and broker.kind != "mosquitto":
+        raise SystemExit("mpfleet demo: mosquitto is not installed (apt-get install mosquitto)")
     secured = broker.kind == "mosquitto"
     started = time.perf_counter()
     groups = lambda i, dev: ["demo", "east" if i % 2 else "west"]  # noqa: E731
@@ -195,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpfleet.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=20, help="fleet size (default 20)")
     parser.add_argument("--dir", type=Path, help="empty directory for the demo's data (default: a new temp dir)")
+    parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
+                        help="embedded broker (default: mosquitto when installed, else amqtt)")
     args = parser.parse_args(argv)
     if args.devices < 2:
         parser.error("--devices must be at least 2")
     console.rule("[bold]mpfleet demo: a fleet of virtual ESP32s")
-    return 0 if run_demo(args.devices, args.dir).ok else 1
+    return 0 if run_demo(args.devices, args.dir, args.broker).ok else 1
 
 
 if __name__ == "__main__":

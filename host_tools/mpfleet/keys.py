@@ -10,18 +10,18 @@ and across processes signing at the same time. (Devices reject a job whose seq
 is not above the last one they ran for that kid; losing the database means
 losing the seq, so back it up with the keys.)
 
-Rotation without reflashing, in two steps:
+Which key signs: rollouts sign with `fleet_key()`, the OLDEST active key, the one
+every provisioned device trusts. A newer active key is one being rolled out.
 
-1. ``rotate()`` makes a new key and returns a ``config`` job signed by the
-   current (old) key that adds the new key to the devices' ``trusted_keys``.
-   From then on the new key signs.
-2. ``retire(old_kid)``, once the fleet has applied step 1, marks the old key
-   retired and returns a ``config`` job signed by the new key that removes the
-   old one from ``trusted_keys``.
+Rotation without reflashing (`mpfleet keys rotate`, RolloutEngine.create_rotation_job):
+a new key, and a rollout of a ``config`` job signed by the old key that adds it to
+the devices' ``trusted_keys``; once every target device SUCCEEDED, `serve` retires
+the old key and rolls out a job signed by the new key that removes the old one.
 
-Both return the signed envelope; dispatching it to the fleet (the retained
-``jobs`` queue, through the broker) is the dispatcher's work and is not done
-here.
+By hand (`--envelope-only`): ``rotate()`` makes the key and returns the signed
+``config`` job that adds it; ``retire(old_kid)``, once the fleet has applied it,
+marks the old key retired and returns the job, signed by the newer key, that
+removes it. Dispatching those envelopes is then up to the caller.
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ class KeyRing:
     def rotate(self, targets: list[str] | None = None) -> KeyJob:
         """Make a new key; return the job, signed by the current key, that makes devices trust it.
 
-        The new key signs from now on. Dispatching the job is left to the caller.
+        Dispatching the job is left to the caller; the old key stays the fleet key
+        (the one rollouts sign with) until it is retired.
         """
         old = self.active()
         self.load(old.kid)  # the old key must be usable before a new one is made

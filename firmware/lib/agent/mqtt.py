@@ -207,15 +207,30 @@ class MQTTClient:
                          % (pid, 1 + self.retries, self.timeout_ms))
 
     def subscribe(self, topic, qos=0):
-        """Subscribe and wait for SUBACK; returns the granted QoS. A refusal (0x80) raises."""
+        """Subscribe and wait for SUBACK; returns the granted QoS. A refusal (0x80) raises.
+        `topic` may be a list of topics: one SUBSCRIBE, one round trip, for them all
+        (the highest QoS granted is returned; a refusal of any raises)."""
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
-        topic = _as_bytes(topic)
+        topics = [_as_bytes(t) for t in topic] if isinstance(topic, list) else [_as_bytes(topic)]
+        if not 1 <= len(topics) <= 8:
+            raise ValueError("1 to 8 topics per subscribe")
+        topic = b", ".join(topics)
         pid = self._next_pid()
         deadline = time.ticks_add(time.ticks_ms(), self.timeout_ms)
         self._op = "sending SUBSCRIBE"
-        self._send_with_pid(_SUBSCRIBE, pid, topic, 1, deadline)
-        self._write(bytes((qos,)), deadline)
+        hdr = self._hdr
+        hdr[0] = _SUBSCRIBE
+        n = 2
+        for t in topics:
+            n += 2 + len(t) + 1
+        i = self._put_length(1, n)
+        struct.pack_into("!H", hdr, i, pid)
+        self._write(memoryview(hdr)[:i + 2], deadline)
+        qos_byte = bytes((qos,))
+        for t in topics:
+            self._write_str(t, deadline)
+            self._write(qos_byte, deadline)
         self._op = "waiting for SUBACK of packet %d" % pid
         if not self._wait_ack(_SUBACK, pid, deadline):
             raise self._fail("timeout waiting for SUBACK of packet %d" % pid)
@@ -428,12 +443,16 @@ class MQTTClient:
         if kind == _PUBLISH:
             self._recv_publish(op, n, pkt_deadline, deliver)
         elif kind == _PUBACK or kind == _SUBACK or kind == _UNSUBACK:
-            want = 3 if kind == _SUBACK else 2
-            if n != want:
+            if (n < 3 or n > 10) if kind == _SUBACK else n != 2:
                 raise self._fail("malformed packet 0x%02x (length %d)" % (op, n))
             self._read_into(self._rx[:n], pkt_deadline)
             self._ack_pid = (self._scratch[0] << 8) | self._scratch[1]
-            self._granted = self._scratch[2] if kind == _SUBACK else 0
+            granted = 0
+            for k in range(2, n):  # SUBACK: one return code per topic; keep the worst
+                code = self._scratch[k]
+                if code == _SUBACK_FAILURE or (granted != _SUBACK_FAILURE and code > granted):
+                    granted = code
+            self._granted = granted
             self._ack_type = kind
         elif kind == _PINGRESP:
             if n:

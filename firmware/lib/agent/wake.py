@@ -304,8 +304,7 @@ class Wake:
     def exchange(self, client):
         did = self.device_id
         client.set_callback(self._on_message)
-        client.subscribe(topic(did, "samples/ack"), 1)
-        client.subscribe(topic(did, "jobs"), 1)
+        client.subscribe([topic(did, "samples/ack"), topic(did, "jobs")], 1)  # one round trip
         clock_unset = time.time() < _CLOCK_SET_AFTER
         client.publish(topic(did, "state"), json.dumps(self.state()), qos=1, retain=True)
         # The retained ack arrives at once; with the clock unset, also wait

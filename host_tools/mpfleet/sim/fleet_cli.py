@@ -58,26 +58,54 @@ def _summary(s: dict) -> Table:
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: Ctrl-C).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Boots at a time.")
 @click.option("--prefix", default="sim", show_default=True, help="Device id prefix (when provisioning).")
+@click.option("--group", "groups", multiple=True, help="Group of every device (when provisioning). Repeatable.")
+@click.option("--credentials/--no-credentials", default=None,
+              help="Give each device its own broker account (default: when `mpfleet broker config` has been run).")
+@click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
+              help="SQLite database the devices are registered in (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
+@click.option("--keys-dir", type=click.Path(file_okay=False), envvar="MPFLEET_KEYS",
+              help="Private key directory (default ~/.mpfleet/keys; env MPFLEET_KEYS).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final stats as JSON.")
 def sim_fleet(count: int, root: Path, broker_url: str, awake: bool, scale: float | None, duration: float | None,
-              workers: int | None, prefix: str, as_json: bool) -> None:
+              workers: int | None, prefix: str, groups: tuple[str, ...], credentials: bool | None, db: str | None,
+              keys_dir: str | None, as_json: bool) -> None:
     """Run many virtual devices at once (provisioning them first if ROOT is empty).
 
+    Provisioning is what a real device gets: it is registered in the database, trusts
+    the host's signing keys, and (with a secured broker) gets its own broker account.
+
     \b
+      mpfleet keys init
       mpfleet sim fleet --devices 100 --root /tmp/fleet --broker mqtt://127.0.0.1:1883 --duration 60
+      mpfleet serve --broker mqtt://127.0.0.1:1883      # in another terminal
     """
+    from mpfleet.brokerconf import host_credentials
+    from mpfleet.keys import KeyRing
     from mpfleet.mqttlink import parse_broker_url
-    from mpfleet.sim.fleet import AWAKE_CONFIG, FLEET_FILE, FleetRunner, load_fleet, provision_fleet
+    from mpfleet.provision import provision_sim_fleet
+    from mpfleet.sim.fleet import AWAKE_CONFIG, FLEET_FILE, FleetRunner, load_fleet
+    from mpfleet.store import Store
 
     if (root / FLEET_FILE).exists():
         boards = load_fleet(root)
         console.print(f"loaded {len(boards)} devices from {root}", highlight=False)
     else:
         broker = parse_broker_url(broker_url)
-        creds = (broker.user, broker.password or "") if broker.user else None
         started = time.perf_counter()
-        boards = provision_fleet(root, count, broker.host, broker.port, prefix=prefix,
-                                 config_overrides=AWAKE_CONFIG if awake else None, broker_credentials=creds)
+        with Store(db) as store:
+            ring = KeyRing(store, keys_dir)
+            if not ring.trusted_keys():
+                console.print("[yellow]no signing key yet[/]: these devices will reject every job "
+                              "(run `mpfleet keys init` before provisioning)", highlight=False)
+            if credentials is None:
+                credentials = host_credentials(store) is not None
+            boards = provision_sim_fleet(store, ring, root, count, broker, prefix=prefix,
+                                         groups_fn=(lambda i, d: list(groups)) if groups else None,
+                                         with_credentials=credentials,
+                                         config_overrides=AWAKE_CONFIG if awake else None)
+            if credentials:
+                console.print("each device has its own broker account: run `mpfleet broker config` to write "
+                              "the password file and ACL that admit them", highlight=False)
         took = time.perf_counter() - started
         console.print(f"provisioned {count} devices in {root} in {took:.1f} s "
                       f"({took / count * 1000:.1f} ms per device)", highlight=False)
