@@ -18,7 +18,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
-BENCHMARKS = ("flash_wear", "agent", "ed25519_verify")
+BENCHMARKS = ("flash_wear", "agent", "ed25519_verify", "dispatch")
 
 
 def main(argv: list[str]) -> int:

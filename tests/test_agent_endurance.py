@@ -52,7 +52,7 @@ def test_power_cuts_anywhere_lose_no_sample_committed_to_flash(mosquitto, tmp_pa
     """Cuts land while sampling, flushing, uploading and trimming. Afterwards every
     sample whose flush completed is in SQLite exactly once, none is corrupt,
     and the device keeps running."""
-    cuts = stress_count(quick=500, full=2000)
+    cuts = stress_count(quick=250, full=2000)
     rng = random.Random(4242)
     vb = make_device(tmp_path / "dev", mosquitto.port, upload_every_wakes=4,
                      limits={"stage_max_samples": 6, "log_max_bytes": 16384})

@@ -184,7 +184,7 @@ def test_three_queued_jobs_run_in_seq_order_across_wakes(tmp_path, mosquitto, de
 
 
 def test_power_cuts_during_jobs_end_in_exactly_one_final_status_each(tmp_path, mosquitto, desk_factory, host):
-    rounds = stress_count(quick=25, full=120)
+    rounds = stress_count(quick=12, full=120)
     rng = random.Random(99)
     vb, desk = _device(tmp_path, mosquitto, desk_factory, exec_allowed=True)
     seq = 1

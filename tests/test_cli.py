@@ -68,7 +68,7 @@ def test_power_cut_then_power_on_resets_rtc(tmp_path):
     assert "rtc b''" in out and "PWRON_RESET" in out
 
 
-def test_demo_shows_a_rollback_and_exits_zero():
-    proc = subprocess.run([sys.executable, "-m", "mpfleet.demo"], capture_output=True, text=True, timeout=120)
+def test_board_demo_shows_a_rollback_and_exits_zero():
+    proc = subprocess.run([sys.executable, "-m", "mpfleet.demo_board"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rolled back" in proc.stdout

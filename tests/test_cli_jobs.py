@@ -136,3 +136,13 @@ def test_sim_fleet_provisions_like_a_real_device(tmp_path):
     cfg = json.loads(VirtualBoard(tmp_path / "fleet" / "lab-0002").fs_get("/config.json"))
     assert cfg["device_id"] == "lab-0002" and cfg["groups"] == ["lab"] and cfg["trusted_keys"] == trusted
     assert (cfg["broker"]["user"], cfg["broker"]["password"]) == (creds["username"], creds["password"])
+
+
+def test_serve_says_when_the_broker_cannot_be_reached(tmp_path):
+    from mpfleet.broker import free_port
+
+    proc = run(tmp_path, "serve", "--broker", f"mqtt://127.0.0.1:{free_port()}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("mpfleet: cannot reach the broker at mqtt://127.0.0.1:")
+    bad = run(tmp_path, "serve", "--broker", "http://example", check=False)
+    assert bad.returncode == 1 and "scheme must be mqtt:// or mqtts://" in bad.stderr

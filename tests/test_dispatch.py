@@ -310,3 +310,74 @@ def test_key_rotation_rolls_out_the_new_key_then_retires_the_old(env, dispatcher
     kids = {row["device"]: None for row in s["devices"]}
     envelopes = env.store.db.execute("SELECT DISTINCT kid FROM executions WHERE job = ?", (after,)).fetchall()
     assert envelopes == [(made["new_kid"],)] and len(kids) == AWAKE
+
+
+def test_broker_restart_loses_the_retained_queues_and_serve_publishes_them_again(tmp_path):
+    from mpfleet.broker import LocalBroker
+
+    with LocalBroker() as broker:
+        e = Env(tmp_path, broker)
+        (board,) = provision_sim_fleet(e.store, e.ring, tmp_path / "fleet", 1, e.cfg, prefix="rb",
+                                       with_credentials=False, config_overrides=AWAKE_CONFIG)
+        job = e.engine.create_job("config", {"set": {"upload_watermark": 330}}, ["rb-0001"], job_id="across-restart")
+        with Dispatcher(e.cfg, e.db, keys_dir=e.keys, tick_s=0.1) as d:
+            e.wait(lambda: d.stats.queue_confirmed >= 1, 10, "the queue to be confirmed")
+            broker.restart()  # no persistence: the retained queue is gone
+            e.wait(lambda: d.stats.reconnects >= 2, 30, "serve to reconnect")
+            e.wait(lambda: d.stats.queue_confirmed >= 2, 10, "the queue to be published again")
+            _boot_until(board, e, lambda: e.status(job)["status"] == "COMPLETED")
+        assert e.status(job)["counts"]["SUCCEEDED"] == 1
+        e.store.close()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 (cryptography), as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mpfleet test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    srv = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+           .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(2)
+           .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                          critical=False)
+           .sign(ca_key, hashes.SHA256()))
+    paths = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(srv.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(srv_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return paths
+
+
+def test_serve_over_tls_with_the_ca_from_the_broker_url(tmp_path):
+    from mpfleet.broker import LocalBroker, free_port
+    from mpfleet.mqttlink import MqttLinkError
+
+    ca, cert, key = _self_signed(tmp_path)
+    tls_port = free_port()
+    tls = [f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+    with LocalBroker(extra_config=tls) as broker:
+        e = Env(tmp_path, broker)  # the device uses the plain listener, serve the TLS one
+        (board,) = provision_sim_fleet(e.store, e.ring, tmp_path / "fleet", 1, e.cfg, prefix="tls",
+                                       with_credentials=False, config_overrides=AWAKE_CONFIG)
+        job = e.engine.create_job("config", {"set": {"upload_watermark": 340}}, ["tls-0001"], job_id="over-tls")
+        secure = parse_broker_url(f"mqtts://127.0.0.1:{tls_port}?ca={ca}")
+        with pytest.raises(MqttLinkError):  # without the CA the certificate is not trusted
+            Dispatcher(secure.__class__(secure.host, secure.port, tls=True), e.db, keys_dir=e.keys).start()
+        with Dispatcher(secure, e.db, keys_dir=e.keys, tick_s=0.1):
+            _boot_until(board, e, lambda: e.status(job)["status"] == "COMPLETED")
+        assert e.status(job)["counts"]["SUCCEEDED"] == 1
+        e.store.close()

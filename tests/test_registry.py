@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from mpfleet.ingest import Ingester
-from mpfleet.mqttlink import parse_broker_url
+from mpfleet.ingest import handle_state
 from mpfleet.registry import QueryError, Registry, RegistryError, UnknownDeviceError, parse_query, version_key
 from mpfleet.store import Store
 
@@ -42,10 +41,9 @@ def registry(store):
 
 
 def report_state(store, device, **changes):
-    """Deliver a retained state message the way `mpfleet ingest` does."""
+    """Deliver a retained state message the way `mpfleet serve` and `mpfleet ingest` do."""
     state = dict(AGENT_STATE, device=device, **changes)
-    ingester = Ingester(parse_broker_url("mqtt://127.0.0.1:1"), store.path)
-    ingester._on_state(store, device, json.dumps(state).encode())
+    handle_state(store, device, json.dumps(state).encode(), publish=lambda *a, **k: None)
     return state
 
 

@@ -1,8 +1,7 @@
-"""`make demo`: what mpfleet does, on virtual boards, in under a minute.
+"""`python -m mpfleet.demo_board`: one virtual board: deep sleeps, RTC memory, A/B rollback.
 
-This stage shows the virtual ESP32 itself: the firmware's view of deep sleep,
-RTC memory, the A/B bootloader with automatic rollback, and flash wear.
-Later stages (fleet dispatch, OTA) extend it.
+The virtual ESP32 itself: the firmware's view of deep sleep, RTC memory, the A/B
+bootloader with automatic rollback, and flash wear. (`make demo` is the fleet demo.)
 """
 
 from __future__ import annotations
