@@ -6,12 +6,12 @@ The dispatcher runs as its own process (`mpfleet serve`, as deployed), so its CP
 time and peak RSS are its own; the devices (forked MicroPython processes) and
 mosquitto share the same 2 cores.
 
-Same-run comparison: the job's wall time against the fleet's wake cycle measured
-just before the job (the time in which every device wakes once, N / wakes per
-second). No dispatcher can finish sooner than about one cycle, since a device
-learns of its job only when it wakes: the ratio (job time / cycle) is what the
-dispatcher adds on top of the devices' own pace. For scale, AWS IoT Jobs rolls
-out at most 1000 devices per minute.
+Same-run comparison: a device learns of its job only when it wakes, so no
+dispatcher can do better than one wake per device; the ratio is the device wakes
+during the job per execution (1.0 = every device ran the job on its first wake
+after it was queued). Also reported: the job's wall time against the fleet's wake
+cycle measured just before the job (N / wakes per second). For scale, AWS IoT Jobs
+rolls out at most 1000 devices per minute.
 
     .venv/bin/python bench/dispatch.py [DEVICES]        # default 1000
     run() -> {"name": "dispatch", "rows": [...]}
@@ -113,8 +113,10 @@ def run(devices: int = DEVICES) -> dict:
                  "detail": f"{wake_rate:.1f} wakes/s"})
     rows.append({"measure": "config job, create to all final", "value": f"{job_s:.1f} s",
                  "detail": f"{ok}/{devices} SUCCEEDED, job {status['status']}, target <= {TARGET_S:.0f} s"})
+    rows.append({"measure": "device wakes per execution", "value": f"{boots / max(ok, 1):.2f}",
+                 "detail": "1.0 = every device ran the job on its first wake after it was queued"})
     rows.append({"measure": "job time / wake cycle", "value": f"{job_s / cycle_s:.2f}",
-                 "detail": "1.0 = devices ran the job on their first wake after it was created"})
+                 "detail": "a wake that verifies and runs a job costs the simulation more than a plain one"})
     rows.append({"measure": "serve CPU per device execution", "value": f"{serve_cpu / max(ok, 1) * 1000:.2f} ms",
                  "detail": f"{serve_cpu:.1f} s CPU over the job, {boots} device wakes handled"})
     rows.append({"measure": "serve peak memory (VmHWM)", "value": f"{peak_kib / 1024:.1f} MiB", "detail": ""})
@@ -124,7 +126,9 @@ def run(devices: int = DEVICES) -> dict:
             "serve_cpu_per_execution_ms": round(serve_cpu / max(ok, 1) * 1000, 3),
             "serve_peak_rss_kib": peak_kib, "wakes_during_job": boots, "fleet": {
                 k: fleet[k] for k in ("boots", "boots_per_s", "mean_boot_s", "exit_reasons", "stopped", "errors")},
-            "ratio": round(job_s / cycle_s, 2), "target_met": ok == devices and job_s <= TARGET_S, "rows": rows}
+            "ratio": round(boots / max(ok, 1), 3),
+            "ratio_label": "device wakes per execution (ideal 1.0: each device ran the job on its first wake)",
+            "job_over_cycle": round(job_s / cycle_s, 2), "target_met": ok == devices and job_s <= TARGET_S, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         for row in result["rows"]:
             print("  " + "  ".join(f"{k}={v}" for k, v in row.items() if k != "detail"))
         if "ratio" in result:
-            print(f"  ratio (naive / mpfleet): {result['ratio']}")
+            print(f"  ratio ({result.get('ratio_label', 'naive / mpfleet')}): {result['ratio']}")
     print(f"\nJSON results in {RESULTS}/")
     return 0
 
