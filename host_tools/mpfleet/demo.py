@@ -110,6 +110,10 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
     secured = broker.kind == "mosquitto"
     started = time.perf_counter()
     groups = lambda i, dev: ["demo", "east" if i % 2 else "west"]  # noqa: E731
+    if not secured:
+        console.print("[yellow]mosquitto is not installed: falling back to amqtt, which is known to lose "
+                      "messages when many devices connect at once (docs/dispatch.md); the rollouts may stall. "
+                      "Install mosquitto (apt-get install mosquitto) for the real demo.[/]", highlight=False)
     boards = provision_sim_fleet(store, ring, workdir / "fleet", devices,
                                  BrokerConfig(broker.host, broker.port), prefix="demo", groups_fn=groups,
                                  with_credentials=secured, config_overrides=AWAKE_CONFIG)

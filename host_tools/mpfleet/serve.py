@@ -102,8 +102,15 @@ class ServeStats:
 
 
 class DatabaseLock:
-    """One dispatcher per database: an flock on `<db>.serve.lock`, released at exit
-    (or when the process dies, so a killed `serve` never blocks the next)."""
+    """One dispatcher per database: a POSIX record lock (lockf) on `<db>.serve.lock`.
+
+    Record locks belong to the process: they are not inherited by forked children
+    (the virtual fleet forks one per boot, an flock would ride along) and they go
+    when the process dies, so a killed `serve` never blocks the next. Within one
+    process a set of held paths stands in for the lock."""
+
+    _held: set[str] = set()
+    _held_lock = threading.Lock()
 
     def __init__(self, db_path: Path):
         self.path = Path(str(db_path) + ".serve.lock")
@@ -111,22 +118,29 @@ class DatabaseLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ServeError(f"another `mpfleet serve` (pid {holder}) is running on this database "
-                             f"({self.path}); one dispatcher per database") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+        key = str(self.path.resolve())
+        with self._held_lock:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if key in self._held:
+                    raise BlockingIOError
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise ServeError(f"another `mpfleet serve` (pid {holder}) is running on this database "
+                                 f"({self.path}); one dispatcher per database") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._held.add(key)
+            self._fd, self._key = fd, key
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._held_lock:
+            if self._fd is not None:
+                os.close(self._fd)  # drops the record lock
+                self._held.discard(self._key)
+                self._fd = None
 
 
 class Dispatcher:
@@ -195,14 +209,18 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            self._thread = None
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
-        self._lock.release()
+        try:
+            if self._thread is not None:
+                self._thread.join(30)
+                self._thread = None
+            if self._client is not None:
+                client, self._client = self._client, None
+                try:
+                    client.disconnect()
+                finally:
+                    client.loop_stop()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "Dispatcher":
         return self.start()

@@ -99,6 +99,8 @@ SCHEMA = (
     ("broker", "tls", _is_bool, False),
     ("broker", "keepalive_s", _int_in(0, 65535), 60),
     ("broker", "timeout_ms", _int_in(100, 60000), 5000),
+    # How long a connected wake waits for its retained job queue after subscribing.
+    ("broker", "queue_wait_ms", _int_in(10, 10000), 100),
     ("limits", "log_max_bytes", _int_in(8192, 4 * 1024 * 1024), 256 * 1024),
     ("limits", "job_max_bytes", _int_in(256, 65536), 4096),
     ("limits", "upload_batch", _int_in(1, 1000), 200),

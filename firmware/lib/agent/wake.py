@@ -31,7 +31,7 @@ _ACK_WAIT_MS = const(3000)
 _CLOCK_WAIT_MS = const(1500)
 _FLAG_TRIAL = const(2)  # agent.jobs.FLAG_TRIAL
 _FLAG_JOBS = const(4)  # agent.jobs.FLAG_JOBS: a job in progress or a status to send
-_QUEUE_WAIT_MS = const(100)
+
 _BUDGET_RESERVE_MS = const(1500)
 # An RTC earlier than this has not been set since the last power loss.
 _CLOCK_SET_AFTER = const(1577836800)  # 2020-01-01
@@ -304,7 +304,9 @@ class Wake:
     def exchange(self, client):
         did = self.device_id
         client.set_callback(self._on_message)
-        client.subscribe([topic(did, "samples/ack"), topic(did, "jobs")], 1)  # one round trip
+        # Both are retained state, re-read on every wake: QoS 0 (no PUBACKs) and one
+        # SUBSCRIBE for the two (one round trip).
+        client.subscribe([topic(did, "samples/ack"), topic(did, "jobs")], 0)
         clock_unset = time.time() < _CLOCK_SET_AFTER
         client.publish(topic(did, "state"), json.dumps(self.state()), qos=1, retain=True)
         # The retained ack arrives at once; with the clock unset, also wait
@@ -428,8 +430,11 @@ class Wake:
         The job code is loaded only when there is something for it: a queue, a
         job in progress or a status still to send (RTC flag, or after a power
         loss the job state file)."""
-        if self.jobs_message is None:
-            client.wait_msg(_QUEUE_WAIT_MS)  # a retained queue follows its subscription at once
+        # The retained queue follows the subscription at once (a slow broker:
+        # raise broker.queue_wait_ms).
+        deadline = time.ticks_add(time.ticks_ms(), self.cfg["broker"]["queue_wait_ms"])
+        while self.jobs_message is None and time.ticks_diff(deadline, time.ticks_ms()) > 0:
+            client.wait_msg(time.ticks_diff(deadline, time.ticks_ms()))
         queue = self.jobs_message
         if (queue is None or bytes(queue).strip() in (b"", b"[]")) and not (self.stage.flags & _FLAG_JOBS):
             if self.rtc_valid or not _file_exists("/jobs.json"):
