@@ -228,10 +228,10 @@ def test_cancel_from_the_cli_empties_the_queues_of_devices_that_did_not_start(en
 
 def test_in_progress_past_its_timeout_is_timed_out_and_retried(env, dispatcher):
     board = env.offline["off-0004"]
-    job = env.engine.create_job("reboot", {}, ["off-0004"], job_id="slow-reboot", timeout_s=1.5, retries=1)
+    job = env.engine.create_job("reboot", {}, ["off-0004"], job_id="slow-reboot", timeout_s=4, retries=1)
     env.wait(lambda: env.observer.queue.get("off-0004") == [job], 10, "the queue to be published")
     board.boot()  # takes the job, reports IN_PROGRESS, resets; then the device stays off
-    env.wait(lambda: any(r["status"] == "TIMED_OUT" for r in env.status(job)["devices"]), 10, "the timeout")
+    env.wait(lambda: any(r["status"] == "TIMED_OUT" for r in env.status(job)["devices"]), 15, "the timeout")
     env.wait(lambda: len(env.status(job)["devices"]) == 2, 10, "the retry to be queued")
     _boot_until(board, env, lambda: env.status(job)["status"] != "ACTIVE")
     s = env.status(job)
@@ -262,7 +262,7 @@ def test_killing_serve_mid_rollout_loses_nothing_and_runs_nothing_twice(env, tmp
         proc.wait(10)
         killed_at = env.status(job)
         time.sleep(2)  # devices go on waking and reporting while serve is down
-        # a second serve refuses to run on the same database? none runs now: the lock died with the process
+        # the killed serve's database lock went with its process: a new one starts
         proc = _serve_process(env, log)
         s = env.wait_job_done(job, timeout=90)
     finally:
@@ -307,9 +307,8 @@ def test_key_rotation_rolls_out_the_new_key_then_retires_the_old(env, dispatcher
     after = env.engine.create_job("config", {"set": {"upload_watermark": 470}}, ["awake"], job_id="after-rotation")
     s = env.wait_job_done(after, timeout=60)
     assert s["counts"]["SUCCEEDED"] == AWAKE
-    kids = {row["device"]: None for row in s["devices"]}
-    envelopes = env.store.db.execute("SELECT DISTINCT kid FROM executions WHERE job = ?", (after,)).fetchall()
-    assert envelopes == [(made["new_kid"],)] and len(kids) == AWAKE
+    signers = env.store.db.execute("SELECT DISTINCT kid FROM executions WHERE job = ?", (after,)).fetchall()
+    assert signers == [(made["new_kid"],)] and len({row["device"] for row in s["devices"]}) == AWAKE
 
 
 def test_broker_restart_loses_the_retained_queues_and_serve_publishes_them_again(tmp_path):
