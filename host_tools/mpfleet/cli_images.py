@@ -1,0 +1,102 @@
+"""`mpfleet image ...`: the firmware image store for OTA (library: mpfleet.images)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mpfleet.cli_devices import ago
+
+console = Console()
+
+_DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
+                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
+_DIR = click.option("--images-dir", type=click.Path(file_okay=False), envvar="MPFLEET_IMAGES",
+                    help="Where image files are kept (default ~/.mpfleet/images; env MPFLEET_IMAGES).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _images(db, images_dir):
+    from mpfleet.images import ImageStore
+    from mpfleet.store import Store
+
+    store = Store(db)
+    return store, ImageStore(store, images_dir)
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@click.group("image")
+def image() -> None:
+    """Firmware images for OTA: validated with esptool's image code, kept by SHA-256.
+
+    \b
+      mpfleet image add micropython.bin        # an app image (.app-bin)
+      mpfleet image add firmware.bin           # a merged image: the app is taken from 0x10000
+      mpfleet image list
+    """
+
+
+@image.command("add")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--chip", help="Refuse the image unless it is for this chip (esp32, esp32s3, esp32c3...).")
+@_DB
+@_DIR
+@_JSON
+def image_add(file, chip, db, images_dir, as_json):
+    """Check FILE (app image or merged flash image) and add its app image to the store."""
+    store, images = _images(db, images_dir)
+    with store:
+        record, new = images.add(file, chip=chip)
+    if as_json:
+        _print_json(dict(record.to_json(), new=new))
+        return
+    verb = "added" if new else "already in the store:"
+    console.print(f"{verb} image [bold]{record.id}[/] ({record.kind}): {record.project} {record.version} for "
+                  f"{record.chip}, secure_version {record.secure_version}, {record.size} bytes, "
+                  f"SHA-256 {record.sha256}", highlight=False)
+
+
+@image.command("list")
+@_DB
+@_DIR
+@_JSON
+def image_list(db, images_dir, as_json):
+    """The images in the store, oldest first."""
+    store, images = _images(db, images_dir)
+    with store:
+        records = images.list()
+    if as_json:
+        _print_json([r.to_json() for r in records])
+        return
+    if not records:
+        console.print("no images yet: mpfleet image add FILE")
+        return
+    table = Table(title="images")
+    for col in ("id", "chip", "version", "secure", "size", "from", "added"):
+        table.add_column(col, no_wrap=col == "id")
+    for r in records:
+        table.add_row(r.id, r.chip, r.version, str(r.secure_version), str(r.size), r.kind, ago(r.added))
+    console.print(table)
+
+
+@image.command("show")
+@click.argument("ref", metavar="ID")
+@_DB
+@_DIR
+@_JSON
+def image_show(ref, db, images_dir, as_json):
+    """One image (by id or a unique prefix of it)."""
+    store, images = _images(db, images_dir)
+    with store:
+        record = images.get(ref)
+    if as_json:
+        _print_json(record.to_json())
+        return
+    for key, value in record.to_json().items():
+        console.print(f"{key:15s} {value}", highlight=False)
