@@ -139,6 +139,7 @@ def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
 def _register_subcommands() -> None:
     from mpfleet.cli_broker import broker
     from mpfleet.cli_devices import devices
+    from mpfleet.cli_app import app
     from mpfleet.cli_images import image
     from mpfleet.cli_jobs import job, serve
     from mpfleet.cli_keys import keys
@@ -151,6 +152,7 @@ def _register_subcommands() -> None:
     cli.add_command(job)
     cli.add_command(serve)
     cli.add_command(image)
+    cli.add_command(app)
 
 
 _register_subcommands()
