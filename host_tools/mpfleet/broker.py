@@ -53,7 +53,58 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
     raise BrokerError(f"broker did not accept connections on {host}:{port} within {timeout_s:.0f} s")
 
 
-class LocalBroker:
+class _BrokerProcess:
+    """A broker process on 127.0.0.1:`port` run from its own work directory; the
+    subclass writes its configuration and starts it (`_launch`)."""
+
+    kind = "?"
+    log_name = "broker.log"
+
+    def __init__(self, port: int | None, workdir: str | Path | None, prefix: str):
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=prefix))
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def _launch(self, argv: list[str], timeout_s: float = 10.0) -> None:
+        self._log = open(self.workdir / self.log_name, "ab")
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=self._log)
+        try:
+            wait_for_port(self.host, self.port, timeout_s=timeout_s)
+        except BrokerError:
+            self.stop()
+            log = (self.workdir / self.log_name).read_text(errors="replace")[-2000:]
+            raise BrokerError(f"{self.kind} did not start on port {self.port}:\n{log}") from None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class LocalBroker(_BrokerProcess):
     """A mosquitto process on 127.0.0.1:`port` with a generated configuration.
 
     `extra_config` lines are appended (password_file, acl_file, ...). Without
@@ -63,20 +114,13 @@ class LocalBroker:
     """
 
     kind = "mosquitto"
+    log_name = "mosquitto.log"
 
     def __init__(self, port: int | None = None, extra_config: list[str] | None = None,
                  workdir: str | Path | None = None, persistence: bool = False):
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
+        super().__init__(port, workdir, "mpfleet-broker-")
         self.extra_config = list(extra_config or [])
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mpfleet-broker-"))
         self.persistence = persistence
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
     def config_text(self) -> str:
         lines = [
@@ -106,60 +150,24 @@ class LocalBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text())
-        self._log = open(self.workdir / "mosquitto.log", "ab")
-        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=self._log, stderr=self._log)
-        try:
-            wait_for_port(self.host, self.port)
-        except BrokerError:
-            self.stop()
-            log = (self.workdir / "mosquitto.log").read_text(errors="replace")[-2000:]
-            raise BrokerError(f"mosquitto did not start on port {self.port}:\n{log}") from None
+        self._launch([binary, "-c", str(conf)])
         return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        if getattr(self, "_log", None):
-            self._log.close()
-            self._log = None
 
     def restart(self) -> None:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "LocalBroker":
-        return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-class AmqttBroker:
+class AmqttBroker(_BrokerProcess):
     """The pure-Python fallback: an amqtt process on 127.0.0.1:`port` (the `broker`
     extra). Anonymous clients only: amqtt has no mosquitto-style password file and
-    ACL, so it is for trying mpfleet out, not for a fleet."""
+    ACL, so it is for trying mpfleet out, not for a fleet (docs/dispatch.md)."""
 
     kind = "amqtt"
+    log_name = "amqtt.log"
 
     def __init__(self, port: int | None = None, workdir: str | Path | None = None):
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mpfleet-amqtt-"))
-        self.process: subprocess.Popen | None = None
-        self._log = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        super().__init__(port, workdir, "mpfleet-amqtt-")
 
     def start(self) -> "AmqttBroker":
         script = Path(sys.executable).with_name("amqtt")
@@ -175,36 +183,8 @@ class AmqttBroker:
                         f"    bind: {self.host}:{self.port}\n"
                         "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
                         "    allow_anonymous: true\n")
-        self._log = open(self.workdir / "amqtt.log", "ab")
-        self.process = subprocess.Popen([str(script), "-c", str(conf)], stdout=self._log, stderr=self._log)
-        try:
-            wait_for_port(self.host, self.port, timeout_s=20)
-        except BrokerError:
-            self.stop()
-            log = (self.workdir / "amqtt.log").read_text(errors="replace")[-2000:]
-            raise BrokerError(f"amqtt did not start on port {self.port}:\n{log}") from None
+        self._launch([str(script), "-c", str(conf)], timeout_s=20)
         return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        if self._log:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> "AmqttBroker":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def embedded_broker(extra_config: list[str] | None = None, workdir: str | Path | None = None,
