@@ -6,7 +6,6 @@ with exit status 1; usage errors exit with 2 (click's convention).
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -15,13 +14,10 @@ from rich.table import Table
 
 from mpfleet import __version__
 from mpfleet.boards import list_boards, load_board
+from mpfleet.cli_options import DB, print_json
 from mpfleet.errors import MpfleetError
 
 console = Console()
-
-
-def print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,8 +59,7 @@ def boards_show(name: str) -> None:
     print_json(load_board(name).to_json())
 
 
-_DB_OPTION = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
-                          help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
+_DB_OPTION = DB
 
 
 @cli.group()

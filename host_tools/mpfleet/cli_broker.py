@@ -6,11 +6,11 @@ import json
 
 import click
 from rich.console import Console
+from mpfleet.cli_options import DB
+
 
 console = Console()
 
-_DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
-                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
 
 
 def _device_id(ctx, param, values):
@@ -37,7 +37,7 @@ def broker() -> None:
 @click.option("--rotate", is_flag=True,
               help="New passwords for the --device devices (all devices and the host account when none given).")
 @click.option("--no-registry", is_flag=True, help="Leave out registry devices that have no credentials yet.")
-@_DB
+@DB
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, rotate: bool, no_registry: bool,
                   db: str | None, as_json: bool) -> None:

@@ -11,12 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from mpfleet.registry import NAME_RE, QueryError, parse_query
+from mpfleet.cli_options import DB, JSON, print_json
+
 
 console = Console()
 
-_DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
-                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 class _Name(click.ParamType):
@@ -46,9 +45,6 @@ class _Query(click.ParamType):
 DEVICE_ID = _Name("device id")
 GROUP = _Name("group name")
 
-
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def ago(ts: float | None, now: float | None = None) -> str:
@@ -94,15 +90,15 @@ def devices() -> None:
 @devices.command("list")
 @click.option("--group", type=GROUP, help="Only devices in this group.")
 @click.option("--where", type=_Query(), help="Only devices matching this query (fw<v1.25.0,backlog>100).")
-@_DB
-@_JSON
+@DB
+@JSON
 def devices_list(group: str | None, where, db: str | None, as_json: bool) -> None:
     """List the devices, ordered by id."""
     store, registry = _registry(db)
     with store:
         found = registry.list(group=group, where=where)
     if as_json:
-        _print_json(found)
+        print_json(found)
         return
     table = Table(title=f"devices ({len(found)})")
     for col in ("id", "board", "groups", "fw", "slot", "backlog", "dropped", "last seen"):
@@ -118,15 +114,15 @@ def devices_list(group: str | None, where, db: str | None, as_json: bool) -> Non
 
 @devices.command("show")
 @click.argument("device_id", type=DEVICE_ID)
-@_DB
-@_JSON
+@DB
+@JSON
 def devices_show(device_id: str, db: str | None, as_json: bool) -> None:
     """Show one device: registry fields and its full last reported state."""
     store, registry = _registry(db)
     with store:
         d = registry.get(device_id)
     if as_json:
-        _print_json(d)
+        print_json(d)
         return
     table = Table(title=f"device {d['id']}", show_header=False)
     table.add_column("field", style="bold")
@@ -148,8 +144,8 @@ def devices_show(device_id: str, db: str | None, as_json: bool) -> None:
 @click.argument("device_id", type=DEVICE_ID)
 @click.option("--add", "add", type=GROUP, multiple=True, help="Group to add (repeatable).")
 @click.option("--remove", "remove", type=GROUP, multiple=True, help="Group to remove (repeatable).")
-@_DB
-@_JSON
+@DB
+@JSON
 def devices_tag(device_id: str, add: tuple[str, ...], remove: tuple[str, ...], db: str | None,
                 as_json: bool) -> None:
     """Add or remove groups of a device.
@@ -163,7 +159,7 @@ def devices_tag(device_id: str, add: tuple[str, ...], remove: tuple[str, ...], d
     with store:
         d = registry.tag(device_id, add=add, remove=remove)
     if as_json:
-        _print_json(d)
+        print_json(d)
         return
     click.echo(f"{d['id']}: groups {', '.join(d['groups']) or '(none)'}")
 
@@ -172,8 +168,8 @@ def devices_tag(device_id: str, add: tuple[str, ...], remove: tuple[str, ...], d
 @click.argument("device_id", type=DEVICE_ID)
 @click.option("--board", help="Board name from `mpfleet boards list` (or a board .json file).")
 @click.option("--group", "groups", type=GROUP, multiple=True, help="Group to put it in (repeatable).")
-@_DB
-@_JSON
+@DB
+@JSON
 def devices_add(device_id: str, board: str | None, groups: tuple[str, ...], db: str | None,
                 as_json: bool) -> None:
     """Register a device before it first reports (provisioning). Re-adding adds groups."""
@@ -184,6 +180,6 @@ def devices_add(device_id: str, board: str | None, groups: tuple[str, ...], db: 
     with store:
         d = registry.add(device_id, board=board_name, groups=groups)
     if as_json:
-        _print_json(d)
+        print_json(d)
         return
     click.echo(f"{d['id']}: board {d['board'] or '(unknown)'}, groups {', '.join(d['groups']) or '(none)'}")

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from mpfleet.cli_devices import ago
+from mpfleet.cli_options import DB, JSON, print_json
+
 
 console = Console()
 
-_DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
-                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
 _DIR = click.option("--images-dir", type=click.Path(file_okay=False), envvar="MPFLEET_IMAGES",
                     help="Where image files are kept (default ~/.mpfleet/images; env MPFLEET_IMAGES).")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def _images(db, images_dir):
@@ -26,9 +24,6 @@ def _images(db, images_dir):
     store = Store(db)
     return store, ImageStore(store, images_dir)
 
-
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 @click.group("image")
@@ -45,16 +40,16 @@ def image() -> None:
 @image.command("add")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--chip", help="Refuse the image unless it is for this chip (esp32, esp32s3, esp32c3...).")
-@_DB
+@DB
 @_DIR
-@_JSON
+@JSON
 def image_add(file, chip, db, images_dir, as_json):
     """Check FILE (app image or merged flash image) and add its app image to the store."""
     store, images = _images(db, images_dir)
     with store:
         record, new = images.add(file, chip=chip)
     if as_json:
-        _print_json(dict(record.to_json(), new=new))
+        print_json(dict(record.to_json(), new=new))
         return
     verb = "added" if new else "already in the store:"
     console.print(f"{verb} image [bold]{record.id}[/] ({record.kind}): {record.project} {record.version} for "
@@ -63,16 +58,16 @@ def image_add(file, chip, db, images_dir, as_json):
 
 
 @image.command("list")
-@_DB
+@DB
 @_DIR
-@_JSON
+@JSON
 def image_list(db, images_dir, as_json):
     """The images in the store, oldest first."""
     store, images = _images(db, images_dir)
     with store:
         records = images.list()
     if as_json:
-        _print_json([r.to_json() for r in records])
+        print_json([r.to_json() for r in records])
         return
     if not records:
         console.print("no images yet: mpfleet image add FILE")
@@ -87,16 +82,16 @@ def image_list(db, images_dir, as_json):
 
 @image.command("show")
 @click.argument("ref", metavar="ID")
-@_DB
+@DB
 @_DIR
-@_JSON
+@JSON
 def image_show(ref, db, images_dir, as_json):
     """One image (by id or a unique prefix of it)."""
     store, images = _images(db, images_dir)
     with store:
         record = images.get(ref)
     if as_json:
-        _print_json(record.to_json())
+        print_json(record.to_json())
         return
     for key, value in record.to_json().items():
         console.print(f"{key:15s} {value}", highlight=False)

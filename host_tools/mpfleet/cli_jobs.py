@@ -20,14 +20,11 @@ from rich.table import Table
 from rich.text import Text
 
 from mpfleet.cli_devices import ago
+from mpfleet.cli_options import DB, KEYS_DIR, JSON, print_json
+
 
 console = Console()
 
-_DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
-                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
-_KEYS_DIR = click.option("--keys-dir", type=click.Path(file_okay=False), envvar="MPFLEET_KEYS",
-                         help="Private key directory (default ~/.mpfleet/keys; env MPFLEET_KEYS).")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?\Z")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -35,9 +32,6 @@ STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "REJECTED": "red", "TIMED_
                "IN_PROGRESS": "cyan", "QUEUED": "yellow", "CANCELED": "magenta", "REMOVED": "magenta",
                "ACTIVE": "cyan", "COMPLETED": "green", "ABORTED": "red"}
 
-
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def _engine(db: str | None, keys_dir: str | None):
@@ -236,9 +230,9 @@ def job() -> None:
 @click.option("--start", "start_at", help="Not before: +10m, an ISO time or Unix seconds.")
 @click.option("--end", "end_at", help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
 @click.option("--continuous", is_flag=True, help="Devices that join the targets later get the job too.")
-@_DB
-@_KEYS_DIR
-@_JSON
+@DB
+@KEYS_DIR
+@JSON
 def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id, rate, stages, success_threshold,
                abort_threshold, abort_min, timeout, retries, start_at, end_at, continuous, db, keys_dir, as_json):
     """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec).
@@ -266,7 +260,7 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
                                    **{k: v for k, v in options.items() if v is not None})
         status = engine.job_status(new_id)
     if as_json:
-        _print_json(status)
+        print_json(status)
         return
     console.print(f"created job [bold]{new_id}[/] ({type_}); `mpfleet serve` rolls it out. "
                   f"Watch it: mpfleet job status {new_id} --watch", highlight=False)
@@ -274,16 +268,16 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
 
 @job.command("list")
 @click.option("--status", type=click.Choice(["ACTIVE", "COMPLETED", "ABORTED", "CANCELED"], case_sensitive=False))
-@_DB
-@_KEYS_DIR
-@_JSON
+@DB
+@KEYS_DIR
+@JSON
 def job_list(status, db, keys_dir, as_json):
     """Jobs, newest last, with their counts per state."""
     store, engine = _engine(db, keys_dir)
     with store:
         rows = [engine.job_status(j) for j in engine.jobs(status.upper() if status else None)]
     if as_json:
-        _print_json([{k: r[k] for k in ("id", "type", "status", "stage", "stages", "target_count", "counts",
+        print_json([{k: r[k] for k in ("id", "type", "status", "stage", "stages", "target_count", "counts",
                                         "created", "finished", "reason")} for r in rows])
         return
     if not rows:
@@ -306,9 +300,9 @@ def job_list(status, db, keys_dir, as_json):
 @click.argument("job_id", metavar="JOB")
 @click.option("--watch", is_flag=True, help="Refresh until the job is no longer ACTIVE.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
-@_DB
-@_KEYS_DIR
-@_JSON
+@DB
+@KEYS_DIR
+@JSON
 def job_status(job_id, watch, interval, db, keys_dir, as_json):
     """Counts per state, the current stage, failures with their reasons."""
     store, engine = _engine(db, keys_dir)
@@ -325,7 +319,7 @@ def job_status(job_id, watch, interval, db, keys_dir, as_json):
                 time.sleep(interval)
                 status = engine.job_status(job_id)
     if as_json:
-        _print_json(status)
+        print_json(status)
     elif not watch:
         console.print(status_view(status))
     sys.exit(0 if status["status"] in ("ACTIVE", "COMPLETED") else 3)
@@ -333,9 +327,9 @@ def job_status(job_id, watch, interval, db, keys_dir, as_json):
 
 @job.command("cancel")
 @click.argument("job_id", metavar="JOB")
-@_DB
-@_KEYS_DIR
-@_JSON
+@DB
+@KEYS_DIR
+@JSON
 def job_cancel(job_id, db, keys_dir, as_json):
     """Cancel JOB: devices that have not started it lose it from their queue; devices
     running it get a signed `cancel` job."""
@@ -345,7 +339,7 @@ def job_cancel(job_id, db, keys_dir, as_json):
         stops = engine.cancel_envelopes(job_id)
         status = engine.job_status(job_id)
     if as_json:
-        _print_json(status)
+        print_json(status)
         return
     console.print(f"canceled job {job_id}: {status['counts']['CANCELED']} execution(s) canceled"
                   + (f", cancel jobs sent to {len(stops)} device(s) already running it" if stops else ""),
@@ -361,8 +355,8 @@ def job_cancel(job_id, db, keys_dir, as_json):
 @click.option("--tick", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
               help="Seconds between rollout decisions.")
 @click.option("--quiet", is_flag=True, help="Only errors; no progress lines.")
-@_DB
-@_KEYS_DIR
+@DB
+@KEYS_DIR
 def serve(broker, client_id, tick, quiet, db, keys_dir):
     """The dispatcher: roll out jobs, keep device queues, collect statuses and samples.
 

@@ -8,18 +8,12 @@ import json
 import click
 from rich.console import Console
 from rich.table import Table
+from mpfleet.cli_options import DB, KEYS_DIR, JSON, print_json
+
 
 console = Console()
 
-_DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
-                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
-_KEYS_DIR = click.option("--keys-dir", type=click.Path(file_okay=False), envvar="MPFLEET_KEYS",
-                         help="Private key directory (default ~/.mpfleet/keys; env MPFLEET_KEYS).")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
-
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def _when(ts: float | None) -> str:
@@ -53,9 +47,9 @@ def keys() -> None:
 
 @keys.command("init")
 @click.option("--force", is_flag=True, help="Create a key even though an active one exists.")
-@_KEYS_DIR
-@_DB
-@_JSON
+@KEYS_DIR
+@DB
+@JSON
 def keys_init(force: bool, keys_dir: str | None, db: str | None, as_json: bool) -> None:
     """Create the first signing key and print it in the devices' `trusted_keys` form."""
     store, ring = _ring(db, keys_dir)
@@ -63,23 +57,23 @@ def keys_init(force: bool, keys_dir: str | None, db: str | None, as_json: bool) 
         info = ring.init(force=force)
     trusted = {info.kid: info.public_b64}
     if as_json:
-        _print_json({"kid": info.kid, "public_b64": info.public_b64, "trusted_keys": trusted})
+        print_json({"kid": info.kid, "public_b64": info.public_b64, "trusted_keys": trusted})
         return
     click.echo(f"created key {info.kid} in {ring.keys_dir}; devices trust it with this config entry:", err=True)
     click.echo(json.dumps({"trusted_keys": trusted}))
 
 
 @keys.command("list")
-@_KEYS_DIR
-@_DB
-@_JSON
+@KEYS_DIR
+@DB
+@JSON
 def keys_list(keys_dir: str | None, db: str | None, as_json: bool) -> None:
     """List the keys: kid, created, active or retired, last seq used."""
     store, ring = _ring(db, keys_dir)
     with store:
         infos = ring.list()
     if as_json:
-        _print_json([i.to_json() for i in infos])
+        print_json([i.to_json() for i in infos])
         return
     signing = next((i.kid for i in infos if i.active), None)  # KeyRing.fleet_key()
     table = Table(title="signing keys")
@@ -94,7 +88,7 @@ def keys_list(keys_dir: str | None, db: str | None, as_json: bool) -> None:
 
 def _show_job(job, verb: str, as_json: bool, key_field: str) -> None:
     if as_json:
-        _print_json({key_field: job.kid, "public_b64": job.public_b64, "signed_by": job.signed_by,
+        print_json({key_field: job.kid, "public_b64": job.public_b64, "signed_by": job.signed_by,
                      "envelope": job.envelope, "payload": job.payload})
         return
     click.echo(f"{verb} key {job.kid}; config job {job.payload['id']} (seq {job.payload['seq']}) "
@@ -107,9 +101,9 @@ def _show_job(job, verb: str, as_json: bool, key_field: str) -> None:
               help="Devices to carry the new key to: '*', or ids and groups, comma separated.")
 @click.option("--envelope-only", is_flag=True,
               help="Only create the key and print the signed config job; dispatch it and `keys retire` by hand.")
-@_KEYS_DIR
-@_DB
-@_JSON
+@KEYS_DIR
+@DB
+@JSON
 def keys_rotate(targets: str, envelope_only: bool, keys_dir: str | None, db: str | None, as_json: bool) -> None:
     """Create a new signing key and roll it out to the devices.
 
@@ -134,7 +128,7 @@ def keys_rotate(targets: str, envelope_only: bool, keys_dir: str | None, db: str
         job_id, new_kid = engine.create_rotation_job("*" if names == ["*"] else names)
         public = ring.get(new_kid).public_b64
     if as_json:
-        _print_json({"new_kid": new_kid, "public_b64": public, "signed_by": old.kid, "job": job_id})
+        print_json({"new_kid": new_kid, "public_b64": public, "signed_by": old.kid, "job": job_id})
         return
     console.print(f"new key {new_kid}; rollout job {job_id} (signed by {old.kid}) adds it to the devices. "
                   f"`mpfleet serve` delivers it, then retires {old.kid}. Watch: mpfleet job status {job_id} --watch",
@@ -143,9 +137,9 @@ def keys_rotate(targets: str, envelope_only: bool, keys_dir: str | None, db: str
 
 @keys.command("retire")
 @click.argument("kid")
-@_KEYS_DIR
-@_DB
-@_JSON
+@KEYS_DIR
+@DB
+@JSON
 def keys_retire(kid: str, keys_dir: str | None, db: str | None, as_json: bool) -> None:
     """Retire KID and print the config job (signed by the newest other key) that removes it on devices."""
     store, ring = _ring(db, keys_dir)
