@@ -70,7 +70,7 @@ class ImageRecord:
     idf_ver: str
     size: int
     source: str
-    kind: str  # "app" or "merged"
+    kind: str  # "app" or "merged" (firmware images), "app-bundle" (mpfleet app bundle)
     added: float
 
     def to_json(self) -> dict:
@@ -145,17 +145,47 @@ class ImageStore:
         known = self._row("sha256 = ?", info.sha256)
         if known is not None:
             return known, False
-        self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"{info.sha256}.bin"
-        tmp = final.with_suffix(".part")
-        tmp.write_bytes(app)
-        os.replace(tmp, final)
+        self._write(info.sha256, app)
         record = ImageRecord(info.sha256[:ID_LEN], info.sha256, info.chip, info.version, info.secure_version,
                              info.project_name, info.idf_ver, info.size, str(path.resolve()), kind, time.time())
+        self._insert(record)
+        return record, True
+
+    def add_bundle(self, path: str | os.PathLike) -> tuple[ImageRecord, bool]:
+        """Validate and store an app bundle (`mpfleet app bundle`); kind "app-bundle"."""
+        from mpfleet.appbundle import BundleError, read_bundle  # noqa: PLC0415
+
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageStoreError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            bundle = read_bundle(data)
+        except BundleError as e:
+            raise ImageStoreError(f"{path.name}: {e}") from None
+        known = self._row("sha256 = ?", bundle.sha256)
+        if known is not None:
+            return known, False
+        self._write(bundle.sha256, data)
+        mpy = bundle.manifest["mpy"]
+        record = ImageRecord(bundle.sha256[:ID_LEN], bundle.sha256, "any", bundle.manifest["version"], 0,
+                             "mpfleet-app", f"mpy{mpy['version']}", bundle.size, str(path.resolve()),
+                             "app-bundle", time.time())
+        self._insert(record)
+        return record, True
+
+    def _write(self, sha256: str, data: bytes) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"{sha256}.bin"
+        tmp = final.with_suffix(".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+
+    def _insert(self, record: ImageRecord) -> None:
         with self.store.transaction() as db:
             db.execute("INSERT INTO images (id, sha256, chip, version, secure_version, project, idf_ver, size, "
                        "source, kind, added) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", astuple(record))
-        return record, True
 
     def list(self) -> list[ImageRecord]:
         rows = self.store.db.execute(f"SELECT {_COLS} FROM images ORDER BY added, id").fetchall()

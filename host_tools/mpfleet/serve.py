@@ -6,7 +6,7 @@ drives the RolloutEngine (rollout.py) with MQTT:
 - consumes every device's `jobs/status` (-> RolloutEngine.on_status), `state`
   (-> the registry) and `samples` (-> the sample store, then the ack);
 - ticks the engine (stages, rate, timeouts, retries, aborts, completion);
-- keeps each device's retained `jobs` topic equal to RolloutEngine.device_queue().
+- keeps each device's retained `jobs` topic equal to RolloutEngine.device_queue();
 
 Restart safety. Everything the engine decides is in SQLite before it returns, so
 the only state that matters outside the database is "what does the broker hold":
@@ -26,9 +26,14 @@ Jobs created, canceled or changed by other processes (`mpfleet job ...`) are
 noticed through SQLite's `PRAGMA data_version`, which changes when another
 connection commits.
 
+- answers the devices' OTA chunk requests (`ota/get`, otaserve.py) from the
+  image store.
+
 Threads: paho's network thread only moves messages into an inbox; one worker
 thread owns the database connection and does everything else, so SQLite objects
-never cross threads.
+never cross threads. The one exception is `ota/get`: answered in paho's thread
+at once (a download must not wait for a tick), with a read-only connection of
+its own.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from mpfleet.errors import MpfleetError
 from mpfleet.ingest import IngestStats, handle_samples, handle_state
 from mpfleet.keys import KeyRing
 from mpfleet.mqttlink import BrokerConfig, MqttLinkError, connect, device_from_topic, make_client, topic
+from mpfleet.otaserve import ArtifactServer, StreamStats
 from mpfleet.registry import Registry
 from mpfleet.rollout import Changes, RolloutEngine
 from mpfleet.store import Store
@@ -93,11 +99,13 @@ class ServeStats:
         self.last_error: str | None = None
         self.worker_cpu_s = 0.0      # CPU time of the worker thread (all the database work)
         self.ingest = IngestStats()
+        self.ota = StreamStats()
 
     def as_dict(self) -> dict:
         with self.lock:
-            out = {k: v for k, v in vars(self).items() if k not in ("lock", "ingest")}
+            out = {k: v for k, v in vars(self).items() if k not in ("lock", "ingest", "ota")}
         out["ingest"] = self.ingest.as_dict()
+        out["ota"] = self.ota.as_dict()
         return out
 
 
@@ -150,7 +158,8 @@ class Dispatcher:
 
     def __init__(self, broker: BrokerConfig, db_path: str | os.PathLike, keys_dir: str | os.PathLike | None = None,
                  client_id: str = "mpfleet-serve", tick_s: float = 0.25,
-                 on_event: Callable[[str, dict], None] | None = None, clock: Callable[[], float] = time.time):
+                 on_event: Callable[[str, dict], None] | None = None, clock: Callable[[], float] = time.time,
+                 images_dir: str | os.PathLike | None = None):
         if tick_s <= 0:
             raise ServeError("tick must be positive")
         self.broker = broker
@@ -161,6 +170,7 @@ class Dispatcher:
         self.on_event = on_event
         self.clock = clock
         self.stats = ServeStats()
+        self.images_dir = images_dir
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -188,6 +198,11 @@ class Dispatcher:
             client = make_client(self.broker, self.client_id, clean_session=False)
             client.manual_ack_set(True)
             client.on_message = lambda c, u, msg: self._inbox.put(("msg", msg))
+            artifacts = ArtifactServer(self.db_path, self.images_dir, lambda t, payload: client.publish(t, payload))
+            artifacts.stats = self.stats.ota
+            self._artifacts = artifacts
+            # OTA chunk requests are answered at once in paho's network thread.
+            client.message_callback_add(topic("+", "ota/get"), lambda c, u, msg: self._on_ota_get(msg))
             client.on_publish = lambda c, u, mid, rc=None, props=None: self._inbox.put(("puback", mid))
             subscribed = threading.Event()
             client.on_subscribe = lambda *args: subscribed.set()
@@ -197,7 +212,8 @@ class Dispatcher:
 
             def on_connected(c):
                 self._inbox.put(("connected", None))
-                c.subscribe([(topic("+", "jobs/status"), 1), (topic("+", "state"), 1), (topic("+", "samples"), 1)])
+                c.subscribe([(topic("+", "jobs/status"), 1), (topic("+", "state"), 1), (topic("+", "samples"), 1),
+                             (topic("+", "ota/get"), 0)])
 
             connect(client, self.broker, on_connected=on_connected)
             if not subscribed.wait(10):
@@ -319,6 +335,15 @@ class Dispatcher:
             handle_state(self.store, device, msg.payload, self._client.publish)
         elif leaf == "samples":
             handle_samples(self.store, device, msg.payload, self._client.publish, self.stats.ingest)
+
+    def _on_ota_get(self, msg) -> None:
+        parsed = device_from_topic(msg.topic)
+        if parsed is None:
+            return
+        try:
+            self._artifacts.handle(parsed[0], msg.payload)
+        except Exception:  # noqa: BLE001 - paho's thread must live on; the device asks again
+            log.exception("ota/get from %s", parsed[0])
 
     def _on_puback(self, mid: int) -> None:
         sent = self._in_flight.pop(mid, None)

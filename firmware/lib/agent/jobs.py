@@ -114,6 +114,35 @@ class Runner:
             self.state["out"] = []
             save_state(self.state)
 
+    def save(self):
+        save_state(self.state)
+
+    def progress(self, cur, done, total):
+        """Download progress for `mpfleet job status` (QoS 0: a lost one costs nothing)."""
+        status = _status(cur["id"], cur["seq"], IN_PROGRESS, None, cur["attempt"], {"bytes": done, "total": total})
+        self.client.publish(self.status_topic, json.dumps(status))
+
+    def reconnect(self):
+        self.close_link()
+        self.client = self.wake.connect_mqtt()
+
+    def close_link(self):
+        try:
+            self.client.disconnect()
+        except OSError:
+            pass
+
+    def reboot_into_trial(self):
+        """Hard reset into an update's trial boot, which must connect at once (its
+        self-test). Never deep sleep: a deep-sleep wake skips the bootloader's
+        otadata state machine."""
+        stage = self.wake.stage
+        stage.flags |= FLAG_TRIAL | FLAG_JOBS
+        self.wake.request_upload()
+        stage.save()
+        self.close_link()
+        machine.reset()
+
     def finish(self, job, status, detail=None):
         """Record a final status durably, then publish it."""
         record_final(self.state, job, status, detail)
@@ -203,6 +232,14 @@ class Runner:
             if job is not None:
                 verified.append(job)
         verified.sort(key=lambda j: j["seq"])
+        if verified:
+            # The verifier's code is not needed to run them: its memory goes to the
+            # jobs (an update's buffers). A later verify imports it again.
+            import sys
+
+            for name in ("agent.ed25519", "agent.sha512"):
+                sys.modules.pop(name, None)
+            gc.collect()
         canceled = []
         for job in verified:
             if job["type"] == "cancel" and isinstance(job.get("params", {}).get("job"), str):
@@ -256,6 +293,10 @@ class Runner:
             return
         if cur["type"] == "config" and cur["phase"] == "trial":
             return  # decided by on_connected / on_upload_failed
+        if cur["type"] in ("ota", "app"):
+            # Resumable by design (download offset, switch phase): no attempt count.
+            self.run(cur)
+            return
         if cur["type"] == "exec":
             self.finish(cur, FAILED, "interrupted by a reset (watchdog or power) while running; not re-run")
             return
@@ -379,6 +420,16 @@ class Runner:
             return
         self.finish(cur, SUCCEEDED, {"output": "".join(out), "truncated": size[0] > limit})
 
+    def do_ota(self, cur):
+        from agent import ota
+
+        ota.run(self, cur)
+
+    def do_app(self, cur):
+        from agent import appupdate
+
+        appupdate.run(self, cur)
+
     def do_config(self, cur):
         from agent import config
 
@@ -444,9 +495,21 @@ def _write_json(path, data):
 
 
 # --- hooks the wake calls around its connection --------------------------------
+_UPDATE_TRIAL_PHASES = ("switch", "rebooting", "trial", "rollback")
+
+
 def trial_active():
-    cur = load_state()["cur"]
-    return cur is not None and cur["type"] == "config" and cur["phase"] == "trial"
+    """A trial that needs a connection at this boot: a connectivity config, or an
+    OTA/app update that switched and must pass its self-test."""
+    return _on_trial(load_state()["cur"])
+
+
+def _on_trial(cur):
+    if cur is None:
+        return False
+    if cur["type"] == "config":
+        return cur["phase"] == "trial"
+    return cur["type"] in ("ota", "app") and cur["phase"] in _UPDATE_TRIAL_PHASES
 
 
 def on_connected(wake, client):
@@ -468,6 +531,13 @@ def on_upload_failed(wake):
     """The broker was not reached: count the trial down, revert at zero."""
     state = load_state()
     cur = state["cur"]
+    if cur is not None and cur["type"] in ("ota", "app") and cur["phase"] in _UPDATE_TRIAL_PHASES:
+        if cur["type"] == "ota":
+            from agent import ota as update
+        else:
+            from agent import appupdate as update
+        update.on_upload_failed(wake, state, cur, wake.last_error)
+        return
     if cur is None or cur["type"] != "config" or cur["phase"] != "trial":
         wake.stage.flags &= ~FLAG_TRIAL
         return
@@ -492,7 +562,11 @@ def run_pending(wake, client):
     try:
         runner.run_pending()
     finally:
+        if runner.client is not client:
+            runner.close_link()  # a connection an update's download made
         st = runner.state
+        if not _on_trial(st["cur"]):
+            wake.stage.flags &= ~FLAG_TRIAL
         if st["cur"] is not None or st["out"]:
             wake.stage.flags |= FLAG_JOBS
         else:

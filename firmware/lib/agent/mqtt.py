@@ -16,7 +16,9 @@
 # - Memory: outgoing headers are built in a preallocated bytearray; topic and
 #   payload are written straight from the caller's buffer (memoryview), never
 #   concatenated. Each incoming message allocates its topic (bytes) and its
-#   payload (a fresh bytearray the callback may keep).
+#   payload (a fresh bytearray the callback may keep), unless set_rx_buffer()
+#   gave a buffer: then payloads that fit it are read into it and the callback
+#   gets a memoryview it must not keep (OTA chunks: no allocation per chunk).
 # - Incoming packets larger than max_packet are read and discarded through a
 #   64-byte scratch buffer (never allocated whole), counted in `dropped`; a
 #   QoS 1 one is still acknowledged, otherwise the broker would redeliver a
@@ -129,12 +131,18 @@ class MQTTClient:
         self._hdr = bytearray(8)
         self._scratch = bytearray(_SCRATCH)
         self._rx = memoryview(self._scratch)
+        self._rx_buf = None
 
     # -- public API -------------------------------------------------------
 
     def set_callback(self, cb):
         """cb(topic: bytes, msg: bytearray, retained: bool) for every incoming message."""
         self._cb = cb
+
+    def set_rx_buffer(self, buf):
+        """Read delivered payloads of at most len(buf) bytes into `buf` (None: allocate
+        each). The callback then gets a memoryview valid only until it returns."""
+        self._rx_buf = buf
 
     def set_last_will(self, topic, msg, retain=False, qos=0):
         if qos not in (0, 1, 2):
@@ -487,7 +495,17 @@ class MQTTClient:
         self._read_into(memoryview(topic), deadline)
         topic = bytes(topic)
         pid = self._read_pid(deadline) if qos else 0
-        msg = bytearray(rest)
+        if deliver and self._rx_buf is not None and rest <= len(self._rx_buf):
+            msg = memoryview(self._rx_buf)[:rest]
+        else:
+            try:
+                msg = bytearray(rest)
+            except MemoryError:
+                # No room for it now: skipped like an oversized one (a QoS 1 one is
+                # not acknowledged, so the broker sends it again).
+                self._skip(rest, deadline)
+                self.dropped += 1
+                return
         if rest:
             self._read_into(memoryview(msg), deadline)
         retained = bool(op & _RETAIN)

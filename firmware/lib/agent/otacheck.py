@@ -46,19 +46,32 @@ def describe(part, buf):
     return _u16(buf, _OFF_CHIP_ID), _u32(buf, _OFF_DESC + 4), (version[:end] if end >= 0 else version).decode()
 
 
-def check(part, running, size, sha256_hex, allow_downgrade=False, feed=None):
-    """Check the image written to `part` against the job and the `running` partition;
-    returns its version. `feed()` is called between blocks (the watchdog)."""
-    slot = part.info()[3]
-    if size <= 0 or size > slot:
-        raise Rejected("an image of %d bytes does not fit the %d-byte slot %s" % (size, slot, part.info()[4]))
-    buf = bytearray(_BLOCK)
+def check_header(part, running, allow_downgrade, buf):
+    """The image's chip and secure_version against the running image's (needs only
+    its first block on flash); returns its version."""
     run_chip, run_secure, _ = describe(running, buf)
     chip, secure, version = describe(part, buf)
     if chip != run_chip:
         raise Rejected("the image is for chip id %d, this chip is %d" % (chip, run_chip))
     if secure < run_secure and not allow_downgrade:
         raise Rejected("secure_version %d is below the running %d (allow_downgrade not given)" % (secure, run_secure))
+    return version
+
+
+def check_fits(part, size):
+    slot = part.info()[3]
+    if size <= 0 or size > slot:
+        raise Rejected("an image of %d bytes does not fit the %d-byte slot %s" % (size, slot, part.info()[4]))
+
+
+def check(part, running, size, sha256_hex, allow_downgrade=False, feed=None, buf=None):
+    """Check the image written to `part` against the job and the `running` partition;
+    returns its version. `feed()` is called between blocks (the watchdog); `buf`, if
+    given, is a 4096-byte scratch buffer."""
+    check_fits(part, size)
+    if buf is None:
+        buf = bytearray(_BLOCK)
+    version = check_header(part, running, allow_downgrade, buf)
     h = hashlib.sha256()
     mv = memoryview(buf)
     block = 0

@@ -103,6 +103,16 @@ class Wake:
         self.stage.flags |= rtcstage.FLAG_UPLOAD_REQUESTED
 
     def app_version(self):
+        """The agent's version: the app slot's (agent.appupdate) when boot.py chose one."""
+        import sys
+
+        for p in sys.path:
+            if p.startswith("/apps/"):
+                try:
+                    with open(p[:p.rfind("/")] + "/app.json") as f:
+                        return json.load(f)["version"]
+                except (OSError, ValueError, KeyError):
+                    return AGENT_VERSION + "+" + p.split("/")[2]
         return AGENT_VERSION
 
     def scales(self):
@@ -458,7 +468,7 @@ class Wake:
         return {
             "device": self.device_id,
             "fw": version,
-            "app": AGENT_VERSION,
+            "app": self.app_version(),
             "slot": slot,
             "reset_cause": machine.reset_cause(),
             "wakes": stage.wake_count,

@@ -53,7 +53,10 @@ def _resolve(st):
     if elapsed < delay:
         return STAT_CONNECTING
     ap = (wifi.get("networks") or {}).get(st["ssid"])
-    if ap is None or wifi.get("down"):
+    app = _simhw.hw.app or {}
+    if ap is None or wifi.get("down") or app.get("sim_note", {}).get("wifi") == "broken":
+        # (An image whose sim note says {"wifi": "broken"} stands for firmware
+        # with a broken radio driver: it never finds the network.)
         # The ESP32 keeps scanning for a while before it gives up.
         return STAT_CONNECTING if elapsed < 2 * delay else STAT_NO_AP_FOUND
     if ap.get("password", "") != (st["key"] or ""):
