@@ -8,13 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mpfleet.cli_devices import ago
-from mpfleet.cli_options import DB, JSON, print_json
+from mpfleet.cli_options import DB, IMAGES_DIR, JSON, print_json
 
 
 console = Console()
-
-_DIR = click.option("--images-dir", type=click.Path(file_okay=False), envvar="MPFLEET_IMAGES",
-                    help="Where image files are kept (default ~/.mpfleet/images; env MPFLEET_IMAGES).")
 
 
 def _images(db, images_dir):
@@ -26,13 +23,22 @@ def _images(db, images_dir):
 
 
 
+def _is_bundle(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"MPFA"
+    except OSError:
+        return False  # images.add() says why the file cannot be read
+
+
 @click.group("image")
 def image() -> None:
-    """Firmware images for OTA: validated with esptool's image code, kept by SHA-256.
+    """Firmware images and app bundles for updates, validated and kept by SHA-256.
 
     \b
-      mpfleet image add micropython.bin        # an app image (.app-bin)
+      mpfleet image add micropython.bin        # an app image (.app-bin), checked with esptool's image code
       mpfleet image add firmware.bin           # a merged image: the app is taken from 0x10000
+      mpfleet image add agent-0.2.0.mpfa       # an app bundle (mpfleet app bundle)
       mpfleet image list
     """
 
@@ -41,13 +47,18 @@ def image() -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--chip", help="Refuse the image unless it is for this chip (esp32, esp32s3, esp32c3...).")
 @DB
-@_DIR
+@IMAGES_DIR
 @JSON
 def image_add(file, chip, db, images_dir, as_json):
-    """Check FILE (app image or merged flash image) and add its app image to the store."""
+    """Check FILE (app image, merged flash image or app bundle) and add it to the store."""
     store, images = _images(db, images_dir)
     with store:
-        record, new = images.add(file, chip=chip)
+        if _is_bundle(file):
+            if chip:
+                raise click.UsageError(f"{file} is an app bundle: --chip is for firmware images")
+            record, new = images.add_bundle(file)
+        else:
+            record, new = images.add(file, chip=chip)
     if as_json:
         print_json(dict(record.to_json(), new=new))
         return
@@ -59,7 +70,7 @@ def image_add(file, chip, db, images_dir, as_json):
 
 @image.command("list")
 @DB
-@_DIR
+@IMAGES_DIR
 @JSON
 def image_list(db, images_dir, as_json):
     """The images in the store, oldest first."""
@@ -83,7 +94,7 @@ def image_list(db, images_dir, as_json):
 @image.command("show")
 @click.argument("ref", metavar="ID")
 @DB
-@_DIR
+@IMAGES_DIR
 @JSON
 def image_show(ref, db, images_dir, as_json):
     """One image (by id or a unique prefix of it)."""

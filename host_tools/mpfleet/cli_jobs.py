@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mpfleet.cli_devices import ago
-from mpfleet.cli_options import DB, KEYS_DIR, JSON, print_json
+from mpfleet.cli_options import DB, IMAGES_DIR, KEYS_DIR, JSON, print_json
 
 
 console = Console()
@@ -164,6 +164,33 @@ def _failure_reason(row: dict) -> str:
     return row.get("note") or ""
 
 
+def _progress_text(row: dict) -> str:
+    p = row.get("progress")
+    if row["status"] == "SUCCEEDED":
+        return "done"
+    if not isinstance(p, dict) or not p.get("total"):
+        return ""
+    return f"{p['bytes'] / p['total']:.0%} ({p['bytes'] // 1024} of {p['total'] // 1024} KiB)"
+
+
+def _update_table(s: dict) -> Table:
+    """Per device: state, download progress, and the version it reports running."""
+    latest: dict[str, dict] = {}
+    for row in s["devices"]:
+        latest[row["device"]] = row  # ordered by attempt: the last one wins
+    want = s["params"].get("version")
+    table = Table(title=f"devices (target version {want})", title_justify="left")
+    for col in ("device", "status", "progress", "running"):
+        table.add_column(col)
+    for row in list(latest.values())[:30]:
+        running = row.get("running") or ""
+        table.add_row(row["device"], Text(row["status"], style=STATE_STYLE.get(row["status"], "")),
+                      _progress_text(row), Text(running, style="green" if running == want else ""))
+    if len(latest) > 30:
+        table.caption = f"... {len(latest) - 30} more (--json shows all)"
+    return table
+
+
 def status_view(s: dict) -> Group:
     head = Text()
     head.append(f"job {s['id']}  ", style="bold")
@@ -187,6 +214,8 @@ def status_view(s: dict) -> Group:
         if len(s["failures"]) > 20:
             fails.caption = f"... {len(s['failures']) - 20} more (--json shows all)"
         parts.append(fails)
+    if s["type"] in ("ota", "app") and s["devices"]:
+        parts.append(_update_table(s))
     if s["unattributed_rejects"]:
         parts.append(Text(f"{len(s['unattributed_rejects'])} envelope(s) rejected before their job could be "
                           f"named (bad signature, unknown key): see --json", style="yellow"))
@@ -230,12 +259,25 @@ def job() -> None:
 @click.option("--start", "start_at", help="Not before: +10m, an ISO time or Unix seconds.")
 @click.option("--end", "end_at", help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
 @click.option("--continuous", is_flag=True, help="Devices that join the targets later get the job too.")
+@click.option("--image", "image_ref", metavar="ID",
+              help="ota jobs: the firmware image (id from `mpfleet image list`, or a file to add).")
+@click.option("--bundle", "bundle_ref", metavar="ID",
+              help="app jobs: the app bundle (id from `mpfleet image list`, or a .mpfa file to add).")
+@click.option("--allow-downgrade", is_flag=True, help="ota jobs: accept a lower secure_version (anti-rollback).")
+@click.option("--chunk", type=int, default=4096, show_default=True, help="ota/app jobs: bytes per chunk.")
+@click.option("--window", type=int, default=8, show_default=True, help="ota/app jobs: chunks in flight.")
 @DB
 @KEYS_DIR
+@IMAGES_DIR
 @JSON
 def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id, rate, stages, success_threshold,
-               abort_threshold, abort_min, timeout, retries, start_at, end_at, continuous, db, keys_dir, as_json):
-    """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec).
+               abort_threshold, abort_min, timeout, retries, start_at, end_at, continuous, image_ref, bundle_ref,
+               allow_downgrade, chunk, window, db, keys_dir, images_dir, as_json):
+    """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec, ota, app).
+
+    \b
+      mpfleet job create ota --image 3f2a9c01b7e4 --targets pumps --stages 1,10%,100% --timeout 30m
+      mpfleet job create app --bundle agent-0.2.0.mpfa --all --stages 5%,100%
 
     Nothing is signed or sent here: `mpfleet serve` signs one envelope per device as
     the rollout reaches it (stage, rate), so each retry gets a fresh seq."""
@@ -253,9 +295,20 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
     }
     job_params = parse_params(params, sets, unsets)
     spec = parse_targets(targets, query, all_devices)
+    if (image_ref or allow_downgrade) and type_ != "ota":
+        raise click.UsageError("--image and --allow-downgrade are for ota jobs")
+    if bundle_ref and type_ != "app":
+        raise click.UsageError("--bundle is for app jobs")
+    if type_ == "ota" and not image_ref:
+        raise click.UsageError("an ota job needs --image ID (see `mpfleet image list`)")
+    if type_ == "app" and not bundle_ref:
+        raise click.UsageError("an app job needs --bundle ID or FILE (build one: `mpfleet app bundle`)")
     store, engine = _engine(db, keys_dir)
     with store:
         engine.keyring.fleet_key()  # fail now, not in serve, when there is no key
+        if type_ in ("ota", "app"):
+            job_params.update(_update_params(store, engine, type_, image_ref or bundle_ref, allow_downgrade, chunk,
+                                             window, images_dir, spec))
         new_id = engine.create_job(type_, job_params, _split_names(engine, spec), job_id=job_id,
                                    **{k: v for k, v in options.items() if v is not None})
         status = engine.job_status(new_id)
@@ -264,6 +317,26 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
         return
     console.print(f"created job [bold]{new_id}[/] ({type_}); `mpfleet serve` rolls it out. "
                   f"Watch it: mpfleet job status {new_id} --watch", highlight=False)
+
+
+def _update_params(store, engine, type_, ref, allow_downgrade, chunk, window, images_dir, spec) -> dict:
+    """The signed params of an ota/app job; a file given instead of an id is added first."""
+    import os
+
+    from mpfleet.images import ImageStore
+    from mpfleet.updates import app_params, check_chips, ota_params
+
+    images = ImageStore(store, images_dir)
+    if os.path.isfile(ref):
+        with open(ref, "rb") as f:
+            is_bundle = f.read(4) == b"MPFA"
+        record, _ = images.add_bundle(ref) if is_bundle else images.add(ref)
+        ref = record.id
+    if type_ == "ota":
+        params, record = ota_params(images, ref, allow_downgrade, chunk, window)
+        check_chips(engine.registry, engine.resolve_targets(_split_names(engine, spec)), record)
+        return params
+    return app_params(images, ref, chunk, window)[0]
 
 
 @job.command("list")
@@ -357,7 +430,8 @@ def job_cancel(job_id, db, keys_dir, as_json):
 @click.option("--quiet", is_flag=True, help="Only errors; no progress lines.")
 @DB
 @KEYS_DIR
-def serve(broker, client_id, tick, quiet, db, keys_dir):
+@IMAGES_DIR
+def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
     """The dispatcher: roll out jobs, keep device queues, collect statuses and samples.
 
     Runs until Ctrl-C or SIGTERM. All state is in the database, so it can be stopped
@@ -382,7 +456,8 @@ def serve(broker, client_id, tick, quiet, db, keys_dir):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    dispatcher = Dispatcher(cfg, path, keys_dir=keys_dir, client_id=client_id, tick_s=tick, on_event=on_event)
+    dispatcher = Dispatcher(cfg, path, keys_dir=keys_dir, client_id=client_id, tick_s=tick, on_event=on_event,
+                            images_dir=images_dir)
     dispatcher.start()
     console.print(f"serving {path} on {cfg.url()} (Ctrl-C stops)", highlight=False)
     try:

@@ -8,6 +8,7 @@ certificate checks for lab brokers).
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -94,7 +95,17 @@ def make_client(cfg: BrokerConfig, client_id: str, clean_session: bool = True) -
         client.tls_set_context(context)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
+    client.on_socket_open = _no_delay
     return client
+
+
+def _no_delay(client, userdata, sock) -> None:
+    """Send each packet at once (no Nagle): OTA chunks go out back to back, and with
+    Nagle on a chunk's tail waits for the broker's delayed ACK."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (e.g. websockets): nothing to tune
 
 
 def connect(client: mqtt.Client, cfg: BrokerConfig, timeout_s: float = 10.0, keepalive_s: int = 30,

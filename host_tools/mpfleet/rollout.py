@@ -98,6 +98,7 @@ CREATE TABLE IF NOT EXISTS executions (
     device_attempt INTEGER,
     detail_json    TEXT,
     note           TEXT,
+    progress_json  TEXT,
     UNIQUE (job, device, attempt)
 );
 CREATE INDEX IF NOT EXISTS executions_by_device ON executions (device, status);
@@ -259,6 +260,9 @@ class RolloutEngine:
         self.clock = clock
         self.db = store.db
         self.db.executescript(SCHEMA)
+        if "progress_json" not in {r[1] for r in self.db.execute("PRAGMA table_info(executions)")}:
+            # databases from before update jobs reported download progress
+            self.db.execute("ALTER TABLE executions ADD COLUMN progress_json TEXT")
 
     # ------------------------------------------------------------ jobs
     def create_job(self, type: str, params: dict | None, targets, job_id: str | None = None,
@@ -337,6 +341,10 @@ class RolloutEngine:
             return spec
         raise RolloutError(f"targets must be '*', a list of names or a dict, not {targets!r}")
 
+    def resolve_targets(self, targets) -> list[str]:
+        """The registered devices `targets` (as create_job takes them) select now."""
+        return self._resolve(self._normalize_targets(targets))
+
     def _resolve(self, spec: dict) -> list[str]:
         match = parse_query(spec["query"], now=self.clock) if spec.get("query") else None
         ids, groups = set(spec["ids"]), set(spec["groups"])
@@ -367,7 +375,7 @@ class RolloutEngine:
 
     # ------------------------------------------------------------ executions
     _EXEC_COLS = ("id", "job", "device", "attempt", "seq", "kid", "envelope", "status", "stage", "queued",
-                  "started", "finished", "updated", "device_attempt", "detail_json", "note")
+                  "started", "finished", "updated", "device_attempt", "detail_json", "note", "progress_json")
 
     def _executions(self, job_id: str, device: str | None = None) -> list[dict]:
         q = f"SELECT {', '.join(self._EXEC_COLS)} FROM executions WHERE job = ?"
@@ -647,6 +655,12 @@ class RolloutEngine:
                                     (f"{e['note']}; {late}" if e["note"] else late, e["id"]))
             return False
         dev_attempt = message.get("attempt") if isinstance(message.get("attempt"), int) else None
+        progress = message.get("progress")
+        if status == IN_PROGRESS and isinstance(progress, dict) and e["status"] == IN_PROGRESS:
+            # an update's download progress: shown by `job status`, changes no state
+            self.db.execute("UPDATE executions SET progress_json = ?, updated = ? WHERE id = ?",
+                            (json.dumps(progress), now, e["id"]))
+            return False
         if status == IN_PROGRESS:
             if e["status"] == IN_PROGRESS and (dev_attempt is None or dev_attempt <= (e["device_attempt"] or 0)):
                 return False  # duplicate
@@ -771,8 +785,15 @@ class RolloutEngine:
             attempts[e["status"]] += 1
         rows = [{"device": e["device"], "attempt": e["attempt"], "seq": e["seq"], "status": e["status"],
                  "stage": e["stage"], "queued": e["queued"], "started": e["started"], "finished": e["finished"],
-                 "device_attempt": e["device_attempt"], "detail": _loads(e["detail_json"]), "note": e["note"]}
+                 "device_attempt": e["device_attempt"], "detail": _loads(e["detail_json"]), "note": e["note"],
+                 "progress": _loads(e["progress_json"])}
                 for e in execs]
+        if job["type"] in ("ota", "app"):
+            # what each device runs by its latest report (after an update's reboot)
+            key = "fw" if job["type"] == "ota" else "app"
+            for r in rows:
+                state = (self.store.device(r["device"]) or {}).get("state") or {}
+                r["running"] = state.get(key)
         failures = [r for r in rows if r["status"] in FAILURES]
         stages = job["options"]["stages"]
         rejects = [{"device": r[0], "ref": r[1], "detail": _loads(r[2]), "at": r[3]} for r in self.db.execute(

@@ -77,7 +77,7 @@ def _manifest(head):
     mlen = head[5] | (head[6] << 8) | (head[7] << 16) | (head[8] << 24)
     if _HEAD + mlen > len(head):
         return None, mlen
-    return json.loads(bytes(head[_HEAD:_HEAD + mlen])), mlen
+    return json.loads(memoryview(head)[_HEAD:_HEAD + mlen]), mlen
 
 
 def _check_manifest(manifest, version):
@@ -125,18 +125,48 @@ def _makedirs(path):
             os.mkdir(part)
 
 
-class _FileAppender:
-    def __init__(self, path, offset):
-        self.f = open(path, "ab" if offset else "wb")
+class _BundleRefused(Exception):
+    pass
+
+
+class _BundleWriter:
+    """sink() appending to the bundle file. The first chunk's manifest is checked
+    before anything is written; the file is created by the first chunk taken."""
+
+    def __init__(self, path, version):
+        self.path = path
+        self.version = version
+        self.f = None
 
     def __call__(self, off, mv):
+        if off == 0:
+            try:
+                manifest, _ = _manifest(mv)
+            except ValueError as e:
+                raise _BundleRefused(str(e))
+            problem = _check_manifest(manifest, self.version) if manifest is not None else None
+            manifest = None
+            if problem is not None:
+                raise _BundleRefused(problem)
+        if self.f is None:
+            self.f = open(self.path, "ab" if off else "wb")
         self.f.write(mv)
 
-    def flush(self):
-        self.f.flush()
+    def flush(self, offset=None):
+        if self.f is not None:
+            self.f.flush()
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def _size(path):
+    try:
+        return os.stat(path)[6]
+    except OSError:
+        return 0
 
 
 def run(runner, cur):
@@ -148,8 +178,8 @@ def run(runner, cur):
     version = p.get("version")
     if not isinstance(version, str) or not version:
         raise ValueError("params.version must name the app version")
+    rx = bytearray(8 + chunk)  # first: one buffer for the whole job
     data = cur["data"]
-    rx = bytearray(8 + chunk)
     if cur["phase"] not in ("download", "unpack") or not isinstance(data, dict):
         slot = "b" if running_slot() == "a" else "a"
         fs = os.statvfs("/")
@@ -158,47 +188,26 @@ def run(runner, cur):
             runner.finish(cur, "REJECTED", "not enough flash for a %d-byte bundle: %d bytes free" % (size, free))
             return
         _makedirs("/apps")
+        _remove_tree(_bundle_path(slot))
         cur["phase"] = "download"
         cur["data"] = data = {"slot": slot, "from": runner.wake.app_version()}
         runner.save()
-        # The manifest first, in memory: nothing is written for a bundle this
-        # firmware cannot load.
-        head = bytearray()
-        try:
-            ota.download(runner, cur, lambda off, mv: head.extend(mv), 0, lambda o: None, rx, chunk)
-            manifest, _ = _manifest(head)
-        except Refused as e:
-            runner.finish(cur, "FAILED", "the host refused the download: %s" % e)
-            return
-        except OSError:
-            ota._stalled(runner, cur, 0)
-            return
-        problem = _check_manifest(manifest, version) if manifest is not None else None
-        if problem is not None:
-            runner.finish(cur, "REJECTED", problem)
-            return
-        with open(_bundle_path(slot), "wb") as f:
-            f.write(head)
-        head = None
     slot = data["slot"]
     path = _bundle_path(slot)
     if cur["phase"] == "download":
-        try:
-            start = os.stat(path)[6]
-        except OSError:
-            start = 0
+        start = _size(path)
         if start < size:
-            sink = _FileAppender(path, start)
-
-            def saved(offset):
-                sink.flush()
-
+            sink = _BundleWriter(path, version)
             try:
-                ota.download(runner, cur, sink, start, saved, rx)
+                ota.download(runner, cur, sink, start, sink.flush, rx)
+            except _BundleRefused as e:
+                sink.close()
+                _remove_tree(path)
+                runner.finish(cur, "REJECTED", str(e))
+                return
             except OSError:
                 sink.close()
-                data["at"] = os.stat(path)[6]
-                ota._stalled(runner, cur, start)
+                ota.stalled(runner, cur, start, _size(path))
                 return
             except Refused as e:
                 sink.close()
@@ -284,7 +293,7 @@ def switch(runner, cur):
     except OSError:
         pass
     print("app: trial boot of", data["slot"])
-    runner.reboot_into_trial()
+    ota.reboot_into_trial(runner)
 
 
 def after_switch(runner, cur):
@@ -339,7 +348,7 @@ def rollback(runner, cur, reason):
         sel["failed"] = sel.pop("testing")
         write_select(sel)
     print("app: rolling back:", cur["data"].get("reason"))
-    runner.close_link()
+    ota.close_link(runner)
     machine.reset()
 
 

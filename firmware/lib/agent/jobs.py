@@ -117,32 +117,6 @@ class Runner:
     def save(self):
         save_state(self.state)
 
-    def progress(self, cur, done, total):
-        """Download progress for `mpfleet job status` (QoS 0: a lost one costs nothing)."""
-        status = _status(cur["id"], cur["seq"], IN_PROGRESS, None, cur["attempt"], {"bytes": done, "total": total})
-        self.client.publish(self.status_topic, json.dumps(status))
-
-    def reconnect(self):
-        self.close_link()
-        self.client = self.wake.connect_mqtt()
-
-    def close_link(self):
-        try:
-            self.client.disconnect()
-        except OSError:
-            pass
-
-    def reboot_into_trial(self):
-        """Hard reset into an update's trial boot, which must connect at once (its
-        self-test). Never deep sleep: a deep-sleep wake skips the bootloader's
-        otadata state machine."""
-        stage = self.wake.stage
-        stage.flags |= FLAG_TRIAL | FLAG_JOBS
-        self.wake.request_upload()
-        stage.save()
-        self.close_link()
-        machine.reset()
-
     def finish(self, job, status, detail=None):
         """Record a final status durably, then publish it."""
         record_final(self.state, job, status, detail)
@@ -563,7 +537,10 @@ def run_pending(wake, client):
         runner.run_pending()
     finally:
         if runner.client is not client:
-            runner.close_link()  # a connection an update's download made
+            try:
+                runner.client.disconnect()  # a connection an update's download made
+            except OSError:
+                pass
         st = runner.state
         if not _on_trial(st["cur"]):
             wake.stage.flags &= ~FLAG_TRIAL

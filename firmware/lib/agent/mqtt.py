@@ -70,7 +70,8 @@ _RETAIN = const(0x01)
 _SUBACK_FAILURE = const(0x80)
 
 _PROTOCOL_LEVEL = const(4)  # 3.1.1
-_MAX_REMAINING = const(268435455)  # 4-byte varint limit (section 2.2.3)
+_MAX_REMAINING = const(268435455)
+_SMALL_PUBLISH = const(160)  # whole packets up to this size are sent in one write  # 4-byte varint limit (section 2.2.3)
 _SCRATCH = const(64)
 
 # CONNACK return codes 1..5 (section 3.2.2.3), index = rc.
@@ -129,6 +130,7 @@ class MQTTClient:
         self._queue = []
         self._op = "idle"  # what the session is doing, for error messages
         self._hdr = bytearray(8)
+        self._small = bytearray(_SMALL_PUBLISH)
         self._scratch = bytearray(_SCRATCH)
         self._rx = memoryview(self._scratch)
         self._rx_buf = None
@@ -171,6 +173,12 @@ class MQTTClient:
             sock.connect(ai[-1])
         except OSError as e:
             raise self._fail("TCP connect to %s failed: %s" % (where, e))
+        try:
+            # TCP_NODELAY (IPPROTO_TCP 6, option 1 on lwIP and Linux alike): a request
+            # is not held back until the broker ACKs the one before (OTA chunk requests).
+            sock.setsockopt(6, 1, 1)
+        except (OSError, AttributeError):
+            pass
         if self.tls:
             self._op = "in TLS handshake with " + where
             self._arm(deadline)  # the handshake's reads time out with the socket
@@ -384,6 +392,22 @@ class MQTTClient:
         hdr = self._hdr
         hdr[0] = first
         i = self._put_length(1, n)
+        if i + n <= _SMALL_PUBLISH:
+            # One write, one TCP segment: a small message is copied into the
+            # preallocated buffer instead of going out in four pieces.
+            buf = self._small
+            buf[0:i] = hdr[0:i]
+            buf[i] = len(topic) >> 8
+            buf[i + 1] = len(topic) & 0xFF
+            j = i + 2 + len(topic)
+            buf[i + 2:j] = topic
+            if pid:
+                buf[j] = pid >> 8
+                buf[j + 1] = pid & 0xFF
+                j += 2
+            buf[j:j + len(msg)] = msg
+            self._write(memoryview(buf)[:j + len(msg)], deadline)
+            return
         self._write(memoryview(hdr)[:i], deadline)
         self._write_str(topic, deadline)
         if pid:

@@ -22,8 +22,10 @@
 # is not running that image.
 
 import gc
+import json
 
 import esp32
+import machine
 from micropython import const
 
 from agent import otacheck
@@ -36,6 +38,41 @@ _MAX_STALLED_WAKES = const(5)
 _MAX_SWITCHES = const(3)
 
 SWITCH_PHASES = ("switch", "rebooting", "trial", "rollback")
+
+
+# --- the link and the reset, for `ota` and `app` ----------------------------------
+def progress(runner, cur, done, total):
+    """Download progress for `mpfleet job status` (QoS 0: a lost one costs nothing)."""
+    from agent.jobs import IN_PROGRESS, _status
+
+    status = _status(cur["id"], cur["seq"], IN_PROGRESS, None, cur["attempt"], {"bytes": done, "total": total})
+    runner.client.publish(runner.status_topic, json.dumps(status))
+
+
+def reconnect(runner):
+    close_link(runner)
+    runner.client = runner.wake.connect_mqtt()
+
+
+def close_link(runner):
+    try:
+        runner.client.disconnect()
+    except OSError:
+        pass
+
+
+def reboot_into_trial(runner):
+    """Hard reset into an update's trial boot, which must connect at once (its
+    self-test). Never deep sleep: a deep-sleep wake skips the bootloader's
+    otadata state machine."""
+    from agent.jobs import FLAG_JOBS, FLAG_TRIAL
+
+    stage = runner.wake.stage
+    stage.flags |= FLAG_TRIAL | FLAG_JOBS
+    runner.wake.request_upload()
+    stage.save()
+    close_link(runner)
+    machine.reset()
 
 
 # --- shared by `ota` and `app` (agent.appupdate) --------------------------------
@@ -67,6 +104,7 @@ def download(runner, cur, sink, offset, saved, rx, end=None, persist=_PERSIST):
     wake = runner.wake
     timeout = wake.cfg["broker"]["timeout_ms"]
     puller = Puller(wake.device_id, cur["id"], size, chunk, window, timeout, rx=rx)
+    puller._high = offset
     reconnects = 0
     end = size if end is None else min(end, size)
     while offset < end:
@@ -80,10 +118,15 @@ def download(runner, cur, sink, offset, saved, rx, end=None, persist=_PERSIST):
             print("ota: link lost at %d of %d (%s)" % (offset, size, e))
             if reconnects > _MAX_RECONNECTS:
                 raise
-            runner.reconnect()
+            reconnect(runner)
             continue
         saved(offset)
-        runner.progress(cur, offset, size)
+        progress(runner, cur, offset, size)
+    # How the link behaved, for the job's final detail (summed over wakes).
+    link = cur["data"].setdefault("link", {"reconnects": 0, "reasked": 0, "ignored": 0})
+    link["reconnects"] += reconnects
+    link["reasked"] += puller.reasked
+    link["ignored"] += puller.ignored * chunk
     return puller
 
 
@@ -160,7 +203,7 @@ def run(runner, cur):
                     return
             download(runner, cur, writer, start, saved, rx)
         except OSError:
-            _stalled(runner, cur, start)
+            stalled(runner, cur, start, data["at"])
             return
         except Refused as e:
             runner.finish(cur, "FAILED", "the host refused the download: %s" % e)
@@ -177,15 +220,17 @@ def run(runner, cur):
     switch(runner, cur, target)
 
 
-def _stalled(runner, cur, start):
+def stalled(runner, cur, start, reached):
     """The link failed for good in this wake: continue next wake, unless wake after
     wake brings nothing."""
     data = cur["data"]
-    if data["at"] <= start:
+    if reached <= start:
         data["stalls"] = data.get("stalls", 0) + 1
         if data["stalls"] >= _MAX_STALLED_WAKES:
-            runner.finish(cur, "FAILED", "download stalled at byte %d for %d wakes" % (data["at"], data["stalls"]))
+            runner.finish(cur, "FAILED", "download stalled at byte %d for %d wakes" % (reached, data["stalls"]))
             return
+    else:
+        data["stalls"] = 0
     runner.save()
     runner.wake.request_upload()
 
@@ -206,7 +251,7 @@ def switch(runner, cur, target):
     cur["phase"] = "rebooting"
     runner.save()
     print("ota: booting", data["slot"])
-    runner.reboot_into_trial()
+    reboot_into_trial(runner)
 
 
 def after_switch(runner, cur):
@@ -244,7 +289,7 @@ def after_switch(runner, cur):
         rollback(runner, cur, problem)
         return
     esp32.Partition.mark_app_valid_cancel_rollback()
-    runner.finish(cur, "SUCCEEDED", {"fw": fw, "slot": slot, "from": data.get("from")})
+    runner.finish(cur, "SUCCEEDED", {"fw": fw, "slot": slot, "from": data.get("from"), "link": data.get("link")})
 
 
 def self_test(runner, want_version, got_version):
@@ -264,7 +309,7 @@ def rollback(runner, cur, reason):
         cur["data"]["reason"] = reason
         runner.save()
     print("ota: rolling back:", cur["data"].get("reason"))
-    runner.close_link()
+    close_link(runner)
     esp32.Partition.mark_app_invalid_rollback_and_reboot()
 
 

@@ -55,6 +55,8 @@ class Puller:
         self.received = 0  # payload bytes taken (for the benchmarks)
         self.ignored = 0   # chunks that were not the next one needed
         self.requests = 0
+        self.reasked = 0   # bytes asked for again (lost in flight with a dropped link)
+        self._high = 0     # end of everything asked so far
         self._sink = None
         self._error = None
         self._other = None
@@ -87,6 +89,11 @@ class Puller:
         client.publish(self.get_topic, json.dumps({"job": self.job_id, "offset": offset, "len": self.chunk,
                                                    "count": count}))
         self.requests += 1
+        end = min(self.size, offset + count * self.chunk)
+        if offset < self._high:
+            self.reasked += min(end, self._high) - offset
+        if end > self._high:
+            self._high = end
 
     def pull(self, client, offset, sink, feed=None, other=None, until=None):
         """Fetch [offset, until or size) into sink(offset, mv), in order. Returns the offset

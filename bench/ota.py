@@ -1,0 +1,266 @@
+"""OTA over MQTT on a virtual board, against the naive ways, in one run.
+
+  throughput  a 1 MiB image pulled over MQTT (agent/otastream.py through mosquitto
+              from `serve`'s artifact server) into the update partition, vs a raw
+              TCP copy of the same image into the same partition by the same
+              interpreter (socket.readinto + the same flash writer). Timed on the
+              device; ratio = raw time / MQTT time (target >= 0.5), for windows 2, 4, 8.
+  disconnect  a full `ota` job through a proxy that cuts the device's connection
+              every 150-450 KiB: bytes the device fetched again per cut (re-asked:
+              the chunks lost in flight with the link) and chunks it received twice,
+              from the job's SUCCEEDED detail; target: what was already received is
+              never fetched again, so re-sent <= the window in flight.
+  app_vs_ota  an `app` job (the agent's lib/ as a bundle) vs an `ota` job with a
+              1.4 MiB image (the size of a MicroPython ESP32 build): bytes and the
+              wall time of the boots from job start to SUCCEEDED.
+
+    .venv/bin/python bench/ota.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from mpfleet.appbundle import build_bundle
+from mpfleet.broker import LocalBroker
+from mpfleet.espimage import build_app_image
+from mpfleet.images import ImageStore
+from mpfleet.keys import KeyRing
+from mpfleet.mqttlink import parse_broker_url
+from mpfleet.provision import provision_sim_fleet
+from mpfleet.registry import Registry
+from mpfleet.rollout import RolloutEngine
+from mpfleet.serve import Dispatcher
+from mpfleet.sim.fleet import AWAKE_CONFIG
+from mpfleet.sim.netfault import LinkCutter
+from mpfleet.store import Store
+from mpfleet.updates import app_params, ota_params
+
+IMAGE_SIZE = 1 << 20
+FULL_IMAGE_SIZE = 1_400_000
+WINDOWS = (2, 4, 8)
+CHUNK = 4096
+
+MQTT_SCRIPT = """
+import esp32, time
+import json, network
+_cfg = json.load(open("/config.json"))["wifi"]
+_w = network.WLAN(network.STA_IF)
+_w.active(True)
+_w.connect(_cfg["ssid"], _cfg.get("password"))
+while not _w.isconnected():
+    time.sleep_ms(10)
+from agent.mqtt import MQTTClient
+from agent.otastream import Puller
+from agent.ota import SlotWriter
+c = MQTTClient("{did}", "127.0.0.1", {port}, timeout_ms=5000)
+c.connect()
+part = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+p = Puller("{did}", "{job}", {size}, {chunk}, {window}, 5000)
+t = time.ticks_ms()
+p.pull(c, 0, SlotWriter(part))
+print("RESULT", time.ticks_diff(time.ticks_ms(), t), p.requests, p.reasked, p.ignored)
+c.disconnect()
+"""
+
+RAW_SCRIPT = """
+import esp32, socket, time
+import json, network
+_cfg = json.load(open("/config.json"))["wifi"]
+_w = network.WLAN(network.STA_IF)
+_w.active(True)
+_w.connect(_cfg["ssid"], _cfg.get("password"))
+while not _w.isconnected():
+    time.sleep_ms(10)
+from agent.ota import SlotWriter
+part = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+write = SlotWriter(part)
+buf = bytearray({chunk})
+mv = memoryview(buf)
+s = socket.socket()
+s.connect(socket.getaddrinfo("127.0.0.1", {port})[0][-1])
+t = time.ticks_ms()
+off = 0
+while off < {size}:
+    n = 0
+    want = min({chunk}, {size} - off)
+    while n < want:
+        got = s.readinto(mv[n:want])
+        if not got:
+            raise OSError("short read")
+        n += got
+    write(off, mv[:n])
+    off += n
+print("RESULT", time.ticks_diff(time.ticks_ms(), t))
+s.close()
+"""
+
+
+class Env:
+    def __init__(self, root: Path, broker):
+        self.root = root
+        self.cfg = parse_broker_url(broker.url)
+        self.store = Store(root / "db")
+        self.ring = KeyRing(self.store, root / "keys")
+        self.ring.init()
+        self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
+        self.images = ImageStore(self.store, root / "images")
+        self.count = 0
+
+    def board(self, port: int | None = None):
+        self.count += 1
+        overrides = dict(AWAKE_CONFIG)
+        cfg = self.cfg if port is None else parse_broker_url(f"mqtt://127.0.0.1:{port}")
+        return provision_sim_fleet(self.store, self.ring, self.root / f"b{self.count}", 1, cfg,
+                                   prefix=f"b{self.count}", with_credentials=False, config_overrides=overrides)[0]
+
+    def image(self, version: str, size: int):
+        path = self.root / f"{version}.bin"
+        path.write_bytes(build_app_image("esp32", version, size=size))
+        return self.images.add(path)[0]
+
+    def job(self, type_: str, params: dict, device: str) -> str:
+        job = self.engine.create_job(type_, params, [device])
+        self.engine.tick()  # queue (sign) the device's execution now
+        return job
+
+
+def _run_script(board, script: str) -> str:
+    board.fs_put({"/main.py": script.encode()})
+    rec = board.boot()
+    for line in rec.output.splitlines():
+        if line.startswith("RESULT"):
+            return line
+    raise RuntimeError(f"bench script failed:\n{rec.output[-2000:]}")
+
+
+def _raw_server(data: bytes) -> tuple[int, threading.Thread]:
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(data)
+            time.sleep(0.5)
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv.getsockname()[1], t
+
+
+def throughput(env: Env, broker_port: int) -> list[dict]:
+    record = env.image("v9.0.0", IMAGE_SIZE)
+    data = env.images.read(record.id)
+    board = env.board()
+    rows = []
+    raw_ms = []
+    for _ in range(3):
+        port, t = _raw_server(data)
+        raw_ms.append(int(_run_script(board, RAW_SCRIPT.format(chunk=CHUNK, port=port, size=len(data))).split()[1]))
+        t.join(5)
+    raw = sorted(raw_ms)[1]
+    for window in WINDOWS:
+        params, _ = ota_params(env.images, record.id, window=window)
+        job = env.job("ota", params, board.device_id)
+        runs = []
+        for _ in range(3):
+            out = _run_script(board, MQTT_SCRIPT.format(did=board.device_id, port=broker_port, job=job,
+                                                        size=len(data), chunk=CHUNK, window=window)).split()
+            runs.append((int(out[1]), int(out[2])))
+        ms, requests = sorted(runs)[1]
+        rows.append({"case": f"throughput window={window}", "image_bytes": len(data), "mqtt_ms": ms,
+                     "raw_tcp_ms": raw, "mqtt_KiB_s": round(len(data) / 1024 / (ms / 1000)),
+                     "raw_KiB_s": round(len(data) / 1024 / (raw / 1000)), "ratio_raw_over_mqtt": round(raw / ms, 2),
+                     "requests": requests})
+    return rows
+
+
+def _boot_until_final(env: Env, board, job: str, boots: int = 12) -> tuple[dict, float]:
+    spent = 0.0
+    for _ in range(boots):
+        t = time.monotonic()
+        board.boot()
+        spent += time.monotonic() - t
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            row = env.engine.job_status(job)["devices"][-1]
+            if row["status"] not in ("QUEUED", "IN_PROGRESS"):
+                return row, spent
+            time.sleep(0.05)
+    raise RuntimeError(f"job {job} did not finish: {env.engine.job_status(job)['devices']}")
+
+
+def disconnects(env: Env, broker_port: int) -> list[dict]:
+    record = env.image("v9.1.0", IMAGE_SIZE)
+    rng = random.Random(7)
+    rows = []
+    for window in (4, 8):
+        # The first connection carries the wake's own traffic and the job; later ones are cut.
+        with LinkCutter("127.0.0.1", broker_port,
+                        lambda n: None if n == 1 else rng.randint(150_000, 450_000)) as cutter:
+            board = env.board(port=cutter.port)
+            board.boot()  # first contact: registers its state
+            params, _ = ota_params(env.images, record.id, window=window)
+            job = env.job("ota", params, board.device_id)
+            row, _ = _boot_until_final(env, board, job)
+            cuts = cutter.cuts
+        link = (row["detail"] or {}).get("link") or {}
+        rows.append({"case": f"disconnects window={window}", "status": row["status"], "image_bytes": IMAGE_SIZE,
+                     "cuts": cuts, "reconnects": link.get("reconnects"),
+                     "reasked_bytes_per_cut": round(link.get("reasked", 0) / max(cuts, 1)),
+                     "received_twice_bytes_per_cut": round(link.get("ignored", 0) / max(cuts, 1)),
+                     "chunk": CHUNK, "window_bytes": window * CHUNK})
+    return rows
+
+
+def app_vs_ota(env: Env) -> list[dict]:
+    rows = []
+    src = env.root / "bundle.mpfa"
+    src.write_bytes(build_bundle("9.9.9"))
+    bundle = env.images.add_bundle(src)[0]
+    image = env.image("v9.2.0", FULL_IMAGE_SIZE)
+    for kind, record in (("app", bundle), ("ota", image)):
+        board = env.board()
+        board.boot()
+        params = (app_params if kind == "app" else ota_params)(env.images, record.id)[0]
+        job = env.job(kind, params, board.device_id)
+        row, spent = _boot_until_final(env, board, job)
+        rows.append({"case": f"{kind} update", "status": row["status"], "bytes": record.size,
+                     "boot_seconds": round(spent, 2)})
+    rows.append({"case": "app vs ota", "bytes_ratio": round(rows[1]["bytes"] / rows[0]["bytes"], 1),
+                 "time_ratio": round(rows[1]["boot_seconds"] / rows[0]["boot_seconds"], 1)})
+    return rows
+
+
+def run() -> dict:
+    root = Path(tempfile.mkdtemp(prefix="mpfleet-bench-ota-"))
+    try:
+        with LocalBroker() as broker:
+            env = Env(root, broker)
+            port = env.cfg.port
+            with Dispatcher(env.cfg, root / "db", keys_dir=root / "keys", tick_s=0.1,
+                            images_dir=root / "images"):
+                rows = throughput(env, port) + disconnects(env, port) + app_vs_ota(env)
+            env.store.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    best = [r for r in rows if r["case"].startswith("throughput")]
+    default = next(r for r in best if r["case"].endswith(f"window={8}"))
+    return {"name": "ota", "rows": rows, "ratio": default["ratio_raw_over_mqtt"],
+            "ratio_label": "raw TCP time / MQTT time, window 8 (target >= 0.5)"}
+
+
+if __name__ == "__main__":
+    result = run()
+    for r in result["rows"]:
+        print(json.dumps(r))
+    sys.exit(0)
