@@ -92,7 +92,10 @@ class ArtifactServer:
         out = topic(device, "ota/data")
         try:
             job, offset, length, count = parse_request(payload)
-            artifact = self.artifact(device, job)
+            try:
+                artifact = self.artifact(device, job)
+            except sqlite3.Error as e:
+                raise Refusal(f"the host cannot read its database: {e}") from None
         except Refusal as e:
             with self.stats.lock:
                 self.stats.refused += 1
@@ -125,7 +128,11 @@ class ArtifactServer:
             self._cache.move_to_end(job_id)
             return cached
         params = json.loads(row[1])
-        data = self._read(params.get("sha256", ""))
+        ref = params.get("image") or params.get("bundle")
+        found = db.execute("SELECT sha256 FROM images WHERE id = ?", (ref,)).fetchone() if ref else None
+        if found is None:
+            raise Refusal(f"job {job_id} names no artifact in the host's image store ({ref})")
+        data = self._read(found[0])
         self._cache[job_id] = data
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

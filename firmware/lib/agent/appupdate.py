@@ -20,6 +20,7 @@
 # or the self-test, and the previous app reports FAILED with the reason.
 
 import binascii
+import gc
 import hashlib
 import json
 import os
@@ -216,6 +217,7 @@ def run(runner, cur):
             sink.close()
         cur["phase"] = "unpack"
         runner.save()
+    gc.collect()
     problem = unpack(path, slot, size, sha, version, runner.wake.wdt.feed, rx)
     if problem is not None:
         _remove_tree(path)
@@ -232,13 +234,13 @@ def _bundle_path(slot):
 
 def unpack(path, slot, size, sha, version, feed, buf):
     """Check the downloaded bundle and write its files into /apps/<slot>; None or the problem."""
-    mv = memoryview(buf)[:_IO]
-    buf = mv
+    whole = memoryview(buf)
+    mv = whole[:_IO]
     h = hashlib.sha256()
     total = 0
     with open(path, "rb") as f:
         while True:
-            n = f.readinto(buf)
+            n = f.readinto(mv)
             if not n:
                 break
             h.update(mv[:n])
@@ -251,9 +253,12 @@ def unpack(path, slot, size, sha, version, feed, buf):
     root = "/apps/" + slot
     _remove_tree(root)
     with open(path, "rb") as f:
-        head = f.read(_HEAD)
-        mlen = head[5] | (head[6] << 8) | (head[7] << 16) | (head[8] << 24)
-        manifest = json.loads(f.read(mlen))
+        f.readinto(whole[:_HEAD])
+        mlen = buf[5] | (buf[6] << 8) | (buf[7] << 16) | (buf[8] << 24)
+        if mlen > len(buf):
+            return "the bundle's manifest (%d bytes) is larger than this device reads" % mlen
+        f.readinto(whole[:mlen])  # parsed from the buffer the chunks came in: no copy
+        manifest = json.loads(whole[:mlen])
         problem = _check_manifest(manifest, version)
         if problem is not None:
             return problem
@@ -335,7 +340,8 @@ def after_switch(runner, cur):
         rollback(runner, cur, problem)
         return
     write_select({"active": slot})
-    runner.finish(cur, "SUCCEEDED", {"app": runner.wake.app_version(), "slot": slot, "from": data.get("from")})
+    runner.finish(cur, "SUCCEEDED", {"app": runner.wake.app_version(), "slot": slot, "from": data.get("from"),
+                                     "link": data.get("link")})
 
 
 def rollback(runner, cur, reason):

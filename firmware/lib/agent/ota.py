@@ -107,26 +107,27 @@ def download(runner, cur, sink, offset, saved, rx, end=None, persist=_PERSIST):
     puller._high = offset
     reconnects = 0
     end = size if end is None else min(end, size)
-    while offset < end:
-        until = min(end, (offset // persist + 1) * persist)
-        try:
-            offset = puller.pull(runner.client, offset, sink, wake.wdt.feed, wake._on_message, until)
-        except OSError as e:
-            offset = puller.offset
-            saved(offset)
-            reconnects += 1
-            print("ota: link lost at %d of %d (%s)" % (offset, size, e))
-            if reconnects > _MAX_RECONNECTS:
-                raise
-            reconnect(runner)
-            continue
-        saved(offset)
-        progress(runner, cur, offset, size)
-    # How the link behaved, for the job's final detail (summed over wakes).
-    link = cur["data"].setdefault("link", {"reconnects": 0, "reasked": 0, "ignored": 0})
-    link["reconnects"] += reconnects
-    link["reasked"] += puller.reasked
-    link["ignored"] += puller.ignored * chunk
+    try:
+        while offset < end:
+            until = min(end, (offset // persist + 1) * persist)
+            try:
+                offset = puller.pull(runner.client, offset, sink, wake.wdt.feed, wake._on_message, until)
+                saved(offset)
+                progress(runner, cur, offset, size)
+            except OSError as e:
+                offset = puller.offset
+                saved(offset)
+                reconnects += 1
+                print("ota: link lost at %d of %d (%s)" % (offset, size, e))
+                if reconnects > _MAX_RECONNECTS:
+                    raise
+                reconnect(runner)
+    finally:
+        # How the link behaved, for the job's final detail (summed over wakes).
+        link = cur["data"].setdefault("link", {"reconnects": 0, "reasked": 0, "ignored": 0})
+        link["reconnects"] += reconnects
+        link["reasked"] += puller.reasked
+        link["ignored"] += puller.ignored * chunk
     return puller
 
 
