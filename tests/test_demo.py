@@ -21,9 +21,12 @@ def test_demo_runs_to_a_passing_summary(tmp_path, broker, devices):
     with Store(workdir / "mpfleet.db") as store:
         rows = store.db.execute("SELECT job, status, COUNT(*) FROM executions GROUP BY job, status").fetchall()
         jobs = dict(store.db.execute("SELECT id, status FROM jobs").fetchall())
-    assert jobs == {"bad-interval": "ABORTED", "wake-budget-15s": "COMPLETED"}
+    assert jobs == {"bad-interval": "ABORTED", "wake-budget-15s": "COMPLETED", "app-0.2.0": "COMPLETED"}
     counts = {(job, status): n for job, status, n in rows}
     assert counts[("wake-budget-15s", "SUCCEEDED")] == devices
+    assert counts[("app-0.2.0", "SUCCEEDED")] == devices
+    with Store(workdir / "mpfleet.db") as store:
+        assert {d["state"]["app"] for d in store.devices()} == {"0.2.0"}
     assert sum(n for (job, _), n in counts.items() if job == "bad-interval") <= max(1, round(devices * 0.1))
     if broker == "mosquitto":  # per-device accounts: the passwd file and ACL were written and used
         assert (workdir / "broker" / "passwd").exists() and "user demo-0001" in (workdir / "broker" / "acl").read_text()

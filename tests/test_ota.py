@@ -389,6 +389,7 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
             state_app = env.store.device(board.device_id)["state"]["app"]
             want = record.version if row["status"] == "SUCCEEDED" else before_app
             assert state_app == want, f"round {round_}: {row}, device reports app {state_app}"
+    print(f"power cuts: {rounds} rounds, {dict(counts)}")
     assert counts["cuts"] >= rounds // 2, counts
     assert counts["SUCCEEDED"] >= 1, counts
 

@@ -1,4 +1,4 @@
-"""`make demo`: a fleet of virtual ESP32s, a secured broker, `serve`, and two staged rollouts.
+"""`make demo`: a fleet of virtual ESP32s, a secured broker, `serve`, and three staged rollouts.
 
 1. an embedded broker: mosquitto with a generated password file and ACL (each device
    may use only its own topics), or amqtt (anonymous) where mosquitto is missing;
@@ -8,12 +8,14 @@
 4. a bad config job (an invalid sample interval) with a 10% canary stage: it fails on
    the canary, the rollout aborts, and the other devices never receive it;
 5. a good config job in stages 10% -> 50% -> 100%: every device applies it;
-6. a summary, and where the database, the keys and the fleet are kept.
+6. an app update (the agent's own code as a bundle, version 0.2.0) with a 10% canary:
+   streamed by serve, installed in the other app slot, trial-booted and confirmed;
+7. a summary, and where the database, the keys and the fleet are kept.
 
     python -m mpfleet.demo [--devices 20] [--dir DIR]
 
-Exit status 0 when the bad job was stopped at the canary and the good one SUCCEEDED
-everywhere.
+Exit status 0 when the bad job was stopped at the canary and the good config job and
+the app update SUCCEEDED everywhere.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from mpfleet.appbundle import build_bundle
 from mpfleet.broker import embedded_broker
 from mpfleet.brokerconf import conf_lines, generate, host_credentials
+from mpfleet.images import ImageStore
 from mpfleet.keys import KeyRing
 from mpfleet.mqttlink import BrokerConfig
 from mpfleet.provision import provision_sim_fleet
@@ -40,10 +44,12 @@ from mpfleet.rollout import RolloutEngine
 from mpfleet.serve import Dispatcher
 from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner
 from mpfleet.store import Store
+from mpfleet.updates import app_params
 
 console = Console()
 STYLE = {"SUCCEEDED": "green", "FAILED": "red", "ABORTED": "red", "COMPLETED": "green", "ACTIVE": "cyan"}
 JOB_TIMEOUT_S = 120
+APP_VERSION = "0.2.0"
 
 
 @dataclass
@@ -52,6 +58,7 @@ class DemoResult:
     workdir: Path
     bad: dict
     good: dict
+    app: dict
     samples: int
     broker_kind: str
 
@@ -132,7 +139,12 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
             " with a password file and an ACL: each device may use only mpf/v1/<its id>/..." if secured
             else " (amqtt: anonymous; install mosquitto for per-device accounts and ACLs)"), highlight=False)
         engine = RolloutEngine(store, ring, Registry(store))
-        with Dispatcher(host_cfg, db, keys_dir=keys_dir, client_id="mpfleet-demo-serve") as dispatcher, \
+        images = ImageStore(store, workdir / "images")
+        bundle_path = workdir / "agent-0.2.0.mpfa"
+        bundle_path.write_bytes(build_bundle(APP_VERSION))
+        bundle = images.add_bundle(bundle_path)[0]
+        with Dispatcher(host_cfg, db, keys_dir=keys_dir, client_id="mpfleet-demo-serve",
+                        images_dir=workdir / "images") as dispatcher, \
                 FleetRunner(boards) as runner:
             console.print("serve: running; the fleet: awake (each device wakes every second or two)\n")
             runner.wait_until(lambda s: s["boots_per_device_min"] >= 1, timeout=60)
@@ -150,6 +162,11 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
                                          job_id="wake-budget-15s", stages=[0.1, 0.5, 1.0], success_threshold=0.9,
                                          abort_threshold=0.2, abort_min_finished=3)
                 good_status = _watch(engine, [bad, good], dispatcher, live)[-1]
+                console.rule(f"3. an app update: the agent's code as version {APP_VERSION} "
+                             f"({bundle.size // 1024} KiB bundle), canary 10% first")
+                update = engine.create_job("app", app_params(images, bundle.id)[0], ["demo"], job_id="app-0.2.0",
+                                           stages=[0.1, 1.0], success_threshold=1.0, abort_threshold=0.2)
+                app_status = _watch(engine, [bad, good, update], dispatcher, live)[-1]
             finally:
                 if live:
                     live.stop()
@@ -160,12 +177,14 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
     canary = bad_status["stage_size"]
     bad_reached = len({d["device"] for d in bad_status["devices"]})
     ok = (bad_status["status"] == "ABORTED" and bad_reached <= canary
-          and good_status["status"] == "COMPLETED" and good_status["counts"]["SUCCEEDED"] == devices)
-    _summary(bad_status, good_status, devices, bad_reached, samples, serve_stats, fleet_stats, workdir, ok)
-    return DemoResult(ok, workdir, bad_status, good_status, samples, broker.kind)
+          and good_status["status"] == "COMPLETED" and good_status["counts"]["SUCCEEDED"] == devices
+          and app_status["status"] == "COMPLETED" and app_status["counts"]["SUCCEEDED"] == devices)
+    _summary(bad_status, good_status, app_status, devices, bad_reached, samples, serve_stats, fleet_stats, workdir,
+             ok)
+    return DemoResult(ok, workdir, bad_status, good_status, app_status, samples, broker.kind)
 
 
-def _summary(bad, good, devices, bad_reached, samples, serve_stats, fleet_stats, workdir, ok) -> None:
+def _summary(bad, good, app, devices, bad_reached, samples, serve_stats, fleet_stats, workdir, ok) -> None:
     table = Table(title="summary")
     table.add_column("")
     table.add_column("")
@@ -178,6 +197,11 @@ def _summary(bad, good, devices, bad_reached, samples, serve_stats, fleet_stats,
     table.add_row("  why aborted", str(bad["reason"]))
     table.add_row("good job", Text(f"{good['status']}: {good['counts']['SUCCEEDED']}/{devices} SUCCEEDED",
                                    style="green" if good["counts"]["SUCCEEDED"] == devices else "red"))
+    running = sorted({(r.get("running") or "?") for r in app["devices"]})
+    table.add_row("app update", Text(f"{app['status']}: {app['counts']['SUCCEEDED']}/{devices} SUCCEEDED, "
+                                     f"devices now run app {', '.join(running)}; "
+                                     f"{serve_stats['ota']['bytes'] // 1024} KiB streamed",
+                                     style="green" if app["counts"]["SUCCEEDED"] == devices else "red"))
     table.add_row("device wakes", f"{fleet_stats['boots']} ({fleet_stats['boots_per_s']:.0f}/s), "
                                   f"{len(fleet_stats['stopped'])} devices stopped")
     table.add_row("serve", f"{serve_stats['statuses']} job statuses, {serve_stats['queue_publishes']} queue updates, "
@@ -192,6 +216,7 @@ The data and the job records stay in {workdir}:
 Look around:
   {env} mpfleet job list
   {env} mpfleet job status wake-budget-15s
+  {env} mpfleet job status app-0.2.0
   {env} mpfleet devices list
   {env} mpfleet samples export --format csv | head
 """, highlight=False, soft_wrap=True)
