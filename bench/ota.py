@@ -10,6 +10,9 @@
               the chunks lost in flight with the link) and chunks it received twice,
               from the job's SUCCEEDED detail; target: what was already received is
               never fetched again, so re-sent <= the window in flight.
+  ram         the smallest heap in which the wake that verifies an `ota` (or `app`)
+              job, downloads it, checks it and switches still succeeds (binary search
+              over fresh copies of the board, mpfleet.sim.heap), against the 128 KiB budget
   app_vs_ota  an `app` job (the agent's lib/ as a bundle) vs an `ota` job with a
               1.4 MiB image (the size of a MicroPython ESP32 build): bytes and the
               wall time of the boots from job start to SUCCEEDED.
@@ -40,6 +43,7 @@ from mpfleet.registry import Registry
 from mpfleet.rollout import RolloutEngine
 from mpfleet.serve import Dispatcher
 from mpfleet.sim.fleet import AWAKE_CONFIG
+from mpfleet.sim.heap import heap_needed
 from mpfleet.sim.netfault import LinkCutter
 from mpfleet.store import Store
 from mpfleet.updates import app_params, ota_params
@@ -241,6 +245,25 @@ def app_vs_ota(env: Env) -> list[dict]:
     return rows
 
 
+def ram(env: Env) -> list[dict]:
+    rows = []
+    src = env.root / "ram-bundle.mpfa"
+    src.write_bytes(build_bundle("9.9.8"))
+    bundle = env.images.add_bundle(src)[0]
+    image = env.image("v9.3.0", 200_000)
+    for kind, record, done in (("ota", image, "ota: booting"), ("app", bundle, "app: trial boot of")):
+        board = env.board()
+        board.boot()
+        params = (app_params if kind == "app" else ota_params)(env.images, record.id)[0]
+        env.job(kind, params, board.device_id)
+        time.sleep(0.5)  # serve publishes the device's queue
+        need = heap_needed(board, lambda rec: done in rec.output and "Traceback" not in rec.output,
+                           low=32 * 1024, high=256 * 1024, resolution=1024)
+        rows.append({"case": f"ram {kind} job wake", "heap_needed_KiB": round(need / 1024, 1) if need else None,
+                     "budget_KiB": 128, "fits": bool(need and need <= 128 * 1024)})
+    return rows
+
+
 def run() -> dict:
     root = Path(tempfile.mkdtemp(prefix="mpfleet-bench-ota-"))
     try:
@@ -249,7 +272,7 @@ def run() -> dict:
             port = env.cfg.port
             with Dispatcher(env.cfg, root / "db", keys_dir=root / "keys", tick_s=0.1,
                             images_dir=root / "images"):
-                rows = throughput(env, port) + disconnects(env, port) + app_vs_ota(env)
+                rows = throughput(env, port) + disconnects(env, port) + ram(env) + app_vs_ota(env)
             env.store.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)

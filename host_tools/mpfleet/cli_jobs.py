@@ -324,7 +324,7 @@ def _update_params(store, engine, type_, ref, allow_downgrade, chunk, window, im
     import os
 
     from mpfleet.images import ImageStore
-    from mpfleet.updates import app_params, check_chips, ota_params
+    from mpfleet.updates import app_params, check_targets, ota_params
 
     images = ImageStore(store, images_dir)
     if os.path.isfile(ref):
@@ -334,7 +334,7 @@ def _update_params(store, engine, type_, ref, allow_downgrade, chunk, window, im
         ref = record.id
     if type_ == "ota":
         params, record = ota_params(images, ref, allow_downgrade, chunk, window)
-        check_chips(engine.registry, engine.resolve_targets(_split_names(engine, spec)), record)
+        check_targets(engine.registry, engine.resolve_targets(_split_names(engine, spec)), record)
         return params
     return app_params(images, ref, chunk, window)[0]
 

@@ -51,24 +51,26 @@ def app_params(images: ImageStore, ref: str, chunk: int = DEFAULT_CHUNK,
             **_stream(chunk, window)}, record
 
 
-def check_chips(registry: Registry, devices: list[str], record: ImageRecord) -> None:
-    """Refuse a firmware image for another chip than a target's board (the device
-    would refuse it too, after downloading its first block)."""
+def check_targets(registry: Registry, devices: list[str], record: ImageRecord) -> None:
+    """Refuse a firmware image for another chip than a target's board, or larger than
+    its app slots (the device would refuse it too, after downloading its first block)."""
     from mpfleet.boards import load_board  # noqa: PLC0415
 
     wrong = []
     for device in devices:
-        info = registry.get(device)
-        board = info.get("board") if isinstance(info, dict) else getattr(info, "board", None)
-        if not board:
+        board_name = registry.get(device).get("board")
+        if not board_name:
             continue
         try:
-            chip = load_board(board).chip
+            board = load_board(board_name)
         except MpfleetError:
             continue
-        if chip != record.chip:
-            wrong.append(f"{device} ({board}: {chip})")
+        slots = [p.size for p in board.partitions if p.type == "app"]
+        if board.chip != record.chip:
+            wrong.append(f"{device} ({board_name}: {board.chip})")
+        elif slots and record.size > min(slots):
+            wrong.append(f"{device} ({board_name}: app slots of {min(slots)} bytes)")
     if wrong:
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
-        raise UpdateError(f"image {record.id} is for {record.chip}; targets on other chips: "
+        raise UpdateError(f"image {record.id} ({record.chip}, {record.size} bytes) does not suit every target: "
                           f"{', '.join(wrong[:3])}{more}")

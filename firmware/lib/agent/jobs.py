@@ -26,7 +26,6 @@ import time
 import machine
 from micropython import const
 
-from agent import envelope
 from agent.envelope import Rejected
 
 STATE_PATH = "/jobs.json"
@@ -156,6 +155,8 @@ class Runner:
     def verify(self, text):
         """The verified job dict, None to skip silently, or Rejected."""
         cfg = self.cfg
+        from agent import envelope  # unloaded again once the queue is verified
+
         kid, signed, payload_b64, sig_b64 = envelope.split(text, cfg["limits"]["job_max_bytes"])
         peek = envelope.peek_payload(payload_b64)
         if peek is not None and [kid, peek.get("seq")] in self.state["done"]:
@@ -209,10 +210,9 @@ class Runner:
         if verified:
             # The verifier's code is not needed to run them: its memory goes to the
             # jobs (an update's buffers). A later verify imports it again.
-            import sys
+            import agent
 
-            for name in ("agent.ed25519", "agent.sha512"):
-                sys.modules.pop(name, None)
+            agent.unload("envelope", "ed25519", "sha512")
             gc.collect()
         canceled = []
         for job in verified:

@@ -449,9 +449,9 @@ class Wake:
         if (queue is None or bytes(queue).strip() in (b"", b"[]")) and not (self.stage.flags & _FLAG_JOBS):
             if self.rtc_valid or not _file_exists("/jobs.json"):
                 return
-        import sys
+        import agent
 
-        sys.modules.pop("agent.codec", None)  # the frame encoder's memory, for the verifier
+        agent.unload("codec")  # the frame encoder's memory, for the verifier
         gc.collect()
         from agent import jobs
 

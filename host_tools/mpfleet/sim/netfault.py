@@ -24,6 +24,7 @@ class LinkCutter:
         self.down_bytes = 0  # towards the device
         self.up_bytes = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # accept() wakes up to notice stop()
         self.port = self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._open: set[socket.socket] = set()
@@ -55,8 +56,11 @@ class LinkCutter:
         while not self._stop.is_set():
             try:
                 device, _ = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            device.settimeout(None)
             try:
                 broker = socket.create_connection(self.target, timeout=5)
             except OSError:
