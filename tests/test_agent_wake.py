@@ -209,3 +209,32 @@ def test_ntp_sets_an_unset_clock_before_anything_is_sent(mosquitto, tmp_path, ho
     times = [r[2] for r in host.rows(vb.device_id)]
     assert len(times) == 3
     assert all(abs(t - ntp_now) < 300 for t in times), times
+
+
+FILL_STAGE = """
+import time
+from agent import rtcstage
+st = rtcstage.Stage()
+st.load()
+n = st.nchan  # what the first wake staged: the board's channels
+k = 0
+while st.room_for(n):
+    st.add(time.time() + k, [1200 + (k + i) % 3 for i in range(n)])
+    k += 1
+st.save()
+print("staged", st.staged)
+"""
+
+
+def test_a_full_stage_is_flushed_within_the_heap_budget(mosquitto, tmp_path):
+    """The wake that finds the RTC stage full moves a few hundred samples to flash in
+    one append; building that batch must not need a large contiguous block (it once
+    did: a list of bytes objects, MemoryError at every wake from then on)."""
+    vb = make_device(tmp_path / "dev", mosquitto.port, wifi={"ssid": "nowhere"})
+    _run(vb, 1)
+    out, _ = vb.exec_script(FILL_STAGE)
+    staged = int(out.split("staged")[1].split()[0])
+    assert staged > 300, out
+    records = _run(vb, 2)
+    assert f"flushed 1 {staged}" in records[0].output, records[0].output
+    assert vb.counters()["vfs"]["erases"] > 0

@@ -46,8 +46,9 @@ Layout of an image made by ``build_app_image`` (all integers little-endian)::
                   SHA-256 (32 bytes) of everything before it
 
 The sim note tells the virtual board's bootloader how this build behaves
-(``{"crash": "boot"}``: it panics at boot, so the bootloader rolls it back). Real
-firmware has no note; the parser then reports ``{}``.
+(``{"crash": "boot"}``: it panics at boot, so the bootloader rolls it back;
+``{"wifi": "broken"}``: its radio never finds the network, so an update's self-test
+fails). Real firmware has no note; the parser then reports ``{}``.
 
 Images are deterministic: the same arguments give the same bytes (fixed build date and
 time, filler derived from the arguments), so a version number identifies one image.

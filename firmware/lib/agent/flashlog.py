@@ -45,6 +45,51 @@ _STATE_MAGIC = const(0x326C666D)  # b"mfl2" little-endian
 _SEQ_MAX = const(0xFFFFFFFF)
 
 
+class Batch:
+    """Records for one append(), packed into two preallocated buffers: no object per
+    record. A list of a few hundred small bytes objects (and the list itself) needs
+    tens of KiB and, at the end of a long stage, a large contiguous block; this needs
+    BATCH_BYTES + 2 bytes per record, allocated once. Indexing gives a memoryview."""
+
+    def __init__(self, capacity=BATCH_BYTES, max_records=BATCH_BYTES // 4):
+        self.buf = bytearray(capacity)
+        self._ends = bytearray(2 * max_records)  # u16 end offset of each record
+        self._mv = memoryview(self.buf)
+        self.max_records = max_records
+        self.n = 0
+        self.size = 0  # bytes the records take in a chunk: 1 + len each
+
+    def __len__(self):
+        return self.n
+
+    def _end(self, k):
+        return self._ends[2 * k] | (self._ends[2 * k + 1] << 8)
+
+    def __getitem__(self, k):
+        if k < 0 or k >= self.n:
+            raise IndexError
+        return self._mv[self._end(k - 1) if k else 0:self._end(k)]
+
+    def fits(self, length):
+        start = self._end(self.n - 1) if self.n else 0
+        return self.n < self.max_records and start + length <= len(self.buf) \
+            and self.size + 1 + length <= BATCH_BYTES
+
+    def add(self, record):
+        """Append a record (bytes-like); the caller checked fits()."""
+        start = self._end(self.n - 1) if self.n else 0
+        end = start + len(record)
+        self.buf[start:end] = record
+        self._ends[2 * self.n] = end & 0xFF
+        self._ends[2 * self.n + 1] = end >> 8
+        self.n += 1
+        self.size += 1 + len(record)
+
+    def clear(self):
+        self.n = 0
+        self.size = 0
+
+
 class FlashLog:
     """The log in one directory. Open it once per wake; it recovers on open."""
 

@@ -175,25 +175,22 @@ class Wake:
         log = self.open_log()
         stage = self.stage
         next_seq = log.stats()["next_seq"]
-        batch = []
-        size = 0
-        from agent.flashlog import BATCH_BYTES
+        from agent.flashlog import Batch
 
+        batch = Batch()
         for seq, t, values in stage.samples():
             if seq < next_seq:
                 continue  # already in the log: a reset came between a flush and the RTC save
-            if not batch and seq > next_seq:
+            if not batch.n and seq > next_seq:
                 log.advance(seq)  # the host acked the seqs in between while they were staged
                 next_seq = seq
             n = samplerec.encode(t, values, self._rec)
-            if size + n + 1 > BATCH_BYTES:
+            if not batch.fits(n):
                 log.append(batch)
-                batch = []
-                size = 0
-            batch.append(bytes(self._rec[:n]))
-            size += n + 1
+                batch.clear()
+            batch.add(memoryview(self._rec)[:n])
             next_seq += 1
-        if batch:
+        if batch.n:
             log.append(batch)
         if next_seq > stage.first_seq:
             print("flushed", stage.first_seq, next_seq - 1)
