@@ -138,6 +138,7 @@ def _register_subcommands() -> None:
     from mpfleet.cli_images import image
     from mpfleet.cli_jobs import job, serve
     from mpfleet.cli_keys import keys
+    from mpfleet.cli_usb import deploy, ports, usb
     from mpfleet.sim.cli import sim
 
     cli.add_command(sim)
@@ -148,6 +149,9 @@ def _register_subcommands() -> None:
     cli.add_command(serve)
     cli.add_command(image)
     cli.add_command(app)
+    cli.add_command(ports)
+    cli.add_command(deploy)
+    cli.add_command(usb)
 
 
 _register_subcommands()

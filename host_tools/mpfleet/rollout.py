@@ -132,8 +132,10 @@ EXECUTION_STATES = (QUEUED, IN_PROGRESS, SUCCEEDED, FAILED, REJECTED, TIMED_OUT,
 PENDING = (QUEUED, IN_PROGRESS)
 FAILURES = (FAILED, REJECTED, TIMED_OUT)
 RETRIABLE = (FAILED, TIMED_OUT)
+NETWORK_JOBS = ("ota", "app", "reboot", "upload")  # the agent refuses them over USB
 COUNTED = (SUCCEEDED, *FAILURES)  # the executions the abort fraction is taken over
 DEVICE_STATES = (IN_PROGRESS, SUCCEEDED, FAILED, REJECTED)
+FINAL_STATES = (SUCCEEDED, FAILED, REJECTED)  # what a device reports last
 
 ACTIVE, COMPLETED, ABORTED = "ACTIVE", "COMPLETED", "ABORTED"
 JOB_STATES = (ACTIVE, COMPLETED, ABORTED, CANCELED)
@@ -616,6 +618,30 @@ class RolloutEngine:
                             sign_kid=rot["new"])
             note = f"key rotation applied everywhere: key {rot['old']} retired, job {retire_id} removes it"
         self.db.execute("UPDATE jobs SET reason = ? WHERE id = ?", (note, job["id"]))
+
+    # ------------------------------------------------------------ USB delivery
+    def usb_envelope(self, job_id: str, device: str) -> str:
+        """The signed envelope that carries `job_id` to `device` over USB (`mpfleet usb run`).
+
+        The same execution records as the network path: a pending execution's envelope is
+        reused (its seq, so the device never runs it twice), else a new attempt is signed.
+        Stages and rate do not apply: the operator at the cable chose the boards. The
+        device's status comes back through on_status like any other."""
+        job = self._job(job_id)
+        if job["status"] != ACTIVE:
+            raise RolloutError(f"job {job_id} is {job['status']}: there is nothing to run")
+        if job["type"] in NETWORK_JOBS:
+            raise RolloutError(f"a {job['type']} job needs the network: it cannot run over USB")
+        if device not in self._targets(job, self.clock(), Changes()):
+            raise RolloutError(f"{device} is not a target of job {job_id}")
+        latest = self._latest(job_id).get(device)
+        if latest is not None and latest["status"] in PENDING:
+            return latest["envelope"]
+        if latest is not None and latest["status"] not in RETRIABLE:
+            raise RolloutError(f"job {job_id} already ended on {device}: {latest['status']}")
+        attempt = latest["attempt"] + 1 if latest else 1
+        self._queue(job, device, attempt, job["stage"], self.clock(), None)
+        return self._latest(job_id)[device]["envelope"]
 
     # ------------------------------------------------------------ device statuses
     def on_status(self, device: str, message: dict) -> bool:

@@ -287,6 +287,9 @@ class Runner:
         if handler is None:
             self.finish(cur, REJECTED, "job type %s is not supported by this agent" % cur["type"])
             return
+        if self.wake.over_usb and cur["type"] in ("ota", "app", "reboot", "upload"):
+            self.finish(cur, REJECTED, "a %s job needs the network: it cannot run over USB" % cur["type"])
+            return
         try:
             handler(cur)
         except (OSError, ValueError, TypeError, KeyError) as e:

@@ -64,14 +64,22 @@ def running_firmware():
     return (version[:end] if end >= 0 else version).decode(), part.info()[4]
 
 
+class _Unwatched:
+    """Stands in for the watchdog when a person is at the USB cable (agent.usb):
+    an armed WDT would reset the board at the REPL between two commands."""
+
+    def feed(self):
+        pass
+
+
 class Wake:
-    def __init__(self):
+    def __init__(self, watchdog=True):
         self.started = time.ticks_ms()
         self.mac_id = "".join("%02x" % b for b in machine.unique_id())
         self.cfg, self.problems = config.load(self.mac_id)
         # Armed once: re-creating the task watchdog with a new timeout is not
         # portable across ESP32 ports. Reading the config cannot hang.
-        self.wdt = machine.WDT(timeout=self.cfg["wdt_timeout_ms"])
+        self.wdt = machine.WDT(timeout=self.cfg["wdt_timeout_ms"]) if watchdog else _Unwatched()
         self.device_id = self.cfg["device_id"]
         self.stage = rtcstage.Stage()
         self.rtc_valid = self.stage.load()
@@ -82,6 +90,7 @@ class Wake:
         self.acked = -1
         self.jobs_message = None
         self.clock_provisional = False
+        self.over_usb = not watchdog
         self._rec = bytearray(6 + 10 * 8)
 
     # ------------------------------------------------------------ helpers
