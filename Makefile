@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mpfleet-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test stress bench demo check-firmware clean
+.PHONY: help install test stress bench demo hil check-firmware clean
 
 help:
 	@echo "make test    create .venv, install mpfleet, ensure mosquitto, run the test suite"
 	@echo "make stress  the long stress runs at full count (power-cut fuzz)"
 	@echo "make bench   benchmarks: table on stdout, JSON in bench/results/"
 	@echo "make demo    the fleet demo on virtual boards"
+	@echo "make hil PORT=/dev/ttyUSB0 [BOARD=esp32-devkitc] [FIRMWARE=micropython.bin]"
+	@echo "             flash, deploy and a USB job on a real board"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "mpfleet needs Python >= 3.10")'
@@ -40,6 +42,11 @@ bench: $(STAMP)
 demo: $(STAMP)
 	@scripts/ensure-mosquitto || echo "mosquitto unavailable: the demo falls back to amqtt"
 	$(BIN)/python -m mpfleet.demo
+
+hil: $(STAMP)
+	@test -n "$(PORT)" || { echo "usage: make hil PORT=/dev/ttyUSB0 [BOARD=esp32-devkitc] [FIRMWARE=micropython.bin]"; exit 2; }
+	MPFLEET_HIL_PORT=$(PORT) MPFLEET_HIL_BOARD=$(BOARD) MPFLEET_HIL_FIRMWARE=$(FIRMWARE) \
+		$(BIN)/python -m pytest -q -m hil tests/test_hil.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info host_tools/*.egg-info
