@@ -154,3 +154,31 @@ def test_usb_collect_stores_the_backlog_and_the_boards_trim_only_what_was_stored
     with Store(bench.db) as store:
         second = collect(store, bench.ports)
     assert all(r.ok and r.detail["new"] == 0 and r.detail["duplicates"] == 0 for r in second), second
+
+
+def test_ports_probe_names_the_micropython_and_the_device(bench):
+    found = json.loads(bench.mpfleet("ports", *bench.port_args(bench.ports[:2]), "--probe", "--json").stdout)
+    given = [p for p in found if p["port"] in bench.ports[:2]]
+    assert len(given) == 2
+    for p in given:
+        assert p["micropython"]["mpy"] & 0xFF == 6 and p["micropython"]["device_id"], p
+
+
+def test_deploy_refuses_a_board_that_cannot_load_the_compiled_agent(bench):
+    from mpfleet.mqttlink import parse_broker_url
+    from mpfleet.usbwork import DeploySettings, deploy
+
+    old_mpy = {"/lib/agent/__init__.mpy": b"M\x05\x00\x1f" + bytes(12)}  # .mpy version 5 (MicroPython < 1.22)
+    with Store(bench.db) as store:
+        (result,) = deploy(store, KeyRing(store, bench.keys), bench.ports[3:], DeploySettings(
+            board="virtual", broker=parse_broker_url("mqtt://127.0.0.1")), files=old_mpy)
+    assert not result.ok and "loads .mpy version 6, this mpfleet compiles version 5" in result.error
+
+
+def test_usb_commands_explain_what_is_missing(bench):
+    out = bench.mpfleet("deploy", check=False)
+    assert out.returncode == 2 and "give --port" in out.stderr
+    out = bench.mpfleet("deploy", "--port", bench.ports[0], "--board", "no-such-board", check=False)
+    assert out.returncode == 1 and "no-such-board" in out.stderr
+    out = bench.mpfleet("usb", "run", "no-such-job", "--port", bench.ports[0], check=False)
+    assert out.returncode == 1 and "no-such-job" in out.stderr
