@@ -18,7 +18,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
-BENCHMARKS = ("flash_wear", "agent", "ed25519_verify", "dispatch", "ota")
+BENCHMARKS = ("flash_wear", "agent", "ed25519_verify", "dispatch", "ota", "usb_flash", "usb_deploy")
 
 
 def main(argv: list[str]) -> int:

@@ -134,6 +134,7 @@ def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
 def _register_subcommands() -> None:
     from mpfleet.cli_broker import broker
     from mpfleet.cli_devices import devices
+    from mpfleet.cli_flash import flash
     from mpfleet.cli_app import app
     from mpfleet.cli_images import image
     from mpfleet.cli_jobs import job, serve
@@ -149,6 +150,7 @@ def _register_subcommands() -> None:
     cli.add_command(serve)
     cli.add_command(image)
     cli.add_command(app)
+    cli.add_command(flash)
     cli.add_command(ports)
     cli.add_command(deploy)
     cli.add_command(usb)

@@ -106,7 +106,7 @@ _READ_SIZE = 65536
 _SETSID = shutil.which("setsid")
 
 
-def _open_raw_pty(lflag: int = 0) -> tuple[int, int, str]:
+def open_raw_pty(lflag: int = 0) -> tuple[int, int, str]:
     """A pseudo-terminal pair that passes bytes untouched: (master, slave, slave path)."""
     master, slave = os.openpty()
     attrs = termios.tcgetattr(slave)
@@ -152,7 +152,7 @@ class _Device:
         self.vb = vb
         self.mode = mode
         self.boot = vb.prepare_boot(mode)
-        self.master, self.slave, _ = _open_raw_pty(_EXECUTING_LFLAG)
+        self.master, self.slave, _ = open_raw_pty(_EXECUTING_LFLAG)
         # Its own session, so a Ctrl-C in the terminal running the console does
         # not reach the board; with the device tty as its controlling terminal
         # (setsid -c), so the kernel hangs it up if the supervisor dies and
@@ -294,7 +294,7 @@ class SerialConsole:
         micropython_executable()  # fail here, not in the relay thread
         self.records: list[BootRecord] = []
         self.error: BaseException | None = None
-        self._master, self._slave, self.port = _open_raw_pty()
+        self._master, self._slave, self.port = open_raw_pty()
         self.link = Path(link) if link is not None else None
         try:
             if self.link is not None:
