@@ -198,12 +198,16 @@ class Runner:
                 self.reject(text, e.args)
                 continue
             except MemoryError:
-                # Not the envelope's fault: leave it for a later wake.
+                # Not the envelope's fault: it and everything after it (the host
+                # sends the queue in seq order) wait for a later wake. Going on
+                # would run or reject higher seqs first, and this job would then
+                # be refused as a replay.
                 text = None
+                queue = None
                 gc.collect()
-                print("jobs: out of memory verifying a job; retrying next wake")
+                print("jobs: out of memory verifying a job; it and the rest retry next wake")
                 self.wake.request_upload()
-                continue
+                break
             if job is not None:
                 verified.append(job)
         verified.sort(key=lambda j: j["seq"])
