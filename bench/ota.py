@@ -32,36 +32,36 @@ import threading
 import time
 from pathlib import Path
 
-from mpfleet.appbundle import build_bundle
-from mpfleet.broker import LocalBroker
-from mpfleet.espimage import build_app_image
-from mpfleet.images import ImageStore
-from mpfleet.keys import KeyRing
-from mpfleet.mqttlink import parse_broker_url
-from mpfleet.provision import provision_sim_fleet
-from mpfleet.registry import Registry
-from mpfleet.rollout import RolloutEngine
-from mpfleet.serve import Dispatcher
-from mpfleet.sim.fleet import AWAKE_CONFIG
-from mpfleet.sim.heap import heap_needed
-from mpfleet.sim.netfault import LinkCutter
-from mpfleet.store import Store
-from mpfleet.updates import app_params, ota_params
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from update_site import UpdateSite  # noqa: E402
+
+from mpfleet.appbundle import build_bundle  # noqa: E402
+from mpfleet.broker import LocalBroker  # noqa: E402
+from mpfleet.serve import Dispatcher  # noqa: E402
+from mpfleet.sim.heap import heap_needed  # noqa: E402
+from mpfleet.sim.netfault import LinkCutter  # noqa: E402
+from mpfleet.updates import app_params, ota_params  # noqa: E402
 
 IMAGE_SIZE = 1 << 20
 FULL_IMAGE_SIZE = 1_400_000
 WINDOWS = (2, 4, 8)
 CHUNK = 4096
 
-MQTT_SCRIPT = """
-import esp32, time
-import json, network
+# Both scripts join the board's Wi-Fi first, as the agent does.
+WIFI = """
+import json, network, time
 _cfg = json.load(open("/config.json"))["wifi"]
 _w = network.WLAN(network.STA_IF)
 _w.active(True)
 _w.connect(_cfg["ssid"], _cfg.get("password"))
 while not _w.isconnected():
     time.sleep_ms(10)
+"""
+
+MQTT_SCRIPT = WIFI + """
+import esp32
 from agent.mqtt import MQTTClient
 from agent.otastream import Puller
 from agent.ota import SlotWriter
@@ -75,15 +75,8 @@ print("RESULT", time.ticks_diff(time.ticks_ms(), t), p.requests, p.reasked, p.ig
 c.disconnect()
 """
 
-RAW_SCRIPT = """
-import esp32, socket, time
-import json, network
-_cfg = json.load(open("/config.json"))["wifi"]
-_w = network.WLAN(network.STA_IF)
-_w.active(True)
-_w.connect(_cfg["ssid"], _cfg.get("password"))
-while not _w.isconnected():
-    time.sleep_ms(10)
+RAW_SCRIPT = WIFI + """
+import esp32, socket
 from agent.ota import SlotWriter
 part = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
 write = SlotWriter(part)
@@ -108,33 +101,9 @@ s.close()
 """
 
 
-class Env:
-    def __init__(self, root: Path, broker):
-        self.root = root
-        self.cfg = parse_broker_url(broker.url)
-        self.store = Store(root / "db")
-        self.ring = KeyRing(self.store, root / "keys")
-        self.ring.init()
-        self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
-        self.images = ImageStore(self.store, root / "images")
-        self.count = 0
-
-    def board(self, port: int | None = None):
-        self.count += 1
-        overrides = dict(AWAKE_CONFIG)
-        cfg = self.cfg if port is None else parse_broker_url(f"mqtt://127.0.0.1:{port}")
-        return provision_sim_fleet(self.store, self.ring, self.root / f"b{self.count}", 1, cfg,
-                                   prefix=f"b{self.count}", with_credentials=False, config_overrides=overrides)[0]
-
-    def image(self, version: str, size: int):
-        path = self.root / f"{version}.bin"
-        path.write_bytes(build_app_image("esp32", version, size=size))
-        return self.images.add(path)[0]
-
+class Env(UpdateSite):
     def job(self, type_: str, params: dict, device: str) -> str:
-        job = self.engine.create_job(type_, params, [device])
-        self.engine.tick()  # queue (sign) the device's execution now
-        return job
+        return super().job(type_, params, device, queue_now=True)
 
 
 def _run_script(board, script: str) -> str:

@@ -8,41 +8,27 @@ the final status at the host and on the wire, and the bytes on the wire.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
-
-import subprocess
-import sys
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from conftest import stress_count
-from mpfleet.appbundle import build_bundle
+from update_site import BASE_FW, UpdateSite
+
 from mpfleet.espimage import build_app_image
-from mpfleet.firmware import FIRMWARE_DIR
-from mpfleet.images import ID_LEN, ImageRecord, ImageStore
-from mpfleet.keys import KeyRing
-from mpfleet.mqttlink import parse_broker_url
 from mpfleet.otaserve import ArtifactServer, Refusal, parse_request
-from mpfleet.provision import provision_sim_fleet
-from mpfleet.registry import Registry
-from mpfleet.rollout import RolloutEngine
 from mpfleet.serve import Dispatcher
-from mpfleet.sim.fleet import AWAKE_CONFIG
 from mpfleet.sim.netfault import LinkCutter
-from mpfleet.store import Store
 from mpfleet.updates import UpdateError, app_params, ota_params
 
 FINAL = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT", "CANCELED")
-BASE_FW = "v1.24.0"  # what a provisioned virtual board runs
 
 
 class StatusLog:
@@ -74,55 +60,7 @@ class StatusLog:
         self.client.disconnect()
 
 
-class Env:
-    def __init__(self, root: Path, broker):
-        self.root = root
-        self.cfg = parse_broker_url(broker.url)
-        self.store = Store(root / "db")
-        self.ring = KeyRing(self.store, root / "keys")
-        self.ring.init()
-        self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
-        self.images = ImageStore(self.store, root / "images")
-        self.boards = 0
-
-    def board(self, port: int | None = None, secure_version: int | None = None):
-        self.boards += 1
-        cfg = self.cfg if port is None else parse_broker_url(f"mqtt://127.0.0.1:{port}")
-        board = provision_sim_fleet(self.store, self.ring, self.root / f"b{self.boards}", 1, cfg,
-                                    prefix=f"b{self.boards}", with_credentials=False,
-                                    config_overrides=AWAKE_CONFIG)[0]
-        if secure_version is not None:
-            board.write_app_image("ota_0", build_app_image("esp32", BASE_FW, secure_version=secure_version))
-        return board
-
-    def image(self, version: str, size: int = 24_000, chip: str = "esp32", **kwargs) -> ImageRecord:
-        path = self.root / f"{version}-{chip}-{json.dumps(kwargs, sort_keys=True)}.bin"
-        path.write_bytes(build_app_image(chip, version, size=size, **kwargs))
-        return self.images.add(path)[0]
-
-    def raw_artifact(self, data: bytes, version: str, kind: str = "app") -> ImageRecord:
-        """Store bytes the image store would refuse (what a corrupted source would serve)."""
-        sha = hashlib.sha256(data).hexdigest()
-        record = ImageRecord(sha[:ID_LEN], sha, "esp32", version, 0, "test", "v5", len(data), "test", kind,
-                             time.time())
-        self.images._write(sha, data)
-        self.images._insert(record)
-        return record
-
-    def bundle(self, version: str, raise_at_import: bool = False) -> ImageRecord:
-        src = self.root / f"src-{version}"
-        if not src.exists():
-            shutil.copytree(FIRMWARE_DIR, src)
-            if raise_at_import:
-                wake = src / "lib/agent/wake.py"
-                wake.write_text("raise ImportError('broken build')\n" + wake.read_text())
-        path = self.root / f"app-{version}.mpfa"
-        path.write_bytes(build_bundle(version, src))
-        return self.images.add_bundle(path)[0]
-
-    def job(self, type_: str, params: dict, board) -> str:
-        return self.engine.create_job(type_, params, [board.device_id])
-
+class Env(UpdateSite):
     def execution(self, job: str) -> dict:
         return self.engine.job_status(job)["devices"][-1]
 

@@ -5,6 +5,8 @@ Library level: a Store, a KeyRing, a Registry of 60 devices and a fake clock; no
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mpfleet.keys import KeyRing
@@ -461,3 +463,25 @@ def test_restart_mid_rollout_continues_without_duplicates(env, tmp_path):
     assert status["status"] == "COMPLETED" and status["counts"]["SUCCEEDED"] == 60
     assert len(status["devices"]) == 61  # 60 devices + one retry
     store2.close()
+
+
+def test_a_device_queue_carries_at_most_queue_max_bytes_oldest_first(tmp_path):
+    from mpfleet.rollout import QUEUE_MAX_BYTES
+
+    def payload(envelope: str) -> dict:
+        return json.loads(b64url_decode(envelope.split(".")[2]))
+
+    with Store(tmp_path / "q.db") as store:
+        ring = KeyRing(store, tmp_path / "keys")
+        ring.init()
+        Registry(store).add("dev-1")
+        engine = RolloutEngine(store, ring, Registry(store))
+        jobs = [engine.create_job("config", {"set": {"upload_watermark": 100 + i}, "pad": "x" * 900}, ["dev-1"])
+                for i in range(12)]
+        engine.tick()
+        queue = engine.device_queue("dev-1")
+        assert 1 < len(queue) < 12 and sum(len(e) + 3 for e in queue) + 2 <= QUEUE_MAX_BYTES
+        assert [payload(e)["id"] for e in queue] == jobs[:len(queue)]  # the oldest, in seq order
+        first = payload(queue[0])
+        engine.on_status("dev-1", {"job": first["id"], "seq": first["seq"], "status": "SUCCEEDED"})
+        assert payload(engine.device_queue("dev-1")[-1])["id"] == jobs[len(queue)]  # the next comes in

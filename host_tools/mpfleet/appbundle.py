@@ -58,6 +58,16 @@ def mpy_header(data: bytes, name: str) -> tuple[int, int, int]:
     return data[1], data[2] >> 2, data[2] & 3
 
 
+def is_bundle_file(path) -> bool:
+    """Does the file start like an app bundle? (False for a file that cannot be read:
+    whoever reads it next says why.)"""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def build_bundle(version: str, root: Path = FIRMWARE_DIR) -> bytes:
     """Compile every .py under `root`/lib with mpy-cross and pack them with the manifest."""
     if not version or len(version) > 32:

@@ -23,14 +23,6 @@ def _images(db, images_dir):
 
 
 
-def _is_bundle(path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"MPFA"
-    except OSError:
-        return False  # images.add() says why the file cannot be read
-
-
 @click.group("image")
 def image() -> None:
     """Firmware images and app bundles for updates, validated and kept by SHA-256.
@@ -51,9 +43,11 @@ def image() -> None:
 @JSON
 def image_add(file, chip, db, images_dir, as_json):
     """Check FILE (app image, merged flash image or app bundle) and add it to the store."""
+    from mpfleet.appbundle import is_bundle_file
+
     store, images = _images(db, images_dir)
     with store:
-        if _is_bundle(file):
+        if is_bundle_file(file):
             if chip:
                 raise click.UsageError(f"{file} is an app bundle: --chip is for firmware images")
             record, new = images.add_bundle(file)

@@ -323,14 +323,13 @@ def _update_params(store, engine, type_, ref, allow_downgrade, chunk, window, im
     """The signed params of an ota/app job; a file given instead of an id is added first."""
     import os
 
+    from mpfleet.appbundle import is_bundle_file
     from mpfleet.images import ImageStore
     from mpfleet.updates import app_params, check_targets, ota_params
 
     images = ImageStore(store, images_dir)
     if os.path.isfile(ref):
-        with open(ref, "rb") as f:
-            is_bundle = f.read(4) == b"MPFA"
-        record, _ = images.add_bundle(ref) if is_bundle else images.add(ref)
+        record, _ = images.add_bundle(ref) if is_bundle_file(ref) else images.add(ref)
         ref = record.id
     if type_ == "ota":
         params, record = ota_params(images, ref, allow_downgrade, chunk, window)

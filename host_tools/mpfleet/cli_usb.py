@@ -89,9 +89,13 @@ def _summary(title: str, results, columns: list[tuple[str, callable]]) -> int:
     return 1 if bad else 0
 
 
-def _as_json(results) -> list[dict]:
-    return [{"port": r.port, "ok": r.ok, "device": r.device, "error": r.error,
-             "detail": {k: v for k, v in r.detail.items() if k != "frames"}} for r in results]
+def _report(results, as_json: bool, title: str, columns: list[tuple[str, callable]]) -> None:
+    """JSON or the summary table; exit status 1 when any board failed."""
+    if as_json:
+        print_json([{"port": r.port, "ok": r.ok, "device": r.device, "error": r.error,
+                     "detail": {k: v for k, v in r.detail.items() if k != "frames"}} for r in results])
+        sys.exit(0 if all(r.ok for r in results) else 1)
+    sys.exit(_summary(title, results, columns))
 
 
 # ---------------------------------------------------------------- ports
@@ -182,12 +186,9 @@ def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, cr
         ring = KeyRing(store, keys_dir)
         ring.fleet_key()  # no signing key: the devices could trust nothing; say so now
         results = deploy_boards(store, ring, chosen, settings, progress=_Lines(quiet or as_json))
-    if as_json:
-        print_json(_as_json(results))
-        sys.exit(0 if all(r.ok for r in results) else 1)
-    sys.exit(_summary("deploy", results, [("copied", lambda r: len(r.detail["written"])),
-                                          ("unchanged", lambda r: len(r.detail["skipped"])),
-                                          ("agent", lambda r: r.detail["app"])]))
+    _report(results, as_json, "deploy", [("copied", lambda r: len(r.detail["written"])),
+                                         ("unchanged", lambda r: len(r.detail["skipped"])),
+                                         ("agent", lambda r: r.detail["app"])])
 
 
 # ---------------------------------------------------------------- usb run / collect
@@ -226,10 +227,7 @@ def usb_run(job_id, ports, all_ports, transport, wait_s, quiet, db, keys_dir, as
         engine = RolloutEngine(store, KeyRing(store, keys_dir), Registry(store))
         engine.job_status(job_id)  # an unknown job is refused before any board is touched
         results = run_job(engine, chosen, job_id, transport, progress=_Lines(quiet or as_json), wait_s=wait_s)
-    if as_json:
-        print_json(_as_json(results))
-        sys.exit(0 if all(r.ok for r in results) else 1)
-    sys.exit(_summary(f"job {job_id} over USB", results, [("status", lambda r: r.detail["status"])]))
+    _report(results, as_json, f"job {job_id} over USB", [("status", lambda r: r.detail["status"])])
 
 
 @usb.command("collect")
@@ -249,9 +247,6 @@ def usb_collect(ports, all_ports, transport, wait_s, quiet, db, as_json):
     store = Store(db)
     with store:
         results = collect(store, chosen, transport, progress=_Lines(quiet or as_json), wait_s=wait_s)
-    if as_json:
-        print_json(_as_json(results))
-        sys.exit(0 if all(r.ok for r in results) else 1)
-    sys.exit(_summary("samples over USB", results, [("new samples", lambda r: r.detail["new"]),
-                                                    ("duplicates", lambda r: r.detail["duplicates"]),
-                                                    ("acked up to", lambda r: r.detail["acked"])]))
+    _report(results, as_json, "samples over USB", [("new samples", lambda r: r.detail["new"]),
+                                                   ("duplicates", lambda r: r.detail["duplicates"]),
+                                                   ("acked up to", lambda r: r.detail["acked"])])

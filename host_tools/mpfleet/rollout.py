@@ -133,6 +133,7 @@ PENDING = (QUEUED, IN_PROGRESS)
 FAILURES = (FAILED, REJECTED, TIMED_OUT)
 RETRIABLE = (FAILED, TIMED_OUT)
 NETWORK_JOBS = ("ota", "app", "reboot", "upload")  # the agent refuses them over USB
+QUEUE_MAX_BYTES = 6144  # of envelopes in one device's retained queue (docs/dispatch.md)
 COUNTED = (SUCCEEDED, *FAILURES)  # the executions the abort fraction is taken over
 DEVICE_STATES = (IN_PROGRESS, SUCCEEDED, FAILED, REJECTED)
 FINAL_STATES = (SUCCEEDED, FAILED, REJECTED)  # what a device reports last
@@ -775,13 +776,23 @@ class RolloutEngine:
     # ------------------------------------------------------------ views
     def device_queue(self, device: str) -> list[str]:
         """The envelopes `device`'s retained `jobs` topic must carry now, ascending seq:
-        QUEUED and IN_PROGRESS executions of ACTIVE jobs, plus unfinished cancel jobs."""
+        QUEUED and IN_PROGRESS executions of ACTIVE jobs, plus unfinished cancel jobs,
+        the oldest first and at most QUEUE_MAX_BYTES of them."""
         rows = self.db.execute(
             "SELECT e.seq, e.envelope FROM executions e JOIN jobs j ON j.id = e.job "
             "WHERE e.device = ? AND e.status IN (?, ?) AND j.status = ? "
             "UNION ALL SELECT seq, envelope FROM job_controls WHERE device = ? AND status = ? ORDER BY 1",
             (device, QUEUED, IN_PROGRESS, ACTIVE, device, QUEUED))
-        return [r[1] for r in rows]
+        # At most QUEUE_MAX_BYTES of envelopes (always the first): a device parses its whole
+        # queue in a 128 KiB heap; the rest follow as these finish.
+        out: list[str] = []
+        size = 2
+        for _, envelope in rows:
+            if out and size + len(envelope) + 3 > QUEUE_MAX_BYTES:
+                break
+            out.append(envelope)
+            size += len(envelope) + 3
+        return out
 
     def all_queues(self) -> dict[str, list[str]]:
         """device_queue() of every device whose queue is not empty, in one query."""

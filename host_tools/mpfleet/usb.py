@@ -72,6 +72,12 @@ class BoardLink:
     def close(self) -> None:
         raise NotImplementedError
 
+    def _answer(self, out: bytes, err: bytes) -> str:
+        """What the board printed, or UsbError with the last line of its traceback."""
+        if err:
+            raise UsbError(f"{self.port}: {_last_line(err.decode(errors='replace'))}")
+        return out.decode(errors="replace")
+
     def __enter__(self) -> "BoardLink":
         return self
 
@@ -107,9 +113,7 @@ class MpremoteLink(BoardLink):
             out, err = self._t.exec_raw(code, timeout=timeout)
         except (self._error, OSError) as e:
             raise UsbError(f"{self.port}: the board stopped answering: {e}") from None
-        if err:
-            raise UsbError(f"{self.port}: {_last_line(err.decode(errors='replace'))}")
-        return out.decode(errors="replace")
+        return self._answer(out, err)
 
     def write_file(self, path: str, data: bytes) -> None:
         try:
@@ -153,9 +157,7 @@ class AmpyLink(BoardLink):
             out, err = self._pyb.follow(timeout)
         except (self._error, OSError) as e:
             raise UsbError(f"{self.port}: the board stopped answering: {e}") from None
-        if err:
-            raise UsbError(f"{self.port}: {_last_line(err.decode(errors='replace'))}")
-        return out.decode(errors="replace")
+        return self._answer(out, err)
 
     def write_file(self, path: str, data: bytes) -> None:
         self.exec(f"f = open({path!r}, 'wb')")

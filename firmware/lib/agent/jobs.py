@@ -152,6 +152,20 @@ class Runner:
             queue = queue.get("jobs", [])
         return queue if isinstance(queue, list) else []
 
+    def drop_oversized(self, queue):
+        """Reject envelopes over the size limit first, so that their memory is free
+        before anything is verified (a long one would otherwise sit in the heap
+        through every signature check)."""
+        limit = self.cfg["limits"]["job_max_bytes"]
+        for i in range(len(queue)):
+            text = queue[i]
+            if not isinstance(text, str) or len(text) > limit:
+                queue[i] = None
+                if isinstance(text, str):
+                    self.reject_unattributed(text, "envelope of %d bytes is over the limit of %d" % (len(text), limit))
+                text = None
+                gc.collect()
+
     def verify(self, text):
         """The verified job dict, None to skip silently, or Rejected."""
         cfg = self.cfg
@@ -187,9 +201,12 @@ class Runner:
         self.flush_outbox()
         self.resume()
         queue = self.read_queue()
+        self.drop_oversized(queue)
         verified = []
         for i in range(len(queue)):
             text = queue[i]
+            if text is None:
+                continue
             queue[i] = None  # each envelope's memory goes as soon as it is handled
             gc.collect()
             try:
