@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from update_site import UpdateSite  # noqa: E402
 
-from mpfleet.appbundle import build_bundle  # noqa: E402
 from mpfleet.broker import LocalBroker  # noqa: E402
 from mpfleet.serve import Dispatcher  # noqa: E402
 from mpfleet.sim.heap import heap_needed  # noqa: E402
@@ -195,16 +194,18 @@ def disconnects(env: Env, broker_port: int) -> list[dict]:
     return rows
 
 
+def _params(env: Env, kind: str, record) -> dict:
+    return (app_params if kind == "app" else ota_params)(env.images, record.id)[0]
+
+
 def app_vs_ota(env: Env) -> list[dict]:
     rows = []
-    src = env.root / "bundle.mpfa"
-    src.write_bytes(build_bundle("9.9.9"))
-    bundle = env.images.add_bundle(src)[0]
+    bundle = env.bundle("9.9.9")
     image = env.image("v9.2.0", FULL_IMAGE_SIZE)
     for kind, record in (("app", bundle), ("ota", image)):
         board = env.board()
         board.boot()
-        params = (app_params if kind == "app" else ota_params)(env.images, record.id)[0]
+        params = _params(env, kind, record)
         job = env.job(kind, params, board.device_id)
         row, spent = _boot_until_final(env, board, job)
         rows.append({"case": f"{kind} update", "status": row["status"], "bytes": record.size,
@@ -216,14 +217,12 @@ def app_vs_ota(env: Env) -> list[dict]:
 
 def ram(env: Env) -> list[dict]:
     rows = []
-    src = env.root / "ram-bundle.mpfa"
-    src.write_bytes(build_bundle("9.9.8"))
-    bundle = env.images.add_bundle(src)[0]
+    bundle = env.bundle("9.9.8")
     image = env.image("v9.3.0", 200_000)
     for kind, record, done in (("ota", image, "ota: booting"), ("app", bundle, "app: trial boot of")):
         board = env.board()
         board.boot()
-        params = (app_params if kind == "app" else ota_params)(env.images, record.id)[0]
+        params = _params(env, kind, record)
         env.job(kind, params, board.device_id)
         time.sleep(0.5)  # serve publishes the device's queue
         need = heap_needed(board, lambda rec: done in rec.output and "Traceback" not in rec.output,

@@ -100,13 +100,9 @@ def _running(board) -> str:
 
 
 def _otadata(board) -> list[tuple[int, str, bool]]:
-    from mpfleet.sim.board import RUNTIME_DIR  # noqa: PLC0415
+    from mpfleet.sim.board import runtime_module  # noqa: PLC0415
 
-    sys.path.insert(0, str(RUNTIME_DIR))
-    try:
-        from _simota import STATE_NAMES  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(RUNTIME_DIR))
+    STATE_NAMES = runtime_module("_simota").STATE_NAMES
     return [(e.seq, STATE_NAMES.get(e.state, hex(e.state)), e.valid) for e in board.ota_entries()]
 
 

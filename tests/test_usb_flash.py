@@ -21,7 +21,7 @@ import pytest
 
 from mpfleet.boards import load_board
 from mpfleet.espimage import build_app_image
-from mpfleet.sim.board import RUNTIME_DIR
+from mpfleet.sim.board import runtime_module
 from mpfleet.sim.rom import RomBootloader
 from mpfleet.usbflash import FlashError, flash_boards, load_firmware
 
@@ -80,11 +80,7 @@ def firmware(tmp_path) -> Path:
 def took_an_ota_update(vb) -> None:
     """ota_1 holds an update and otadata says to boot it, as after a field update."""
     vb.write_app_image("ota_1", build_app_image("esp32", OTA_VERSION))
-    sys.path.insert(0, str(RUNTIME_DIR))
-    try:
-        import _simota  # noqa: PLC0415 - the board's own otadata rules
-    finally:
-        sys.path.remove(str(RUNTIME_DIR))
+    _simota = runtime_module("_simota")  # the board's own otadata rules
     flash = vb.flash()
     try:
         otadata = vb.partition("otadata")["offset"]

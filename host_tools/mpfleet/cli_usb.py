@@ -53,6 +53,7 @@ ALL = click.option("--all", "all_ports", is_flag=True, help="Every attached USB 
 WAIT = click.option("--wait", "wait_s", type=click.FloatRange(min=1), default=15, show_default=True,
                     help="Seconds to keep interrupting a board until its REPL answers (a board in deep "
                          "sleep answers when it next wakes).")
+QUIET = click.option("--quiet", is_flag=True, help="No progress lines.")
 TRANSPORT = click.option("--transport", type=click.Choice(["mpremote", "ampy"]), default="mpremote",
                          show_default=True,
                          help="REPL transport: mpremote (raw-paste mode, faster) or ampy (plain raw REPL).")
@@ -154,7 +155,7 @@ def ports(probe, ports, as_json):
               help="Give each device its own broker account (mpfleet broker config writes the broker's files).")
 @TRANSPORT
 @WAIT
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@QUIET
 @DB
 @KEYS_DIR
 @JSON
@@ -209,7 +210,7 @@ def usb() -> None:
 @ALL
 @TRANSPORT
 @WAIT
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@QUIET
 @DB
 @KEYS_DIR
 @JSON
@@ -235,7 +236,7 @@ def usb_run(job_id, ports, all_ports, transport, wait_s, quiet, db, keys_dir, as
 @ALL
 @TRANSPORT
 @WAIT
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@QUIET
 @DB
 @JSON
 def usb_collect(ports, all_ports, transport, wait_s, quiet, db, as_json):

@@ -67,6 +67,18 @@ RTC_FILE_SIZE = 2 + 2048
 STOPPING_REASONS = frozenset({"power_cut", "repl", "no_bootable_image", "hang", "crashed", "bootloader"})
 
 
+def runtime_module(name: str):
+    """A module of the device runtime (sim/mpy: the flash, otadata and image rules),
+    imported on the host: they are written for MicroPython and CPython alike."""
+    import importlib  # noqa: PLC0415
+
+    sys.path.insert(0, str(RUNTIME_DIR))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(RUNTIME_DIR))
+
+
 class SimError(MpfleetError):
     """A virtual board could not be created, found or run."""
 
@@ -317,11 +329,7 @@ class VirtualBoard:
     # ------------------------------------------------------------------ flash
     def flash(self, cut_after_ops: int | None = None):
         """The board's NOR flash for host-side access (counted like device access)."""
-        sys.path.insert(0, str(RUNTIME_DIR))
-        try:
-            from _simflash import NorFlash  # noqa: PLC0415 - shared with the device runtime
-        finally:
-            sys.path.remove(str(RUNTIME_DIR))
+        NorFlash = runtime_module("_simflash").NorFlash
         regions = [(p["name"], p["offset"], p["size"]) for p in self.board["partitions"]]
         return NorFlash(
             str(self.path / "flash.bin"),
@@ -363,11 +371,7 @@ class VirtualBoard:
             flash.close()
 
     def ota_entries(self) -> list:
-        sys.path.insert(0, str(RUNTIME_DIR))
-        try:
-            import _simota  # noqa: PLC0415
-        finally:
-            sys.path.remove(str(RUNTIME_DIR))
+        _simota = runtime_module("_simota")
         flash = self.flash()
         try:
             return _simota.read_entries(flash, self.partition("otadata")["offset"])
