@@ -59,9 +59,9 @@ def read_select():
 
 
 def write_select(sel):
-    with open(SELECT_PATH + ".tmp", "w") as f:
-        json.dump(sel, f)
-    os.rename(SELECT_PATH + ".tmp", SELECT_PATH)
+    from agent.jsonfile import write_json
+
+    write_json(SELECT_PATH, sel)
 
 
 def loadable(mpy, device):
@@ -191,7 +191,7 @@ def run(runner, cur):
         _makedirs("/apps")
         _remove_tree(_bundle_path(slot))
         cur["phase"] = "download"
-        cur["data"] = data = {"slot": slot, "from": runner.wake.app_version()}
+        cur["data"] = data = {"slot": slot, "from": runner.ctx.app_version()}
         runner.save()
     slot = data["slot"]
     path = _bundle_path(slot)
@@ -218,7 +218,7 @@ def run(runner, cur):
         cur["phase"] = "unpack"
         runner.save()
     gc.collect()
-    problem = unpack(path, slot, size, sha, version, runner.wake.wdt.feed, rx)
+    problem = unpack(path, slot, size, sha, version, runner.ctx.feed, rx)
     if problem is not None:
         _remove_tree(path)
         _remove_tree("/apps/" + slot)
@@ -316,31 +316,26 @@ def after_switch(runner, cur):
             return
         reason = data.get("reason")
         if reason is None:
-            crash = None
-            try:
-                with open(CRASH_PATH) as f:
-                    crash = f.read()
-            except OSError:
-                pass
+            crash = cur.get("crash")  # noted by the wake from main.py's /last_crash.txt
             reason = ("the new app raised at its trial boot: %s" % crash) if crash else \
                 "the new app did not confirm itself in its trial boot (reset or watchdog)"
         _remove_tree("/apps/" + slot)
         runner.finish(cur, "FAILED", {"reason": reason + "; previous app restored",
-                                      "app": runner.wake.app_version(), "version": cur["params"].get("version")})
+                                      "app": runner.ctx.app_version(), "version": cur["params"].get("version")})
         return
     if cur["phase"] == "rollback":
         rollback(runner, cur, None)
         return
     cur["phase"] = "trial"
     runner.save()
-    problem = ota.self_test(runner, cur["params"].get("version"), runner.wake.app_version())
+    problem = ota.self_test(runner, cur["params"].get("version"), runner.ctx.app_version())
     if problem is None and not loaded_from.startswith("/apps/%s/" % slot):
         problem = "self-test: the agent was loaded from %s, not from slot %s" % (loaded_from, slot)
     if problem is not None:
         rollback(runner, cur, problem)
         return
     write_select({"active": slot})
-    runner.finish(cur, "SUCCEEDED", {"app": runner.wake.app_version(), "slot": slot, "from": data.get("from"),
+    runner.finish(cur, "SUCCEEDED", {"app": runner.ctx.app_version(), "slot": slot, "from": data.get("from"),
                                      "link": data.get("link")})
 
 
@@ -358,7 +353,7 @@ def rollback(runner, cur, reason):
     machine.reset()
 
 
-def on_upload_failed(wake, state, cur, error):
+def on_upload_failed(ctx, state, cur, error):
     from agent import jobs
 
     if cur["phase"] in ("switch", "rebooting", "trial") and running_slot() == cur["data"]["slot"]:
@@ -371,4 +366,4 @@ def on_upload_failed(wake, state, cur, error):
             write_select(sel)
         print("app: rolling back:", cur["data"]["reason"])
         machine.reset()
-    wake.request_upload()
+    ctx.request_upload()

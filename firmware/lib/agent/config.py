@@ -2,13 +2,24 @@
 #
 # A bad or missing config never bricks the device: every field that fails its
 # check falls back (to the last good config's value, else the default) and the
-# problem is reported in the device's state; a config that parses and passes is
-# copied to /config.good.json so that a later broken write can be survived.
+# problem is reported in the device's state. "Last good" is the config the
+# device last reached its broker with: the wake calls confirm_good() once
+# connected, and only then is /config.json copied to /config.good.json. A
+# config that merely parses is not good: a valid but unreachable SSID parses.
+#
+# Security settings are not config (docs/security.md): the trusted keys and
+# exec permission live in /security.json once a `keys` job has run, and no
+# `config` job may name them (change_problem). Until then they come from the
+# /config.json written at provisioning over USB.
 
 import json
 
+from agent.jsonfile import read_json, write_json
+
 CONFIG_PATH = "/config.json"
 GOOD_PATH = "/config.good.json"
+SECURITY_PATH = "/security.json"
+SECURITY_KEYS = ("trusted_keys", "exec_allowed")
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_-"
 _MAX_ID = 64
 
@@ -22,14 +33,6 @@ def _is_device_id(v):
     return True
 
 
-def _is_str(v):
-    return isinstance(v, str)
-
-
-def _is_opt_str(v):
-    return v is None or isinstance(v, str)
-
-
 def _is_bool(v):
     return v is True or v is False
 
@@ -40,20 +43,11 @@ def _int_in(lo, hi):
     return check
 
 
-def _is_str_list(v):
-    if not isinstance(v, list):
-        return False
-    for x in v:
-        if not _is_str(x):
-            return False
-    return True
-
-
 def _is_key_map(v):
-    if not isinstance(v, dict):
+    if not isinstance(v, dict) or len(v) > 8:
         return False
     for kid in v:
-        if not isinstance(kid, str) or not isinstance(v[kid], str):
+        if not isinstance(kid, str) or not isinstance(v[kid], str) or len(v[kid]) > 64:
             return False
     return True
 
@@ -61,13 +55,56 @@ def _is_key_map(v):
 _SENSOR_KINDS = ("adc", "internal_temp", "dht22", "battery")
 
 
+def _is_number_in(v, lo, hi):
+    return (isinstance(v, int) or isinstance(v, float)) and not _is_bool(v) and lo <= v <= hi
+
+
+def _is_sensor(s):
+    if not isinstance(s, dict) or s.get("kind") not in _SENSOR_KINDS:
+        return False
+    name = s.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 16:
+        return False
+    if s["kind"] != "internal_temp" and not _int_in(0, 48)(s.get("pin")):
+        return False
+    if "scale" in s and not _int_in(0, 6)(s["scale"]):
+        return False
+    return "divider" not in s or _is_number_in(s["divider"], 0.01, 100)
+
+
 def _is_sensor_list(v):
+    # At most 8 channels: the RTC stage's missing-channel bitmap is one byte.
     if not isinstance(v, list) or len(v) > 8:
         return False
+    names = []
     for s in v:
-        if not isinstance(s, dict) or s.get("kind") not in _SENSOR_KINDS or not _is_str(s.get("name")):
+        if not _is_sensor(s) or s["name"] in names:
             return False
-        if s["kind"] != "internal_temp" and not _int_in(0, 48)(s.get("pin")):
+        names.append(s["name"])
+    return True
+
+
+def _str_upto(n):
+    def check(v):
+        return isinstance(v, str) and len(v) <= n
+    return check
+
+
+def _host_name(v):
+    return isinstance(v, str) and 1 <= len(v) <= 253
+
+
+def _opt_str_upto(n):
+    def check(v):
+        return v is None or (isinstance(v, str) and len(v) <= n)
+    return check
+
+
+def _is_group_list(v):
+    if not isinstance(v, list) or len(v) > 16:
+        return False
+    for g in v:
+        if not _is_device_id(g):
             return False
     return True
 
@@ -75,7 +112,7 @@ def _is_sensor_list(v):
 # (section, key, check, default). Section None is the top level.
 SCHEMA = (
     (None, "device_id", _is_device_id, None),
-    (None, "groups", _is_str_list, []),
+    (None, "groups", _is_group_list, []),
     (None, "sample_interval_s", _int_in(1, 86400), 60),
     (None, "upload_every_wakes", _int_in(1, 10000), 30),
     (None, "upload_watermark", _int_in(1, 1000000), 500),
@@ -87,15 +124,15 @@ SCHEMA = (
     ]),
     (None, "trusted_keys", _is_key_map, {}),
     (None, "exec_allowed", _is_bool, False),
-    ("wifi", "ssid", _is_str, ""),
-    ("wifi", "password", _is_str, ""),
+    ("wifi", "ssid", _str_upto(32), ""),
+    ("wifi", "password", _str_upto(64), ""),
     ("wifi", "connect_timeout_ms", _int_in(100, 60000), 10000),
-    ("ntp", "host", _is_str, ""),
+    ("ntp", "host", _str_upto(253), ""),
     ("ntp", "port", _int_in(1, 65535), 123),
-    ("broker", "host", _is_str, "127.0.0.1"),
+    ("broker", "host", _host_name, "127.0.0.1"),
     ("broker", "port", _int_in(1, 65535), 1883),
-    ("broker", "user", _is_opt_str, None),
-    ("broker", "password", _is_opt_str, None),
+    ("broker", "user", _opt_str_upto(128), None),
+    ("broker", "password", _opt_str_upto(128), None),
     ("broker", "tls", _is_bool, False),
     ("broker", "keepalive_s", _int_in(0, 65535), 60),
     ("broker", "timeout_ms", _int_in(100, 60000), 5000),
@@ -111,16 +148,10 @@ SCHEMA = (
 
 
 def _read(path):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError:
-        return None, "missing"
-    except ValueError:
-        return None, "not valid JSON"
-    if not isinstance(data, dict):
+    data, error = read_json(path)
+    if error is None and not isinstance(data, dict):
         return None, "not a JSON object"
-    return data, None
+    return data, error
 
 
 def _get(data, section, key):
@@ -159,8 +190,7 @@ def validate(data, fallback, default_id):
 def load(default_id, path=CONFIG_PATH, good_path=GOOD_PATH):
     """Load and check the config; returns (config, problems).
 
-    The device id defaults to `default_id` (the MAC in hex).
-    """
+    The device id defaults to `default_id` (the MAC in hex)."""
     data, error = _read(path)
     good, _ = _read(good_path)
     problems = []
@@ -168,17 +198,64 @@ def load(default_id, path=CONFIG_PATH, good_path=GOOD_PATH):
         problems.append("%s: %s%s" % (path, error, ", using the last good config" if good else ", using defaults"))
     cfg, field_problems = validate(data, good, default_id)
     problems.extend(field_problems)
-    if data is not None and not field_problems:
-        _save_if_changed(good_path, data, good)
+    security, error = _read(SECURITY_PATH)
+    if security is not None:
+        sec, sec_problems = validate(security, None, default_id)
+        for key in SECURITY_KEYS:
+            cfg[key] = sec[key]
+        problems.extend(sec_problems)
     return cfg, problems
 
 
-def _save_if_changed(path, data, current):
-    if current == data:
+def confirm_good(path=CONFIG_PATH, good_path=GOOD_PATH):
+    """The broker was reached with the current config: it becomes the last good
+    one (written only when it changed, and only if every field passed)."""
+    data, error = _read(path)
+    if error is not None:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    import os
+    _, problems = validate(data, None, "x")
+    if problems:
+        return
+    good, _ = _read(good_path)
+    if good != data:
+        write_json(good_path, data)
 
-    os.rename(tmp, path)
+
+def restore_good(path=CONFIG_PATH, good_path=GOOD_PATH):
+    """Put the last good config back (a connectivity trial failed); False if there is none."""
+    good, error = _read(good_path)
+    if error is not None:
+        return False
+    write_json(path, good)
+    return True
+
+
+def is_connectivity(key):
+    """Whether changing `key` can cost the device its link to the broker."""
+    return key.startswith("wifi") or key.startswith("broker") or key == "device_id"
+
+
+def change_problem(key):
+    """Why a config job may not set (or unset) `key`, or None (checked before it runs)."""
+    if not isinstance(key, str):
+        return "config keys must be strings"
+    head = key.split(".")[0]
+    if head in SECURITY_KEYS:
+        return ("%s is a security setting: keys change through a keys job, exec permission only over USB"
+                % head)
+    section = None if "." not in key else head
+    name = key if section is None else key[len(head) + 1:]
+    for s, k, check, default in SCHEMA:
+        if section is None and (k == name and s is None or s == name):
+            return None
+        if section is not None and s == section and k == name:
+            return None
+    return "unknown config key %s" % key[:40]
+
+
+def security_settings(cfg):
+    return {"trusted_keys": cfg["trusted_keys"], "exec_allowed": cfg["exec_allowed"]}
+
+
+def write_security(settings):
+    write_json(SECURITY_PATH, settings)

@@ -1,9 +1,17 @@
 # Checking a signed job envelope: mpf1.<kid>.<payload-b64url>.<sig-b64url>.
 #
-# The checks run in a fixed order and the first failure is the reason given;
-# nothing about a job is trusted before its signature is (docs/protocol.md):
-#   size, format, trusted kid, signature, targeting, replay, time window, schema.
-# Replay and targeting need the device's job state, so they are passed in.
+# The checks run in a fixed order and the first failure is the reason given
+# (docs/security.md, "Intake order"):
+#
+#   size -> format -> trusted kid -> signature over the raw bytes
+#        -> payload parsed (bounded depth and size) -> targeting -> replay
+#        -> time window -> schema (job type and its params)
+#
+# Nothing is parsed before its signature verified: the signature covers the
+# base64url text, so an unauthenticated envelope costs at most a base64 decode
+# of 64 bytes and one verify. Replay and targeting need the device's job
+# state, so they are passed in. Every failure is a Rejected with a reason;
+# nothing here lets another exception out for anything a sender controls.
 
 import binascii
 import json
@@ -13,13 +21,20 @@ from micropython import const
 PREFIX = "mpf1"
 _SIG_LEN = const(64)
 _KEY_LEN = const(32)
+_KID_LEN = const(16)
 _MAX_TIMEOUT_S = const(86400 * 30)
+# JSON nesting a payload may have: the deepest honest one is a config job's
+# params.set.sensors[i] (payload > params > set > sensors > item = 5).
+MAX_PAYLOAD_DEPTH = const(6)
+MAX_KEYS = const(8)  # trusted keys a device holds at most
+_MAX_ID = const(64)
 
-JOB_TYPES = ("config", "reboot", "upload", "diag", "sample", "ota", "app", "cancel", "exec")
+JOB_TYPES = ("config", "reboot", "upload", "diag", "sample", "ota", "app", "cancel", "exec", "keys")
 
 
 class Rejected(Exception):
-    """The envelope failed a check; args[0] is the reason."""
+    """The envelope failed a check; args: (reason, kid, payload) once the
+    signature verified (kid and payload then say who to name), else (reason,)."""
 
 
 def b64url_decode(text):
@@ -30,6 +45,48 @@ def b64url_decode(text):
             raise ValueError("not base64url")
     std = text.replace(b"-", b"+").replace(b"_", b"/")
     return binascii.a2b_base64(std + b"=" * (-len(std) % 4))
+
+
+def json_depth(data, limit):
+    """The nesting depth of JSON text `data` (bytes or str), counting only
+    brackets outside strings; stops and returns limit + 1 as soon as it passes
+    `limit`. MicroPython's json parser spends memory per level, so text is
+    measured before it is parsed: 600 nested lists (1.7 KB) exhaust a 128 KiB
+    heap."""
+    if isinstance(data, str):
+        data = data.encode()
+    depth = 0
+    in_string = False
+    escaped = False
+    for c in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 92:  # backslash
+                escaped = True
+            elif c == 34:  # quote
+                in_string = False
+        elif c == 34:
+            in_string = True
+        elif c == 91 or c == 123:  # [ {
+            depth += 1
+            if depth > limit:
+                return limit + 1
+        elif c == 93 or c == 125:  # ] }
+            depth -= 1
+    return depth if depth > 0 else 0
+
+
+def loads_bounded(data, max_depth):
+    """json.loads of text measured first: ValueError for anything too deep or
+    not JSON. MemoryError passes through: it is the heap's state, not the
+    text's fault, and the caller decides."""
+    if json_depth(data, max_depth) > max_depth:
+        raise ValueError("nested deeper than %d levels" % max_depth)
+    try:
+        return json.loads(data)
+    except (TypeError, RuntimeError, IndexError):
+        raise ValueError("not JSON")
 
 
 def split(envelope, max_bytes):
@@ -44,20 +101,11 @@ def split(envelope, max_bytes):
     return parts[1], envelope[:len(parts[0]) + len(parts[1]) + len(parts[2]) + 2], parts[2], parts[3]
 
 
-def peek_payload(payload_b64):
-    """The payload before its signature is checked: only to skip jobs already done."""
-    try:
-        payload = json.loads(b64url_decode(payload_b64))
-    except (ValueError, TypeError):
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
 def check_signature(kid, signed, sig_b64, trusted_keys):
     """Rejected unless `kid` is trusted and the signature verifies."""
     key_b64 = trusted_keys.get(kid)
     if key_b64 is None:
-        raise Rejected("unknown signing key %s" % kid)
+        raise Rejected("unknown signing key %s" % kid[:_KID_LEN])
     try:
         key = b64url_decode(key_b64)
         sig = b64url_decode(sig_b64)
@@ -72,10 +120,13 @@ def check_signature(kid, signed, sig_b64, trusted_keys):
 
 
 def decode_payload(payload_b64):
+    """The authentic payload as a dict (call only after check_signature)."""
     try:
-        payload = json.loads(b64url_decode(payload_b64))
-    except (ValueError, TypeError):
-        raise Rejected("payload is not base64url JSON")
+        payload = loads_bounded(b64url_decode(payload_b64), MAX_PAYLOAD_DEPTH)
+    except (ValueError, MemoryError) as e:
+        # An authentic payload of at most job_max_bytes that does not parse in
+        # the heap a verify leaves will never parse: rejected, not retried.
+        raise Rejected("payload is not base64url JSON: %s" % e)
     if not isinstance(payload, dict):
         raise Rejected("payload is not a JSON object")
     return payload
@@ -86,37 +137,164 @@ def check_targets(payload, device_id, groups):
     if not isinstance(targets, list):
         raise Rejected("schema: targets must be a list")
     for t in targets:
-        if t == "*" or t == device_id or t in groups:
+        if t == "*" or t == device_id or (isinstance(t, str) and t in groups):
             return
-    raise Rejected("not for this device (targets %s)" % json.dumps(targets)[:80])
+    raise Rejected("not for this device")
 
 
 def check_time(payload, now, clock_known):
-    """nbf/exp, when the device knows the time."""
+    """nbf/exp against `now`, when the device knows the time (the RTC, never
+    earlier than the newest signed iat the device verified)."""
     if not clock_known:
         return
     nbf = payload.get("nbf")
     exp = payload.get("exp")
-    if isinstance(nbf, int) and now < nbf:
+    if _is_int(nbf) and now < nbf:
         raise Rejected("not yet valid (nbf %d, now %d)" % (nbf, now))
-    if isinstance(exp, int) and now >= exp:
+    if _is_int(exp) and now >= exp:
         raise Rejected("expired (exp %d, now %d)" % (exp, now))
 
 
+def _is_int(v):
+    return isinstance(v, int) and v is not True and v is not False
+
+
+def _is_number(v):
+    return (isinstance(v, int) or isinstance(v, float)) and v is not True and v is not False
+
+
+def _is_id(v):
+    return isinstance(v, str) and 1 <= len(v) <= _MAX_ID
+
+
 def check_schema(payload):
-    job_id = payload.get("id")
-    if not isinstance(job_id, str) or not 1 <= len(job_id) <= 64:
+    """The payload's fields and the params of its job type; Rejected on the first problem."""
+    if not _is_id(payload.get("id")):
         raise Rejected("schema: id must be a string of 1..64 characters")
     seq = payload.get("seq")
-    if not isinstance(seq, int) or seq < 1:
+    if not _is_int(seq) or seq < 1:
         raise Rejected("schema: seq must be a positive integer")
-    if payload.get("type") not in JOB_TYPES:
-        raise Rejected("unknown job type %s" % json.dumps(payload.get("type"))[:40])
-    if not isinstance(payload.get("params", {}), dict):
+    job_type = payload.get("type")
+    if job_type not in JOB_TYPES:
+        raise Rejected("unknown job type %s" % json.dumps(job_type)[:40])
+    params = payload.get("params", {})
+    if not isinstance(params, dict):
         raise Rejected("schema: params must be an object")
     for key in ("iat", "nbf", "exp"):
-        if key in payload and not isinstance(payload[key], int):
+        if key in payload and not _is_int(payload[key]):
             raise Rejected("schema: %s must be an integer" % key)
     timeout = payload.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int) or not 0 < timeout <= _MAX_TIMEOUT_S):
+    if timeout is not None and (not _is_int(timeout) or not 0 < timeout <= _MAX_TIMEOUT_S):
         raise Rejected("schema: timeout must be 1..%d seconds" % _MAX_TIMEOUT_S)
+    problem = _PARAM_CHECKS[job_type](params) if job_type in _PARAM_CHECKS else None
+    if problem:
+        raise Rejected("schema: %s params: %s" % (job_type, problem))
+
+
+# --- params per job type: None when fine, else the problem ----------------------
+def _config_params(p):
+    from agent import config
+
+    sets = p.get("set", {})
+    unsets = p.get("unset", [])
+    if not isinstance(sets, dict) or not isinstance(unsets, list):
+        return "set must be an object and unset a list"
+    if not sets and not unsets:
+        return "nothing to set or unset"
+    for key in sets:
+        problem = config.change_problem(key)
+        if problem:
+            return problem
+    for key in unsets:
+        problem = config.change_problem(key)
+        if problem:
+            return problem
+    trial = p.get("trial_wakes")
+    if trial is not None and (not _is_int(trial) or not 1 <= trial <= 100):
+        return "trial_wakes must be 1..100"
+    return None
+
+
+def _sample_params(p):
+    rate = p.get("rate_hz")
+    duration = p.get("duration_s")
+    if not isinstance(p.get("sensor"), str):
+        return "sensor must be a sensor name"
+    if not _is_number(rate) or not 0 < rate <= 50:
+        return "rate_hz must be in (0, 50]"
+    if not _is_number(duration) or not 0 < duration * rate <= 600:
+        return "rate_hz * duration_s must be 1..600 readings"
+    return None
+
+
+def _cancel_params(p):
+    return None if _is_id(p.get("job")) else "job must be the id of the job to cancel"
+
+
+def _exec_params(p):
+    if not isinstance(p.get("code"), str):
+        return "code must be a string"
+    out = p.get("max_output", 1024)
+    if not _is_int(out) or not 0 <= out <= 65536:
+        return "max_output must be 0..65536"
+    return None
+
+
+def _keys_params(p):
+    add = p.get("add", {})
+    remove = p.get("remove", [])
+    if not isinstance(add, dict) or not isinstance(remove, list):
+        return "add must be an object {kid: key} and remove a list of kids"
+    if not add and not remove:
+        return "nothing to add or remove"
+    if len(add) > MAX_KEYS or len(remove) > MAX_KEYS:
+        return "at most %d keys" % MAX_KEYS
+    for kid in remove:
+        if not isinstance(kid, str) or len(kid) != _KID_LEN:
+            return "remove must list kids of %d hex digits" % _KID_LEN
+    for kid in add:
+        problem = key_problem(kid, add[kid])
+        if problem:
+            return problem
+    return None
+
+
+def key_problem(kid, key_b64):
+    """Why (kid, public key) cannot be trusted, or None: the kid must be the first
+    16 hex digits of the key's SHA-256 (as the host names keys)."""
+    import hashlib
+
+    if not isinstance(kid, str) or not isinstance(key_b64, str):
+        return "a key must be a kid and a base64url public key"
+    try:
+        raw = b64url_decode(key_b64)
+    except ValueError:
+        return "key %s is not base64url" % kid[:_KID_LEN]
+    if len(raw) != _KEY_LEN:
+        return "key %s is not 32 bytes" % kid[:_KID_LEN]
+    if binascii.hexlify(hashlib.sha256(raw).digest()[:8]).decode() != kid:
+        return "kid %s does not name its key" % kid[:_KID_LEN]
+    return None
+
+
+def _no_params(p):
+    return None
+
+
+def _update_params(p):
+    # ota and app check their params against the image they fetch (agent.ota,
+    # agent.appupdate); here only the types those modules rely on.
+    for key in ("size", "chunk", "window"):
+        if key in p and not _is_int(p[key]):
+            return "%s must be an integer" % key
+    for key in ("sha256", "version", "image"):
+        if key in p and not isinstance(p[key], str):
+            return "%s must be a string" % key
+    return None
+
+
+_PARAM_CHECKS = {
+    "config": _config_params, "sample": _sample_params, "cancel": _cancel_params, "exec": _exec_params,
+    "keys": _keys_params, "reboot": _no_params, "upload": _no_params, "diag": _no_params,
+    "ota": _update_params, "app": _update_params,
+}

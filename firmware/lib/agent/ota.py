@@ -51,7 +51,7 @@ def progress(runner, cur, done, total):
 
 def reconnect(runner):
     close_link(runner)
-    runner.client = runner.wake.connect_mqtt()
+    runner.client = runner.ctx.connect()
 
 
 def close_link(runner):
@@ -65,11 +65,11 @@ def reboot_into_trial(runner):
     """Hard reset into an update's trial boot, which must connect at once (its
     self-test). Never deep sleep: a deep-sleep wake skips the bootloader's
     otadata state machine."""
-    from agent.jobs import FLAG_JOBS, FLAG_TRIAL
+    from agent.rtcstage import FLAG_JOBS, FLAG_TRIAL
 
-    stage = runner.wake.stage
+    stage = runner.ctx.stage
     stage.flags |= FLAG_TRIAL | FLAG_JOBS
-    runner.wake.request_upload()
+    runner.ctx.request_upload()
     stage.save()
     close_link(runner)
     machine.reset()
@@ -101,9 +101,9 @@ def download(runner, cur, sink, offset, saved, rx, end=None, persist=_PERSIST):
     Puller (its counters), or raises Refused when the host cannot serve the job.
     """
     size, _, chunk, window = stream_params(cur["params"])
-    wake = runner.wake
-    timeout = wake.cfg["broker"]["timeout_ms"]
-    puller = Puller(wake.device_id, cur["id"], size, chunk, window, timeout, rx=rx)
+    ctx = runner.ctx
+    timeout = ctx.cfg["broker"]["timeout_ms"]
+    puller = Puller(ctx.device_id, cur["id"], size, chunk, window, timeout, rx=rx)
     puller._high = offset
     reconnects = 0
     end = size if end is None else min(end, size)
@@ -111,7 +111,7 @@ def download(runner, cur, sink, offset, saved, rx, end=None, persist=_PERSIST):
         while offset < end:
             until = min(end, (offset // persist + 1) * persist)
             try:
-                offset = puller.pull(runner.client, offset, sink, wake.wdt.feed, wake._on_message, until)
+                offset = puller.pull(runner.client, offset, sink, ctx.feed, ctx.on_message, until)
                 saved(offset)
                 progress(runner, cur, offset, size)
             except OSError as e:
@@ -211,7 +211,7 @@ def run(runner, cur):
             return
     gc.collect()
     try:
-        got = otacheck.check(target, running, size, sha, allow, runner.wake.wdt.feed, scratch)
+        got = otacheck.check(target, running, size, sha, allow, runner.ctx.feed, scratch)
     except otacheck.Rejected as e:
         runner.finish(cur, "FAILED", str(e))
         return
@@ -233,7 +233,7 @@ def stalled(runner, cur, start, reached):
     else:
         data["stalls"] = 0
     runner.save()
-    runner.wake.request_upload()
+    runner.ctx.request_upload()
 
 
 def switch(runner, cur, target):
@@ -268,7 +268,7 @@ def after_switch(runner, cur):
             p = cur["params"]
             try:
                 otacheck.check(target, running, p["size"], p["sha256"], p.get("allow_downgrade") is True,
-                               runner.wake.wdt.feed, bytearray(_BLOCK))
+                               runner.ctx.feed, bytearray(_BLOCK))
             except otacheck.Rejected as e:
                 runner.finish(cur, "FAILED", str(e))
                 return
@@ -298,7 +298,7 @@ def self_test(runner, want_version, got_version):
     the config loaded, the agent started and the broker answered."""
     if got_version != want_version:
         return "self-test: running version %s, the job asked for %s" % (got_version, want_version)
-    if not runner.wake.cfg.get("device_id"):
+    if not runner.ctx.cfg.get("device_id"):
         return "self-test: the config did not load"
     return None
 
@@ -314,7 +314,7 @@ def rollback(runner, cur, reason):
     esp32.Partition.mark_app_invalid_rollback_and_reboot()
 
 
-def on_upload_failed(wake, state, cur, error):
+def on_upload_failed(ctx, state, cur, error):
     """The trial boot of a new image could not reach the broker: roll back."""
     from agent import jobs
 
@@ -326,4 +326,4 @@ def on_upload_failed(wake, state, cur, error):
         print("ota: rolling back:", cur["data"]["reason"])
         esp32.Partition.mark_app_invalid_rollback_and_reboot()
     # Running the old image: report at the next wake that connects.
-    wake.request_upload()
+    ctx.request_upload()

@@ -42,8 +42,10 @@ def check_chunk_size(chunk):
 class Puller:
     def __init__(self, device_id, job_id, size, chunk=4096, window=8, timeout_ms=3000, retries=3, rx=None):
         check_chunk_size(chunk)
-        self.get_topic = "mpf/v1/%s/ota/get" % device_id
-        self.data_topic = ("mpf/v1/%s/ota/data" % device_id).encode()
+        from agent.topics import topic
+
+        self.get_topic = topic(device_id, "ota/get")
+        self.data_topic = topic(device_id, "ota/data").encode()
         self.job_id = job_id
         self.size = size
         self.chunk = chunk

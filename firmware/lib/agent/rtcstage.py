@@ -20,13 +20,21 @@
 #   22  2    payload_len    bytes of staged payload
 #   24  2    skip_wakes     uploads to skip (network backoff)
 #   26  1    backoff_level  consecutive failed uploads (capped)
-#   27  1    flags          bit 0: upload requested for the next wake
+#   27  1    flags          FLAG_* below
 #   28  4    log_backlog    samples waiting in the flash log (as of its last use)
 #   32  ..   payload        per sample: a missing-channel bitmap byte, the
 #                           time delta (zigzag varint) from the previous sample
 #                           (the first from base_t), then per channel present the
 #                           value delta (zigzag varint) from the previous present
 #                           value of that channel (the first from 0)
+#   ..   14   trailer        (optional; older stages have none) b"T", crashes
+#                           u8 (consecutive wakes that ended in a crash), mark
+#                           8 bytes (digest prefix of the envelope being checked,
+#                           zeros for none), crc32 of the 10 bytes before it
+#
+# The trailer lets a wake that follows a crash know what the crashed wake was
+# doing (agent.jobs rejects the envelope that crashed the agent) without a
+# flash write: RTC memory costs no wear and survives the crash's deep sleep.
 
 import binascii
 import struct
@@ -39,9 +47,15 @@ _MAGIC = b"MS"
 _VERSION = 1
 _HEADER = 32
 _RTC_MAX = 2048
-_CAPACITY = _RTC_MAX - _HEADER
+_TRAILER = 14
+_TRAILER_MAGIC = 84  # "T"
+_CAPACITY = _RTC_MAX - _HEADER - _TRAILER
 _MAX_CHANNELS = 8
-FLAG_UPLOAD_REQUESTED = 1
+_NO_MARK = b"\x00" * 8
+# The flag bits, one owner (agent.wake and agent.jobs use these names):
+FLAG_UPLOAD_REQUESTED = 1  # connect at the next wake whatever the cadence
+FLAG_TRIAL = 2  # a connectivity config or an update is on trial: connect every wake
+FLAG_JOBS = 4  # a job in progress or a status to send: load the job code
 
 
 class Stage:
@@ -60,6 +74,8 @@ class Stage:
         self.backoff_level = 0
         self.flags = 0
         self.log_backlog = 0
+        self.crashes = 0
+        self.mark = _NO_MARK
         # Decoding state of the last staged sample, to append deltas.
         self._last_t = 0
         self._last_values = [0] * _MAX_CHANNELS
@@ -79,12 +95,24 @@ class Stage:
                  self.skip_wakes, self.backoff_level, self.flags, self.log_backlog) = fields
                 self.buf[:_HEADER + payload_len] = raw[:_HEADER + payload_len]
                 self.valid = True
+                self._load_trailer(raw, _HEADER + payload_len)
         if not self.valid:
             self.wake_count = self.next_seq = self.base_t = self.staged = self.payload_len = 0
             self.skip_wakes = self.backoff_level = self.flags = self.log_backlog = 0
+            self.crashes = 0
+            self.mark = _NO_MARK
             return False
         self._replay()
         return True
+
+    def _load_trailer(self, raw, end):
+        self.crashes = 0
+        self.mark = _NO_MARK
+        if len(raw) >= end + _TRAILER and raw[end] == _TRAILER_MAGIC:
+            (crc,) = struct.unpack_from("<I", raw, end + 10)
+            if binascii.crc32(memoryview(raw)[end:end + 10]) == crc:
+                self.crashes = raw[end + 1]
+                self.mark = bytes(raw[end + 2:end + 10])
 
     def save(self):
         buf = self.buf
@@ -96,7 +124,20 @@ class Stage:
                          self.log_backlog)
         end = _HEADER + self.payload_len
         struct.pack_into("<I", buf, 4, binascii.crc32(memoryview(buf)[8:end]))
-        machine.RTC().memory(memoryview(buf)[:end])
+        if end + _TRAILER > _RTC_MAX:  # a full stage saved by an agent without the trailer
+            machine.RTC().memory(memoryview(buf)[:end])
+            return
+        buf[end] = _TRAILER_MAGIC
+        buf[end + 1] = min(self.crashes, 255)
+        buf[end + 2:end + 10] = self.mark
+        struct.pack_into("<I", buf, end + 10, binascii.crc32(memoryview(buf)[end:end + 10]))
+        machine.RTC().memory(memoryview(buf)[:end + _TRAILER])
+
+    def set_mark(self, mark):
+        """Note (8 bytes, or None to clear) what this wake is about to risk, in RTC
+        memory only: if it crashes, the next wake finds it in `mark`."""
+        self.mark = _NO_MARK if mark is None else bytes(mark[:8])
+        self.save()
 
     # --- samples -----------------------------------------------------------
     def room_for(self, nchan):

@@ -40,8 +40,9 @@ def run_jobs(queue_json):
     from agent import jobs
 
     w = _wake()
-    w.jobs_message = queue_json
-    jobs.run_pending(w, _PrintLink())
+    w.uploader().jobs_message = queue_json
+    queue_json = None
+    jobs.run_pending(w.job_context(_PrintLink()))
     w.stage.save()
 
 

@@ -26,16 +26,12 @@ from agent import config, rtcstage, samplerec, sensors
 AGENT_VERSION = "0.1.0"
 _MIN_SLEEP_MS = const(1000)
 _MAX_SKIP_WAKES = const(63)
-_RETAINED_WAIT_MS = const(300)
-_ACK_WAIT_MS = const(3000)
-_CLOCK_WAIT_MS = const(1500)
-_FLAG_TRIAL = const(2)  # agent.jobs.FLAG_TRIAL
-_FLAG_JOBS = const(4)  # agent.jobs.FLAG_JOBS: a job in progress or a status to send
-
-_BUDGET_RESERVE_MS = const(1500)
-# An RTC earlier than this has not been set since the last power loss.
+# An RTC earlier than this has not been set since the last power loss
+# (agent.upload.CLOCK_SET_AFTER).
 _CLOCK_SET_AFTER = const(1577836800)  # 2020-01-01
 _APP_DESC_OFFSET = const(0x20)
+_WDT_RESET = const(3)  # machine.WDT_RESET
+CRASH_PATH = "/last_crash.txt"  # written by main.py when a wake raised
 
 
 def _file_exists(path):
@@ -46,10 +42,6 @@ def _file_exists(path):
         return True
     except OSError:
         return False
-
-
-def topic(device_id, leaf):
-    return "mpf/v1/%s/%s" % (device_id, leaf)
 
 
 def running_firmware():
@@ -87,9 +79,8 @@ class Wake:
         self.sensor_failures = 0
         self.last_error = None
         self.rssi = None
-        self.acked = -1
-        self.jobs_message = None
-        self.clock_provisional = False
+        self.crash = None
+        self._uploader = None
         self.over_usb = not watchdog
         self._rec = bytearray(6 + 10 * 8)
 
@@ -136,12 +127,43 @@ class Wake:
                 from agent import jobs
 
                 if jobs.trial_active():
-                    stage.flags |= _FLAG_TRIAL
+                    stage.flags |= rtcstage.FLAG_TRIAL
+        self.note_crash()
         stage.wake_count += 1
         self.sample()
+        # The new sample's seq is durable (RTC memory) before anything that can
+        # crash (network, jobs): a crash never hands the same seq out twice.
+        stage.save()
         if self.upload_due():
             self.upload()
         self.sleep()
+
+    def note_crash(self):
+        """Did the last wake crash (main.py noted an exception, or the watchdog
+        fired)? Count it, tell the job it was running, report it in the state."""
+        import os
+
+        try:
+            with open(CRASH_PATH) as f:
+                reason = f.read(200)
+        except OSError:
+            reason = None
+        if reason is None and machine.reset_cause() == _WDT_RESET:
+            reason = "watchdog reset"
+        if reason is None:
+            return
+        self.crash = reason
+        self.stage.crashes += 1
+        print("the last wake crashed (%d in a row): %s" % (self.stage.crashes, reason))
+        if _file_exists("/jobs.json"):
+            from agent import jobs
+
+            jobs.note_crash(reason)
+            self.stage.flags |= rtcstage.FLAG_JOBS
+        try:
+            os.remove(CRASH_PATH)
+        except OSError:
+            pass
 
     def recover_after_power_loss(self):
         """RTC memory is gone: continue numbering after what flash holds.
@@ -170,7 +192,7 @@ class Wake:
         stage = self.stage
         if not self.cfg["wifi"]["ssid"]:
             return False
-        if stage.flags & (rtcstage.FLAG_UPLOAD_REQUESTED | _FLAG_TRIAL):
+        if stage.flags & (rtcstage.FLAG_UPLOAD_REQUESTED | rtcstage.FLAG_TRIAL):
             return True  # asked for, or a config trial that must try every wake
         if stage.skip_wakes:
             stage.skip_wakes -= 1
@@ -206,7 +228,7 @@ class Wake:
         stage.clear_samples()
         stage.log_backlog = log.stats()["backlog"]
 
-    # ------------------------------------------------------------ network
+        # ------------------------------------------------------------ network
     def connect_wifi(self):
         import network
 
@@ -237,14 +259,13 @@ class Wake:
             return
         from agent import ntp
 
-        before = time.time()
         try:
-            delta = ntp.sync(ntp_cfg["host"], ntp_cfg["port"])
+            seconds = ntp.query(ntp_cfg["host"], ntp_cfg["port"])
         except OSError as e:
             print("ntp:", e)
             return
-        self.stage.shift_times(int(delta), _CLOCK_SET_AFTER)
-        print("ntp: clock set (was %d)" % before)
+        self.set_clock(seconds)
+        print("ntp: clock set")
 
     def connect_mqtt(self):
         from agent.mqtt import MQTTClient
@@ -254,6 +275,14 @@ class Wake:
                             keepalive_s=b["keepalive_s"], tls=b["tls"], timeout_ms=b["timeout_ms"])
         client.connect()
         return client
+
+    def uploader(self):
+        if self._uploader is None:
+            from agent.upload import Uploader
+
+            self._uploader = Uploader(self.device_id, self.cfg, self.stage, self.open_log, self.scales,
+                                      self.wdt.feed, self.budget_left_ms, self.set_clock)
+        return self._uploader
 
     def upload(self):
         stage = self.stage
@@ -267,20 +296,23 @@ class Wake:
             stage.skip_wakes = 0
             # Cleared now: whatever asks for another upload during this one sets it again.
             stage.flags &= ~rtcstage.FLAG_UPLOAD_REQUESTED
-            if stage.flags & _FLAG_TRIAL:
+            if stage.flags & rtcstage.FLAG_TRIAL:
                 from agent import jobs
 
-                jobs.on_connected(self, client)
-            self.exchange(client)
+                jobs.on_connected(self.job_context(client))
+            # Reached the broker with this config: it is the last good one now.
+            config.confirm_good()
+            self.uploader().exchange(client, self.state())
+            self.run_jobs(client)
         except OSError as e:
             self.last_error = str(e)
             print("upload failed:", e)
             stage.backoff_level = min(stage.backoff_level + 1, 6)
             stage.skip_wakes = min((1 << stage.backoff_level) - 1, _MAX_SKIP_WAKES)
-            if stage.flags & _FLAG_TRIAL:
+            if stage.flags & rtcstage.FLAG_TRIAL:
                 from agent import jobs
 
-                jobs.on_upload_failed(self)
+                jobs.on_upload_failed(self.job_context(None), self.last_error)
         finally:
             if client is not None:
                 try:
@@ -288,157 +320,73 @@ class Wake:
                 except OSError:
                     pass
 
-    def _on_message(self, topic_name, msg, retained):
-        leaf = topic_name[len(topic(self.device_id, "")):]
-        if leaf == b"samples/ack":
-            try:
-                ack = json.loads(msg)
-                upto = ack["upto"]
-            except (ValueError, KeyError, TypeError):
-                print("ignoring malformed ack")
-                return
-            if isinstance(upto, int) and upto > self.acked:
-                self.acked = upto
-            host_time = ack.get("time") if isinstance(ack, dict) else None
-            if isinstance(host_time, (int, float)) and (time.time() < _CLOCK_SET_AFTER or self.clock_provisional):
-                # A retained ack may be hours old: use it, but let a fresh one
-                # (the host answers a state with an unset clock) correct it.
-                self.set_clock(host_time)
-                self.clock_provisional = retained
-        elif leaf == b"jobs":
-            self.jobs_message = msg
-
     def set_clock(self, seconds):
-        """Set the RTC from the host and move the staged samples taken on the
-        unset clock by the same amount: the RTC ran on through every deep sleep
-        since they were taken (a power loss would have emptied the stage)."""
+        """Set the RTC from an unauthenticated source (the host's ack, NTP):
+        forward only, so a forged time can never make an expired job valid again
+        (docs/security.md). The staged samples taken on the unset clock move by
+        the same amount: the RTC ran on through every deep sleep since they were
+        taken (a power loss would have emptied the stage)."""
         delta = int(seconds) - time.time()
+        if delta <= 0:
+            return
         tm = time.gmtime(int(seconds))
         machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], 0))
         self.stage.shift_times(delta, _CLOCK_SET_AFTER)
 
-    def exchange(self, client):
-        did = self.device_id
-        client.set_callback(self._on_message)
-        # Both are retained state, re-read on every wake: QoS 0 (no PUBACKs) and one
-        # SUBSCRIBE for the two (one round trip).
-        client.subscribe([topic(did, "samples/ack"), topic(did, "jobs")], 0)
-        clock_unset = time.time() < _CLOCK_SET_AFTER
-        client.publish(topic(did, "state"), json.dumps(self.state()), qos=1, retain=True)
-        # The retained ack arrives at once; with the clock unset, also wait
-        # (briefly) for the host's fresh answer carrying its time.
-        deadline = time.ticks_add(time.ticks_ms(), _CLOCK_WAIT_MS if clock_unset else _RETAINED_WAIT_MS)
-        while time.ticks_diff(deadline, time.ticks_ms()) > 0:
-            client.wait_msg(time.ticks_diff(deadline, time.ticks_ms()))
-            if self.acked >= 0 and not (clock_unset and (self.clock_provisional or time.time() < _CLOCK_SET_AFTER)):
-                break
-        self.apply_ack()
-        sent_upto = self.send_backlog(client)
-        if sent_upto > self.acked:
-            deadline = time.ticks_add(time.ticks_ms(), _ACK_WAIT_MS)
-            while self.acked < sent_upto and time.ticks_diff(deadline, time.ticks_ms()) > 0:
-                client.wait_msg(time.ticks_diff(deadline, time.ticks_ms()))
-            self.apply_ack()
-            if self.acked < sent_upto:
-                self.stage.flags |= rtcstage.FLAG_UPLOAD_REQUESTED
-        self.run_jobs(client)
+    # Kept for agent.usb (the USB field tools use the same upload path).
+    @property
+    def acked(self):
+        return self.uploader().acked
+
+    @acked.setter
+    def acked(self, value):
+        self.uploader().acked = value
 
     def apply_ack(self):
-        upto = self.acked
-        if upto < 0:
-            return
-        stage = self.stage
-        if upto >= stage.next_seq:
-            self.rebase(upto)
-            return
-        log = self.open_log() if (stage.log_backlog or upto >= stage.first_seq) else None
-        if log is not None:
-            stats = log.stats()
-            if upto >= stats["first_seq"] and stats["backlog"]:
-                log.trim(upto)
-            if upto >= stats["next_seq"]:
-                # The host has samples the log never held (acked while staged):
-                # persist that, so their seqs are never used again after a power loss.
-                log.advance(upto + 1)
-            stage.log_backlog = log.stats()["backlog"]
-        stage.drop_upto(upto)
-
-    def rebase(self, upto):
-        """The host acks beyond every seq this device has numbered: it holds
-        samples from an earlier life of this device id (a fresh flash). Number
-        everything held after them, or the host would ignore it as duplicates."""
-        log = self.open_log()
-        log.rebase(upto + 1)
-        first = log.stats()["next_seq"]
-        print("host ack %d is ahead of this device's seqs: renumbering from %d" % (upto, first))
-        self.stage.next_seq = first + self.stage.staged
+        self.uploader().apply_ack()
 
     def send_backlog(self, client):
-        """Publish the unacked samples (flash first, then staged); returns the last seq sent."""
-        from agent.codec import FrameEncoder
+        return self.uploader().send_backlog(client)
 
-        did = self.device_id
-        samples_topic = topic(did, "samples")
-        enc = FrameEncoder(did, self.scales(), max_frame=1024, prescaled=True)
-        stage = self.stage
-        oldest = stage.first_seq
-        last = -1
-        started = False
-        limit = self.cfg["limits"]["upload_batch"]
-        log = self.open_log()
-        if stage.log_backlog:
-            oldest = log.stats()["first_seq"]
-            source = self._log_samples(log, max(self.acked + 1, oldest))
-        else:
-            source = ()
-        if stage.staged:
-            # These seqs become public before they are in flash: remember them
-            # durably, so that a power loss cannot hand them out twice.
-            log.reserve(stage.next_seq - 1)
-        for part in (source, stage.samples()):
-            for seq, t, values in part:
-                if seq <= self.acked or seq <= last:
-                    continue
-                if len(values) != len(enc.scales):
-                    continue  # recorded under another sensor config: sent by its own frames later
-                if started and not enc.add(seq, t, values):
-                    self._publish(client, samples_topic, enc)
-                    started = False
-                if not started:
-                    enc.begin(seq, t, oldest_seq=oldest)
-                    enc.add(seq, t, values)
-                    started = True
-                last = seq
-                if enc.count >= limit or self.budget_left_ms() < _BUDGET_RESERVE_MS:
-                    self._publish(client, samples_topic, enc)
-                    started = False
-                    if self.budget_left_ms() < _BUDGET_RESERVE_MS:
-                        self.stage.flags |= rtcstage.FLAG_UPLOAD_REQUESTED
-                        if source:
-                            source.close()
-                        return last
-        if started:
-            self._publish(client, samples_topic, enc)
-        if source:
-            source.close()
-        return last
+    # ------------------------------------------------------------ jobs
+    def job_context(self, client):
+        from agent.jobs import JobContext
 
-    def _log_samples(self, log, from_seq):
-        nchan = len(self.cfg["sensors"])
-        t = 0
-        for seq, rec in log.read(from_seq, max_records=100000):
-            if not len(rec):
-                yield seq, t, [None] * nchan  # lost with RTC memory (recover_after_power_loss)
-                continue
-            try:
-                t, values = samplerec.decode(rec)
-            except ValueError:
-                continue  # the log's CRC makes this unreachable; never send garbage
-            yield seq, t, values
+        return JobContext(self.device_id, self.cfg, self.stage, client=client, feed=self.wdt.feed,
+                          budget_left_ms=self.budget_left_ms, request_upload=self.request_upload,
+                          connect=self.connect_mqtt, on_message=self.uploader().on_message,
+                          app_version=self.app_version, upload=self.upload_now, facts=self.facts,
+                          over_usb=self.over_usb, crash=self.crash, take_queue=self.take_queue)
 
-    def _publish(self, client, name, enc):
-        client.publish(name, enc.finish(), qos=1)
-        self.wdt.feed()
+    def take_queue(self):
+        up = self.uploader()
+        msg = up.jobs_message
+        up.jobs_message = None
+        return msg
+
+    def upload_now(self, client):
+        """The `upload` job: send the backlog now; what it reports."""
+        sent = self.send_backlog(client)
+        left = self.stage.log_backlog + self.stage.staged
+        return {"sent_upto": sent, "acked": self.acked, "backlog": left}
+
+    def facts(self):
+        """The `diag` job's report."""
+        import esp32
+        import os
+
+        version, slot = running_firmware()
+        fs = os.statvfs("/")
+        gc.collect()
+        return {
+            "fw": version, "slot": slot, "app": self.app_version(),
+            "heap_free": gc.mem_free(), "heap_alloc": gc.mem_alloc(),
+            "fs_free": fs[0] * fs[3], "fs_total": fs[0] * fs[2],
+            "reset_cause": machine.reset_cause(), "wake_reason": machine.wake_reason(),
+            "wakes": self.stage.wake_count, "log": self.open_log().stats(), "staged": self.stage.staged,
+            "rssi": self.rssi, "time": time.time(), "crashes": self.stage.crashes, "last_crash": self.crash,
+            "boot_slot": esp32.Partition(esp32.Partition.BOOT).info()[4],
+        }
 
     def run_jobs(self, client):
         """Run the pending signed jobs (agent.jobs) within what is left of the budget.
@@ -446,13 +394,10 @@ class Wake:
         The job code is loaded only when there is something for it: a queue, a
         job in progress or a status still to send (RTC flag, or after a power
         loss the job state file)."""
-        # The retained queue follows the subscription at once (a slow broker:
-        # raise broker.queue_wait_ms).
-        deadline = time.ticks_add(time.ticks_ms(), self.cfg["broker"]["queue_wait_ms"])
-        while self.jobs_message is None and time.ticks_diff(deadline, time.ticks_ms()) > 0:
-            client.wait_msg(time.ticks_diff(deadline, time.ticks_ms()))
-        queue = self.jobs_message
-        if (queue is None or bytes(queue).strip() in (b"", b"[]")) and not (self.stage.flags & _FLAG_JOBS):
+        queue = self.uploader().jobs_message
+        empty = queue is None or bytes(queue).strip() in (b"", b"[]")
+        queue = None
+        if empty and not (self.stage.flags & rtcstage.FLAG_JOBS):
             if self.rtc_valid or not _file_exists("/jobs.json"):
                 return
         import agent
@@ -461,7 +406,10 @@ class Wake:
         gc.collect()
         from agent import jobs
 
-        jobs.run_pending(self, client)
+        # From here a crash must find its job noted and the samples' seqs kept.
+        self.stage.flags |= rtcstage.FLAG_JOBS
+        self.stage.save()
+        jobs.run_pending(self.job_context(client))
 
     # ------------------------------------------------------------ state
     def state(self):
@@ -491,9 +439,16 @@ class Wake:
             "rssi": self.rssi,
             "time": time.time(),
             "last_error": self.last_error,
+            # After a crash: why, and how many wakes in a row ended in one. The
+            # agent then runs one job per wake and ends the job that crashed.
+            "crashes": stage.crashes,
+            "last_crash": self.crash,
+            "safe_mode": stage.crashes > 0,
         }
 
     def sleep(self):
+        self.stage.crashes = 0  # this wake ended well
+        self.stage.mark = b"\x00" * 8
         self.stage.save()
         ms = self.cfg["sample_interval_s"] * 1000 - self.elapsed_ms()
         machine.deepsleep(max(ms, _MIN_SLEEP_MS))
