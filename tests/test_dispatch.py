@@ -329,6 +329,74 @@ def test_broker_restart_loses_the_retained_queues_and_serve_publishes_them_again
         e.store.close()
 
 
+class RetainedQueue:
+    """A plain MQTT client on one device's retained `jobs` topic: the last payload serve left there."""
+
+    def __init__(self, broker, device: str):
+        self.lock = threading.Lock()
+        self.payloads: list[bytes] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watch-{device}")
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(f"mpf/v1/{device}/jobs", 1)
+        self.client.loop_start()
+        assert subscribed.wait(5)
+
+    def _on_message(self, client, userdata, msg):
+        with self.lock:
+            self.payloads.append(msg.payload)
+
+    def last(self) -> bytes | None:
+        with self.lock:
+            return self.payloads[-1] if self.payloads else None
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_serve_publishes_capped_queues_and_the_rest_follow(tmp_path):
+    """More than QUEUE_MAX_BYTES of jobs for one device: the retained queue serve publishes
+    holds the oldest that fit, in seq order, and the others follow as those finish."""
+    from mpfleet.broker import LocalBroker
+    from mpfleet.rollout import QUEUE_MAX_BYTES
+
+    with LocalBroker() as broker:
+        e = Env(tmp_path, broker)
+        Registry(e.store).add("cap-0001")
+        jobs = [e.engine.create_job("config", {"set": {"name": f"{i:02d}" + "x" * 1000}}, ["cap-0001"],
+                                    job_id=f"fat-{i:02d}") for i in range(10)]  # ~13 KiB of envelopes
+        watch = RetainedQueue(broker, "cap-0001")
+        status = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cap-0001")
+        status.connect(broker.host, broker.port)
+        status.loop_start()
+        done: list[str] = []
+        try:
+            with Dispatcher(e.cfg, e.db, keys_dir=e.keys, tick_s=0.1, client_id="serve-cap"):
+                while len(done) < len(jobs):
+                    e.wait(lambda: watch.last() not in (None, b"[]") and
+                           _job_id_of(json.loads(watch.last())[0])[0] not in done, 10, "the next queue")
+                    payload = watch.last()
+                    assert len(payload) <= QUEUE_MAX_BYTES
+                    queue = [_job_id_of(env_) for env_ in json.loads(payload)]
+                    assert [seq for _, seq in queue] == sorted(seq for _, seq in queue)
+                    assert [job for job, _ in queue] == [j for j in jobs if j not in done][:len(queue)]
+                    assert 1 < len(queue) < len(jobs) - len(done) or len(queue) == len(jobs) - len(done)
+                    job, seq = queue[0]  # the device finishes the first: the rest move up
+                    status.publish("mpf/v1/cap-0001/jobs/status",
+                                   json.dumps({"job": job, "seq": seq, "status": "SUCCEEDED", "attempt": 1}), qos=1)
+                    done.append(job)
+                e.wait(lambda: watch.last() == b"[]", 10, "the queue to empty")
+        finally:
+            status.loop_stop()
+            status.disconnect()
+            watch.close()
+        assert all(e.status(j)["counts"]["SUCCEEDED"] == 1 for j in jobs)
+        e.store.close()
+
+
 def _self_signed(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for 127.0.0.1 (cryptography), as PEM files."""
     import datetime

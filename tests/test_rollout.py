@@ -11,7 +11,7 @@ import pytest
 
 from mpfleet.keys import KeyRing
 from mpfleet.registry import Registry
-from mpfleet.rollout import RolloutEngine, RolloutError
+from mpfleet.rollout import QUEUE_MAX_BYTES, RolloutEngine, RolloutError, encode_queue
 from mpfleet.signing import b64url_decode, open_envelope
 from mpfleet.store import Store
 
@@ -466,8 +466,6 @@ def test_restart_mid_rollout_continues_without_duplicates(env, tmp_path):
 
 
 def test_a_device_queue_carries_at_most_queue_max_bytes_oldest_first(tmp_path):
-    from mpfleet.rollout import QUEUE_MAX_BYTES
-
     def payload(envelope: str) -> dict:
         return json.loads(b64url_decode(envelope.split(".")[2]))
 
@@ -480,8 +478,10 @@ def test_a_device_queue_carries_at_most_queue_max_bytes_oldest_first(tmp_path):
                 for i in range(12)]
         engine.tick()
         queue = engine.device_queue("dev-1")
-        assert 1 < len(queue) < 12 and sum(len(e) + 3 for e in queue) + 2 <= QUEUE_MAX_BYTES
+        assert 1 < len(queue) < 12 and len(encode_queue(queue)) <= QUEUE_MAX_BYTES
         assert [payload(e)["id"] for e in queue] == jobs[:len(queue)]  # the oldest, in seq order
         first = payload(queue[0])
         engine.on_status("dev-1", {"job": first["id"], "seq": first["seq"], "status": "SUCCEEDED"})
         assert payload(engine.device_queue("dev-1")[-1])["id"] == jobs[len(queue)]  # the next comes in
+        # what serve publishes is the same capped queue (all_queues once had no cap)
+        assert engine.all_queues() == {"dev-1": engine.device_queue("dev-1")}

@@ -133,7 +133,8 @@ PENDING = (QUEUED, IN_PROGRESS)
 FAILURES = (FAILED, REJECTED, TIMED_OUT)
 RETRIABLE = (FAILED, TIMED_OUT)
 NETWORK_JOBS = ("ota", "app", "reboot", "upload")  # the agent refuses them over USB
-QUEUE_MAX_BYTES = 6144  # of envelopes in one device's retained queue (docs/dispatch.md)
+QUEUE_MAX_BYTES = 6144  # the retained `jobs` payload of one device, bytes (docs/dispatch.md)
+ENVELOPE_MAX_BYTES = QUEUE_MAX_BYTES - 4  # the largest envelope a queue can carry: '["' + envelope + '"]'
 COUNTED = (SUCCEEDED, *FAILURES)  # the executions the abort fraction is taken over
 DEVICE_STATES = (IN_PROGRESS, SUCCEEDED, FAILED, REJECTED)
 FINAL_STATES = (SUCCEEDED, FAILED, REJECTED)  # what a device reports last
@@ -244,6 +245,12 @@ def _allowed(stages: list[float], stage: int, n: int) -> int:
     if n <= 0 or stage < 0:
         return 0
     return min(n, max(1, math.ceil(stages[stage] * n - 1e-9)))
+
+
+def encode_queue(envelopes: list[str]) -> str:
+    """A queue as `serve` publishes it on the retained `jobs` topic (compact JSON: its
+    length is what _queues() caps at QUEUE_MAX_BYTES)."""
+    return json.dumps(envelopes, separators=(",", ":"))
 
 
 def _loads(text):
@@ -774,37 +781,47 @@ class RolloutEngine:
             (job_id,))}
 
     # ------------------------------------------------------------ views
-    def device_queue(self, device: str) -> list[str]:
-        """The envelopes `device`'s retained `jobs` topic must carry now, ascending seq:
-        QUEUED and IN_PROGRESS executions of ACTIVE jobs, plus unfinished cancel jobs,
-        the oldest first and at most QUEUE_MAX_BYTES of them."""
-        rows = self.db.execute(
-            "SELECT e.seq, e.envelope FROM executions e JOIN jobs j ON j.id = e.job "
-            "WHERE e.device = ? AND e.status IN (?, ?) AND j.status = ? "
-            "UNION ALL SELECT seq, envelope FROM job_controls WHERE device = ? AND status = ? ORDER BY 1",
-            (device, QUEUED, IN_PROGRESS, ACTIVE, device, QUEUED))
-        # At most QUEUE_MAX_BYTES of envelopes (always the first): a device parses its whole
-        # queue in a 128 KiB heap; the rest follow as these finish.
-        out: list[str] = []
-        size = 2
-        for _, envelope in rows:
-            if out and size + len(envelope) + 3 > QUEUE_MAX_BYTES:
-                break
-            out.append(envelope)
-            size += len(envelope) + 3
-        return out
-
-    def all_queues(self) -> dict[str, list[str]]:
-        """device_queue() of every device whose queue is not empty, in one query."""
-        out: dict[str, list[str]] = {}
+    def _queues(self, device: str | None = None) -> dict[str, list[str]]:
+        """{device: queue} of `device` (None: of every device with a non-empty queue): the
+        one place a queue is computed. A queue is the envelopes the device's retained
+        `jobs` topic must carry now: QUEUED and IN_PROGRESS executions of ACTIVE jobs plus
+        unfinished cancel jobs, ascending seq, the oldest first and only as many as fit in
+        QUEUE_MAX_BYTES once encoded (encode_queue): a device parses its whole queue in a
+        128 KiB heap; the rest follow as these finish. An envelope no queue can carry
+        (only an old database holds one: _queue never records it QUEUED) is left out
+        rather than block the ones behind it."""
+        only = "" if device is None else "AND e.device = ? "
+        only_c = "" if device is None else "AND device = ? "
+        args = (QUEUED, IN_PROGRESS, ACTIVE, *(() if device is None else (device,)),
+                QUEUED, *(() if device is None else (device,)))
         rows = self.db.execute(
             "SELECT e.device, e.seq, e.envelope FROM executions e JOIN jobs j ON j.id = e.job "
-            "WHERE e.status IN (?, ?) AND j.status = ? "
-            "UNION ALL SELECT device, seq, envelope FROM job_controls WHERE status = ? ORDER BY 1, 2",
-            (QUEUED, IN_PROGRESS, ACTIVE, QUEUED))
-        for device, _seq, envelope in rows:
-            out.setdefault(device, []).append(envelope)
-        return out
+            f"WHERE e.status IN (?, ?) AND j.status = ? {only}"
+            f"UNION ALL SELECT device, seq, envelope FROM job_controls WHERE status = ? {only_c}ORDER BY 1, 2",
+            args)
+        out: dict[str, list[str]] = {}
+        size: dict[str, int] = {}
+        full: set[str] = set()
+        for dev, _seq, envelope in rows:
+            if dev in full or len(envelope) > ENVELOPE_MAX_BYTES:
+                continue
+            queue = out.setdefault(dev, [])
+            grown = size.get(dev, 2) + len(envelope) + 2 + (1 if queue else 0)  # '"' envelope '"', a ','
+            if grown > QUEUE_MAX_BYTES:
+                full.add(dev)
+                continue
+            queue.append(envelope)
+            size[dev] = grown
+        return {d: q for d, q in out.items() if q}
+
+    def device_queue(self, device: str) -> list[str]:
+        """`device`'s queue (see _queues), ascending seq, at most QUEUE_MAX_BYTES encoded."""
+        return self._queues(device).get(device, [])
+
+    def all_queues(self) -> dict[str, list[str]]:
+        """device_queue() of every device whose queue is not empty, in one query: what
+        serve publishes."""
+        return self._queues()
 
     def job_status(self, job_id: str) -> dict:
         """Everything `mpfleet job status` shows: the job, counts per state (latest attempt

@@ -6,7 +6,9 @@ drives the RolloutEngine (rollout.py) with MQTT:
 - consumes every device's `jobs/status` (-> RolloutEngine.on_status), `state`
   (-> the registry) and `samples` (-> the sample store, then the ack);
 - ticks the engine (stages, rate, timeouts, retries, aborts, completion);
-- keeps each device's retained `jobs` topic equal to RolloutEngine.device_queue();
+- keeps each device's retained `jobs` topic equal to its queue as the engine computes
+  it (RolloutEngine.all_queues(): the capped queue of device_queue(), for every
+  device at once), encoded by rollout.encode_queue;
 
 Restart safety. Everything the engine decides is in SQLite before it returns, so
 the only state that matters outside the database is "what does the broker hold":
@@ -56,7 +58,7 @@ from mpfleet.keys import KeyRing
 from mpfleet.mqttlink import BrokerConfig, MqttLinkError, connect, device_from_topic, make_client, topic
 from mpfleet.otaserve import ArtifactServer, StreamStats
 from mpfleet.registry import Registry
-from mpfleet.rollout import Changes, RolloutEngine
+from mpfleet.rollout import Changes, RolloutEngine, encode_queue
 from mpfleet.store import Store
 
 log = logging.getLogger("mpfleet.serve")
@@ -404,7 +406,7 @@ class Dispatcher:
         desired = self.engine.all_queues()
         devices = set(desired) | {d for d, digest in self._sent.items() if digest != EMPTY_DIGEST}
         for device in sorted(devices):
-            payload = json.dumps(desired.get(device, []))
+            payload = encode_queue(desired.get(device, []))
             digest = queue_digest(payload)
             if self._sent.get(device) == digest:
                 continue
