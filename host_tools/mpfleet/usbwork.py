@@ -119,7 +119,11 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
             progress(port, "provisioning")
             link = pool.get(port)
             cfg = _merge_config(_read_config(link), r.device, settings, trusted, creds.get(r.device))
-            written, _ = sync_files(link, {"/config.json": json.dumps(cfg, sort_keys=True).encode()})
+            # The security settings too: on the device they change only over USB
+            # (exec permission) or through keys jobs, never by a config job.
+            security = {"trusted_keys": cfg["trusted_keys"], "exec_allowed": cfg.get("exec_allowed") is True}
+            written, _ = sync_files(link, {"/config.json": json.dumps(cfg, sort_keys=True).encode(),
+                                           "/security.json": json.dumps(security, sort_keys=True).encode()})
             progress(port, "self-check")
             check = self_check(link)
             if check["device_id"] != r.device or check["problems"] or check["keys"] != sorted(trusted):

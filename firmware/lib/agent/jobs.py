@@ -291,7 +291,7 @@ class Runner:
         """The queue message and the spans of its first _QUEUE_MAX entries; (None, [])
         with the message rejected by digest when it is not a JSON list."""
         raw = self.ctx.take_queue()  # the only reference to the message from here
-        if not raw or bytes(raw).strip() in (b"", b"[]"):
+        if not raw or (len(raw) < 16 and bytes(raw).strip() in (b"", b"[]")):
             return None, []
         try:
             if len(raw) > _QUEUE_MAX_BYTES:

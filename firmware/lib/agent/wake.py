@@ -395,7 +395,7 @@ class Wake:
         job in progress or a status still to send (RTC flag, or after a power
         loss the job state file)."""
         queue = self.uploader().jobs_message
-        empty = queue is None or bytes(queue).strip() in (b"", b"[]")
+        empty = queue is None or (len(queue) < 16 and bytes(queue).strip() in (b"", b"[]"))
         queue = None
         if empty and not (self.stage.flags & rtcstage.FLAG_JOBS):
             if self.rtc_valid or not _file_exists("/jobs.json"):
