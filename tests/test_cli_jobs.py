@@ -111,12 +111,26 @@ def test_keys_rotate_records_a_rollout_signed_by_the_old_key(fleet_db):
     made = json.loads(run(fleet_db, "keys", "rotate", "--targets", "pumps", "--json").stdout)
     assert made["signed_by"] == old
     status = json.loads(run(fleet_db, "job", "status", made["job"], "--json").stdout)
-    assert status["params"] == {"set": {f"trusted_keys.{made['new_kid']}": made["public_b64"]}}
+    assert status["type"] == "keys" and status["params"] == {"add": {made["new_kid"]: made["public_b64"]}}
     assert status["options"]["sign_kid"] == old
     assert status["options"]["rotation"] == {"old": old, "new": made["new_kid"]}
     keys = {k["kid"]: k for k in json.loads(run(fleet_db, "keys", "list", "--json").stdout)}
     assert keys[old]["active"] and keys[made["new_kid"]]["active"]  # the old key stays until every device has the new
     assert "active, signing" in run(fleet_db, "keys", "list").stdout
+
+
+def test_job_create_refuses_what_the_device_would_drop_or_must_refuse(fleet_db, tmp_path):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"set": {"name": "x" * 21_000}}))  # a 21 KB config job
+    proc = run(fleet_db, "job", "create", "config", "--params", f"@{big}", "--targets", "dev-1", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("mpfleet: job too large: its signed envelope would be ")
+    assert "over the limit of 4096 bytes" in proc.stderr
+    for setting, hint in (("trusted_keys.0123456789abcdef=AAAA", "mpfleet keys rotate"), ("exec_allowed=true", "USB")):
+        proc = run(fleet_db, "job", "create", "config", "--set", setting, "--targets", "dev-1", check=False)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and hint in proc.stderr
+    assert json.loads(run(fleet_db, "job", "list", "--json").stdout) == []
 
 
 def test_sim_fleet_provisions_like_a_real_device(tmp_path):

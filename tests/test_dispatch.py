@@ -295,6 +295,7 @@ def test_key_rotation_rolls_out_the_new_key_then_retires_the_old(env, dispatcher
     made = json.loads(out.stdout)
     assert made["signed_by"] == old and made["new_kid"] != old
     add = env.wait_job_done(made["job"], timeout=60)
+    assert add["type"] == "keys" and add["params"] == {"add": {made["new_kid"]: made["public_b64"]}}
     assert add["status"] == "COMPLETED" and add["counts"]["SUCCEEDED"] == AWAKE
     assert all(r["seq"] and r["device"].startswith("awake") for r in add["devices"])
     assert f"key {old} retired" in add["reason"]
@@ -302,6 +303,7 @@ def test_key_rotation_rolls_out_the_new_key_then_retires_the_old(env, dispatcher
     retire = [j for j in env.engine.jobs() if j.startswith(f"key-retire-{old[:8]}")]
     assert len(retire) == 1
     done = env.wait_job_done(retire[0], timeout=60)
+    assert done["type"] == "keys" and done["params"] == {"remove": [old]}
     assert done["status"] == "COMPLETED" and done["counts"]["SUCCEEDED"] == AWAKE
     # what the devices now run is signed by the new key alone
     after = env.engine.create_job("config", {"set": {"upload_watermark": 470}}, ["awake"], job_id="after-rotation")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from mpfleet.keys import KeyRing, KeyringError
-from mpfleet.signing import SigningError, b64url_decode, open_envelope
+from mpfleet.signing import SigningError, b64url, b64url_decode, open_envelope
 from mpfleet.store import Store
 
 
@@ -119,8 +119,8 @@ def test_rotate_signed_by_old_key(ring):
     assert job.signed_by == old.kid and job.kid != old.kid
     payload = open_envelope(job.envelope, {old.kid: b64url_decode(old.public_b64)})
     assert payload == job.payload
-    assert payload["type"] == "config" and payload["targets"] == ["*"]
-    assert payload["params"] == {"set": {f"trusted_keys.{job.kid}": job.public_b64}}
+    assert payload["type"] == "keys" and payload["targets"] == ["*"]
+    assert payload["params"] == {"add": {job.kid: job.public_b64}}
     assert payload["seq"] == 2  # the old key's seq carries on
     assert ring.active().kid == job.kid  # the new key signs from now on
     assert ring.load(job.kid).public_b64 == job.public_b64
@@ -136,7 +136,7 @@ def test_retire(ring):
     job = ring.retire(old.kid)
     assert job.signed_by == new.kid
     payload = open_envelope(job.envelope, {new.kid: b64url_decode(new.public_b64)})
-    assert payload["params"] == {"unset": [f"trusted_keys.{old.kid}"]} and payload["seq"] == 1
+    assert payload["type"] == "keys" and payload["params"] == {"remove": [old.kid]} and payload["seq"] == 1
     state = {k.kid: k for k in ring.list()}
     assert not state[old.kid].active and state[old.kid].retired is not None
     assert state[new.kid].active
@@ -170,7 +170,7 @@ def test_cli_keys(tmp_path):
     out = json.loads(rot.stdout)
     assert {"new_kid", "envelope", "payload"} <= set(out)
     payload = open_envelope(out["envelope"], {first["kid"]: b64url_decode(first["public_b64"])})
-    assert payload["params"]["set"] == {f"trusted_keys.{out['new_kid']}": out["public_b64"]}
+    assert payload["type"] == "keys" and payload["params"] == {"add": {out["new_kid"]: out["public_b64"]}}
 
     listed = json.loads(_mpfleet(tmp_path, "list", "--json").stdout)
     assert [k["kid"] for k in listed] == [first["kid"], out["new_kid"]]
@@ -187,3 +187,61 @@ def test_cli_keys(tmp_path):
     os.chmod(tmp_path / "keys" / f"{out['new_kid']}.key", 0o644)
     bad = _mpfleet(tmp_path, "rotate")
     assert bad.returncode == 1 and "chmod 600" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------ what a keys / config job may say
+def test_keys_params_checked_as_the_device_checks_them():
+    from mpfleet.keys import MAX_TRUSTED_KEYS, check_keys_params
+    from mpfleet.signing import SigningKey
+
+    a, b = SigningKey.generate(), SigningKey.generate()
+    check_keys_params({"add": {a.kid: a.public_b64}}, [b.kid])
+    check_keys_params({"remove": [b.kid]}, [a.kid, b.kid])
+    check_keys_params({"add": {a.kid: a.public_b64}, "remove": [b.kid]}, [b.kid])
+    short = b64url_decode(a.public_b64)[:31]
+    for params, word in [
+        ({}, "add or remove at least one"),
+        ({"add": {}, "remove": []}, "add or remove at least one"),
+        ({"add": {b.kid: a.public_b64}}, f"{b.kid} is not the id of its key"),
+        ({"add": {a.kid: b64url(short)}}, "32-byte"),
+        ({"add": {a.kid: "!!not base64!!"}}, "32-byte"),
+        ({"add": {a.kid: 5}}, "32-byte"),
+        ({"add": {"A" * 16: a.public_b64}}, "not a key id"),
+        ({"add": [a.kid]}, "add must be"),
+        ({"remove": b.kid}, "remove a list"),
+        ({"remove": ["nope"]}, "not a key id"),
+        ({"remove": [b.kid]}, "remove every trusted key"),
+        ({"add": {a.kid: a.public_b64}, "remove": [a.kid]}, "both added and removed"),
+        ({"add": {a.kid: a.public_b64}, "pad": 1}, "add and remove only"),
+    ]:
+        with pytest.raises(KeyringError, match=word):
+            check_keys_params(params, [b.kid])
+    many = [SigningKey.generate().kid for _ in range(MAX_TRUSTED_KEYS)]
+    with pytest.raises(KeyringError, match=f"at most {MAX_TRUSTED_KEYS}"):
+        check_keys_params({"add": {a.kid: a.public_b64}}, many)
+
+
+def test_config_params_cannot_touch_trusted_keys_or_exec_allowed():
+    from mpfleet.keys import check_config_params
+
+    check_config_params({"set": {"wifi.ssid": "x", "limits.job_max_bytes": 2048}, "unset": ["sensors"]})
+    for params, word in [
+        ({"set": {"trusted_keys.0123456789abcdef": "AAAA"}}, "keys rotate"),
+        ({"set": {"trusted_keys": {}}}, "keys rotate"),
+        ({"unset": ["trusted_keys"]}, "keys rotate"),
+        ({"unset": ["trusted_keys.0123456789abcdef"]}, "keys rotate"),
+        ({"set": {"exec_allowed": True}}, "USB"),
+        ({"unset": ["exec_allowed"]}, "USB"),
+        ({"unset": [5]}, "not a dotted config key"),
+        ({"set": {"a..b": 1}}, "not a dotted config key"),
+        ({"set": [1]}, "config params need"),
+    ]:
+        with pytest.raises(KeyringError, match=word):
+            check_config_params(params)
+
+
+def test_rotate_refuses_an_envelope_the_device_would_not_take_before_making_a_key(ring):
+    ring.init()
+    with pytest.raises(KeyringError, match=r"would be \d+ bytes, over the device limit of 4096"):
+        ring.rotate(targets=[f"device-{i:05d}" for i in range(400)])
+    assert len(ring.list()) == 1  # no key made for nothing

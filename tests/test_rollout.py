@@ -485,3 +485,107 @@ def test_a_device_queue_carries_at_most_queue_max_bytes_oldest_first(tmp_path):
         assert payload(engine.device_queue("dev-1")[-1])["id"] == jobs[len(queue)]  # the next comes in
         # what serve publishes is the same capped queue (all_queues once had no cap)
         assert engine.all_queues() == {"dev-1": engine.device_queue("dev-1")}
+
+
+# ---------------------------------------------------------------- sizes the device takes
+def _fat_config(n: int) -> dict:
+    return {"set": {"name": "x" * n}}
+
+
+def test_create_refuses_a_job_larger_than_the_device_takes(env):
+    store, ring, reg, clock, engine = env
+    before = ring.get(ring.fleet_key().kid).last_seq
+    with pytest.raises(RolloutError) as e:
+        engine.create_job("config", _fat_config(21_000), ["dev-01"])
+    msg = str(e.value)
+    assert "\n" not in msg and "over the limit of 4096 bytes" in msg and "limits.job_max_bytes" in msg
+    n = int(msg.split("would be ")[1].split(" bytes")[0])
+    assert n > 28_000  # the envelope, base64 and all, not the params
+    assert engine.jobs() == [] and ring.get(ring.fleet_key().kid).last_seq == before  # nothing recorded or signed
+    # measured as signed in the worst case: a job whose envelope fits today's seq but not a large one is refused
+    for pad in range(2700, 3000):
+        try:
+            engine.create_job("config", _fat_config(pad), ["dev-01"], job_id=f"probe-{pad}")
+        except RolloutError as refused:
+            assert "over the limit of 4096 bytes" in str(refused)
+            break
+    else:
+        raise AssertionError("no probe was refused")
+    engine.tick()
+    largest = store.db.execute("SELECT MAX(LENGTH(envelope)) FROM executions").fetchone()[0]
+    assert 4096 - 40 < largest <= 4096 - 18  # the largest accepted leaves room for a 19-digit seq
+
+
+def test_create_uses_the_limit_a_device_reports(env):
+    store, ring, reg, clock, engine = env
+    store.touch_device("dev-02", state={"device": "dev-02", "limits": {"job_max_bytes": 1024}})
+    with pytest.raises(RolloutError, match=r"over the limit of 1024 bytes \(the limits.job_max_bytes dev-02 reports"):
+        engine.create_job("config", _fat_config(1000), ["dev-02"])
+    engine.create_job("config", _fat_config(1000), ["dev-03"])  # the default 4096 for the others
+    with pytest.raises(RolloutError, match="1024"):
+        engine.create_job("config", _fat_config(1000), ["dev-02", "dev-03"])  # every target must take it
+    # a device that takes more is still bounded by what one queue carries
+    store.touch_device("dev-04", state={"device": "dev-04", "limits": {"job_max_bytes": 16384}})
+    engine.create_job("config", _fat_config(4000), ["dev-04"])
+    with pytest.raises(RolloutError, match=f"over the limit of {QUEUE_MAX_BYTES - 4} bytes .*QUEUE_MAX_BYTES"):
+        engine.create_job("config", _fat_config(5000), ["dev-04"])
+
+
+def test_a_device_that_cannot_take_the_envelope_gets_a_rejected_execution_not_a_stuck_queue(env):
+    store, ring, reg, clock, engine = env
+    job = engine.create_job("config", _fat_config(1500), ["late"], continuous=True)
+    after = engine.create_job("reboot", {}, ["late"], continuous=True)
+    engine.tick()
+    store.touch_device("dev-05", state={"device": "dev-05", "limits": {"job_max_bytes": 512}})
+    reg.tag("dev-05", add=["late"])
+    engine.tick()
+    [row] = engine.job_status(job)["devices"]
+    assert row["status"] == "REJECTED" and "over the limit of 512 bytes" in row["note"]
+    assert [payload_of(e)["id"] for e in engine.device_queue("dev-05")] == [after]  # the next one is not blocked
+
+
+# ---------------------------------------------------------------- security policy: keys and exec
+@pytest.mark.parametrize("params", [
+    {"set": {"trusted_keys.0123456789abcdef": "AAAA"}},
+    {"unset": ["trusted_keys"]},
+    {"set": {"exec_allowed": True}},
+    {"unset": ["exec_allowed"]},
+])
+def test_config_jobs_cannot_change_keys_or_exec_permission(env, params):
+    engine = env[4]
+    with pytest.raises(RolloutError, match="keys rotate|USB"):
+        engine.create_job("config", params, "*")
+    assert engine.jobs() == []
+
+
+def test_keys_jobs_checked_like_the_device_checks_them(env):
+    store, ring, reg, clock, engine = env
+    fleet = ring.fleet_key().kid
+    with pytest.raises(RolloutError, match="remove every trusted key"):
+        engine.create_job("keys", {"remove": [fleet]}, "*")
+    with pytest.raises(RolloutError, match="not the id of its key"):
+        engine.create_job("keys", {"add": {"0123456789abcdef": ring.fleet_key().public_b64}}, "*")
+    with pytest.raises(RolloutError, match="at least one"):
+        engine.create_job("keys", {}, "*")
+
+
+def test_rotation_is_a_keys_job_then_a_remove_signed_by_the_new_key(env):
+    store, ring, reg, clock, engine = env
+    old = ring.fleet_key()
+    job, new_kid = engine.create_rotation_job(["pumps"])
+    new = ring.get(new_kid)
+    engine.tick()
+    s = engine.job_status(job)
+    assert s["type"] == "keys" and s["params"] == {"add": {new_kid: new.public_b64}} and s["target_count"] == 30
+    envelope = engine.device_queue("dev-01")[0]
+    assert open_envelope(envelope, {old.kid: b64url_decode(old.public_b64)})["params"] == s["params"]
+    finish_all(engine, job)
+    engine.tick()
+    assert "retired" in engine.job_status(job)["reason"] and not ring.get(old.kid).active
+    [retire] = [j for j in engine.jobs() if j.startswith(f"key-retire-{old.kid[:8]}")]
+    engine.tick()
+    r = engine.job_status(retire)
+    assert r["type"] == "keys" and r["params"] == {"remove": [old.kid]} and r["target_count"] == 30
+    payload = open_envelope(engine.device_queue("dev-01")[0], {new_kid: b64url_decode(new.public_b64)})
+    assert payload["type"] == "keys" and payload["params"] == {"remove": [old.kid]}
+    assert ring.fleet_key().kid == new_kid

@@ -273,14 +273,17 @@ def job() -> None:
 def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id, rate, stages, success_threshold,
                abort_threshold, abort_min, timeout, retries, start_at, end_at, continuous, image_ref, bundle_ref,
                allow_downgrade, chunk, window, db, keys_dir, images_dir, as_json):
-    """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec, ota, app).
+    """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec, ota, app, keys).
 
     \b
       mpfleet job create ota --image 3f2a9c01b7e4 --targets pumps --stages 1,10%,100% --timeout 30m
       mpfleet job create app --bundle agent-0.2.0.mpfa --all --stages 5%,100%
 
     Nothing is signed or sent here: `mpfleet serve` signs one envelope per device as
-    the rollout reaches it (stage, rate), so each retry gets a fresh seq."""
+    the rollout reaches it (stage, rate), so each retry gets a fresh seq. Refused here:
+    a job whose signed envelope would be larger than a target device takes (its
+    limits.job_max_bytes, 4096 unless it reports otherwise), and a config job that
+    touches trusted_keys (use `mpfleet keys rotate`) or exec_allowed (USB only)."""
     options = {
         "rate_per_min": rate,
         "stages": [parse_fraction(x, "--stages") for x in stages.split(",")] if stages else None,

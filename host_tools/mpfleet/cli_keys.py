@@ -37,10 +37,10 @@ def keys() -> None:
     \b
     Devices trust the keys in their config `trusted_keys` ({kid: public key}).
     Rollouts sign with the oldest active key, the one every device trusts.
-    Rotation without reflashing:
-      mpfleet keys rotate   # a new key, and a rollout (signed by the old key) that adds it;
-                            # when every device has it, serve retires the old key and
-                            # rolls out the job (signed by the new one) that removes it
+    The set changes by `keys` jobs only (a config job may not touch it):
+      mpfleet keys rotate   # a new key, and a rollout of {"add": {new: key}} signed by the
+                            # old key; when every device has it, serve retires the old key
+                            # and rolls out {"remove": [old]}, signed by the new one
     Offline, by hand: `keys rotate --envelope-only`, then `keys retire OLDKID`.
     """
 
@@ -91,7 +91,7 @@ def _show_job(job, verb: str, as_json: bool, key_field: str) -> None:
         print_json({key_field: job.kid, "public_b64": job.public_b64, "signed_by": job.signed_by,
                      "envelope": job.envelope, "payload": job.payload})
         return
-    click.echo(f"{verb} key {job.kid}; config job {job.payload['id']} (seq {job.payload['seq']}) "
+    click.echo(f"{verb} key {job.kid}; keys job {job.payload['id']} (seq {job.payload['seq']}) "
                f"signed by {job.signed_by}:", err=True)
     click.echo(job.envelope)
 
@@ -100,17 +100,17 @@ def _show_job(job, verb: str, as_json: bool, key_field: str) -> None:
 @click.option("--targets", default="*", show_default=True,
               help="Devices to carry the new key to: '*', or ids and groups, comma separated.")
 @click.option("--envelope-only", is_flag=True,
-              help="Only create the key and print the signed config job; dispatch it and `keys retire` by hand.")
+              help="Only create the key and print the signed keys job; dispatch it and `keys retire` by hand.")
 @KEYS_DIR
 @DB
 @JSON
 def keys_rotate(targets: str, envelope_only: bool, keys_dir: str | None, db: str | None, as_json: bool) -> None:
     """Create a new signing key and roll it out to the devices.
 
-    The rollout is a config job signed by the current key that adds the new key to
-    the devices' trusted_keys; `mpfleet serve` delivers it. When every target device
-    has applied it, serve retires the old key and rolls out a job, signed by the new
-    key, that removes the old one. Until then the old key keeps signing."""
+    The rollout is a `keys` job {"add": {new kid: public key}} signed by the current
+    key; `mpfleet serve` delivers it. When every target device has applied it, serve
+    rolls out the `keys` job {"remove": [old kid]}, signed by the new key, and retires
+    the old key. Until then the old key keeps signing."""
     if envelope_only:
         store, ring = _ring(db, keys_dir)
         with store:
@@ -141,7 +141,7 @@ def keys_rotate(targets: str, envelope_only: bool, keys_dir: str | None, db: str
 @DB
 @JSON
 def keys_retire(kid: str, keys_dir: str | None, db: str | None, as_json: bool) -> None:
-    """Retire KID and print the config job (signed by the newest other key) that removes it on devices."""
+    """Retire KID and print the keys job (signed by the newest other key) that removes it on devices."""
     store, ring = _ring(db, keys_dir)
     with store:
         job = ring.retire(kid)

@@ -14,12 +14,15 @@ Which key signs: rollouts sign with `fleet_key()`, the OLDEST active key, the on
 every provisioned device trusts. A newer active key is one being rolled out.
 
 Rotation without reflashing (`mpfleet keys rotate`, RolloutEngine.create_rotation_job):
-a new key, and a rollout of a ``config`` job signed by the old key that adds it to
-the devices' ``trusted_keys``; once every target device SUCCEEDED, `serve` retires
-the old key and rolls out a job signed by the new key that removes the old one.
+a new key, and a rollout of a ``keys`` job ``{"add": {new_kid: public}}`` signed by
+the old key; once every target device SUCCEEDED, `serve` retires the old key and
+rolls out the ``keys`` job ``{"remove": [old_kid]}`` signed by the new key. The
+trusted key set changes this way only: devices refuse a ``config`` job that touches
+``trusted_keys`` (or ``exec_allowed``, which only USB provisioning sets), and the
+host refuses to create one (check_config_params).
 
 By hand (`--envelope-only`): ``rotate()`` makes the key and returns the signed
-``config`` job that adds it; ``retire(old_kid)``, once the fleet has applied it,
+``keys`` job that adds it; ``retire(old_kid)``, once the fleet has applied it,
 marks the old key retired and returns the job, signed by the newer key, that
 removes it. Dispatching those envelopes is then up to the caller.
 """
@@ -30,16 +33,97 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mpfleet.errors import MpfleetError
-from mpfleet.signing import JOB_TYPES, KID_RE, SigningKey
+from mpfleet.signing import JOB_TYPES, KID_RE, SigningKey, b64url_decode, kid_of
 from mpfleet.store import Store
+
+# What a device accepts (firmware/lib/agent): an envelope of at most its config
+# `limits.job_max_bytes` (default below), and a trusted key set of 1..MAX_TRUSTED_KEYS.
+JOB_MAX_BYTES_DEFAULT = 4096
+MAX_TRUSTED_KEYS = 8
+# The largest seq and iat a signed payload is measured with (envelope_bytes): the
+# worst case, whatever the key's counter and the clock say when it is really signed.
+_WORST_SEQ = 2**63 - 1
+_WORST_IAT = 9_999_999_999
+# Config keys a `config` job may not set or unset (docs/dispatch.md, "Keys and rotation").
+PROTECTED_CONFIG_KEYS = {
+    "trusted_keys": "the trusted key set changes through key rotation only: use `mpfleet keys rotate`",
+    "exec_allowed": "exec permission is set over USB only, in the device's /config.json at provisioning",
+}
 
 
 class KeyringError(MpfleetError):
     """A key operation was refused (no key yet, last active key, unknown kid...)."""
+
+
+def envelope_bytes(payload: dict) -> int:
+    """The length of `payload`'s envelope as it will be signed, in the worst case: the
+    payload signed (by a throwaway key: every key's kid and signature have the same
+    length) with the largest seq, and an iat no smaller than any real one."""
+    trial = dict(payload)
+    trial["seq"] = _WORST_SEQ
+    trial["iat"] = max(_WORST_IAT, trial.get("iat") or 0)
+    return len(SigningKey.generate().sign(trial))
+
+
+def check_config_params(params: dict) -> None:
+    """KeyringError unless a `config` job's params are well formed and leave the trusted
+    key set and exec permission alone (the device refuses such a job too)."""
+    sets, unsets = params.get("set", {}), params.get("unset", [])
+    if not isinstance(sets, dict) or not isinstance(unsets, list):
+        raise KeyringError("config params need set (an object of dotted keys) and/or unset (a list of dotted keys)")
+    for key in [*sets, *unsets]:
+        if not isinstance(key, str) or not key or "" in key.split("."):
+            raise KeyringError(f"config: {key!r} is not a dotted config key such as 'wifi.ssid'")
+        root = key.split(".", 1)[0]
+        if root in PROTECTED_CONFIG_KEYS:
+            raise KeyringError(f"config jobs cannot change {key!r}: {PROTECTED_CONFIG_KEYS[root]}")
+
+
+def check_keys_params(params: dict, active: Iterable[str] = ()) -> None:
+    """KeyringError unless `params` is a `keys` job the device would accept:
+    ``{"add": {kid: public b64url}, "remove": [kid, ...]}``, either may be absent, not
+    both empty; each added kid is kid_of() its 32-byte key. `active`: the kids the host
+    knows as trusted; a job that would leave none of them (nor add any) is refused, and
+    so is one that would leave more than MAX_TRUSTED_KEYS."""
+    unknown = sorted(set(params) - {"add", "remove"})
+    if unknown:
+        raise KeyringError(f"keys params take add and remove only, not {unknown[0]!r}")
+    add, remove = params.get("add", {}), params.get("remove", [])
+    if not isinstance(add, dict) or not isinstance(remove, list):
+        raise KeyringError("keys params: add must be {kid: public key (base64url)}, remove a list of kids")
+    if not add and not remove:
+        raise KeyringError("a keys job must add or remove at least one key")
+    if len(add) > MAX_TRUSTED_KEYS:
+        raise KeyringError(f"a keys job adds at most {MAX_TRUSTED_KEYS} keys (a device trusts at most that many), "
+                           f"not {len(add)}")
+    for kid, public in add.items():
+        if not isinstance(kid, str) or not KID_RE.match(kid):
+            raise KeyringError(f"keys add: {kid!r} is not a key id (16 hex digits)")
+        try:
+            raw = b64url_decode(public) if isinstance(public, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise KeyringError(f"keys add: the key of {kid} is not a 32-byte Ed25519 public key in base64url")
+        if kid_of(raw) != kid:
+            raise KeyringError(f"keys add: {kid} is not the id of its key (that is {kid_of(raw)})")
+    for kid in remove:
+        if not isinstance(kid, str) or not KID_RE.match(kid):
+            raise KeyringError(f"keys remove: {kid!r} is not a key id (16 hex digits)")
+        if kid in add:
+            raise KeyringError(f"keys: {kid} is both added and removed")
+    after = (set(active) | set(add)) - set(remove)
+    if not after:
+        raise KeyringError("this keys job would remove every trusted key: devices would accept no job ever again "
+                           "(add the new key first: `mpfleet keys rotate`)")
+    if len(after) > MAX_TRUSTED_KEYS:
+        raise KeyringError(f"this keys job would leave {len(after)} trusted keys; a device trusts at most "
+                           f"{MAX_TRUSTED_KEYS}: retire some first (`mpfleet keys retire`)")
 
 
 def default_keys_dir() -> Path:
@@ -191,12 +275,24 @@ class KeyRing:
         """
         old = self.active()
         self.load(old.kid)  # the old key must be usable before a new one is made
+        targets = list(targets or ["*"])
+        # checked before the key is made: a probe key has the same sizes as the new one
+        probe = SigningKey.generate()
+        check_keys_params({"add": {probe.kid: probe.public_b64}}, [k.kid for k in self.list() if k.active])
+        self._check_size({"id": f"key-add-{probe.kid}-000000", "type": "keys", "targets": targets,
+                          "params": {"add": {probe.kid: probe.public_b64}}})
         new = self._create()
-        payload = {"id": f"key-add-{new.kid}-{secrets.token_hex(3)}", "type": "config",
-                   "targets": list(targets or ["*"]),
-                   "params": {"set": {f"trusted_keys.{new.kid}": new.public_b64}}}
+        payload = {"id": f"key-add-{new.kid}-{secrets.token_hex(3)}", "type": "keys", "targets": targets,
+                   "params": {"add": {new.kid: new.public_b64}}}
         signed, envelope = self.sign(payload, kid=old.kid)
         return KeyJob(new.kid, new.public_b64, old.kid, signed, envelope)
+
+    @staticmethod
+    def _check_size(payload: dict) -> None:
+        n = envelope_bytes(payload)
+        if n > JOB_MAX_BYTES_DEFAULT:
+            raise KeyringError(f"the {payload['type']} job's signed envelope would be {n} bytes, over the device "
+                               f"limit of {JOB_MAX_BYTES_DEFAULT} (limits.job_max_bytes): target fewer names")
 
     def retire(self, kid: str, targets: list[str] | None = None) -> KeyJob:
         """Retire `kid`; return the job, signed by the newest other active key, that makes
@@ -208,8 +304,10 @@ class KeyRing:
         if not others:
             raise KeyringError(f"key {kid} is the only active key: run `mpfleet keys rotate` first")
         signer = others[-1]
-        payload = {"id": f"key-retire-{kid}-{secrets.token_hex(3)}", "type": "config",
-                   "targets": list(targets or ["*"]), "params": {"unset": [f"trusted_keys.{kid}"]}}
+        payload = {"id": f"key-retire-{kid}-{secrets.token_hex(3)}", "type": "keys",
+                   "targets": list(targets or ["*"]), "params": {"remove": [kid]}}
+        check_keys_params(payload["params"], [k.kid for k in self.list() if k.active])
+        self._check_size(payload)
         signed, envelope = self.sign(payload, kid=signer.kid)
         self.store.retire_key(kid)
         return KeyJob(kid, info.public_b64, signer.kid, signed, envelope)

@@ -53,7 +53,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mpfleet.errors import MpfleetError
-from mpfleet.keys import KeyRing
+from mpfleet.keys import (JOB_MAX_BYTES_DEFAULT, MAX_TRUSTED_KEYS, KeyRing, KeyringError, check_config_params,
+                          check_keys_params, envelope_bytes)
 from mpfleet.registry import QueryError, Registry, parse_query
 from mpfleet.signing import JOB_TYPES, KID_RE
 from mpfleet.store import Store
@@ -135,6 +136,7 @@ RETRIABLE = (FAILED, TIMED_OUT)
 NETWORK_JOBS = ("ota", "app", "reboot", "upload")  # the agent refuses them over USB
 QUEUE_MAX_BYTES = 6144  # the retained `jobs` payload of one device, bytes (docs/dispatch.md)
 ENVELOPE_MAX_BYTES = QUEUE_MAX_BYTES - 4  # the largest envelope a queue can carry: '["' + envelope + '"]'
+LONGEST_DEVICE_ID = "x" * 64  # mqttlink.DEVICE_ID_RE: a job's targets before any device is known
 COUNTED = (SUCCEEDED, *FAILURES)  # the executions the abort fraction is taken over
 DEVICE_STATES = (IN_PROGRESS, SUCCEEDED, FAILED, REJECTED)
 FINAL_STATES = (SUCCEEDED, FAILED, REJECTED)  # what a device reports last
@@ -290,6 +292,13 @@ class RolloutEngine:
         params = {} if params is None else params
         if not isinstance(params, dict):
             raise RolloutError(f"params must be an object, not {params!r}")
+        try:
+            if type == "config":
+                check_config_params(params)
+            elif type == "keys":
+                check_keys_params(params, [k.kid for k in self.keyring.list() if k.active])
+        except KeyringError as e:
+            raise RolloutError(str(e)) from None
         spec = self._normalize_targets(targets)
         opts = validate_options(options)
         if job_id is None:
@@ -301,6 +310,7 @@ class RolloutEngine:
             params_json = json.dumps(params, sort_keys=True)
         except (TypeError, ValueError) as e:
             raise RolloutError(f"params must be JSON: {e}") from None
+        self._check_size({"id": job_id, "type": type, "params": params, "options": opts}, spec, now)
         with self.store.transaction() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
                 raise RolloutError(f"a job {job_id} exists already")
@@ -350,6 +360,40 @@ class RolloutEngine:
                 raise RolloutError("targets is empty: give device ids, groups, a query or '*'")
             return spec
         raise RolloutError(f"targets must be '*', a list of names or a dict, not {targets!r}")
+
+    # ------------------------------------------------------------ envelope size
+    def job_max_bytes(self, device: str, state: dict | None = None) -> tuple[int, str]:
+        """(the largest envelope `device` can take, where that limit comes from): the
+        device's `limits.job_max_bytes` as it last reported it, else the default (4096),
+        and never more than one queue can carry (ENVELOPE_MAX_BYTES)."""
+        if state is None:
+            state = (self.store.device(device) or {}).get("state") or {}
+        limits = state.get("limits") if isinstance(state.get("limits"), dict) else {}
+        limit, source = JOB_MAX_BYTES_DEFAULT, "the devices' default limits.job_max_bytes"
+        for value in (limits.get("job_max_bytes"), state.get("job_max_bytes")):
+            if isinstance(value, int) and not isinstance(value, bool) and 256 <= value <= 65536:
+                limit, source = value, f"the limits.job_max_bytes {device} reports"
+                break
+        if limit > ENVELOPE_MAX_BYTES:
+            return ENVELOPE_MAX_BYTES, "what one device queue carries, QUEUE_MAX_BYTES"
+        return limit, source
+
+    def _check_size(self, job: dict, spec: dict, now: float) -> None:
+        """RolloutError unless the job's envelope fits every device it targets now (or, with
+        none yet, any device), measured as signed in the worst case (keys.envelope_bytes)."""
+        states = {d["id"]: d.get("state") or {} for d in self.store.devices()}
+        worst: dict[tuple[int, str], str] = {}  # (limit, source) -> the longest device id it applies to
+        for device in self._resolve(spec):
+            key = self.job_max_bytes(device, states.get(device) or {})
+            if len(device) > len(worst.get(key, "")):
+                worst[key] = device
+        if not worst:
+            worst[self.job_max_bytes(LONGEST_DEVICE_ID, {})] = LONGEST_DEVICE_ID
+        for (limit, source), device in sorted(worst.items()):
+            n = envelope_bytes(self._payload(job, device, now))
+            if n > limit:
+                raise RolloutError(f"job too large: its signed envelope would be {n} bytes, over the limit of "
+                                   f"{limit} bytes ({source}); make its params smaller")
 
     def resolve_targets(self, targets) -> list[str]:
         """The registered devices `targets` (as create_job takes them) select now."""
@@ -402,9 +446,9 @@ class RolloutEngine:
             latest[e["device"]] = e  # ordered by attempt: the last one wins
         return latest
 
-    def _queue(self, job: dict, device: str, attempt: int, stage: int, now: float, changes: Changes | None) -> bool:
-        """Sign and record one execution (attempt) of `job` on `device`. A seq is taken per
-        call; the UNIQUE (job, device, attempt) keeps a second engine from queueing twice."""
+    @staticmethod
+    def _payload(job: dict, device: str, now: float) -> dict:
+        """The job as signed for `device` (without the seq, which sign() adds)."""
         payload = {"id": job["id"], "type": job["type"], "params": job["params"], "targets": [device],
                    "iat": int(now)}
         opts = job["options"]
@@ -412,15 +456,29 @@ class RolloutEngine:
             payload["timeout"] = int(math.ceil(opts["timeout_s"]))
         if opts["end_at"] is not None:
             payload["exp"] = int(opts["end_at"])
-        signed, envelope = self.keyring.sign(payload, kid=self._signing_kid(job))
+        return payload
+
+    def _queue(self, job: dict, device: str, attempt: int, stage: int, now: float, changes: Changes | None) -> bool:
+        """Sign and record one execution (attempt) of `job` on `device`. A seq is taken per
+        call; the UNIQUE (job, device, attempt) keeps a second engine from queueing twice.
+
+        An envelope larger than the device takes (a device that joined a continuous job
+        or reported a smaller limit after create_job checked) is never queued: the device
+        would drop it without a status. It is recorded REJECTED, with the sizes as note."""
+        signed, envelope = self.keyring.sign(self._payload(job, device, now), kid=self._signing_kid(job))
         kid = envelope.split(".")[1]
+        limit, source = self.job_max_bytes(device)
+        status, finished, note = QUEUED, None, None
+        if len(envelope) > limit:
+            status, finished = REJECTED, now
+            note = f"not sent: the envelope is {len(envelope)} bytes, over the limit of {limit} bytes ({source})"
         cur = self.db.execute(
             "INSERT OR IGNORE INTO executions (job, device, attempt, seq, kid, envelope, status, stage, queued, "
-            "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job["id"], device, attempt, signed["seq"], kid, envelope, QUEUED, stage, now, now))
+            "updated, finished, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job["id"], device, attempt, signed["seq"], kid, envelope, status, stage, now, now, finished, note))
         if cur.rowcount != 1:
             return False  # someone queued it first; the seq taken is simply unused
-        if changes is not None:
+        if changes is not None and status == QUEUED:
             changes.devices.add(device)
             changes.queued.append((job["id"], device, attempt))
         return True
@@ -598,18 +656,27 @@ class RolloutEngine:
 
     # ------------------------------------------------------------ key rotation
     def create_rotation_job(self, targets="*", job_id: str | None = None, **options) -> tuple[str, str]:
-        """Make a new signing key and roll out the config job, signed by the current fleet
-        key, that adds it to the devices' `trusted_keys`. Returns (job id, new kid).
+        """Make a new signing key and roll out the `keys` job ``{"add": {new kid: public}}``,
+        signed by the current fleet key. Returns (job id, new kid).
 
-        When every target device SUCCEEDED, tick() retires the old key and rolls out the
-        follow-up job, signed by the new key, that removes the old key from the devices.
-        If some did not, the old key stays active and the job's reason says so: fix those
-        devices and retire by hand (`mpfleet keys retire`)."""
+        When every target device SUCCEEDED, tick() rolls out the follow-up `keys` job
+        ``{"remove": [old kid]}``, signed by the new key, and retires the old key. If some
+        did not, the old key stays active and the job's reason says so: fix those devices
+        and retire by hand (`mpfleet keys retire`)."""
         old = self.keyring.fleet_key()
         self.keyring.load(old.kid)  # the old key must be usable before a new one is made
+        # what create_job would refuse, refused before a key is made for nothing
+        self._normalize_targets(targets)
+        validate_options({**options, "sign_kid": old.kid})
+        if job_id is not None and not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
+            raise RolloutError(f"job id {job_id!r} must be 1..48 of A-Z, a-z, 0-9, '_', '.', '-'")
+        active = [k.kid for k in self.keyring.list() if k.active]
+        if len(active) >= MAX_TRUSTED_KEYS:
+            raise RolloutError(f"{len(active)} keys are active and a device trusts at most {MAX_TRUSTED_KEYS}: "
+                               f"retire one first (`mpfleet keys retire`)")
         new = self.keyring.add_key()
         job_id = job_id or f"key-add-{new.kid[:8]}-{secrets.token_hex(2)}"
-        self.create_job("config", {"set": {f"trusted_keys.{new.kid}": new.public_b64}}, targets, job_id=job_id,
+        self.create_job("keys", {"add": {new.kid: new.public_b64}}, targets, job_id=job_id,
                         sign_kid=old.kid, rotation={"old": old.kid, "new": new.kid}, **options)
         return job_id, new.kid
 
@@ -621,10 +688,15 @@ class RolloutEngine:
                     f"(first: {', '.join(missing[:5])}); key {rot['old']} stays active")
         else:
             retire_id = f"key-retire-{rot['old'][:8]}-{secrets.token_hex(2)}"
-            self.keyring.store.retire_key(rot["old"])
-            self.create_job("config", {"unset": [f"trusted_keys.{rot['old']}"]}, job["targets"], job_id=retire_id,
-                            sign_kid=rot["new"])
-            note = f"key rotation applied everywhere: key {rot['old']} retired, job {retire_id} removes it"
+            try:
+                # the job first: should it be refused, the old key stays active and signing
+                self.create_job("keys", {"remove": [rot["old"]]}, job["targets"], job_id=retire_id,
+                                sign_kid=rot["new"])
+            except RolloutError as e:
+                note = f"key rotation applied everywhere, but the job removing key {rot['old']} was refused: {e}"
+            else:
+                self.keyring.store.retire_key(rot["old"])
+                note = f"key rotation applied everywhere: key {rot['old']} retired, job {retire_id} removes it"
         self.db.execute("UPDATE jobs SET reason = ? WHERE id = ?", (note, job["id"]))
 
     # ------------------------------------------------------------ USB delivery
