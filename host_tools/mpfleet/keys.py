@@ -52,7 +52,7 @@ _WORST_IAT = 9_999_999_999
 # Config keys a `config` job may not set or unset (docs/dispatch.md, "Keys and rotation").
 PROTECTED_CONFIG_KEYS = {
     "trusted_keys": "the trusted key set changes through key rotation only: use `mpfleet keys rotate`",
-    "exec_allowed": "exec permission is set over USB only, in the device's /config.json at provisioning",
+    "exec_allowed": "exec permission is set over USB only (`mpfleet deploy` writes the device's /security.json)",
 }
 
 
