@@ -13,5 +13,5 @@ def unload(*names):
         sys.modules.pop(__name__ + "." + name, None)
         try:
             delattr(package, name)
-        except AttributeError:
+        except (AttributeError, KeyError):  # never imported (the port raises either)
             pass

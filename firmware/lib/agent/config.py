@@ -3,8 +3,8 @@
 # A bad or missing config never bricks the device: every field that fails its
 # check falls back (to the last good config's value, else the default) and the
 # problem is reported in the device's state. "Last good" is the config the
-# device last reached its broker with: the wake calls confirm_good() once
-# connected, and only then is /config.json copied to /config.good.json. A
+# device last reached its broker with: once connected, the wake copies
+# /config.json to /config.good.json (if every field passed at load). A
 # config that merely parses is not good: a valid but unreachable SSID parses.
 #
 # Security settings are not config (docs/security.md): the trusted keys and
@@ -205,20 +205,6 @@ def load(default_id, path=CONFIG_PATH, good_path=GOOD_PATH):
             cfg[key] = sec[key]
         problems.extend(sec_problems)
     return cfg, problems
-
-
-def confirm_good(path=CONFIG_PATH, good_path=GOOD_PATH):
-    """The broker was reached with the current config: it becomes the last good
-    one (written only when it changed, and only if every field passed)."""
-    data, error = _read(path)
-    if error is not None:
-        return
-    _, problems = validate(data, None, "x")
-    if problems:
-        return
-    good, _ = _read(good_path)
-    if good != data:
-        write_json(good_path, data)
 
 
 def restore_good(path=CONFIG_PATH, good_path=GOOD_PATH):

@@ -35,3 +35,30 @@ def remove(path):
         os.remove(path)
     except OSError:
         pass
+
+
+def copy_if_changed(src, dst, chunk=256):
+    """Make `dst` a copy of `src` (atomically) unless it already is one; compared
+    and copied in small chunks, so no JSON is parsed and little memory used."""
+    buf_a = bytearray(chunk)
+    buf_b = bytearray(chunk)
+    try:
+        with open(src, "rb") as a, open(dst, "rb") as b:
+            while True:
+                n = a.readinto(buf_a)
+                m = b.readinto(buf_b)
+                if n != m or buf_a[:n] != buf_b[:m]:
+                    break
+                if not n:
+                    return False
+    except OSError:
+        pass
+    tmp = dst + ".tmp"
+    with open(src, "rb") as a, open(tmp, "wb") as b:
+        while True:
+            n = a.readinto(buf_a)
+            if not n:
+                break
+            b.write(memoryview(buf_a)[:n])
+    os.rename(tmp, dst)
+    return True

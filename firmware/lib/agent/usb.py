@@ -40,7 +40,7 @@ def run_jobs(queue_json):
     from agent import jobs
 
     w = _wake()
-    w.uploader().jobs_message = queue_json
+    w.pending_queue = queue_json
     queue_json = None
     jobs.run_pending(w.job_context(_PrintLink()))
     w.stage.save()

@@ -21,7 +21,7 @@ import time
 import machine
 from micropython import const
 
-from agent import config, rtcstage, samplerec, sensors
+from agent import rtcstage
 
 AGENT_VERSION = "0.1.0"
 _MIN_SLEEP_MS = const(1000)
@@ -68,7 +68,14 @@ class Wake:
     def __init__(self, watchdog=True):
         self.started = time.ticks_ms()
         self.mac_id = "".join("%02x" % b for b in machine.unique_id())
+        import agent
+        from agent import config
+
         self.cfg, self.problems = config.load(self.mac_id)
+        # The schema's code is needed again only by a config job: its memory goes
+        # to the rest of the wake. What the wake still needs of it, it keeps.
+        self.config_files = (config.CONFIG_PATH, config.GOOD_PATH)
+        agent.unload("config")
         # Armed once: re-creating the task watchdog with a new timeout is not
         # portable across ESP32 ports. Reading the config cannot hang.
         self.wdt = machine.WDT(timeout=self.cfg["wdt_timeout_ms"]) if watchdog else _Unwatched()
@@ -81,6 +88,7 @@ class Wake:
         self.rssi = None
         self.crash = None
         self._uploader = None
+        self.pending_queue = None
         self.over_usb = not watchdog
         self._rec = bytearray(6 + 10 * 8)
 
@@ -116,7 +124,9 @@ class Wake:
         return AGENT_VERSION
 
     def scales(self):
-        return [sensors.scale_of(s) for s in self.cfg["sensors"]]
+        from agent.sensors import scale_of
+
+        return [scale_of(s) for s in self.cfg["sensors"]]
 
     # ------------------------------------------------------------ the wake
     def run(self):
@@ -182,7 +192,9 @@ class Wake:
         self.stage.log_backlog = stats["backlog"]
 
     def sample(self):
-        values, self.sensor_failures = sensors.read_all(self.cfg["sensors"])
+        from agent.sensors import read_all
+
+        values, self.sensor_failures = read_all(self.cfg["sensors"])
         most = self.cfg["limits"]["stage_max_samples"]
         if not self.stage.room_for(len(values)) or (most and self.stage.staged >= most):
             self.flush()
@@ -207,6 +219,7 @@ class Wake:
         stage = self.stage
         next_seq = log.stats()["next_seq"]
         from agent.flashlog import Batch
+        from agent.samplerec import encode
 
         batch = Batch()
         for seq, t, values in stage.samples():
@@ -215,7 +228,7 @@ class Wake:
             if not batch.n and seq > next_seq:
                 log.advance(seq)  # the host acked the seqs in between while they were staged
                 next_seq = seq
-            n = samplerec.encode(t, values, self._rec)
+            n = encode(t, values, self._rec)
             if not batch.fits(n):
                 log.append(batch)
                 batch.clear()
@@ -300,8 +313,12 @@ class Wake:
                 from agent import jobs
 
                 jobs.on_connected(self.job_context(client))
-            # Reached the broker with this config: it is the last good one now.
-            config.confirm_good()
+            # Reached the broker with this config: it is the last good one now
+            # (agent.config.confirm_good, without loading the schema again).
+            if not self.problems:
+                from agent.jsonfile import copy_if_changed
+
+                copy_if_changed(*self.config_files)
             self.uploader().exchange(client, self.state())
             self.run_jobs(client)
         except OSError as e:
@@ -354,15 +371,17 @@ class Wake:
 
         return JobContext(self.device_id, self.cfg, self.stage, client=client, feed=self.wdt.feed,
                           budget_left_ms=self.budget_left_ms, request_upload=self.request_upload,
-                          connect=self.connect_mqtt, on_message=self.uploader().on_message,
+                          connect=self.connect_mqtt, on_message=self.on_message,
                           app_version=self.app_version, upload=self.upload_now, facts=self.facts,
                           over_usb=self.over_usb, crash=self.crash, take_queue=self.take_queue)
 
     def take_queue(self):
-        up = self.uploader()
-        msg = up.jobs_message
-        up.jobs_message = None
+        msg = self.pending_queue
+        self.pending_queue = None
         return msg
+
+    def on_message(self, topic_name, msg, retained):
+        self.uploader().on_message(topic_name, msg, retained)
 
     def upload_now(self, client):
         """The `upload` job: send the backlog now; what it reports."""
@@ -394,15 +413,23 @@ class Wake:
         The job code is loaded only when there is something for it: a queue, a
         job in progress or a status still to send (RTC flag, or after a power
         loss the job state file)."""
-        queue = self.uploader().jobs_message
+        up = self.uploader()
+        queue = up.jobs_message
+        up.jobs_message = None
         empty = queue is None or (len(queue) < 16 and bytes(queue).strip() in (b"", b"[]"))
-        queue = None
         if empty and not (self.stage.flags & rtcstage.FLAG_JOBS):
             if self.rtc_valid or not _file_exists("/jobs.json"):
                 return
+        self.pending_queue = queue
+        queue = None
+        # The upload path's code and state go, for the verifier: nothing in them
+        # is needed again that cannot be rebuilt (the log and the stage hold the
+        # truth; an upload job makes a new Uploader).
+        self._uploader = up = None
+        self.log = None
         import agent
 
-        agent.unload("codec")  # the frame encoder's memory, for the verifier
+        agent.unload("codec", "upload", "flashlog", "samplerec", "config", "sensors")
         gc.collect()
         from agent import jobs
 
@@ -447,8 +474,9 @@ class Wake:
         }
 
     def sleep(self):
-        self.stage.crashes = 0  # this wake ended well
-        self.stage.mark = b"\x00" * 8
+        # This wake ended well. The stage's mark stays: an envelope whose verify
+        # ran out of memory is tried once more, next wake (agent.intake).
+        self.stage.crashes = 0
         self.stage.save()
         ms = self.cfg["sample_interval_s"] * 1000 - self.elapsed_ms()
         machine.deepsleep(max(ms, _MIN_SLEEP_MS))
