@@ -57,7 +57,10 @@ QUEUES = int(os.environ.get("MPFLEET_FUZZ_QUEUES", "0")) or stress_count(quick=2
 QUEUES_PER_DEVICE = 50 if STRESS else 8
 MAX_WAKES_PER_QUEUE = 4
 JOB_MAX_BYTES = 4096  # the device's default limits.job_max_bytes
-QUEUE_MAX_BYTES = 14000  # under the device's MQTT packet limit (16 KiB)
+# The device looks at queue messages of at most 12 KiB and at their first 32
+# entries (agent/intake.py); the host sends at most 6 KiB (docs/dispatch.md).
+QUEUE_MAX_BYTES = 12288
+QUEUE_MAX_ENTRIES = 32
 # Filesystem erases per wake, whatever the queue holds: a base for the wake's own
 # writes, plus some for each job that legitimately runs (a job writes the job
 # state when it starts and ends; littlefs erases a block when a metadata pair
@@ -207,7 +210,7 @@ class Gen:
         elif 0.94 < r <= 0.97:
             opaque = True
             text = text[: rng.randrange(1, len(text))]  # a truncated queue message
-        while len(text) > QUEUE_MAX_BYTES and envs:
+        while (len(text) > QUEUE_MAX_BYTES or len(envs) > QUEUE_MAX_ENTRIES) and envs:
             envs.pop()
             text = "[" + ",".join(json.dumps(e.text) for e in envs) + "]"
         return envs, text, opaque

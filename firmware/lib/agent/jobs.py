@@ -169,26 +169,31 @@ class Runner:
     def publish(self, status):
         self.client.publish(self.status_topic, json.dumps(status), qos=1)
 
-    def flush_outbox(self):
+    def publish_outbox(self):
+        """Publish the final statuses waiting in the outbox and clear it in memory;
+        the cleared outbox is saved with the next state write (a power cut before
+        that only publishes them again, and the host applies a status once)."""
         if self.state["out"]:
             for status in self.state["out"]:
                 self.publish(status)
             self.state["out"] = []
             self.dirty = True
+
+    def flush_outbox(self):
+        self.publish_outbox()
         if self.dirty:
-            save_state(self.state)
-            self.dirty = False
+            self.save()
 
     def save(self):
         save_state(self.state)
         self.dirty = False
 
     def finish(self, job, status, detail=None):
-        """Record a final status durably, then publish it."""
+        """Record a final status durably, then publish it: one state write."""
         record_final(self.state, job, status, detail)
         self.save()
         print("job", job["id"], status)
-        self.flush_outbox()
+        self.publish_outbox()
 
     def reject_unattributed(self, digest, reason):
         """An envelope that cannot be named (not authentic, not for this device,
@@ -223,7 +228,7 @@ class Runner:
         # their memory goes to the jobs (an update's buffers).
         agent.unload("intake", "envelope", "ed25519", "sha512", "config", "jobschema")
         gc.collect()
-        self.flush_outbox()  # the rejections, in one write
+        # The rejections are saved with the first job that starts, or at the end.
         stage = self.ctx.stage
         canceled = []
         for job in verified:
@@ -326,17 +331,12 @@ class Runner:
                 raise
 
 
-# --- hooks the wake calls around its connection --------------------------------
 _UPDATE_TRIAL_PHASES = ("switch", "rebooting", "trial", "rollback")
 
 
-def trial_active():
-    """A trial that needs a connection at this boot: a connectivity config, or an
-    OTA/app update that switched and must pass its self-test."""
-    return _on_trial(load_state()["cur"])
-
-
-def _on_trial(cur):
+def on_trial(cur):
+    """Whether the job in progress is a trial that needs a connection at every
+    wake: a connectivity config, or an OTA/app update that switched."""
     if cur is None:
         return False
     if cur["type"] == "config":
@@ -344,79 +344,20 @@ def _on_trial(cur):
     return cur["type"] in ("ota", "app") and cur["phase"] in _UPDATE_TRIAL_PHASES
 
 
-def note_crash(reason):
-    """The previous wake crashed: remember why with the job it was running (if
-    any), so that the job ends FAILED with that reason instead of running again."""
-    state, _ = read_json(STATE_PATH)
-    if isinstance(state, dict) and isinstance(state.get("cur"), dict) and not state["cur"].get("crash"):
-        state["cur"]["crash"] = reason
-        save_state(state)
-
-
-def on_connected(ctx):
-    """The broker was reached: a connectivity trial succeeded."""
-    state = load_state()
-    cur = state["cur"]
-    if cur is None or cur["type"] != "config" or cur["phase"] != "trial":
-        return
-    from agent import config
-
-    from agent.handlers import apply_change
-
-    current, _ = read_json(config.CONFIG_PATH)
-    wanted = apply_change(current, cur["params"])
-    if wanted != current:
-        # A power cut came between the trial's start and the new file: this
-        # connection used the old settings. Apply them now; the trial goes on.
-        write_json(config.CONFIG_PATH, wanted)
-        ctx.request_upload()
-        return
-    ctx.stage.flags &= ~FLAG_TRIAL
-    runner = Runner(ctx)
-    runner.finish(cur, SUCCEEDED, "connected with the new settings")
-
-
-def on_upload_failed(ctx, error):
-    """The broker was not reached: count the trial down, revert at zero."""
-    state = load_state()
-    cur = state["cur"]
-    if cur is not None and cur["type"] in ("ota", "app") and cur["phase"] in _UPDATE_TRIAL_PHASES:
-        if cur["type"] == "ota":
-            from agent import ota as update
-        else:
-            from agent import appupdate as update
-        update.on_upload_failed(ctx, state, cur, error)
-        return
-    if cur is None or cur["type"] != "config" or cur["phase"] != "trial":
-        ctx.stage.flags &= ~FLAG_TRIAL
-        return
-    cur["data"]["wakes_left"] -= 1
-    if cur["data"]["wakes_left"] > 0:
-        save_state(state)
-        return
-    from agent import config
-
-    config.restore_good()
-    record_final(state, cur, FAILED, "could not reach the broker with the new settings (%s); reverted" % error)
-    save_state(state)
-    ctx.stage.flags &= ~FLAG_TRIAL
-    ctx.stage.flags |= FLAG_JOBS
-    ctx.request_upload()  # report the failure with the old settings next wake
-    print("jobs: config trial failed, previous settings restored")
-
-
 def run_pending(ctx):
     runner = Runner(ctx)
     try:
         runner.run_pending()
     finally:
+        if runner.dirty:
+            runner.save()  # what this wake reported, in one write at its end
         if runner.client is not ctx.client:
             try:
                 runner.client.disconnect()  # a connection an update's download made
             except OSError:
                 pass
         st = runner.state
-        if not _on_trial(st["cur"]):
+        if not on_trial(st["cur"]):
             ctx.stage.flags &= ~FLAG_TRIAL
         if st["cur"] is not None or st["out"]:
             ctx.stage.flags |= FLAG_JOBS

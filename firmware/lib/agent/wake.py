@@ -134,9 +134,9 @@ class Wake:
         if not self.rtc_valid:
             self.recover_after_power_loss()
             if _file_exists("/jobs.json"):
-                from agent import jobs
+                from agent import wakehooks
 
-                if jobs.trial_active():
+                if wakehooks.trial_active():
                     stage.flags |= rtcstage.FLAG_TRIAL
         self.note_crash()
         stage.wake_count += 1
@@ -166,9 +166,9 @@ class Wake:
         self.stage.crashes += 1
         print("the last wake crashed (%d in a row): %s" % (self.stage.crashes, reason))
         if _file_exists("/jobs.json"):
-            from agent import jobs
+            from agent import wakehooks
 
-            jobs.note_crash(reason)
+            wakehooks.note_crash(reason)
             self.stage.flags |= rtcstage.FLAG_JOBS
         try:
             os.remove(CRASH_PATH)
@@ -310,9 +310,9 @@ class Wake:
             # Cleared now: whatever asks for another upload during this one sets it again.
             stage.flags &= ~rtcstage.FLAG_UPLOAD_REQUESTED
             if stage.flags & rtcstage.FLAG_TRIAL:
-                from agent import jobs
+                from agent import wakehooks
 
-                jobs.on_connected(self.job_context(client))
+                wakehooks.on_connected(self.job_context(client))
             # Reached the broker with this config: it is the last good one now
             # (agent.config.confirm_good, without loading the schema again).
             if not self.problems:
@@ -327,9 +327,9 @@ class Wake:
             stage.backoff_level = min(stage.backoff_level + 1, 6)
             stage.skip_wakes = min((1 << stage.backoff_level) - 1, _MAX_SKIP_WAKES)
             if stage.flags & rtcstage.FLAG_TRIAL:
-                from agent import jobs
+                from agent import wakehooks
 
-                jobs.on_upload_failed(self.job_context(None), self.last_error)
+                wakehooks.on_upload_failed(self.job_context(None), self.last_error)
         finally:
             if client is not None:
                 try:

@@ -1,0 +1,77 @@
+# What the wake calls about jobs outside the job runner (agent.jobs): the
+# connectivity trial around each connection attempt, and a crash of the last
+# wake. Kept apart from the runner so that neither is in the heap of the
+# other's wake.
+
+from agent.jobs import (FAILED, STATE_PATH, SUCCEEDED, Runner, load_state, on_trial, record_final,
+                        save_state)
+from agent.jobs import _UPDATE_TRIAL_PHASES as UPDATE_TRIAL_PHASES
+from agent.jsonfile import read_json, write_json
+from agent.rtcstage import FLAG_JOBS, FLAG_TRIAL
+
+
+def trial_active():
+    """A trial that needs a connection at this boot: a connectivity config, or an
+    OTA/app update that switched and must pass its self-test."""
+    return on_trial(load_state()["cur"])
+
+
+def note_crash(reason):
+    """The previous wake crashed: remember why with the job it was running (if
+    any), so that the job ends FAILED with that reason instead of running again."""
+    state, _ = read_json(STATE_PATH)
+    if isinstance(state, dict) and isinstance(state.get("cur"), dict) and not state["cur"].get("crash"):
+        state["cur"]["crash"] = reason
+        save_state(state)
+
+
+def on_connected(ctx):
+    """The broker was reached: a connectivity trial succeeded."""
+    state = load_state()
+    cur = state["cur"]
+    if cur is None or cur["type"] != "config" or cur["phase"] != "trial":
+        return
+    from agent import config
+
+    from agent.handlers import apply_change
+
+    current, _ = read_json(config.CONFIG_PATH)
+    wanted = apply_change(current, cur["params"])
+    if wanted != current:
+        # A power cut came between the trial's start and the new file: this
+        # connection used the old settings. Apply them now; the trial goes on.
+        write_json(config.CONFIG_PATH, wanted)
+        ctx.request_upload()
+        return
+    ctx.stage.flags &= ~FLAG_TRIAL
+    runner = Runner(ctx)
+    runner.finish(cur, SUCCEEDED, "connected with the new settings")
+
+
+def on_upload_failed(ctx, error):
+    """The broker was not reached: count the trial down, revert at zero."""
+    state = load_state()
+    cur = state["cur"]
+    if cur is not None and cur["type"] in ("ota", "app") and cur["phase"] in UPDATE_TRIAL_PHASES:
+        if cur["type"] == "ota":
+            from agent import ota as update
+        else:
+            from agent import appupdate as update
+        update.on_upload_failed(ctx, state, cur, error)
+        return
+    if cur is None or cur["type"] != "config" or cur["phase"] != "trial":
+        ctx.stage.flags &= ~FLAG_TRIAL
+        return
+    cur["data"]["wakes_left"] -= 1
+    if cur["data"]["wakes_left"] > 0:
+        save_state(state)
+        return
+    from agent import config
+
+    config.restore_good()
+    record_final(state, cur, FAILED, "could not reach the broker with the new settings (%s); reverted" % error)
+    save_state(state)
+    ctx.stage.flags &= ~FLAG_TRIAL
+    ctx.stage.flags |= FLAG_JOBS
+    ctx.request_upload()  # report the failure with the old settings next wake
+    print("jobs: config trial failed, previous settings restored")
