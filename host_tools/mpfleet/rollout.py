@@ -635,11 +635,11 @@ class RolloutEngine:
             changes.advanced.append((job_id, stage))
             allowed = _allowed(stages, stage, n)
         elif stage_done and not opts["continuous"]:
+            # a rotation's follow-up is recorded before the job shows COMPLETED (with the outcome as reason)
+            note = self._finish_rotation(job, [latest[d] for d in ranked]) if opts.get("rotation") else None
             with self.store.transaction() as db:
-                self._finish_job(db, job_id, COMPLETED, now, None)
+                self._finish_job(db, job_id, COMPLETED, now, note)
             changes.completed.append(job_id)
-            if opts.get("rotation"):
-                self._finish_rotation(job, [latest[d] for d in ranked], now)
             return
 
         # start new devices, within the stage and the rate
@@ -680,24 +680,28 @@ class RolloutEngine:
                         sign_kid=old.kid, rotation={"old": old.kid, "new": new.kid}, **options)
         return job_id, new.kid
 
-    def _finish_rotation(self, job: dict, latest: list[dict], now: float) -> None:
+    def _finish_rotation(self, job: dict, latest: list[dict]) -> str:
+        """What a finished rotation job leads to, as the job's reason. When every device
+        applied it: the `keys` job removing the old key (one per rotation, its id derived
+        from the rotation's, so a tick interrupted here and run again adds no second one),
+        then the old key retired."""
         rot = job["options"]["rotation"]
         missing = [e["device"] for e in latest if e["status"] != SUCCEEDED]
         if missing:
-            note = (f"key rotation incomplete: {len(missing)} device(s) did not apply it "
+            return (f"key rotation incomplete: {len(missing)} device(s) did not apply it "
                     f"(first: {', '.join(missing[:5])}); key {rot['old']} stays active")
-        else:
-            retire_id = f"key-retire-{rot['old'][:8]}-{secrets.token_hex(2)}"
+        retire_id = f"key-retire-{rot['old'][:8]}-{hashlib.sha256(job['id'].encode()).hexdigest()[:4]}"
+        exists = self.db.execute("SELECT 1 FROM jobs WHERE id = ?", (retire_id,)).fetchone()
+        if not exists:
             try:
                 # the job first: should it be refused, the old key stays active and signing
                 self.create_job("keys", {"remove": [rot["old"]]}, job["targets"], job_id=retire_id,
                                 sign_kid=rot["new"])
             except RolloutError as e:
-                note = f"key rotation applied everywhere, but the job removing key {rot['old']} was refused: {e}"
-            else:
-                self.keyring.store.retire_key(rot["old"])
-                note = f"key rotation applied everywhere: key {rot['old']} retired, job {retire_id} removes it"
-        self.db.execute("UPDATE jobs SET reason = ? WHERE id = ?", (note, job["id"]))
+                return f"key rotation applied everywhere, but the job removing key {rot['old']} was refused: {e}"
+        if self.keyring.get(rot["old"]).active:
+            self.keyring.store.retire_key(rot["old"])
+        return f"key rotation applied everywhere: key {rot['old']} retired, job {retire_id} removes it"
 
     # ------------------------------------------------------------ USB delivery
     def usb_envelope(self, job_id: str, device: str) -> str:
