@@ -186,7 +186,7 @@ class Sweep:
         self.log.flush()
         path = self.root / f"snap-{phase}"
         shutil.copytree(vb.path, path)
-        names = ["/config.json", "/config.good.json", "/config.json.prev"]
+        names = ["/config.json", "/config.good.json"]
         return {"phase": phase, "path": path, "files": read_files(vb, names),
                 "prior": self.log.statuses_of(self.base)}
 
@@ -256,8 +256,11 @@ class Sweep:
                     detail = [str(s.get("detail"))[:80] for s in merged.get(job, [])][:1]
                     out.append(f"uncut: job {job!r} ended {got or 'nowhere'} {detail}, not {want}")
         if self.kind.check is not None:
-            files = read_files(run.vb, ["/config.json"])
+            files = read_files(run.vb, ["/config.json", "/security.json"])
             cfg = json.loads(files["/config.json"] or b"{}")
+            # The security settings the device uses: /security.json once a keys job
+            # wrote it, else the provisioned config's (agent/config.py).
+            cfg.update(json.loads(files["/security.json"] or b"{}"))
             out += self.kind.check(cfg, merged)
         if out:
             self.violations[label] = out

@@ -294,7 +294,7 @@ class Runner:
                       "before": cur["data"]}
             self.finish(cur, SUCCEEDED, detail)
             return
-        if cur["type"] == "config" and cur["phase"] == "trial":
+        if cur["type"] == "config" and cur["phase"] in ("trial", "revert"):
             return  # decided by on_connected / on_upload_failed
         if cur["type"] in ("ota", "app"):
             # Resumable by design (download offset, switch phase): no attempt count.
@@ -340,7 +340,7 @@ def on_trial(cur):
     if cur is None:
         return False
     if cur["type"] == "config":
-        return cur["phase"] == "trial"
+        return cur["phase"] in ("trial", "revert")
     return cur["type"] in ("ota", "app") and cur["phase"] in _UPDATE_TRIAL_PHASES
 
 

@@ -309,16 +309,17 @@ class Wake:
             stage.skip_wakes = 0
             # Cleared now: whatever asks for another upload during this one sets it again.
             stage.flags &= ~rtcstage.FLAG_UPLOAD_REQUESTED
-            if stage.flags & rtcstage.FLAG_TRIAL:
-                from agent import wakehooks
-
-                wakehooks.on_connected(self.job_context(client))
-            # Reached the broker with this config: it is the last good one now
-            # (agent.config.confirm_good, without loading the schema again).
+            # Reached the broker with the config this wake loaded: it is the last
+            # good one now (agent.config's rule, without loading the schema
+            # again). Before a trial's hook, which may write a new config.json.
             if not self.problems:
                 from agent.jsonfile import copy_if_changed
 
                 copy_if_changed(*self.config_files)
+            if stage.flags & rtcstage.FLAG_TRIAL:
+                from agent import wakehooks
+
+                wakehooks.on_connected(self.job_context(client))
             self.uploader().exchange(client, self.state())
             self.run_jobs(client)
         except OSError as e:

@@ -26,13 +26,18 @@ def note_crash(reason):
 
 
 def on_connected(ctx):
-    """The broker was reached: a connectivity trial succeeded."""
+    """The broker was reached: a connectivity trial succeeded (or a revert did)."""
     state = load_state()
     cur = state["cur"]
-    if cur is None or cur["type"] != "config" or cur["phase"] != "trial":
+    if cur is None or cur["type"] != "config" or cur["phase"] not in ("trial", "revert"):
+        return
+    runner = Runner(ctx)
+    if cur["phase"] == "revert":
+        # A power cut came after the revert began: connected, so it is done.
+        ctx.stage.flags &= ~FLAG_TRIAL
+        runner.finish(cur, FAILED, "could not reach the broker with the new settings; reverted")
         return
     from agent import config
-
     from agent.handlers import apply_change
 
     current, _ = read_json(config.CONFIG_PATH)
@@ -44,12 +49,15 @@ def on_connected(ctx):
         ctx.request_upload()
         return
     ctx.stage.flags &= ~FLAG_TRIAL
-    runner = Runner(ctx)
     runner.finish(cur, SUCCEEDED, "connected with the new settings")
 
 
 def on_upload_failed(ctx, error):
-    """The broker was not reached: count the trial down, revert at zero."""
+    """The broker was not reached: count the trial down, revert at zero.
+
+    The revert is a phase of its own, written before the last good config is
+    put back: a power cut in between finds "revert" (finish it), never "trial"
+    (which would apply the bad settings again)."""
     state = load_state()
     cur = state["cur"]
     if cur is not None and cur["type"] in ("ota", "app") and cur["phase"] in UPDATE_TRIAL_PHASES:
@@ -59,17 +67,22 @@ def on_upload_failed(ctx, error):
             from agent import appupdate as update
         update.on_upload_failed(ctx, state, cur, error)
         return
-    if cur is None or cur["type"] != "config" or cur["phase"] != "trial":
+    if not on_trial(cur) or cur["type"] != "config":
         ctx.stage.flags &= ~FLAG_TRIAL
         return
-    cur["data"]["wakes_left"] -= 1
-    if cur["data"]["wakes_left"] > 0:
+    if cur["phase"] == "trial":
+        cur["data"]["wakes_left"] -= 1
+        if cur["data"]["wakes_left"] > 0:
+            save_state(state)
+            return
+        cur["phase"] = "revert"
+        cur["data"]["error"] = error
         save_state(state)
-        return
     from agent import config
 
     config.restore_good()
-    record_final(state, cur, FAILED, "could not reach the broker with the new settings (%s); reverted" % error)
+    record_final(state, cur, FAILED, "could not reach the broker with the new settings (%s); reverted"
+                 % cur["data"].get("error", error))
     save_state(state)
     ctx.stage.flags &= ~FLAG_TRIAL
     ctx.stage.flags |= FLAG_JOBS
