@@ -464,8 +464,10 @@ class Fuzz:
             out.append(f"security: exec_allowed is {cfg.get('exec_allowed')!r} after the queue (set only over USB)")
         if cfg.get("trusted_keys") != dev.trusted:
             out.append(f"security: trusted_keys changed by the queue: {json.dumps(cfg.get('trusted_keys'))[:120]}")
-        if (cfg.get("wifi") or {}).get("ssid") != "lab":
-            out.append(f"config: wifi.ssid is {(cfg.get('wifi') or {}).get('ssid')!r}, no valid job changed it")
+        wifi = cfg.get("wifi")
+        ssid = wifi.get("ssid") if isinstance(wifi, dict) else wifi
+        if ssid != "lab":
+            out.append(f"config: wifi is {json.dumps(wifi)[:80]}, with ssid {ssid!r}: no valid job changed it")
         # The value of a legit config key follows the last of its jobs that succeeded.
         for e in sorted((e for e in envs if e.expect == RUN and e.job_id and e.job_id.startswith("config")),
                         key=lambda e: e.seq):

@@ -170,6 +170,10 @@ def validate(data, fallback, default_id):
     """Build a complete config from `data`; returns (config, problems)."""
     cfg = {"wifi": {}, "ntp": {}, "broker": {}, "limits": {}}
     problems = []
+    if data is not None:
+        for section in cfg:
+            if section in data and not isinstance(data[section], dict):
+                problems.append("%s: must be an object, not %s" % (section, json.dumps(data[section])[:40]))
     for section, key, check, default in SCHEMA:
         name = key if section is None else section + "." + key
         present, value = _get(data, section, key)

@@ -155,6 +155,8 @@ def read_queue(runner):
     """The queue message and the spans of its first QUEUE_MAX entries; (None, [])
     with the message rejected by digest when it is not a JSON list."""
     raw = runner.ctx.take_queue()  # the only reference to the message from here
+    if isinstance(raw, str):
+        raw = raw.encode()  # over USB the queue comes as text; the scan reads bytes
     if not raw or (len(raw) < 16 and bytes(raw).strip() in (b"", b"[]")):
         return None, []
     try:

@@ -467,6 +467,8 @@ class Wake:
             "rssi": self.rssi,
             "time": time.time(),
             "last_error": self.last_error,
+            # The host refuses at `job create` any envelope larger than this.
+            "limits": {"job_max_bytes": self.cfg["limits"]["job_max_bytes"]},
             # After a crash: why, and how many wakes in a row ended in one. The
             # agent then runs one job per wake and ends the job that crashed.
             "crashes": stage.crashes,
