@@ -63,11 +63,12 @@ QUEUE_MAX_BYTES = 12288
 QUEUE_MAX_ENTRIES = 32
 # Filesystem erases per wake, whatever the queue holds: a base for the wake's own
 # writes, plus some for each job that legitimately runs (a job writes the job
-# state when it starts and ends; littlefs erases a block when a metadata pair
-# compacts). Garbage must not add to it (issue: ~40 for 20 envelopes from an
-# unknown key). The sweeps saw at most 2 per job wake.
-ERASE_BASE = 6
-ERASE_PER_JOB = 2
+# state when it starts and ends; littlefs erases a block for each new file
+# version and when a metadata pair compacts). Garbage must not add to it (issue
+# 12: ~40 for 20 envelopes from an unknown key). The worst seen per number of
+# legitimate jobs is printed with the summary and written in docs/benchmarks.md.
+ERASE_BASE = 12
+ERASE_PER_JOB = 3
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +353,7 @@ class Fuzz:
         self.devices = 0
         self.wakes = 0
         self.envelopes = 0
+        self.worst_erases: dict[int, int] = {}  # legitimate jobs in a queue -> most erases in one of its wakes
 
     def new_device(self, index: int) -> Device:
         keys = [SigningKey.generate() for _ in range(3)]
@@ -412,7 +414,9 @@ class Fuzz:
         dev.reported.update(lasting)
         out += check_crashes(recent, None)
         out += check_erases(recent, ERASE_BASE + ERASE_PER_JOB * len(must))
-        out += self.oracle(dev, envs, must, statuses[before:], statuses, files["/config.json"])
+        worst = max((b.vfs_erases for b in recent.boots), default=0)
+        self.worst_erases[len(must)] = max(self.worst_erases.get(len(must), 0), worst)
+        out += self.oracle(dev, envs, must, statuses[before:], statuses, files["/config.json"], opaque)
         ran = {s.get("job") for s in statuses if isinstance(s, dict) and s.get("status") in ("SUCCEEDED", "FAILED")}
         for e in envs:
             if e.signed and e.job_id in ran and isinstance(e.seq, int) and e.kid != gen.junk.kid:
@@ -422,7 +426,10 @@ class Fuzz:
         dev.old = dev.old[-20:]
         return out
 
-    def oracle(self, dev: Device, envs, must, new_statuses, statuses, config_raw) -> list[str]:
+    def oracle(self, dev: Device, envs, must, new_statuses, statuses, config_raw, opaque=False) -> list[str]:
+        """What must hold after one queue. `opaque`: the queue message itself was
+        malformed (truncated, nested), so the device may refuse it whole and
+        nothing in it is owed an outcome."""
         out = []
         by_id: dict[str, list[dict]] = {}
         for s in statuses:
@@ -457,7 +464,8 @@ class Fuzz:
                 out.append(f"oracle: {e.what} {e.job_id!r} must not run, reported {sorted(got)}")
             if e.expect == FAIL_OK and "SUCCEEDED" in got:
                 out.append(f"oracle: {e.what} ({e.job_id!r}) is invalid and must not succeed")
-            if e.expect == REJECT and (got & {"SUCCEEDED", "FAILED", "IN_PROGRESS"} or "REJECTED" not in got):
+            if e.expect == REJECT and (got & {"SUCCEEDED", "FAILED", "IN_PROGRESS"}
+                                       or ("REJECTED" not in got and not opaque)):
                 out.append(f"security: {e.what} ({e.job_id!r}) must be REJECTED, reported {sorted(got) or 'nothing'}")
         cfg = json.loads(config_raw or b"{}")
         if cfg.get("exec_allowed") is not True:
@@ -501,7 +509,7 @@ def test_generated_queues_keep_every_promise(world):
     elapsed = time.monotonic() - started
     summary = {"seed": SEED, "queues": i + 1, "devices": fuzz.devices, "wakes": fuzz.wakes,
                "envelopes": fuzz.envelopes, "seconds": round(elapsed, 1), "violations": len(failures),
-               "stress": STRESS}
+               "worst_erases_by_jobs": dict(sorted(fuzz.worst_erases.items())), "stress": STRESS}
     print("fuzz", json.dumps(summary))
     if os.environ.get("MPFLEET_SWEEP_LOG"):
         with open(os.environ["MPFLEET_SWEEP_LOG"], "a") as f:
