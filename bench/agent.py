@@ -11,6 +11,9 @@ mosquitto), each number side by side with the naive way in the same run.
          (binary search, mpfleet.sim.heap) against the 128 KiB budget
   wake   time and bytes allocated by a sample-only wake vs a bare interpreter
          start that only goes back to sleep
+  hostile  filesystem erases per connected wake while a hostile queue stays
+         retained (20 envelopes of an unknown key, nested JSON, an oversized
+         and a truncated envelope), vs the same device with an empty queue
 
     .venv/bin/python bench/agent.py          # prints a table
     run() -> {"name": "agent", "rows": [...]}
@@ -179,11 +182,56 @@ def wake(tmp: Path, port: int) -> dict:
     }
 
 
+HOSTILE_WAKES = 8
+
+
+def hostile(tmp: Path, broker) -> dict:
+    """Erases per wake under a hostile retained queue, against an empty queue."""
+    from agent_harness import JobDesk
+
+    from mpfleet.signing import SigningKey, b64url
+
+    host = Host(broker, tmp / "hostile.db", client_id="hostile-ingest").start()
+    evil = SigningKey.generate()
+
+    def erases(device_id: str, queue: list | None) -> list[int]:
+        desk = JobDesk(broker, device_id)
+        vb = make_device(tmp / device_id, broker.port, device_id=device_id, upload_every_wakes=1,
+                         trusted_keys=desk.trusted())
+        vb.run(boots=2)
+        if queue is not None:
+            desk.publish_queue(queue)
+        out = []
+        for _ in range(HOSTILE_WAKES):
+            before = vb.counters()["vfs"]["erases"]
+            vb.boot()
+            out.append(vb.counters()["vfs"]["erases"] - before)
+        desk.close()
+        return out
+
+    garbage = [evil.sign({"id": f"g{i}", "seq": i + 1, "type": "exec", "targets": ["*"], "params": {}})
+               for i in range(20)]
+    nested = f"mpf1.{evil.kid}.{b64url(('[' * 600 + ']' * 600).encode())}.{b64url(bytes(64))}"
+    queue = garbage + [nested, "mpf1." + "A" * 5000, garbage[0][:40]]
+    calm = erases("hostile-calm", None)
+    attacked = erases("hostile-attacked", queue)
+    host.close()
+    quiet = statistics.mean(attacked[1:])
+    return {
+        "metric": f"filesystem erases per wake, hostile retained queue ({len(queue)} envelopes)",
+        "mpfleet": f"first wake {attacked[0]}, then {quiet:.1f} (max {max(attacked[1:])})",
+        "naive": f"empty queue {statistics.mean(calm):.1f} (max {max(calm)})",
+        "ratio": round(quiet / max(statistics.mean(calm), 0.1), 2),
+        "detail": {"attacked": attacked, "calm": calm},
+        "target": "quiet wakes no dearer than with an empty queue",
+    }
+
+
 def run() -> dict:
     with tempfile.TemporaryDirectory(prefix="mpfleet-bench-") as tmp, LocalBroker() as broker:
         tmp = Path(tmp)
         rows = [wear(tmp, broker.port), wire(tmp, broker, 10), wire(tmp, broker, 30), ram(tmp, broker),
-                job_ram(tmp, broker), wake(tmp, broker.port)]
+                job_ram(tmp, broker), wake(tmp, broker.port), hostile(tmp, broker)]
     return {"name": "agent", "rows": rows}
 
 
