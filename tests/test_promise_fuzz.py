@@ -50,7 +50,9 @@ from invariants import (
 from mpfleet.signing import SigningKey, b64url, b64url_decode
 
 SEED = int(os.environ.get("MPFLEET_FUZZ_SEED", "20261201"))
-QUEUES = int(os.environ.get("MPFLEET_FUZZ_QUEUES", "0")) or stress_count(quick=24, full=10000)
+# 1,000 whole-wake queues in `make stress` (about 1 to 2 s each); the 10,000 go
+# through the job path in tests/test_promise_intake_fuzz.py, many per interpreter.
+QUEUES = int(os.environ.get("MPFLEET_FUZZ_QUEUES", "0")) or stress_count(quick=24, full=1000)
 # Devices are reused for many queues (a new board costs about a second); fewer
 # per device in `make test`, so that one queue that ruins a device (issue 12:
 # a config job emptying trusted_keys) does not hide the other cases.
