@@ -157,7 +157,7 @@ def test_an_expired_job_does_not_run_after_a_power_loss_without_a_host_time(tmp_
     assert final["x2"][0]["status"] == "REJECTED" and "expired" in final["x2"][0]["detail"]
 
 
-def test_an_acks_time_never_moves_the_clock_back(tmp_path, mosquitto, desk_factory, host):
+def test_a_forged_ack_time_never_moves_a_set_clock_back(tmp_path, mosquitto, desk_factory, host):
     vb, desk = _device(tmp_path, mosquitto, desk_factory)
     _wakes(vb, 2)
     before = vb.clock_s
