@@ -369,7 +369,9 @@ class Fuzz:
     def where(self, i: int, dev: Device) -> str:
         return f"seed {self.seed}, queue {i} (MPFLEET_FUZZ_SEED={self.seed}), device {dev.device_id}"
 
-    def one(self, i: int, dev: Device) -> list[str]:
+    def plan(self, i: int, dev: Device):
+        """Queue i for `dev`, entered into the device's model: (rng, envelopes, the
+        queue message, opaque, must: {(kid, seq): ids of which exactly one must end})."""
         rng = random.Random(f"{self.seed}:{i}")
         gen = Gen(rng, dev)
         floor = dict(dev.floor)  # seqs at or below these have run (the model's replay floor per kid)
@@ -386,6 +388,10 @@ class Fuzz:
         for e in envs:
             if e.expect == RUN and not opaque and e.seq > floor.get(e.kid, 0):
                 must.setdefault((e.kid, e.seq), set()).add(e.job_id)
+        return rng, envs, text, opaque, must
+
+    def one(self, i: int, dev: Device) -> list[str]:
+        rng, envs, text, opaque, must = self.plan(i, dev)
         self.log.publish_queue(dev.device_id, text)
         before = len(self.log.statuses_of(dev.device_id))
         n_boots = len(dev.run.boots)
@@ -419,14 +425,19 @@ class Fuzz:
         worst = max((b.vfs_erases for b in recent.boots), default=0)
         self.worst_erases[len(must)] = max(self.worst_erases.get(len(must), 0), worst)
         out += self.oracle(dev, envs, must, statuses[before:], statuses, files["/config.json"], opaque)
+        self.learn(dev, envs, statuses)
+        return out
+
+    def learn(self, dev: Device, envs, statuses) -> None:
+        """After a queue: the model's replay floor, and material for replays."""
         ran = {s.get("job") for s in statuses if isinstance(s, dict) and s.get("status") in ("SUCCEEDED", "FAILED")}
+        junk = dev.keys[2].kid  # the huge-seq key: its floor is not modelled
         for e in envs:
-            if e.signed and e.job_id in ran and isinstance(e.seq, int) and e.kid != gen.junk.kid:
+            if e.signed and e.job_id in ran and isinstance(e.seq, int) and e.kid != junk:
                 dev.floor[e.kid] = max(dev.floor.get(e.kid, 0), e.seq)
                 if e.expect == RUN:
                     dev.old.append((e, json.loads(b64url_decode(e.text.split(".")[2]))))
         dev.old = dev.old[-20:]
-        return out
 
     def oracle(self, dev: Device, envs, must, new_statuses, statuses, config_raw, opaque=False) -> list[str]:
         """What must hold after one queue. `opaque`: the queue message itself was

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 
 import pytest
 from agent_harness import make_device
 from conftest import stress_count
 from invariants import check_runs, check_statuses
-from test_promise_fuzz import RUN, Device, Fuzz, Gen, b64url_decode
+from test_promise_fuzz import Device, Fuzz
 
 from mpfleet.signing import SigningKey
 
@@ -103,21 +102,8 @@ class Intake(Fuzz):
         inputs = {}
         for k in range(n):
             i = first + k
-            gen = Gen(random.Random(f"{self.seed}:{i}"), dev)
             floor = dict(dev.floor)
-            envs, text, opaque = gen.queue()
-            self.envelopes += len(envs)
-            for e in envs:
-                if e.job_id is not None:
-                    dev.envs.setdefault(e.job_id, e)
-                if e.signed and e.job_id is not None:
-                    dev.signed.add(e.job_id)
-                if e.runnable:
-                    dev.runnable[e.job_id] = (e.kid, e.seq)
-            must = {}
-            for e in envs:
-                if e.expect == RUN and not opaque and e.seq > floor.get(e.kid, 0):
-                    must.setdefault((e.kid, e.seq), set()).add(e.job_id)
+            _, envs, text, opaque, must = self.plan(i, dev)
             plans.append((i, envs, must, opaque))
             floor_before.append(floor)
             inputs[f"q{k}"] = text.encode()
@@ -144,13 +130,7 @@ class Intake(Fuzz):
             if found and os.environ.get("MPFLEET_FUZZ_DEBUG"):
                 print(where, [(e.job_id, e.kid, e.seq, e.expect, e.what) for e in envs], floor_before[k])
                 print([(s.get("job"), s.get("status"), str(s.get("detail"))[:90]) for s in per[k]])
-            ran = {s.get("job") for s in every if s.get("status") in ("SUCCEEDED", "FAILED")}
-            for e in envs:
-                if e.signed and e.job_id in ran and isinstance(e.seq, int) and e.kid != dev.keys[2].kid:
-                    dev.floor[e.kid] = max(dev.floor.get(e.kid, 0), e.seq)
-                    if e.expect == RUN:
-                        dev.old.append((e, json.loads(b64url_decode(e.text.split(".")[2]))))
-            dev.old = dev.old[-20:]
+            self.learn(dev, envs, every)
         out += [f"seed {self.seed}, batch from queue {first}: {v}" for v in check_runs(trace, dev.runnable)]
         out += [f"seed {self.seed}, batch from queue {first}: {v}" for v in check_statuses(every, dev.signed)]
         dev.statuses = getattr(dev, "statuses", []) + every
