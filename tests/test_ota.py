@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import stress_count
+from conftest import STRESS
 from update_site import BASE_FW, UpdateSite
 
 from mpfleet.espimage import build_app_image
@@ -262,12 +262,20 @@ def test_app_bundle_the_firmware_cannot_load_is_refused_before_anything_is_writt
 
 
 # ---------------------------------------------------------------- power cuts
+def _sweep(ops: int, quick: int) -> list[int]:
+    """Every flash operation of an update cycle in `make stress`; an even slice of
+    `quick` of them (always the first and the last) in `make test`."""
+    if STRESS:
+        return list(range(1, ops + 1))
+    step = max(1, ops // quick)
+    return sorted(set(range(1, ops + 1, step)) | {ops})
+
+
 def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_status(env):
-    """Cuts at random flash operations across download, write, set_boot and the trial
-    boot (ota and app jobs in turn, one board): after each, the device boots a valid
-    image and the job has one final status, the one that matches what runs."""
-    rounds = stress_count(quick=16, full=220)
-    rng = random.Random(2024)
+    """A cut at every flash operation of a whole update cycle (download, writes,
+    set_boot, the reset, the trial boot, the report), for ota and app jobs in turn on
+    one board: after each, the device boots a valid image and the job has one final
+    status, the one that matches what runs."""
     board = env.board()
     board.boot()
     images = [env.image(f"v2.{i}.0", size=20_000) for i in range(4)]
@@ -281,8 +289,12 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
         assert row["status"] == "SUCCEEDED"
         ops[kind] = board.counters()["ops"] - start
     counts = defaultdict(int)
-    for round_ in range(rounds):
-        kind = "ota" if round_ % 2 == 0 else "app"
+    cuts = {kind: _sweep(ops[kind], quick=8) for kind in ops}
+    plan = []
+    for i in range(max(len(c) for c in cuts.values())):
+        plan += [(kind, cuts[kind][i]) for kind in ("ota", "app") if i < len(cuts[kind])]
+    rounds = len(plan)
+    for round_, (kind, cut_at) in enumerate(plan):
         if kind == "ota":
             record = images[(round_ // 2) % len(images)]
             if record.version == _running(board):
@@ -294,7 +306,7 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
         before_fw = _running(board)
         before_app = env.store.device(board.device_id)["state"]["app"]
         job = env.job(kind, params, board)
-        board.schedule_power_cut(after_ops=rng.randint(1, ops[kind]), seed=round_)
+        board.schedule_power_cut(after_ops=cut_at, seed=round_)
         row = None
         for _ in range(12):
             rec = board.boot()
@@ -310,12 +322,12 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
                 break
         board.state["cut_after_ops"] = None
         board.save()
-        assert row is not None, f"round {round_}: {kind} job never ended"
+        assert row is not None, f"round {round_}: {kind} job never ended (cut at operation {cut_at} of {ops[kind]})"
         counts[row["status"]] += 1
         rec = board.boot()
         assert rec.exit_reason != "no_bootable_image"
         finals = {s["status"] for s in env.log.of(job) if s["status"] in FINAL}
-        assert finals == {row["status"]}, f"round {round_}: device sent {finals}, host holds {row['status']}"
+        assert finals == {row["status"]}, f"round {round_} (cut at {cut_at}): device sent {finals}, host holds {row['status']}"
         if kind == "ota":
             want = record.version if row["status"] == "SUCCEEDED" else before_fw
             assert _running(board) == want, f"round {round_}: {row}"
@@ -323,7 +335,7 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
             state_app = env.store.device(board.device_id)["state"]["app"]
             want = record.version if row["status"] == "SUCCEEDED" else before_app
             assert state_app == want, f"round {round_}: {row}, device reports app {state_app}"
-    print(f"power cuts: {rounds} rounds, {dict(counts)}")
+    print(f"power cuts: {rounds} rounds (operations per cycle {ops}), {dict(counts)}")
     assert counts["cuts"] >= rounds // 2, counts
     assert counts["SUCCEEDED"] >= 1, counts
 
