@@ -165,3 +165,48 @@ def test_a_forged_ack_time_never_moves_a_set_clock_back(tmp_path, mosquitto, des
                         qos=1, retain=True).wait_for_publish(5)
     _wakes(vb, 1)
     assert vb.clock_s >= before
+
+
+def _contiguous(host, device_id):
+    host.wait_idle()
+    seqs = sorted(row[1] for row in host.rows(device_id))
+    return seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+
+
+def test_a_job_that_crashes_the_agent_ends_failed_and_no_sample_seq_is_reused(tmp_path, mosquitto, desk_factory,
+                                                                               host):
+    vb, desk = _device(tmp_path, mosquitto, desk_factory, exec_allowed=True)
+    _wakes(vb, 2)
+    # The snippet breaks the agent's state writes: the handler's own failure report
+    # raises again and the exception escapes to main.py.
+    code = ("with open('/trace.txt', 'a') as f:\n    f.write('crasher\\n')\n"
+            "import agent.jobs\nagent.jobs.save_state = None\n")
+    desk.publish_queue([desk.job("exec", {"code": code}, seq=1, job_id="crasher")[1],
+                        _exec_job(desk, 2)])
+    records = vb.run(boots=6)
+    assert any("Traceback" in r.output for r in records), "the crash happened"
+    after = [r.output for r in records if "the last wake crashed" in r.output]
+    assert after, "the next wake noticed the crash"
+    final = _settle(desk, 2)
+    (crashed,) = final["crasher"]
+    assert crashed["status"] == "FAILED" and "crashed while running it" in crashed["detail"]
+    assert final["x2"][0]["status"] == "SUCCEEDED", "the queue goes on after the crash"
+    assert _trace(vb) == ["crasher", "x2"], "nothing ran twice"
+    ok, seqs = _contiguous(host, vb.device_id)
+    assert ok and len(seqs) >= 7, seqs
+    assert vb.fs_get("/last_crash.txt") is None
+    state = host.store.device(vb.device_id)["state"]
+    assert state["crashes"] == 0 and state["safe_mode"] is False, "a good wake since"
+
+
+def test_a_job_that_hangs_is_ended_by_the_watchdog_and_not_run_again(tmp_path, mosquitto, desk_factory, host):
+    vb, desk = _device(tmp_path, mosquitto, desk_factory, exec_allowed=True, wdt_timeout_ms=1000)
+    code = "with open('/trace.txt', 'a') as f:\n    f.write('hang\\n')\nwhile True:\n    pass\n"
+    desk.publish_queue([desk.job("exec", {"code": code}, seq=1, job_id="hang")[1]])
+    records = vb.run(boots=4)
+    assert any(r.exit_reason == "wdt" for r in records)
+    final = _settle(desk, 1)
+    assert final["hang"][0]["status"] == "FAILED" and "watchdog" in final["hang"][0]["detail"]
+    assert _trace(vb) == ["hang"]
+    ok, seqs = _contiguous(host, vb.device_id)
+    assert ok, seqs
