@@ -1,22 +1,132 @@
-# The job handlers: one function per job type, run_<type>(runner, cur), called
-# by agent.jobs once the job is current (its replay floor moved). Each job's
-# params were checked before it started (agent.jobschema); a handler ends its
-# job with runner.finish, or leaves it in a later phase with runner.save.
-# Loaded only to run a job, never while signatures are verified.
+# Running jobs: the verified jobs in seq order (run_verified), a job's start
+# (the replay floor moves in the same write that makes it current), its resume
+# after a reset, crash or power cut, and one handler per job type,
+# run_<type>(runner, cur). Each job's params were checked before it started
+# (agent.jobschema); a handler ends its job with runner.finish, or leaves it in
+# a later phase with runner.save. Loaded only to run jobs, never while
+# signatures are verified (agent.jobs.Runner.run_pending).
 
+import gc
 import json
 import time
 
 import machine
 from micropython import const
 
-from agent.jobs import FAILED, IN_PROGRESS, REJECTED, SUCCEEDED, _status
+from agent.jobs import _UPDATE_TRIAL_PHASES, FAILED, IN_PROGRESS, REJECTED, SUCCEEDED, _status, record_final
 from agent.jsonfile import read_json, write_json
 from agent.rtcstage import FLAG_JOBS, FLAG_TRIAL
 
+_MAX_ATTEMPTS = const(3)
+_JOB_MIN_BUDGET_MS = const(500)
 _MAX_BURST = const(600)
 _MAX_EXEC_OUTPUT = const(4096)
 _DEFAULT_TRIAL_WAKES = const(3)
+
+
+def run_verified(runner, verified):
+    """The verified jobs in seq order, one at a time, within the wake's budget."""
+    # The intake's rejections are saved with the first job that starts, or at the end.
+    stage = runner.ctx.stage
+    canceled = []
+    for job in verified:
+        if job["type"] == "cancel":
+            canceled.append(job["params"]["job"])
+    ran = 0
+    for job in verified:
+        if runner.state["cur"] is not None:
+            return  # a job is waiting for a reboot or a trial: one at a time
+        if job["seq"] <= runner.state["last"].get(job["kid"], 0):
+            # Re-checked right before it starts: an earlier job of this wake may
+            # have moved the floor.
+            runner.reject_unattributed(job["digest"], "replay: seq %d of key %s already started"
+                                       % (job["seq"], job["kid"]))
+            continue
+        if job["id"] in canceled and job["type"] != "cancel":
+            # Never started: the cancel job reports it; the host marks it CANCELED.
+            record_final(runner.state, job, None, None)
+            runner.save()
+            continue
+        if runner.ctx.budget_left_ms() < _JOB_MIN_BUDGET_MS:
+            print("jobs: wake budget spent; the rest continue next wake")
+            runner.ctx.request_upload()
+            return
+        if stage.crashes and ran:
+            print("jobs: after a crash, one job per wake; the rest continue next wake")
+            runner.ctx.request_upload()
+            return
+        ran += 1
+        start(runner, job)
+
+
+def start(runner, job):
+    cur = {"id": job["id"], "kid": job["kid"], "seq": job["seq"], "digest": job["digest"],
+           "type": job["type"], "params": job.get("params", {}), "phase": "start", "attempt": 1,
+           "data": None}
+    state = runner.state
+    state["cur"] = cur
+    # The floor moves in the same write that makes the job current: from here
+    # no envelope with this seq (this one again, or another payload) can start.
+    state["last"][job["kid"]] = job["seq"]
+    iat = job.get("iat")
+    if isinstance(iat, int) and iat > state.get("tfloor", 0):
+        state["tfloor"] = iat
+    runner.save()
+    runner.publish(_status(cur["id"], cur["seq"], IN_PROGRESS, None, 1))
+    run(runner, cur)
+
+
+def resume(runner):
+    """A job that was in progress when the device reset, crashed or lost power."""
+    cur = runner.state["cur"]
+    if cur is None:
+        return
+    crash = cur.get("crash")
+    if crash and (cur["type"] not in ("ota", "app")
+                  or (cur["phase"] not in _UPDATE_TRIAL_PHASES and runner.ctx.stage.crashes >= 2)):
+        # An update's own trial logic judges a crash of the new code; anything
+        # else that crashed the agent is not run again.
+        runner.finish(cur, FAILED, "the agent crashed while running it: %s" % crash)
+        return
+    if cur["type"] == "reboot" and cur["phase"] == "rebooting":
+        detail = {"boots": runner.ctx.stage.wake_count, "reset_cause": machine.reset_cause(),
+                  "before": cur["data"]}
+        runner.finish(cur, SUCCEEDED, detail)
+        return
+    if cur["type"] == "config" and cur["phase"] in ("trial", "revert"):
+        return  # decided by on_connected / on_upload_failed
+    if cur["type"] in ("ota", "app"):
+        # Resumable by design (download offset, switch phase): no attempt count.
+        run(runner, cur)
+        return
+    if cur["type"] == "exec":
+        runner.finish(cur, FAILED, "interrupted by a reset (watchdog or power) while running; not re-run")
+        return
+    if cur["attempt"] >= _MAX_ATTEMPTS:
+        runner.finish(cur, FAILED, "interrupted %d times" % cur["attempt"])
+        return
+    cur["attempt"] += 1
+    runner.save()
+    runner.publish(_status(cur["id"], cur["seq"], IN_PROGRESS, "resumed", cur["attempt"]))
+    run(runner, cur)
+
+
+def run(runner, cur):
+    handler = _HANDLERS.get(cur["type"])
+    if handler is None:
+        runner.finish(cur, REJECTED, "job type %s is not supported by this agent" % cur["type"])
+        return
+    if runner.ctx.over_usb and cur["type"] in ("ota", "app", "reboot", "upload"):
+        runner.finish(cur, REJECTED, "a %s job needs the network: it cannot run over USB" % cur["type"])
+        return
+    try:
+        handler(runner, cur)
+    except Exception as e:  # noqa: BLE001 - no handler's failure may escape: it is the job's result
+        gc.collect()
+        if runner.state["cur"] is not None and runner.state["cur"]["id"] == cur["id"]:
+            runner.finish(cur, FAILED, "%s: %s" % (type(e).__name__, e))
+        else:
+            raise
 
 
 def run_diag(runner, cur):
@@ -189,3 +299,9 @@ def _unset_dotted(obj, key):
         if not isinstance(obj, dict):
             return
     obj.pop(parts[-1], None)
+
+
+_HANDLERS = {
+    "diag": run_diag, "upload": run_upload, "reboot": run_reboot, "sample": run_sample, "cancel": run_cancel,
+    "exec": run_exec, "ota": run_ota, "app": run_app, "keys": run_keys, "config": run_config,
+}

@@ -35,7 +35,6 @@ import gc
 import json
 import time
 
-import machine
 from micropython import const
 
 from agent.jsonfile import read_json, write_json
@@ -45,8 +44,6 @@ from agent.topics import topic
 STATE_PATH = "/jobs.json"
 _DONE_KEEP = const(16)
 _REJ_KEEP = const(48)
-_MAX_ATTEMPTS = const(3)
-_JOB_MIN_BUDGET_MS = const(500)
 _CLOCK_KNOWN_AFTER = const(1577836800)
 
 QUEUED = "QUEUED"
@@ -216,119 +213,28 @@ class Runner:
         self.dirty = True
 
     def run_pending(self):
-        self.flush_outbox()
-        self.resume()
+        """Resume the job in progress, verify the queue, run what passed. The
+        intake (and the verifier under it) and the handlers are never in the
+        heap together: the verify needs the memory, the jobs too."""
         import agent
+
+        self.flush_outbox()
+        if self.state["cur"] is not None:
+            from agent import handlers
+
+            handlers.resume(self)
+            handlers = None
+            agent.unload("handlers")
         from agent import intake
 
-        agent.unload("handlers")  # not in the heap while signatures are verified
         verified = intake.verified_jobs(self)
         intake = None
-        # The intake's and the verifier's code are not needed to run the jobs:
-        # their memory goes to the jobs (an update's buffers).
         agent.unload("intake", "envelope", "ed25519", "sha512", "config", "jobschema")
         gc.collect()
-        # The rejections are saved with the first job that starts, or at the end.
-        stage = self.ctx.stage
-        canceled = []
-        for job in verified:
-            if job["type"] == "cancel":
-                canceled.append(job["params"]["job"])
-        ran = 0
-        for job in verified:
-            if self.state["cur"] is not None:
-                return  # a job is waiting for a reboot or a trial: one at a time
-            if job["seq"] <= self.state["last"].get(job["kid"], 0):
-                # Re-checked right before it starts: an earlier job of this wake may
-                # have moved the floor.
-                self.reject_unattributed(job["digest"], "replay: seq %d of key %s already started"
-                                         % (job["seq"], job["kid"]))
-                continue
-            if job["id"] in canceled and job["type"] != "cancel":
-                # Never started: the cancel job reports it; the host marks it CANCELED.
-                record_final(self.state, job, None, None)
-                self.save()
-                continue
-            if self.ctx.budget_left_ms() < _JOB_MIN_BUDGET_MS:
-                print("jobs: wake budget spent; the rest continue next wake")
-                self.ctx.request_upload()
-                return
-            if stage.crashes and ran:
-                print("jobs: after a crash, one job per wake; the rest continue next wake")
-                self.ctx.request_upload()
-                return
-            ran += 1
-            self.start(job)
+        if verified:
+            from agent import handlers
 
-    # --- running -----------------------------------------------------------
-    def start(self, job):
-        cur = {"id": job["id"], "kid": job["kid"], "seq": job["seq"], "digest": job["digest"],
-               "type": job["type"], "params": job.get("params", {}), "phase": "start", "attempt": 1,
-               "data": None}
-        state = self.state
-        state["cur"] = cur
-        # The floor moves in the same write that makes the job current: from here
-        # no envelope with this seq (this one again, or another payload) can start.
-        state["last"][job["kid"]] = job["seq"]
-        iat = job.get("iat")
-        if isinstance(iat, int) and iat > state.get("tfloor", 0):
-            state["tfloor"] = iat
-        self.save()
-        self.publish(_status(cur["id"], cur["seq"], IN_PROGRESS, None, 1))
-        self.run(cur)
-
-    def resume(self):
-        """A job that was in progress when the device reset, crashed or lost power."""
-        cur = self.state["cur"]
-        if cur is None:
-            return
-        crash = cur.get("crash")
-        if crash and (cur["type"] not in ("ota", "app")
-                      or (cur["phase"] not in _UPDATE_TRIAL_PHASES and self.ctx.stage.crashes >= 2)):
-            # An update's own trial logic judges a crash of the new code; anything
-            # else that crashed the agent is not run again.
-            self.finish(cur, FAILED, "the agent crashed while running it: %s" % crash)
-            return
-        if cur["type"] == "reboot" and cur["phase"] == "rebooting":
-            detail = {"boots": self.ctx.stage.wake_count, "reset_cause": machine.reset_cause(),
-                      "before": cur["data"]}
-            self.finish(cur, SUCCEEDED, detail)
-            return
-        if cur["type"] == "config" and cur["phase"] in ("trial", "revert"):
-            return  # decided by on_connected / on_upload_failed
-        if cur["type"] in ("ota", "app"):
-            # Resumable by design (download offset, switch phase): no attempt count.
-            self.run(cur)
-            return
-        if cur["type"] == "exec":
-            self.finish(cur, FAILED, "interrupted by a reset (watchdog or power) while running; not re-run")
-            return
-        if cur["attempt"] >= _MAX_ATTEMPTS:
-            self.finish(cur, FAILED, "interrupted %d times" % cur["attempt"])
-            return
-        cur["attempt"] += 1
-        self.save()
-        self.publish(_status(cur["id"], cur["seq"], IN_PROGRESS, "resumed", cur["attempt"]))
-        self.run(cur)
-
-    def run(self, cur):
-        from agent import handlers
-
-        handler = getattr(handlers, "run_" + cur["type"], None)
-        if handler is None:
-            self.finish(cur, REJECTED, "job type %s is not supported by this agent" % cur["type"])
-            return
-        if self.ctx.over_usb and cur["type"] in ("ota", "app", "reboot", "upload"):
-            self.finish(cur, REJECTED, "a %s job needs the network: it cannot run over USB" % cur["type"])
-            return
-        try:
-            handler(self, cur)
-        except Exception as e:  # noqa: BLE001 - no handler's failure may escape: it is the job's result
-            gc.collect()
-            if self.state["cur"] is not None and self.state["cur"]["id"] == cur["id"]:
-                self.finish(cur, FAILED, "%s: %s" % (type(e).__name__, e))
-            else:
-                raise
+            handlers.run_verified(self, verified)
 
 
 _UPDATE_TRIAL_PHASES = ("switch", "rebooting", "trial", "rollback")

@@ -36,6 +36,7 @@ def on_connected(ctx):
         # A power cut came after the revert began: connected, so it is done.
         ctx.stage.flags &= ~FLAG_TRIAL
         runner.finish(cur, FAILED, "could not reach the broker with the new settings; reverted")
+        runner.save()  # the published outbox, cleared: else the job runner sends it again
         return
     from agent import config
     from agent.handlers import apply_change
@@ -50,6 +51,7 @@ def on_connected(ctx):
         return
     ctx.stage.flags &= ~FLAG_TRIAL
     runner.finish(cur, SUCCEEDED, "connected with the new settings")
+    runner.save()  # the published outbox, cleared: else the job runner sends it again
 
 
 def on_upload_failed(ctx, error):
