@@ -49,6 +49,7 @@ _SIG_LEN = const(64)
 _WINDOW = const(5)  # NAF width: digits are odd and in -15..15
 _TABLE = const(8)  # odd multiples 1P, 3P, ..., 15P
 _NAF_LEN = const(256)  # digits of a scalar < 2**253, with room to spare
+_NAF_BIAS = const(16)  # a NAF digit d (-15..15) is stored as the byte d + 16
 
 
 def _decode_point(s):
@@ -96,7 +97,9 @@ def _small_order(x, y):
 
 
 def _naf(k, out):
-    """Width-5 NAF digits of k into out (least significant first); returns the length."""
+    """Width-5 NAF digits of k into the bytearray out (least significant first), each
+    stored as digit + _NAF_BIAS (a byte, where a list of ints would cost 8 bytes a
+    digit on a 64-bit port); returns the length."""
     i = 0
     while k:
         if k & 1:
@@ -106,11 +109,11 @@ def _naf(k, out):
             k -= digit
         else:
             digit = 0
-        out[i] = digit
+        out[i] = digit + _NAF_BIAS
         k >>= 1
         i += 1
     for j in range(i, _NAF_LEN):
-        out[j] = 0
+        out[j] = _NAF_BIAS
     return i
 
 
@@ -180,8 +183,8 @@ def verify(public_key, message, signature):
     k = int.from_bytes(h.digest(), "little") % _L
 
     # Q = [s]B + [k](-A), checked against R.
-    naf_s = [0] * _NAF_LEN
-    naf_k = [0] * _NAF_LEN
+    naf_s = bytearray(_NAF_LEN)
+    naf_k = bytearray(_NAF_LEN)
     top = max(_naf(s, naf_s), _naf(k, naf_k))
     tab_b = _odd_multiples(_BX, _BY)
     tab_a = _odd_multiples(p - a_pt[0], a_pt[1])
@@ -201,8 +204,8 @@ def verify(public_key, message, signature):
         X = e * f % p
         Y = g * hh % p
         Z = f * g % p
-        ds = naf_s[i]
-        dk = naf_k[i]
+        ds = naf_s[i] - _NAF_BIAS
+        dk = naf_k[i] - _NAF_BIAS
         if ds or dk:
             T = e * hh % p
             for digit, table in ((ds, tab_b), (dk, tab_a)):
