@@ -327,6 +327,8 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
         board.save()
         assert row is not None, f"round {round_}: {kind} job never ended (cut at operation {cut_at} of {ops[kind]})"
         counts[row["status"]] += 1
+        if STRESS:
+            print(f"round {round_}: {kind} cut at {cut_at}/{ops[kind]} -> {row['status']}", flush=True)
         rec = board.boot()
         assert rec.exit_reason != "no_bootable_image"
         finals = {s["status"] for s in env.log.of(job) if s["status"] in FINAL}
