@@ -13,8 +13,8 @@
 #                      moves in the same write that makes a job current, so
 #                      a job never starts twice, and only for an envelope that
 #                      targets this device and passed every check
-#   tfloor             the newest signed iat verified: the device never
-#                      believes a time earlier than this (agent.envelope)
+#   tfloor             the newest signed iat of a job started: the device
+#                      never believes a time earlier than this (agent.intake)
 #   done   [digest]    envelopes finished here, skipped silently while the
 #                      host still lists them
 #   rej    [digest]    envelopes rejected, never checked or reported again;
@@ -24,8 +24,9 @@
 #          attempt, data, crash (why the last wake crashed while running it)
 #   out    final statuses not yet published (published, then cleared)
 #
-# A digest is the first 8 bytes of the envelope text's SHA-256, in hex: it
-# identifies an envelope before anything in it is trusted.
+# A digest is the first 8 bytes of the SHA-256 of the queue entry's text (the
+# JSON string, quotes included), in hex: it identifies an envelope before
+# anything in it is trusted.
 #
 # A final status is written to `out` in the same state write that finishes
 # the job, then published: it reaches the host at least once, and the host
