@@ -139,7 +139,7 @@ def test_every_bad_envelope_is_rejected_with_its_reason_and_nothing_runs(tmp_pat
 
 
 def test_fuzzed_envelopes_never_crash_the_agent_or_run_anything(tmp_path, mosquitto, desk_factory, host):
-    count = stress_count(quick=1000, full=5000)
+    count = stress_count(quick=500, full=5000)  # byte-level noise; the structure-aware fuzzer is test_promise_fuzz.py
     rng = random.Random(7)
     vb, desk = _device(tmp_path, mosquitto, desk_factory, wake_budget_ms=60000, wdt_timeout_ms=120000,
                        limits={"job_max_bytes": 2048})
@@ -184,7 +184,7 @@ def test_three_queued_jobs_run_in_seq_order_across_wakes(tmp_path, mosquitto, de
 
 
 def test_power_cuts_during_jobs_end_in_exactly_one_final_status_each(tmp_path, mosquitto, desk_factory, host):
-    rounds = stress_count(quick=12, full=120)
+    rounds = stress_count(quick=6, full=120)  # random cuts; every cut point: test_promise_powercut.py
     rng = random.Random(99)
     vb, desk = _device(tmp_path, mosquitto, desk_factory, exec_allowed=True)
     seq = 1
