@@ -36,12 +36,16 @@ QUEUES = int(os.environ.get("MPFLEET_INTAKE_QUEUES", "0")) or stress_count(quick
 BATCH = 50  # queues per interpreter
 QUEUES_PER_DEVICE = 500
 
+# The queue arrives in one buffer allocated once, as the device's MQTT client
+# hands a message over (its packet limit is 16 KiB): a fresh 12 KiB string per
+# queue would fragment the harness's heap, not the agent's.
 RUNNER = """
 import gc
 from agent import usb
+buf = bytearray(16384)
 for i in range({n}):
-    with open('/.host/q%d' % i) as f:
-        q = f.read()
+    with open('/.host/q%d' % i, 'rb') as f:
+        q = memoryview(buf)[:f.readinto(buf)]
     print('MPF-QUEUE', i)
     try:
         usb.run_jobs(q)
