@@ -112,6 +112,9 @@ class Intake(Fuzz):
             floor_before.append(floor)
             inputs[f"q{k}"] = text.encode()
         output, _ = dev.vb.exec_script(RUNNER.format(n=n), inputs)
+        if os.environ.get("MPFLEET_FUZZ_DEBUG") and "MPF-CRASH" in output:
+            at = output.index("MPF-CRASH")
+            print(output[at:at + 1500])
         per, crashes = _split(output, n)
         out = [f"seed {self.seed}, batch from queue {first}: crash: {c}" for c in crashes]
         trace = dev.vb.fs_get("/trace.txt")
