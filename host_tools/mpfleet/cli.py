@@ -120,15 +120,19 @@ def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
     ingester.start()
     console.print(f"ingesting from {cfg.url()} into {path} (Ctrl-C stops)")
     try:
-        while True:
+        while ingester.running:
             time.sleep(5)
             stats = ingester.stats.as_dict()
             console.print(f"frames {stats['frames']}  new samples {stats['samples_new']}  "
-                          f"duplicates {stats['duplicates']}  corrupt {stats['corrupt']}", highlight=False)
+                          f"duplicates {stats['duplicates']}  corrupt {stats['corrupt']}  "
+                          f"quarantined {stats['quarantined']}  "
+                          f"waiting for the database {ingester.messages.as_dict()['held']}", highlight=False)
     except KeyboardInterrupt:
         pass
     finally:
         ingester.stop()
+    if ingester.failure is not None:  # stopped on its own: never end as if all were well
+        raise MpfleetError(f"ingest stopped: {ingester.failure}")
 
 
 def _register_subcommands() -> None:

@@ -440,7 +440,7 @@ def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
     (or killed) and started again at any time: a rollout continues where it was and
     no device runs a job twice."""
     from mpfleet.mqttlink import parse_broker_url
-    from mpfleet.serve import Dispatcher
+    from mpfleet.serve import Dispatcher, ServeError
     from mpfleet.store import Store
 
     cfg = parse_broker_url(broker)
@@ -473,3 +473,6 @@ def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
     if not quiet:
         console.print(f"stopped: {stats['statuses']} statuses, {stats['queue_publishes']} queue updates, "
                       f"{stats['ingest']['samples_new']} new samples, {stats['errors']} errors", highlight=False)
+    if dispatcher.failure is not None:
+        # Stopped on its own: never end as if all were well.
+        raise ServeError(f"serve stopped: {dispatcher.failure}")

@@ -28,6 +28,7 @@ FLAG_MISSING = 0x02
 MAX_ID = 64
 MAX_CHANNELS = 16
 VARINT_MAX_BYTES = 10
+VALUE_LIMIT = 1 << 63  # a stored (scaled) value is a signed 64-bit integer
 _ID_RE = re.compile(rb"[a-z0-9_-]{1,64}\Z")
 
 
@@ -218,12 +219,16 @@ def decode_frame(data: bytes) -> Frame:
         if missing >> nch:
             raise FrameError(f"sample {i}: missing bitmap 0x{missing:x} names channels beyond {nch}")
         t += unzigzag(r.uvarint(f"sample {i} time", True))
+        if not 0 <= t < 1 << 32:
+            raise FrameError(f"sample {i}: time {t} outside 32 bits (the device's clock is a u32)")
         values = []
         for c in range(nch):
             if missing & (1 << c):
                 values.append(None)
                 continue
             prev[c] += unzigzag(r.uvarint(f"sample {i} channel {c}", True))
+            if not -VALUE_LIMIT <= prev[c] < VALUE_LIMIT:
+                raise FrameError(f"sample {i} channel {c}: stored value {prev[c]} beyond 64 bits")
             values.append(from_stored(prev[c], scales[c]))
         frame.samples.append((first_seq + i, t, tuple(values)))
     if r.pos != body_end:

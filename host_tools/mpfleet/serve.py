@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 import traceback
@@ -53,13 +54,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mpfleet.errors import MpfleetError
-from mpfleet.ingest import IngestStats, handle_samples, handle_state
+from mpfleet.ingest import HeldMessages, IngestStats, MessageStats, handle_samples, handle_state
 from mpfleet.keys import KeyRing
 from mpfleet.mqttlink import BrokerConfig, MqttLinkError, connect, device_from_topic, make_client, topic
 from mpfleet.otaserve import ArtifactServer, StreamStats
 from mpfleet.registry import Registry
 from mpfleet.rollout import Changes, RolloutEngine, encode_queue
-from mpfleet.store import Store
+from mpfleet.store import DamagedDatabaseError, Store, is_damaged_database
 
 log = logging.getLogger("mpfleet.serve")
 
@@ -101,12 +102,14 @@ class ServeStats:
         self.last_error: str | None = None
         self.worker_cpu_s = 0.0      # CPU time of the worker thread (all the database work)
         self.ingest = IngestStats()
+        self.messages = MessageStats()
         self.ota = StreamStats()
 
     def as_dict(self) -> dict:
         with self.lock:
-            out = {k: v for k, v in vars(self).items() if k not in ("lock", "ingest", "ota")}
+            out = {k: v for k, v in vars(self).items() if k not in ("lock", "ingest", "messages", "ota")}
         out["ingest"] = self.ingest.as_dict()
+        out["messages"] = self.messages.as_dict()
         out["ota"] = self.ota.as_dict()
         return out
 
@@ -247,6 +250,11 @@ class Dispatcher:
         self.stop()
 
     @property
+    def failure(self) -> BaseException | None:
+        """Why the dispatcher stopped on its own (None while it runs or after stop())."""
+        return self._fatal
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -258,6 +266,7 @@ class Dispatcher:
             self.engine = RolloutEngine(self.store, KeyRing(self.store, self.keys_dir), Registry(self.store),
                                         clock=self.clock)
             self._sent = dict(self.store.db.execute("SELECT device, digest FROM queue_published"))
+            self._held = HeldMessages(self.store, self._on_message, self._ack, self._note_error, self.stats.messages)
         except BaseException as e:  # noqa: BLE001 - reported by start()
             self._fatal = e
             self._ready.set()
@@ -265,11 +274,18 @@ class Dispatcher:
         self._ready.set()
         try:
             while not self._stop.is_set():
+                self._held.apply()
                 self._drain()
                 self._guarded("tick", self._tick)
                 self._guarded("queue sync", self._sync_queues)
                 with self.stats.lock:
                     self.stats.worker_cpu_s = time.thread_time()
+        except DamagedDatabaseError as e:
+            # Nothing more can be committed: stop (unacknowledged messages stay with
+            # the broker) rather than live on doing nothing.
+            self._fatal = e
+            log.error("%s", e)
+            self._event("error", {"error": str(e)})
         finally:
             self.store.close()
 
@@ -283,26 +299,34 @@ class Dispatcher:
             except queue.Empty:
                 return
             if kind == "msg":
-                self._guarded("message", self._on_message, item)
-                if item.qos and self._client is not None:
-                    self._client.ack(item.mid, item.qos)  # processed and committed: the broker may forget it
+                self._held.add(item)
             elif kind == "puback":
                 self._on_puback(item)
             elif kind == "connected":
                 self._on_connected()
 
+    def _ack(self, msg) -> None:
+        if msg.qos and self._client is not None:
+            self._client.ack(msg.mid, msg.qos)  # committed or dropped: the broker may forget it
+
     def _guarded(self, what: str, fn, *args) -> None:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - one bad message or tick must not stop the dispatcher
-            text = f"{what}: {type(e).__name__}: {e}"
-            with self.stats.lock:
-                self.stats.errors += 1
-                self.stats.last_error = text
-            if text not in self._error_seen:  # log each distinct error once
-                self._error_seen.add(text)
-                log.error("%s\n%s", text, traceback.format_exc() if not isinstance(e, MpfleetError) else "")
-                self._event("error", {"error": text})
+            if is_damaged_database(e):
+                raise DamagedDatabaseError(f"the database {self.db_path} is damaged: {e}; "
+                                           "see `mpfleet db check`") from e
+            self._note_error(f"{what}: {type(e).__name__}: {e}", e)
+
+    def _note_error(self, text: str, e: Exception) -> None:
+        with self.stats.lock:
+            self.stats.errors += 1
+            self.stats.last_error = text
+        if text not in self._error_seen:  # log each distinct error once
+            self._error_seen.add(text)
+            log.error("%s\n%s", text, traceback.format_exc() if not isinstance(e, (MpfleetError, sqlite3.Error))
+                      else "")
+            self._event("error", {"error": text})
 
     def _event(self, kind: str, data: dict) -> None:
         if self.on_event is not None:
@@ -365,6 +389,9 @@ class Dispatcher:
             self.stats.reconnects += 1
         self._sent = {device: "" for device in self._sent}
         self._in_flight.clear()
+        # Messages held from the old connection are delivered again by the broker
+        # (the session is persistent); their packet ids belong to that connection.
+        self._held.forget()
         self._dirty = True
 
     # ------------------------------------------------------------ rollout

@@ -8,6 +8,7 @@ highest seq up to which the host holds every sample the device still had.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -47,6 +48,16 @@ CREATE TABLE IF NOT EXISTS ingest_errors (
     at          REAL NOT NULL,
     reason      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    device      TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    first_at    REAL NOT NULL,
+    last_at     REAL NOT NULL,
+    times       INTEGER NOT NULL DEFAULT 1,
+    reason      TEXT NOT NULL,
+    frame       BLOB NOT NULL,
+    PRIMARY KEY (device, digest)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS keys (
     kid         TEXT PRIMARY KEY,
     public_b64  TEXT NOT NULL,
@@ -66,6 +77,22 @@ CREATE TABLE IF NOT EXISTS device_credentials (
 
 class StoreError(MpfleetError):
     """The database could not be opened or used."""
+
+
+class DamagedDatabaseError(StoreError):
+    """The database file is damaged: nothing more can be committed without an operator."""
+
+
+def is_damaged_database(e: BaseException) -> bool:
+    """SQLite reports a damaged file as a plain DatabaseError ("database disk image is
+    malformed", "file is not a database"); its subclasses are other failures."""
+    return type(e) is sqlite3.DatabaseError or isinstance(e, DamagedDatabaseError)
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """A failure of the storage, not of what was being stored: the same write may succeed
+    later (disk full, database locked, an I/O error)."""
+    return isinstance(e, (sqlite3.OperationalError, OSError))
 
 
 def default_db_path() -> Path:
@@ -205,6 +232,32 @@ class Store:
         if device:
             return self.db.execute("SELECT COUNT(*) FROM samples WHERE device = ?", (device,)).fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+
+    def quarantine(self, device: str, reason: str, frame: bytes, keep: int = 100) -> bool:
+        """Keep a frame the host will not trust (its samples are not stored, the ack does
+        not move) for an operator to look at; True the first time this frame is seen.
+        At most `keep` distinct frames per device are kept; beyond, only counted."""
+        digest = hashlib.sha256(frame).hexdigest()[:16]
+        now = time.time()
+        with self.transaction() as db:
+            if db.execute("UPDATE quarantine SET times = times + 1, last_at = ? WHERE device = ? AND digest = ?",
+                          (now, device, digest)).rowcount:
+                return False
+            held = db.execute("SELECT COUNT(*) FROM quarantine WHERE device = ?", (device,)).fetchone()[0]
+            if held >= keep:  # one row stands for all the rest
+                digest, frame = "overflow", b""
+                if db.execute("UPDATE quarantine SET times = times + 1, last_at = ? "
+                              "WHERE device = ? AND digest = ?", (now, device, digest)).rowcount:
+                    return False
+            db.execute("INSERT INTO quarantine (device, digest, first_at, last_at, reason, frame) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (device, digest, now, now, reason, frame))
+        return True
+
+    def quarantined(self, device: str | None = None) -> list[dict]:
+        query = "SELECT device, digest, first_at, last_at, times, reason, length(frame) FROM quarantine"
+        rows = self.db.execute(query + (" WHERE device = ?" if device else "") + " ORDER BY device, first_at",
+                               (device,) if device else ())
+        return [dict(zip(("device", "digest", "first_at", "last_at", "times", "reason", "bytes"), r)) for r in rows]
 
     def record_ingest_error(self, device: str | None, reason: str) -> None:
         self.db.execute("INSERT INTO ingest_errors (device, at, reason) VALUES (?, ?, ?)",
