@@ -143,12 +143,15 @@ class JobDesk:
         self.client.publish(f"mpf/v1/{self.device_id}/jobs", json.dumps(envelopes), qos=1,
                             retain=True).wait_for_publish(5)
 
-    def final(self) -> dict[str, list[dict]]:
-        """{job id: [final statuses]} (SUCCEEDED, FAILED, REJECTED)."""
+    def final(self, again: bool = False) -> dict[str, list[dict]]:
+        """{job id: [final statuses]} (SUCCEEDED, FAILED, REJECTED). The desk leaves
+        finished jobs in the queue, so the device reports them again at each wake
+        ({"reported_again": true}); those are left out unless `again`."""
         out: dict[str, list[dict]] = {}
         with self._lock:
             for s in self.statuses:
-                if s["status"] in ("SUCCEEDED", "FAILED", "REJECTED"):
+                repeat = isinstance(s.get("detail"), dict) and s["detail"].get("reported_again") is True
+                if s["status"] in ("SUCCEEDED", "FAILED", "REJECTED") and repeat == again:
                     out.setdefault(s["job"], []).append(s)
         return out
 

@@ -1,4 +1,4 @@
-"""Regression tests for the device's promises (issue 12): one test per defect
+"""Regression tests for the device's promises: one test per defect
 found by attacking the agent with broker access, each failing on the agent
 before the fix. The exhaustive proofs are tests/test_promise_powercut.py and
 tests/test_promise_fuzz.py; these name each hole that was found."""
@@ -210,3 +210,28 @@ def test_a_job_that_hangs_is_ended_by_the_watchdog_and_not_run_again(tmp_path, m
     assert _trace(vb) == ["hang"]
     ok, seqs = _contiguous(host, vb.device_id)
     assert ok, seqs
+
+
+def test_a_finished_job_the_host_still_lists_is_reported_again_and_never_run_again(tmp_path, mosquitto,
+                                                                                   desk_factory, host):
+    """Reconciliation: the retained queue is the host's view of what is unfinished. A
+    final status the host lost (a crash before its commit, a broker restart without
+    persistence) is heard again at the device's next wake, and nothing runs twice."""
+    vb, desk = _device(tmp_path, mosquitto, desk_factory, exec_allowed=True)
+    ran = _exec_job(desk, 3, job_id="ran")
+    refused = desk.job("diag", seq=4, job_id="refused", exp=int(time.time()) - 60)[1]  # expired: REJECTED, named
+    desk.publish_queue([ran, refused])
+    _wakes(vb, 1)
+    first = _settle(desk, 2)
+    assert [s["status"] for s in first["ran"]] == ["SUCCEEDED"]
+    assert [s["status"] for s in first["refused"]] == ["REJECTED"]
+    _wakes(vb, 2)  # the host never took them off the queue
+    time.sleep(0.3)
+    again = desk.final(again=True)
+    assert [(s["status"], s["seq"], s["attempt"]) for s in again["ran"]] == [("SUCCEEDED", 3, 1)] * 2
+    assert [s["status"] for s in again["refused"]] == ["REJECTED"] * 2
+    assert _trace(vb) == ["ran"], "reported again, not run again"
+    desk.publish_queue([])  # the host has them now
+    _wakes(vb, 2)
+    time.sleep(0.3)
+    assert len(desk.final(again=True)["ran"]) == 2

@@ -348,6 +348,12 @@ class Gen:
         return [env]
 
 
+def _again(status: dict) -> bool:
+    """A final status the device sends again because the host still lists the job."""
+    detail = status.get("detail")
+    return isinstance(detail, dict) and detail.get("reported_again") is True
+
+
 class Fuzz:
     def __init__(self, world, seed: int):
         self.broker, self.host, self.log, self.root = world
@@ -446,8 +452,18 @@ class Fuzz:
         out = []
         by_id: dict[str, list[dict]] = {}
         for s in statuses:
-            if isinstance(s, dict):
+            if isinstance(s, dict) and not _again(s):
                 by_id.setdefault(str(s.get("job")), []).append(s)
+        # A finished job still in the queue is reported again: only ever what it
+        # ended as, never as anything new.
+        for s in statuses:
+            if isinstance(s, dict) and _again(s):
+                first = [(f.get("status"), f.get("seq"), f.get("attempt")) for f in by_id.get(str(s.get("job")), [])
+                         if f.get("status") in ("SUCCEEDED", "FAILED", "REJECTED")]
+                if (s.get("status"), s.get("seq"), s.get("attempt")) not in first:
+                    out.append(f"oracle: {s.get('job')!r} reported again as {s.get('status')} (seq {s.get('seq')}), "
+                               f"but it ended {first or 'nowhere'}")
+        new_statuses = [s for s in new_statuses if not (isinstance(s, dict) and _again(s))]
         order = []
         for (kid, seq), ids in must.items():
             ran = [j for j in ids if any(s.get("status") in ("SUCCEEDED", "FAILED") for s in by_id.get(j, []))]

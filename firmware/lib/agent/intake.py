@@ -3,7 +3,8 @@
 # agent.jobs for the verification and unloaded before any job runs.
 #
 #   message <= 12 KiB -> split into entries without parsing them (list_spans)
-#   -> per entry: digest known? skip -> a string within job_max_bytes
+#   -> per entry: finished here? its final status again; rejected? skip
+#   -> a string within job_max_bytes
 #   -> agent.envelope: format, trusted kid, signature, bounded parse,
 #      targeting, replay floor, time, schema -> duplicates of (kid, seq) out
 #
@@ -16,7 +17,7 @@ import gc
 from micropython import const
 
 from agent.envelope import Rejected
-from agent.jobs import _trusted_time, digest_of
+from agent.jobs import _trusted_time, digest_of, done_digests
 
 # Envelopes of one queue looked at per wake: the host's capped queue (6 KiB,
 # docs/dispatch.md) holds about 20; the rest of a longer one waits.
@@ -192,13 +193,19 @@ def screen(runner, raw, spans):
     in progress, already rejected, not a string, over the size limit)."""
     limit = runner.cfg["limits"]["job_max_bytes"]
     cur = runner.state["cur"]
-    known = runner.state["done"] + runner.state["rej"]
+    done = runner.state["done"]
+    finished = done_digests(runner.state)
+    rejected = runner.state["rej"]
     out = []
     for start, end in spans:
         entry = memoryview(raw)[start:end]
         digest = digest_of(entry)
         text = None
-        if digest in known or (cur is not None and cur.get("digest") == digest):
+        if digest in finished:
+            # The host still lists a job that ended here: it may never have
+            # heard how. Say it again; nothing runs.
+            runner.report_again(done[finished.index(digest)])
+        elif digest in rejected or (cur is not None and cur.get("digest") == digest):
             pass
         elif end - start - 2 > limit:
             # Before anything copies it: an oversized entry is only ever looked at

@@ -15,8 +15,13 @@
 #                      targets this device and passed every check
 #   tfloor             the newest signed iat of a job started: the device
 #                      never believes a time earlier than this (agent.intake)
-#   done   [digest]    envelopes finished here, skipped silently while the
-#                      host still lists them
+#   done   [[digest, id, seq, status, attempt]]  envelopes finished here (a
+#                      named rejection included): never run again, and while
+#                      the host still lists one its final status is reported
+#                      again (agent.intake), which heals a status the host
+#                      lost (a crash before its commit, a broker restart, a
+#                      wiped session): the host's queue is its view of what
+#                      is unfinished
 #   rej    [digest]    envelopes rejected, never checked or reported again;
 #                      it holds more than a wake looks at (agent.intake), so
 #                      garbage left in a queue costs no flash after one wake
@@ -105,9 +110,18 @@ def load_state():
     for key in fresh:
         if not isinstance(state.get(key), type(fresh[key])) and not (key == "cur" and isinstance(state.get(key), dict)):
             state[key] = fresh[key]
-    # Entries of an older format ([kid, seq] pairs) are not digests: dropped.
-    state["done"] = [d for d in state["done"] if isinstance(d, str)]
+    # Entries of an older format (bare digests, [kid, seq] pairs) are dropped:
+    # their envelopes meet the replay floor instead.
+    state["done"] = [d for d in state["done"] if isinstance(d, list) and len(d) == 5 and isinstance(d[0], str)]
     return state
+
+
+def done_digests(state):
+    return [d[0] for d in state["done"]]
+
+
+def _remember_done(state, digest, job_id, seq, status, attempt):
+    state["done"] = (state["done"] + [[digest, job_id, seq, status, attempt]])[-_DONE_KEEP:]
 
 
 def save_state(state):
@@ -131,7 +145,7 @@ def record_final(state, job, status, detail):
     if seq > state["last"].get(kid, 0):
         state["last"][kid] = seq
     if job.get("digest"):
-        state["done"] = (state["done"] + [job["digest"]])[-_DONE_KEEP:]
+        _remember_done(state, job["digest"], job["id"], seq, status, job.get("attempt", 1))
     if state["cur"] is not None and state["cur"]["id"] == job["id"]:
         state["cur"] = None
     if status is not None:
@@ -207,11 +221,19 @@ class Runner:
     def reject_named(self, digest, payload, kid, reason):
         """An authentic envelope for this device that failed a later check (time,
         schema): named, so the host's record ends, but its seq stays unused."""
-        if digest in self.state["rej"]:
+        if digest in done_digests(self.state):
             return
-        self.state["rej"] = (self.state["rej"] + [digest])[-_REJ_KEEP:]
+        _remember_done(self.state, digest, payload["id"], payload["seq"], REJECTED, 1)
         self.publish(_status(payload["id"], payload["seq"], REJECTED, reason, 1))
         self.dirty = True
+
+    def report_again(self, record):
+        """A finished envelope the host still lists: its final status once more (not
+        saved: the host applies a final status once, and drops the job from the
+        queue when it has it). The original detail is not kept on the device."""
+        _digest, job_id, seq, status, attempt = record
+        if status is not None:
+            self.publish(_status(job_id, seq, status, {"reported_again": True}, attempt))
 
     def run_pending(self):
         """Resume the job in progress, verify the queue, run what passed. The
