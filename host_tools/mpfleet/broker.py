@@ -4,6 +4,12 @@ amqtt, comes with the `broker` extra).
 Used by the test suite (a fresh broker per test module on a free loopback
 port, with its own configuration) and by `make demo`. Nothing is left running:
 `LocalBroker` is a context manager and stops its process on exit.
+
+This module owns the mosquitto lines every mpfleet broker shares, the embedded
+one here and the one `mpfleet broker config` writes (brokerconf.py):
+`TUNING_LINES` (queue limits, no Nagle) and `persistence_lines()` (sessions and
+retained messages saved to disk, on a timer, so a restart keeps them and a
+kill -9 loses only the last seconds: docs/security.md, "The broker").
 """
 
 from __future__ import annotations
@@ -20,6 +26,32 @@ from pathlib import Path
 from mpfleet.errors import MpfleetError
 
 _MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+
+# mosquitto's default max_queued_messages (1000 per client) drops QoS 1 messages for
+# a dispatcher that falls briefly behind, or is down, while a fleet reports.
+TUNING_LINES = (
+    "max_queued_messages 100000",
+    "max_inflight_messages 1000",
+    "max_queued_bytes 0",
+    # OTA chunks are many back-to-back 4 KiB messages: with Nagle on, each
+    # chunk's tail waits for the device's delayed ACK (~40 ms a chunk).
+    "set_tcp_nodelay true",
+)
+# Seconds between saves of the embedded broker's database. mosquitto saves when more
+# than this many whole seconds have passed (src/loop.c), so about every 2 s; its
+# database is small, and each save is one write + fsync + rename.
+EMBEDDED_AUTOSAVE_S = 1
+
+
+def persistence_lines(location: str | os.PathLike, autosave_s: int) -> list[str]:
+    """Sessions, their queued QoS 1 messages and retained messages kept in
+    `location`/mosquitto.db: saved on a clean stop and every `autosave_s` seconds,
+    by the clock rather than by a count of changes, which could leave one lone
+    change (a status queued for an offline serve) unsaved for good."""
+    if autosave_s < 1:
+        raise ValueError("autosave_s must be at least 1 (0 saves only on a clean stop)")
+    return ["persistence true", f"persistence_location {Path(location).resolve()}/",
+            f"autosave_interval {autosave_s}", "autosave_on_changes false"]
 
 
 class BrokerError(MpfleetError):
@@ -82,6 +114,13 @@ class _BrokerProcess:
             log = (self.workdir / self.log_name).read_text(errors="replace")[-2000:]
             raise BrokerError(f"{self.kind} did not start on port {self.port}:\n{log}") from None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer ends it: nothing is saved on the way down."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.stop()
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -107,32 +146,32 @@ class _BrokerProcess:
 class LocalBroker(_BrokerProcess):
     """A mosquitto process on 127.0.0.1:`port` with a generated configuration.
 
-    `extra_config` lines are appended (password_file, acl_file, ...). Without
-    them the listener allows anonymous clients. Queue limits are raised so a
-    dispatcher that falls briefly behind loses nothing (mosquitto's default
-    max_queued_messages of 1000 drops QoS 1 messages).
+    `extra_config` lines are appended; the only listener declared before them is
+    this one, so listener options among them (brokerconf.conf_lines()'s
+    use_username_as_clientid) apply to it. Without password_file/allow_anonymous
+    the listener allows anonymous clients. Queue limits are raised
+    (`TUNING_LINES`). With
+    `persistence` the broker's database lives in `workdir`, saved every
+    `autosave_s` seconds: `restart()` (or `kill()` then `start()`) with the same
+    workdir finds sessions and retained messages again. Tests that only need a
+    broker leave it off (no disk writes); the embedded broker turns it on.
     """
 
     kind = "mosquitto"
     log_name = "mosquitto.log"
 
     def __init__(self, port: int | None = None, extra_config: list[str] | None = None,
-                 workdir: str | Path | None = None, persistence: bool = False):
+                 workdir: str | Path | None = None, persistence: bool = False,
+                 autosave_s: int = EMBEDDED_AUTOSAVE_S):
         super().__init__(port, workdir, "mpfleet-broker-")
         self.extra_config = list(extra_config or [])
         self.persistence = persistence
+        self.autosave_s = autosave_s
 
     def config_text(self) -> str:
-        lines = [
-            f"listener {self.port} {self.host}",
-            "max_queued_messages 100000",
-            "max_inflight_messages 1000",
-            "max_queued_bytes 0",
-            # OTA chunks are many back-to-back 4 KiB messages: with Nagle on, each
-            # chunk's tail waits for the device's delayed ACK (~40 ms a chunk).
-            "set_tcp_nodelay true",
-            f"persistence {'true' if self.persistence else 'false'}",
-            f"persistence_location {self.workdir}/",
+        lines = [f"listener {self.port} {self.host}", *TUNING_LINES]
+        lines += persistence_lines(self.workdir, self.autosave_s) if self.persistence else ["persistence false"]
+        lines += [
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -164,7 +203,10 @@ class LocalBroker(_BrokerProcess):
 class AmqttBroker(_BrokerProcess):
     """The pure-Python fallback: an amqtt process on 127.0.0.1:`port` (the `broker`
     extra). Anonymous clients only: amqtt has no mosquitto-style password file and
-    ACL, so it is for trying mpfleet out, not for a fleet (docs/dispatch.md)."""
+    ACL, so client ids are bound to nothing (any client can take over or wipe any
+    session), and sessions and retained messages live in memory only (a restart
+    loses them). It is for trying mpfleet out, not for a fleet (docs/dispatch.md,
+    docs/security.md)."""
 
     kind = "amqtt"
     log_name = "amqtt.log"
@@ -192,8 +234,9 @@ class AmqttBroker(_BrokerProcess):
 
 def embedded_broker(extra_config: list[str] | None = None, workdir: str | Path | None = None,
                     prefer: str = "mosquitto"):
-    """A broker for the demo: mosquitto when installed (with `extra_config`, e.g. the
-    password file and ACL), else amqtt. Not started; use it as a context manager."""
+    """A broker for the demo: mosquitto when installed (with `extra_config`, e.g.
+    brokerconf.conf_lines(): accounts, ACL, client ids bound to them), persistent in
+    `workdir`, else amqtt. Not started; use it as a context manager."""
     if prefer == "mosquitto" and find_mosquitto() is not None:
-        return LocalBroker(extra_config=extra_config, workdir=workdir)
+        return LocalBroker(extra_config=extra_config, workdir=workdir, persistence=True)
     return AmqttBroker(workdir=workdir)
