@@ -105,7 +105,8 @@ def samples_export(device: str | None, since: str | None, until: str | None, fmt
               help="Broker URL: mqtt://[user:pass@]host[:port] or mqtts://...")
 @_DB_OPTION
 @click.option("--client-id", default="mpfleet-ingest", show_default=True,
-              help="MQTT client id; the session is persistent, so frames sent while this was down arrive.")
+              help="MQTT client id; the session is persistent, so frames sent while this was down arrive. On a broker from `mpfleet broker config` the client id is the account's username (one "
+                   "connection per account: give each process its own, `broker config --host-account`).")
 def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
     """Store the devices' samples in SQLite and ack them, until Ctrl-C."""
     import time

@@ -7,6 +7,7 @@ certificate checks for lab brokers).
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import ssl
@@ -20,6 +21,8 @@ from mpfleet.errors import MpfleetError
 
 TOPIC_ROOT = "mpf/v1"
 DEVICE_ID_RE = re.compile(r"[a-z0-9_-]{1,64}\Z")
+
+log = logging.getLogger("mpfleet.mqtt")
 
 
 class BrokerUrlError(MpfleetError):
@@ -113,12 +116,18 @@ def connect(client: mqtt.Client, cfg: BrokerConfig, timeout_s: float = 10.0, kee
     """Connect and start the network loop; raise MqttLinkError with the cause on failure.
 
     `on_connected(client)` runs after every successful (re)connect: subscribe there.
+    A client with a persistent session whose broker has no session for it is
+    warned about: what was published to it while it was away is not waiting.
     """
     done = threading.Event()
     result: dict = {}
+    persistent = not getattr(client, "_clean_session", True)
 
     def on_connect(c, userdata, flags, reason_code, properties=None):
         result["rc"] = reason_code
+        if not reason_code.is_failure and persistent and not flags.session_present:
+            log.warning("the broker at %s has no session for this client: messages sent to it while it was "
+                        "away are not waiting (devices report finished jobs again at their next wake)", cfg.url())
         if not reason_code.is_failure and on_connected is not None:
             on_connected(c)
         done.set()
