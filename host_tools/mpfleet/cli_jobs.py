@@ -25,6 +25,11 @@ from mpfleet.cli_options import DB, IMAGES_DIR, KEYS_DIR, JSON, print_json
 
 console = Console()
 
+# `mpfleet job status` exit codes (docs/dispatch.md): 0 ACTIVE or COMPLETED with nothing
+# stuck, 1 an error (an unknown job...), 2 bad usage (click), then:
+EXIT_ENDED = 3   # the job is ABORTED or CANCELED
+EXIT_STUCK = 4   # the job is ACTIVE and at least one execution is flagged stuck
+
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?\Z")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -216,6 +221,22 @@ def status_view(s: dict) -> Group:
         parts.append(fails)
     if s["type"] in ("ota", "app") and s["devices"]:
         parts.append(_update_table(s))
+    if s["stuck"]:
+        stuck = Table(title=f"stuck: {len(s['stuck'])} execution(s) not taken "
+                            f"(mpfleet job retry|remove {s['id']} --device ID)", title_justify="left",
+                      title_style="red")
+        for col in ("device", "attempt", "queued", "reason"):
+            stuck.add_column(col)
+        for row in s["stuck"][:20]:
+            stuck.add_row(row["device"], str(row["attempt"]), ago(row["queued"]), row["reason"])
+        if len(s["stuck"]) > 20:
+            stuck.caption = f"... {len(s['stuck']) - 20} more (--json shows all)"
+        parts.append(stuck)
+    if s["held"]:
+        first = s["held"][0]
+        parts.append(Text(f"{len(s['held'])} device(s) wait for an earlier job of type {s['type']} to reach them "
+                          f"first (jobs of one type run in creation order): {first['device']} waits for "
+                          f"{first['behind']}", style="yellow"))
     if s["unattributed_rejects"]:
         parts.append(Text(f"{len(s['unattributed_rejects'])} envelope(s) rejected before their job could be "
                           f"named (bad signature, unknown key): see --json", style="yellow"))
@@ -232,6 +253,8 @@ def job() -> None:
           --stages 5%,25%,100% --success-threshold 95% --abort-threshold 10% --rate 600
       mpfleet job list
       mpfleet job status j-1a2b3c --watch
+      mpfleet job retry j-1a2b3c --device pump-07
+      mpfleet job remove j-1a2b3c --device pump-09
       mpfleet job cancel j-1a2b3c
 
     `mpfleet serve` delivers what these commands record.
@@ -255,6 +278,9 @@ def job() -> None:
 @click.option("--abort-threshold", help="Abort when this share of finished executions failed, e.g. 20%.")
 @click.option("--abort-min", type=click.IntRange(min=1), help="...counted only after this many finished (default 1).")
 @click.option("--timeout", help="A device in progress longer than this is TIMED_OUT (e.g. 10m).")
+@click.option("--queued-timeout", help="A device that has not taken the job this long after it was queued is "
+                                       "flagged stuck in `job status` (default 2h; keep it above a few of the "
+                                       "devices' connect intervals, sample_interval_s x upload_every_wakes).")
 @click.option("--retries", type=click.IntRange(0, 100), help="Retries of FAILED or TIMED_OUT executions (default 0).")
 @click.option("--start", "start_at", help="Not before: +10m, an ISO time or Unix seconds.")
 @click.option("--end", "end_at", help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
@@ -271,8 +297,8 @@ def job() -> None:
 @IMAGES_DIR
 @JSON
 def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id, rate, stages, success_threshold,
-               abort_threshold, abort_min, timeout, retries, start_at, end_at, continuous, image_ref, bundle_ref,
-               allow_downgrade, chunk, window, db, keys_dir, images_dir, as_json):
+               abort_threshold, abort_min, timeout, queued_timeout, retries, start_at, end_at, continuous, image_ref,
+               bundle_ref, allow_downgrade, chunk, window, db, keys_dir, images_dir, as_json):
     """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec, ota, app, keys).
 
     \b
@@ -283,7 +309,11 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
     the rollout reaches it (stage, rate), so each retry gets a fresh seq. Refused here:
     a job whose signed envelope would be larger than a target device takes (its
     limits.job_max_bytes, 4096 unless it reports otherwise), and a config job that
-    touches trusted_keys (use `mpfleet keys rotate`) or exec_allowed (USB only)."""
+    touches trusted_keys (use `mpfleet keys rotate`) or exec_allowed (USB only).
+
+    Jobs of one type (config, keys, ota, app, exec) run on a device in the order they
+    were created (or start, with --start): a device in a later stage of an earlier job
+    of the type gets this one only after that one."""
     options = {
         "rate_per_min": rate,
         "stages": [parse_fraction(x, "--stages") for x in stages.split(",")] if stages else None,
@@ -291,6 +321,7 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
         "abort_threshold": parse_fraction(abort_threshold, "--abort-threshold") if abort_threshold else None,
         "abort_min_finished": abort_min,
         "timeout_s": parse_duration(timeout, "--timeout") if timeout else None,
+        "queued_timeout_s": parse_duration(queued_timeout, "--queued-timeout") if queued_timeout else None,
         "retries": retries,
         "start_at": parse_time(start_at, "--start") if start_at else None,
         "end_at": parse_time(end_at, "--end") if end_at else None,
@@ -352,14 +383,15 @@ def job_list(status, db, keys_dir, as_json):
     with store:
         rows = [engine.job_status(j) for j in engine.jobs(status.upper() if status else None)]
     if as_json:
-        print_json([{k: r[k] for k in ("id", "type", "status", "stage", "stages", "target_count", "counts",
-                                        "created", "finished", "reason")} for r in rows])
+        print_json([{**{k: r[k] for k in ("id", "type", "status", "stage", "stages", "target_count", "counts",
+                                           "created", "finished", "reason")}, "stuck": len(r["stuck"])}
+                    for r in rows])
         return
     if not rows:
         console.print("no jobs yet: mpfleet job create --help")
         return
     table = Table(title="jobs")
-    for col in ("id", "type", "status", "stage", "targets", "ok", "failed", "pending", "created"):
+    for col in ("id", "type", "status", "stage", "targets", "ok", "failed", "pending", "stuck", "created"):
         table.add_column(col, no_wrap=col in ("id", "status"))
     for r in rows:
         c = r["counts"]
@@ -367,7 +399,8 @@ def job_list(status, db, keys_dir, as_json):
         stage = min(r["stage"], len(r["stages"]) - 1)
         table.add_row(r["id"], r["type"], Text(r["status"], style=STATE_STYLE.get(r["status"], "")),
                       f"{stage + 1}/{len(r['stages'])}", str(r["target_count"]), str(c["SUCCEEDED"]), str(failed),
-                      str(c["QUEUED"] + c["IN_PROGRESS"] + r["not_started"]), ago(r["created"]))
+                      str(c["QUEUED"] + c["IN_PROGRESS"] + r["not_started"]),
+                      Text(str(len(r["stuck"])), style="red" if r["stuck"] else ""), ago(r["created"]))
     console.print(table)
 
 
@@ -379,7 +412,19 @@ def job_list(status, db, keys_dir, as_json):
 @KEYS_DIR
 @JSON
 def job_status(job_id, watch, interval, db, keys_dir, as_json):
-    """Counts per state, the current stage, failures with their reasons."""
+    """Counts per state, the current stage, failures with their reasons, stuck executions.
+
+    An execution is flagged stuck when it is QUEUED longer than the job's
+    --queued-timeout (default 2h) or its envelope is over the limit its device reports;
+    the flag changes nothing (a device that wakes late still takes the job): act with
+    `mpfleet job retry` or `mpfleet job remove`.
+
+    \b
+    Exit status (with --watch: once the job is no longer ACTIVE):
+      0  ACTIVE or COMPLETED, nothing stuck
+      1  an error (e.g. no such job)
+      3  ABORTED or CANCELED
+      4  ACTIVE, with at least one execution flagged stuck"""
     store, engine = _engine(db, keys_dir)
     with store:
         status = engine.job_status(job_id)
@@ -397,7 +442,82 @@ def job_status(job_id, watch, interval, db, keys_dir, as_json):
         print_json(status)
     elif not watch:
         console.print(status_view(status))
-    sys.exit(0 if status["status"] in ("ACTIVE", "COMPLETED") else 3)
+    sys.exit(status_exit_code(status))
+
+
+def status_exit_code(status: dict) -> int:
+    """`job status`'s exit code for a job_status() record (EXIT_* above)."""
+    if status["status"] not in ("ACTIVE", "COMPLETED"):
+        return EXIT_ENDED
+    return EXIT_STUCK if status["status"] == "ACTIVE" and status["stuck"] else 0
+
+
+@job.command("retry")
+@click.argument("job_id", metavar="JOB")
+@click.option("--device", "devices", multiple=True, metavar="ID",
+              help="Retry on this device (repeatable). Default: every device whose latest execution FAILED, "
+                   "was REJECTED or TIMED_OUT, or is stuck.")
+@DB
+@KEYS_DIR
+@JSON
+def job_retry(job_id, devices, db, keys_dir, as_json):
+    """Sign a new attempt of JOB (a new envelope with a new seq) for its failed or stuck devices.
+
+    \b
+      mpfleet job retry j-1a2b3c                   # every FAILED, REJECTED, TIMED_OUT or stuck device
+      mpfleet job retry j-1a2b3c --device pump-07
+
+    --retries neither limits this nor retries it should it fail. A stuck QUEUED execution is replaced: it leaves the
+    device's queue as REMOVED (a device that took it late is noted, and may run the job
+    once more under the new seq). A COMPLETED job is ACTIVE again until the new attempts
+    end. A later job of the same type still QUEUED on the device is signed again after
+    the retry, so the device keeps creation order; refused when a later job of the type
+    already ran there (the retry would undo it), for a device still running the job,
+    one it SUCCEEDED on, one it is QUEUED on and not stuck, and for an ABORTED or
+    CANCELED job. `mpfleet serve` sends the new envelopes."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        changes = engine.retry(job_id, list(devices) or None)
+        status = engine.job_status(job_id)
+    if as_json:
+        print_json({"job": job_id, "retried": [{"job": j, "device": d, "attempt": a} for j, d, a in changes.queued],
+                    "replaced": [{"job": j, "device": d} for j, d in changes.removed], "status": status})
+        return
+    mine = [(d, a) for j, d, a in changes.queued if j == job_id]
+    others = [(j, d) for j, d, _ in changes.queued if j != job_id]
+    console.print(f"job {job_id}: new attempt signed for {len(mine)} device(s)"
+                  + (f" ({', '.join(f'{d} #{a}' for d, a in mine[:10])}{' ...' if len(mine) > 10 else ''})"
+                     if mine else "")
+                  + (f"; {len(others)} later job(s) signed again after it to keep their order" if others else ""),
+                  highlight=False)
+
+
+@job.command("remove")
+@click.argument("job_id", metavar="JOB")
+@click.option("--device", "devices", multiple=True, required=True, metavar="ID",
+              help="Remove JOB's QUEUED execution on this device (repeatable).")
+@DB
+@KEYS_DIR
+@JSON
+def job_remove(job_id, devices, db, keys_dir, as_json):
+    """Take JOB's QUEUED execution on a device away: it becomes REMOVED and leaves the device's queue.
+
+    \b
+      mpfleet job remove j-1a2b3c --device pump-09
+
+    The rest of the rollout goes on: a removed device does not count toward its
+    stage's --success-threshold, and no longer holds later jobs of the type. Refused
+    for a device that has no QUEUED execution of JOB (IN_PROGRESS: wait for it, its
+    --timeout, or `job cancel`); `mpfleet job retry JOB --device ID` sends it again."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        changes = engine.remove(job_id, list(devices))
+        status = engine.job_status(job_id)
+    if as_json:
+        print_json({"job": job_id, "removed": [d for _, d in changes.removed], "status": status})
+        return
+    console.print(f"job {job_id}: removed from {len(changes.removed)} device(s): "
+                  f"{', '.join(d for _, d in changes.removed)}", highlight=False)
 
 
 @job.command("cancel")
@@ -426,7 +546,8 @@ def job_cancel(job_id, db, keys_dir, as_json):
               help="Broker URL: mqtt://[user:pass@]host[:port], or mqtts://...?ca=ca.pem for TLS "
                    "(env MPFLEET_BROKER).")
 @click.option("--client-id", default="mpfleet-serve", show_default=True,
-              help="MQTT client id; the session is persistent, so what devices sent while serve was down arrives.")
+              help="MQTT client id; the session is persistent, so what devices sent while serve was down arrives. On a broker from `mpfleet broker config` the client id is the account's username (one "
+                   "connection per account: give each process its own, `broker config --host-account`).")
 @click.option("--tick", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
               help="Seconds between rollout decisions.")
 @click.option("--quiet", is_flag=True, help="Only errors; no progress lines.")

@@ -35,10 +35,27 @@ Rollout rules, applied by `tick()`:
   (FAILED + REJECTED + TIMED_OUT) / finished >= `abort_threshold` (every execution
   attempt counts); then QUEUED executions become REMOVED;
 - an IN_PROGRESS execution older than `timeout_s` becomes TIMED_OUT; FAILED and TIMED_OUT
-  are retried (a new attempt) while fewer than `retries` retries were made; REJECTED
-  never is;
+  are retried (a new attempt) while the device's FAILED + TIMED_OUT attempts number at
+  most `retries` (attempts the operator replaced do not count); REJECTED never is;
 - the job COMPLETES when every target device is final (a continuous job stays ACTIVE
   until `end_at`); past `end_at` QUEUED executions become REMOVED and the job completes.
+
+One device's order (issue 13): jobs of one ORDERED_TYPES type run on a device in the
+order they begin (created, or `start_at` when later; then creation). The device runs
+its queue in ascending seq and a seq is taken when an envelope is signed, so a later
+job is not signed for a device while an earlier job of its type may still sign one
+there: the earlier has no execution on it yet (a later stage, the rate), or its latest
+may fail and be retried. Such a device is *held* (job_status "held"); the later job's
+stage waits for it. diag, upload, sample and reboot change nothing a later job builds
+on: they are neither held nor hold.
+
+Stuck executions: a QUEUED execution whose envelope is over the limit the device
+reports, or that is older than `queued_timeout_s` (default QUEUED_TIMEOUT_DEFAULT_S),
+is *flagged* with the reason (stuck(), job_status "stuck"); flagging changes no state,
+so a device that wakes late still takes it. The operator acts: retry() signs a new
+attempt (replacing a stuck QUEUED one), remove() makes a QUEUED execution REMOVED. A
+device whose latest execution the operator REMOVED does not count toward its stage's
+success threshold.
 """
 
 from __future__ import annotations
@@ -100,6 +117,7 @@ CREATE TABLE IF NOT EXISTS executions (
     detail_json    TEXT,
     note           TEXT,
     progress_json  TEXT,
+    by_operator    INTEGER NOT NULL DEFAULT 0,
     UNIQUE (job, device, attempt)
 );
 CREATE INDEX IF NOT EXISTS executions_by_device ON executions (device, status);
@@ -140,6 +158,14 @@ LONGEST_DEVICE_ID = "x" * 64  # mqttlink.DEVICE_ID_RE: a job's targets before an
 COUNTED = (SUCCEEDED, *FAILURES)  # the executions the abort fraction is taken over
 DEVICE_STATES = (IN_PROGRESS, SUCCEEDED, FAILED, REJECTED)
 FINAL_STATES = (SUCCEEDED, FAILED, REJECTED)  # what a device reports last
+# Job types that change what a device keeps: a device runs those of one type in the
+# order the jobs begin (module docstring). The others are not ordered.
+ORDERED_TYPES = ("config", "keys", "ota", "app", "exec")
+# A QUEUED execution older than this is flagged stuck (job option queued_timeout_s).
+# Devices connect every sample_interval_s x upload_every_wakes (60 s x 30 = 30 min by
+# default) or sooner when a job asks: two hours is four such intervals.
+QUEUED_TIMEOUT_DEFAULT_S = 7200.0
+STUCK_CHECK_S = 5.0  # tick() looks for newly stuck executions at most this often
 
 ACTIVE, COMPLETED, ABORTED = "ACTIVE", "COMPLETED", "ABORTED"
 JOB_STATES = (ACTIVE, COMPLETED, ABORTED, CANCELED)
@@ -153,6 +179,7 @@ DEFAULTS = {
     "abort_threshold": None,
     "abort_min_finished": 1,
     "timeout_s": None,
+    "queued_timeout_s": None,  # None: QUEUED_TIMEOUT_DEFAULT_S
     "retries": 0,
     "start_at": None,
     "end_at": None,
@@ -177,6 +204,9 @@ class Changes:
     advanced: list[tuple[str, int]] = field(default_factory=list)        # (job, new stage)
     completed: list[str] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
+    # (job, device, reason) of executions newly flagged stuck: a warning, not a change
+    # of state, so not counted by bool()
+    stuck: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.devices or self.advanced or self.completed or self.aborted)
@@ -221,6 +251,8 @@ def validate_options(options: dict) -> dict:
     _number("abort_min_finished", o["abort_min_finished"], 1, integer=True)
     if o["timeout_s"] is not None:
         _number("timeout_s", o["timeout_s"], 0, lo_open=True)
+    if o["queued_timeout_s"] is not None:
+        _number("queued_timeout_s", o["queued_timeout_s"], 0, lo_open=True)
     _number("retries", o["retries"], 0, 100, integer=True)
     for name in ("start_at", "end_at"):
         if o[name] is not None:
@@ -249,6 +281,24 @@ def _allowed(stages: list[float], stage: int, n: int) -> int:
     return min(n, max(1, math.ceil(stages[stage] * n - 1e-9)))
 
 
+def _span(seconds: float) -> str:
+    """A duration for people: 45 s, 12 min, 2 h 5 min, 3 d 4 h."""
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h {s % 3600 // 60} min" if s % 3600 >= 60 else f"{s // 3600} h"
+    return f"{s // 86400} d {s % 86400 // 3600} h" if s % 86400 >= 3600 else f"{s // 86400} d"
+
+
+def envelope_digest(envelope: str) -> str:
+    """The digest a device names an envelope by (`envelope:<digest>` statuses): the first
+    8 bytes of the SHA-256 of the queue entry, quotes included (agent.jobs.digest_of)."""
+    return hashlib.sha256(f'"{envelope}"'.encode()).hexdigest()[:16]
+
+
 def encode_queue(envelopes: list[str]) -> str:
     """A queue as `serve` publishes it on the retained `jobs` topic (compact JSON: its
     length is what _queues() caps at QUEUE_MAX_BYTES)."""
@@ -272,9 +322,15 @@ class RolloutEngine:
         self.clock = clock
         self.db = store.db
         self.db.executescript(SCHEMA)
-        if "progress_json" not in {r[1] for r in self.db.execute("PRAGMA table_info(executions)")}:
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(executions)")}
+        if "progress_json" not in columns:
             # databases from before update jobs reported download progress
             self.db.execute("ALTER TABLE executions ADD COLUMN progress_json TEXT")
+        if "by_operator" not in columns:
+            # databases from before the operator could retry (retry())
+            self.db.execute("ALTER TABLE executions ADD COLUMN by_operator INTEGER NOT NULL DEFAULT 0")
+        self._stuck_seen: set[tuple[str, str, int]] = set()  # reported by tick() in Changes.stuck
+        self._stuck_next = -math.inf
 
     # ------------------------------------------------------------ jobs
     def create_job(self, type: str, params: dict | None, targets, job_id: str | None = None,
@@ -414,12 +470,14 @@ class RolloutEngine:
 
     def _job(self, job_id: str) -> dict:
         row = self.db.execute("SELECT id, type, params_json, targets_json, options_json, status, stage, resolved, "
-                              "created, updated, finished, reason FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                              "created, updated, finished, reason, rowid FROM jobs WHERE id = ?",
+                              (job_id,)).fetchone()
         if row is None:
             raise RolloutError(f"no job {job_id}")
         return {"id": row[0], "type": row[1], "params": json.loads(row[2]), "targets": json.loads(row[3]),
-                "options": json.loads(row[4]), "status": row[5], "stage": row[6], "resolved": row[7],
-                "created": row[8], "updated": row[9], "finished": row[10], "reason": row[11]}
+                "options": {**DEFAULTS, **json.loads(row[4])}, "status": row[5], "stage": row[6],
+                "resolved": row[7], "created": row[8], "updated": row[9], "finished": row[10], "reason": row[11],
+                "rowid": row[12]}
 
     def jobs(self, status: str | None = None) -> list[str]:
         if status:
@@ -429,7 +487,8 @@ class RolloutEngine:
 
     # ------------------------------------------------------------ executions
     _EXEC_COLS = ("id", "job", "device", "attempt", "seq", "kid", "envelope", "status", "stage", "queued",
-                  "started", "finished", "updated", "device_attempt", "detail_json", "note", "progress_json")
+                  "started", "finished", "updated", "device_attempt", "detail_json", "note", "progress_json",
+                  "by_operator")
 
     def _executions(self, job_id: str, device: str | None = None) -> list[dict]:
         q = f"SELECT {', '.join(self._EXEC_COLS)} FROM executions WHERE job = ?"
@@ -441,10 +500,26 @@ class RolloutEngine:
         return [dict(zip(self._EXEC_COLS, r)) for r in rows]
 
     def _latest(self, job_id: str) -> dict[str, dict]:
+        return self._attempts(job_id)[0]
+
+    def _attempts(self, job_id: str, device: str | None = None) -> tuple[dict[str, dict], dict[str, int]]:
+        """({device: latest execution}, {device: FAILED + TIMED_OUT attempts}): the second
+        is what the `retries` budget is spent on."""
         latest: dict[str, dict] = {}
-        for e in self._executions(job_id):
+        failures: dict[str, int] = {}
+        for e in self._executions(job_id, device):
             latest[e["device"]] = e  # ordered by attempt: the last one wins
-        return latest
+            if e["status"] in RETRIABLE:
+                failures[e["device"]] = failures.get(e["device"], 0) + 1
+        return latest, failures
+
+    def _current_targets(self, job: dict) -> list[str]:
+        """The job's targets now, without resolving anything (a job not resolved yet: what
+        its spec selects)."""
+        if job["resolved"] is None:
+            return self._resolve(job["targets"])
+        return [r[0] for r in self.db.execute("SELECT device FROM job_targets WHERE job = ? AND left_at IS NULL "
+                                              "ORDER BY rank, device", (job["id"],))]
 
     @staticmethod
     def _payload(job: dict, device: str, now: float) -> dict:
@@ -458,9 +533,13 @@ class RolloutEngine:
             payload["exp"] = int(opts["end_at"])
         return payload
 
-    def _queue(self, job: dict, device: str, attempt: int, stage: int, now: float, changes: Changes | None) -> bool:
+    def _queue(self, job: dict, device: str, attempt: int, stage: int, now: float, changes: Changes | None,
+               replace: tuple[int, str] | None = None, by_operator: bool = False) -> bool:
         """Sign and record one execution (attempt) of `job` on `device`. A seq is taken per
         call; the UNIQUE (job, device, attempt) keeps a second engine from queueing twice.
+        `replace` = (execution id, note): that QUEUED execution becomes REMOVED in the same
+        transaction (an operator's retry); if it is no longer QUEUED nothing is recorded.
+        `by_operator`: the operator's retry, which is never retried by itself.
 
         An envelope larger than the device takes (a device that joined a continuous job
         or reported a smaller limit after create_job checked) is never queued: the device
@@ -472,10 +551,19 @@ class RolloutEngine:
         if len(envelope) > limit:
             status, finished = REJECTED, now
             note = f"not sent: the envelope is {len(envelope)} bytes, over the limit of {limit} bytes ({source})"
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO executions (job, device, attempt, seq, kid, envelope, status, stage, queued, "
-            "updated, finished, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job["id"], device, attempt, signed["seq"], kid, envelope, status, stage, now, now, finished, note))
+        insert = ("INSERT OR IGNORE INTO executions (job, device, attempt, seq, kid, envelope, status, stage, queued, "
+                  "updated, finished, note, by_operator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (job["id"], device, attempt, signed["seq"], kid, envelope, status, stage, now, now, finished, note,
+                   int(by_operator)))
+        if replace is None:
+            cur = self.db.execute(*insert)
+        else:
+            with self.store.transaction() as db:
+                old = db.execute("UPDATE executions SET status = ?, finished = ?, updated = ?, note = ? "
+                                 "WHERE id = ? AND status = ?", (REMOVED, now, now, replace[1], replace[0], QUEUED))
+                cur = db.execute(*insert) if old.rowcount == 1 else old
+            if changes is not None and old.rowcount == 1:
+                changes.removed.append((job["id"], device))
         if cur.rowcount != 1:
             return False  # someone queued it first; the seq taken is simply unused
         if changes is not None and status == QUEUED:
@@ -530,21 +618,100 @@ class RolloutEngine:
         if changes is not None:
             changes.aborted.append(job_id)
 
-    def _retry_if_allowed(self, job: dict, last: dict, now: float, changes: Changes | None) -> bool:
+    def _retry_if_allowed(self, job: dict, last: dict, now: float, changes: Changes | None,
+                          failures: int | None = None, held: dict[str, str] | None = None) -> bool:
+        """Queue the next attempt after a FAILED or TIMED_OUT one while the `retries` budget
+        (FAILED + TIMED_OUT attempts beyond the first) lasts, unless an earlier job holds
+        the device (the tick retries once it no longer does)."""
         opts = job["options"]
-        if last["status"] not in RETRIABLE or last["attempt"] > opts["retries"]:
+        if last["status"] not in RETRIABLE or last["by_operator"]:
+            return False
+        if failures is None:
+            failures = self._attempts(job["id"], last["device"])[1].get(last["device"], 0)
+        if failures > opts["retries"]:
             return False
         if opts["end_at"] is not None and now >= opts["end_at"]:
             return False
+        if held is None:
+            held = self._holds(job, now, [last["device"]])
+        if last["device"] in held:
+            return False
         return self._queue(job, last["device"], last["attempt"] + 1, last["stage"], now, changes)
+
+    # ------------------------------------------------------------ one device's order
+    def _order(self, job: dict) -> tuple[float, int]:
+        """Where `job` stands in a device's order: when it begins (created, or start_at
+        when later), then creation (the jobs table's rowid)."""
+        start = job["options"]["start_at"]
+        return (job["created"] if start is None else max(job["created"], start), job["rowid"])
+
+    @staticmethod
+    def _settled(job: dict, latest: dict | None, failures: int, now: float) -> bool:
+        """True when `job` will sign no further envelope for this device by itself: its
+        latest execution is final and not about to be retried, or pending with no retry
+        left should it fail (an operator's retry is never retried)."""
+        if latest is None:
+            return False
+        if latest["by_operator"]:
+            return True
+        opts = job["options"]
+        may_retry = opts["end_at"] is None or now < opts["end_at"]
+        if latest["status"] in PENDING:
+            return not (may_retry and failures + 1 <= opts["retries"])
+        return not (may_retry and latest["status"] in RETRIABLE and failures <= opts["retries"])
+
+    def _unsettled(self, job: dict, now: float, devices: Iterable[str] | None = None) -> set[str]:
+        """The target devices (of `devices`) `job` may still sign an envelope for."""
+        targets = set(self._current_targets(job))
+        if devices is not None:
+            targets &= set(devices)
+        if not targets:
+            return set()
+        latest, failures = self._attempts(job["id"])
+        return {d for d in targets if not self._settled(job, latest.get(d), failures.get(d, 0), now)}
+
+    def _holds(self, job: dict, now: float, devices: Iterable[str] | None = None) -> dict[str, str]:
+        """{device: the earliest job holding it} for `job`'s devices (of `devices`): ACTIVE
+        jobs of the same ordered type that begin before it and may still sign for them."""
+        if job["type"] not in ORDERED_TYPES:
+            return {}
+        devices = None if devices is None else list(devices)
+        mine = self._order(job)
+        earlier = [o for o in (self._job(j) for j in self.jobs(ACTIVE) if j != job["id"])
+                   if o["type"] == job["type"] and self._order(o) < mine
+                   and (o["options"]["start_at"] is None or o["options"]["start_at"] <= now)]
+        held: dict[str, str] = {}
+        for other in sorted(earlier, key=self._order):
+            for d in self._unsettled(other, now, devices):
+                held.setdefault(d, other["id"])
+        return held
 
     # ------------------------------------------------------------ tick
     def tick(self, now: float | None = None) -> Changes:
         """Advance every ACTIVE job; returns what changed (and whose queues)."""
         now = self.clock() if now is None else now
         changes = Changes()
-        for job_id in self.jobs(ACTIVE):
-            self._tick_job(self._job(job_id), now, changes)
+        # In each device's order (_order), so that an earlier job's devices are known to
+        # the later jobs of its type before they queue anything (module docstring).
+        jobs = sorted((self._job(j) for j in self.jobs(ACTIVE)), key=self._order)
+        kinds = [j["type"] for j in jobs]
+        held: dict[str, dict[str, str]] = {}  # type -> {device: earliest job that may still sign for it}
+        for i, job in enumerate(jobs):
+            ahead = held.setdefault(job["type"], {})
+            self._tick_job(job, now, changes, ahead if job["type"] in ORDERED_TYPES else {})
+            if job["type"] in ORDERED_TYPES and job["type"] in kinds[i + 1:]:
+                job = self._job(job["id"])
+                if job["status"] == ACTIVE and (job["options"]["start_at"] is None
+                                                or job["options"]["start_at"] <= now):
+                    for d in self._unsettled(job, now):
+                        ahead.setdefault(d, job["id"])
+        if now >= self._stuck_next:
+            self._stuck_next = now + STUCK_CHECK_S
+            for s in self.stuck(now=now):
+                key = (s["job"], s["device"], s["attempt"])
+                if key not in self._stuck_seen:
+                    self._stuck_seen.add(key)
+                    changes.stuck.append((s["job"], s["device"], s["reason"]))
         return changes
 
     def _targets(self, job: dict, now: float, changes: Changes) -> list[str]:
@@ -573,7 +740,9 @@ class RolloutEngine:
         return [r[0] for r in self.db.execute("SELECT device FROM job_targets WHERE job = ? AND left_at IS NULL "
                                               "ORDER BY rank, device", (job_id,))]
 
-    def _tick_job(self, job: dict, now: float, changes: Changes) -> None:
+    def _tick_job(self, job: dict, now: float, changes: Changes, held: dict[str, str]) -> None:
+        """One job's step; `held`: the devices earlier jobs of its type may still sign for,
+        which this one must not sign for yet."""
         job_id, opts = job["id"], job["options"]
         if opts["start_at"] is not None and now < opts["start_at"]:
             return
@@ -603,11 +772,12 @@ class RolloutEngine:
             self._abort(job_id, reason, now, changes)
             return
 
-        # retries of failed / timed-out attempts (also catches up after a restart)
-        latest = self._latest(job_id)
+        # retries of failed / timed-out attempts (also catches up after a restart, and
+        # after an earlier job stopped holding the device)
+        latest, failures = self._attempts(job_id)
         targeted = set(ranked)
         for d, last in latest.items():
-            if d in targeted and self._retry_if_allowed(job, last, now, changes):
+            if d in targeted and self._retry_if_allowed(job, last, now, changes, failures.get(d, 0), held):
                 latest[d] = self._executions(job_id, d)[-1]
 
         # stages
@@ -623,7 +793,9 @@ class RolloutEngine:
         covered = ranked[:allowed]
         stage_done = all(d in latest and latest[d]["status"] not in PENDING for d in covered)
         if stage_done and stage < len(stages) - 1:
-            own = ranked[_allowed(stages, stage - 1, n) if stage else 0:allowed]
+            # a device the operator removed (remove()) is out of the count
+            own = [d for d in ranked[_allowed(stages, stage - 1, n) if stage else 0:allowed]
+                   if latest[d]["status"] != REMOVED]
             ok = sum(1 for d in own if latest[d]["status"] == SUCCEEDED)
             frac = ok / len(own) if own else 1.0
             if frac + 1e-9 < opts["success_threshold"]:
@@ -642,8 +814,8 @@ class RolloutEngine:
             changes.completed.append(job_id)
             return
 
-        # start new devices, within the stage and the rate
-        fresh = [d for d in ranked[:allowed] if d not in latest]
+        # start new devices, within the stage and the rate, unless an earlier job holds them
+        fresh = [d for d in ranked[:allowed] if d not in latest and d not in held]
         if not fresh:
             return
         room = len(fresh)
@@ -723,6 +895,10 @@ class RolloutEngine:
             return latest["envelope"]
         if latest is not None and latest["status"] not in RETRIABLE:
             raise RolloutError(f"job {job_id} already ended on {device}: {latest['status']}")
+        behind = self._holds(job, self.clock(), [device]).get(device)
+        if behind is not None:
+            raise RolloutError(f"job {job_id} waits for job {behind}, created before it, to reach {device}: "
+                               f"run {behind} there first (jobs of one type run in creation order)")
         attempt = latest["attempt"] + 1 if latest else 1
         self._queue(job, device, attempt, job["stage"], self.clock(), None)
         return self._latest(job_id)[device]["envelope"]
@@ -732,7 +908,9 @@ class RolloutEngine:
         """Apply one `jobs/status` message from `device`; True if it changed anything.
 
         Matched by (job, device, seq); duplicates, statuses of older attempts, statuses
-        of unknown jobs and anything arriving after a final status change nothing.
+        of unknown jobs and anything arriving after a final status change nothing. A
+        rejection by digest (`envelope:<digest>`) is matched to the device's execution
+        with that envelope (envelope_digest), else kept in job_rejects.
         """
         if not isinstance(message, dict):
             return False
@@ -742,19 +920,59 @@ class RolloutEngine:
         now = self.clock()
         detail = message.get("detail")
         if job_id.startswith("envelope:"):
+            # Refused before the device could name it (too large, an untrusted key...): if
+            # it is one of ours, that execution is REJECTED; else it is kept for the operator.
+            e = self._by_digest(device, job_id[len("envelope:"):])
+            if e is not None and status == REJECTED and isinstance(detail, str) and detail.startswith("replay"):
+                return self._refused_as_replay(e, detail, now)
+            if e is not None:
+                return status == REJECTED and self._apply_status(e, status, detail, None, now)
             cur = self.db.execute("INSERT OR IGNORE INTO job_rejects (device, ref, detail_json, at) "
                                   "VALUES (?, ?, ?, ?)", (device, job_id, json.dumps(detail), now))
             return cur.rowcount == 1
         seq = message.get("seq")
-        if self._control_status(device, job_id, seq, status, detail, now):
-            return True
+        control = self._control_status(device, job_id, seq, status, detail, now)
+        if control is not None:
+            return control
         if isinstance(seq, bool) or not isinstance(seq, int):
             return False
         row = self.db.execute(f"SELECT {', '.join(self._EXEC_COLS)} FROM executions "
                               "WHERE job = ? AND device = ? AND seq = ?", (job_id, device, seq)).fetchone()
         if row is None:
             return False
-        e = dict(zip(self._EXEC_COLS, row))
+        dev_attempt = message.get("attempt") if isinstance(message.get("attempt"), int) else None
+        return self._apply_status(dict(zip(self._EXEC_COLS, row)), status, detail, dev_attempt, now,
+                                  message.get("progress"))
+
+    def _refused_as_replay(self, e: dict, detail: str, now: float) -> bool:
+        """The device refused one of our envelopes as a replay: it has started this seq or
+        a later one of the key, so it ran this job before (its final status lost, and
+        too long ago for it to report again) or passed over it. Which, the host cannot
+        tell: the execution keeps its state, the device's word is kept as its detail, and
+        stuck() flags it for the operator (kind "passed")."""
+        if e["status"] not in PENDING or e["detail_json"] is not None:
+            return False
+        self.db.execute("UPDATE executions SET detail_json = ?, updated = ? WHERE id = ?",
+                        (json.dumps({"refused_as_replay": detail}), now, e["id"]))
+        return True
+
+    def _by_digest(self, device: str, digest: str) -> dict | None:
+        """The execution on `device` whose envelope the device names by `digest`."""
+        for row in self.db.execute(f"SELECT {', '.join(self._EXEC_COLS)} FROM executions WHERE device = ? "
+                                   "ORDER BY id DESC", (device,)):
+            e = dict(zip(self._EXEC_COLS, row))
+            if envelope_digest(e["envelope"]) == digest:
+                return e
+        return None
+
+    def _apply_status(self, e: dict, status: str, detail, dev_attempt: int | None, now: float,
+                      progress=None) -> bool:
+        """One device status for execution `e`; True if it changed anything.
+
+        A final status is applied once, from QUEUED as well as IN_PROGRESS (the
+        IN_PROGRESS may have been lost): the UPDATE takes it only from a pending state,
+        so a repeat, which the device sends for a job it still sees in its retained
+        queue, changes nothing, and neither does a different final word later."""
         if e["status"] not in PENDING:
             # final is final; a device's final word on an attempt the host gave up on (timed out,
             # canceled, removed) is kept as a note for the operator, and changes nothing else
@@ -764,8 +982,6 @@ class RolloutEngine:
                     self.db.execute("UPDATE executions SET note = ? WHERE id = ?",
                                     (f"{e['note']}; {late}" if e["note"] else late, e["id"]))
             return False
-        dev_attempt = message.get("attempt") if isinstance(message.get("attempt"), int) else None
-        progress = message.get("progress")
         if status == IN_PROGRESS and isinstance(progress, dict) and e["status"] == IN_PROGRESS:
             # an update's download progress: shown by `job status`, changes no state
             self.db.execute("UPDATE executions SET progress_json = ?, updated = ? WHERE id = ?",
@@ -786,7 +1002,8 @@ class RolloutEngine:
             (status, now, now, dev_attempt, json.dumps(detail), e["id"], QUEUED, IN_PROGRESS))
         if cur.rowcount != 1:
             return False
-        job = self._job(job_id)
+        job = self._job(e["job"])
+        job_id = job["id"]
         if job["status"] == ACTIVE:
             reason = self._abort_reason(job)
             if reason:
@@ -796,13 +1013,14 @@ class RolloutEngine:
                 self._retry_if_allowed(job, e, now, None)
         return True
 
-    def _control_status(self, device: str, control_id: str, seq, status: str, detail, now: float) -> bool:
+    def _control_status(self, device: str, control_id: str, seq, status: str, detail, now: float) -> bool | None:
+        """None if this is no control job's status, else whether it changed anything."""
         row = self.db.execute("SELECT job, type, status FROM job_controls WHERE device = ? AND control_id = ? "
                               "AND seq = ?", (device, control_id, seq)).fetchone()
         if row is None:
-            return False
+            return None
         if row[2] != QUEUED or status == IN_PROGRESS:
-            return True  # known control job: consumed, nothing to change
+            return False  # known control job: consumed, nothing to change
         self.db.execute("UPDATE job_controls SET status = ?, finished = ?, detail_json = ? WHERE job = ? AND "
                         "device = ? AND type = ?", (status, now, json.dumps(detail), row[0], device, row[1]))
         return True
@@ -856,6 +1074,200 @@ class RolloutEngine:
             "SELECT device, envelope FROM job_controls WHERE job = ? AND type = 'cancel' ORDER BY device",
             (job_id,))}
 
+    # ------------------------------------------------------------ stuck executions, the operator's hand
+    def queued_timeout_s(self, job: dict) -> float:
+        """The job's bound on QUEUED (queued_timeout_s, else QUEUED_TIMEOUT_DEFAULT_S)."""
+        return job["options"]["queued_timeout_s"] or QUEUED_TIMEOUT_DEFAULT_S
+
+    def stuck(self, job_id: str | None = None, now: float | None = None) -> list[dict]:
+        """The QUEUED executions of ACTIVE jobs (of `job_id`) flagged stuck, each
+        ``{job, device, attempt, seq, kind, reason, queued, queued_for_s, bound_s,
+        last_report, in_queue}``. `kind`:
+
+        - "too_large": the envelope is over the limit the device reports now (it drops
+          it unread, so it never takes it), flagged at once;
+        - "passed": the device refused it as a replay (it ran it before and lost the
+          status, or passed over it: _refused_as_replay), flagged at once;
+        - "not_taken": QUEUED longer than the bound although the device reported (state
+          or samples) after it was queued;
+        - "offline": QUEUED longer than the bound and the device has not reported since.
+
+        Reading only: a flag changes no state (a device that wakes late still takes
+        the job); retry() and remove() are the operator's."""
+        now = self.clock() if now is None else now
+        q = ("SELECT e.job, e.device, e.attempt, e.seq, e.envelope, e.queued, e.detail_json FROM executions e "
+             "JOIN jobs j ON j.id = e.job WHERE e.status = ? AND j.status = ?")
+        args: list = [QUEUED, ACTIVE]
+        if job_id is not None:
+            q += " AND e.job = ?"
+            args.append(job_id)
+        rows = self.db.execute(q + " ORDER BY e.job, e.device, e.attempt", args).fetchall()
+        jobs: dict[str, dict] = {}
+        devices: dict[str, dict] = {}
+        out = []
+        for job, device, attempt, seq, envelope, queued, detail_json in rows:
+            if job not in jobs:
+                jobs[job] = self._job(job)
+            if device not in devices:
+                devices[device] = self.store.device(device) or {}
+            info = devices[device]
+            bound = self.queued_timeout_s(jobs[job])
+            age, last = now - queued, info.get("last_seen")
+            limit, source = self.job_max_bytes(device, info.get("state") or {})
+            detail = _loads(detail_json)
+            if isinstance(detail, dict) and "refused_as_replay" in detail:
+                kind = "passed"
+                reason = (f"{device} refused it as a replay ({detail['refused_as_replay']}): it ran this job before "
+                          f"and its status was lost, or passed over it; the host cannot tell which")
+            elif len(envelope) > limit:
+                kind = "too_large"
+                reason = (f"never taken: the envelope is {len(envelope)} bytes, over the limit of {limit} bytes "
+                          f"({source}), so {device} drops it unread")
+            elif age <= bound:
+                continue
+            elif last is not None and last > queued:
+                kind = "not_taken"
+                reason = (f"queued {_span(age)} ago, longer than its bound of {_span(bound)} (queued_timeout_s), "
+                          f"and not taken although {device} reported {_span(now - last)} ago")
+            else:
+                kind = "offline"
+                seen = "never" if last is None else f"{_span(now - last)} ago"
+                reason = (f"queued {_span(age)} ago, longer than its bound of {_span(bound)} (queued_timeout_s); "
+                          f"{device} has not reported since it was queued (last report: {seen})")
+            in_queue = envelope in self.device_queue(device)
+            if not in_queue and kind in ("not_taken", "offline"):
+                reason += (f"; not in its queue yet: earlier envelopes fill the {QUEUE_MAX_BYTES} bytes "
+                           f"one queue carries")
+            out.append({"job": job, "device": device, "attempt": attempt, "seq": seq, "kind": kind,
+                        "reason": reason, "queued": queued, "queued_for_s": age, "bound_s": bound,
+                        "last_report": last, "in_queue": in_queue})
+        return out
+
+    def retry(self, job_id: str, devices: Iterable[str] | None = None) -> Changes:
+        """The operator's retry: a new attempt (a new envelope, a new seq) of `job_id` on
+        each of `devices`, or, by default, on every target whose latest execution FAILED,
+        was REJECTED or TIMED_OUT, or is flagged stuck. The `retries` budget neither
+        limits it nor retries it (should it fail, so that a later job of the type signed
+        after it stays after it). A stuck QUEUED execution is replaced (REMOVED, noted); a COMPLETED job is
+        ACTIVE again until the new attempts end.
+
+        Refused, naming the device and why, for all of them when one cannot be retried:
+        not a target, never sent there, SUCCEEDED, IN_PROGRESS, QUEUED but not stuck, the
+        job ABORTED, CANCELED or past its end; held by an earlier job of its type; or a
+        later job of its type has already run (or is running) there, which the retry
+        would undo. A later job's execution still QUEUED on the device is signed again
+        after the retry, so that the device keeps the jobs' order."""
+        job = self._job(job_id)
+        now = self.clock()
+        if job["status"] in (ABORTED, CANCELED):
+            raise RolloutError(f"job {job_id} is {job['status']}: create a new job to run it again")
+        if job["options"]["end_at"] is not None and now >= job["options"]["end_at"]:
+            raise RolloutError(f"job {job_id} ended at its end_at: create a new job to run it again")
+        targets = set(self._current_targets(job))
+        latest = self._latest(job_id)
+        stuck = {s["device"] for s in self.stuck(job_id, now)}
+        if devices is None:
+            chosen = sorted(d for d in targets if d in latest and (latest[d]["status"] in FAILURES or d in stuck))
+            if not chosen:
+                raise RolloutError(f"job {job_id} has nothing to retry: no execution failed, was rejected, "
+                                   f"timed out or is stuck")
+        else:
+            chosen = list(dict.fromkeys(devices))
+            if not chosen:
+                raise RolloutError("say which devices to retry")
+        held = self._holds(job, now, chosen)
+        for d in chosen:
+            e = latest.get(d)
+            if d not in targets:
+                raise RolloutError(f"{d} is not a target of job {job_id}")
+            if d in held:
+                raise RolloutError(f"job {job_id} waits for job {held[d]}, created before it, to reach {d}: "
+                                   f"it goes there once that one has")
+            if e is None:
+                raise RolloutError(f"job {job_id} has not been sent to {d} yet: its rollout gets there")
+            if e["status"] == SUCCEEDED:
+                raise RolloutError(f"job {job_id} already SUCCEEDED on {d}")
+            if e["status"] == IN_PROGRESS:
+                raise RolloutError(f"job {job_id} is IN_PROGRESS on {d}: wait for its final status or its timeout, "
+                                   f"or cancel the job")
+            if e["status"] == QUEUED and d not in stuck:
+                raise RolloutError(f"job {job_id} is QUEUED on {d} and not stuck: {d} has had "
+                                   f"{_span(now - e['queued'])} of its {_span(self.queued_timeout_s(job))} "
+                                   f"(queued_timeout_s) to take it")
+        for d in chosen:
+            self._after(job, d)  # RolloutError when a later job of the type ran there
+        changes = Changes()
+        if job["status"] == COMPLETED:
+            self.db.execute("UPDATE jobs SET status = ?, finished = NULL, updated = ?, reason = ? WHERE id = ?",
+                            (ACTIVE, now, f"reopened: retried on {len(chosen)} device(s)", job_id))
+        for d in chosen:
+            e = latest[d]
+            replace = (e["id"], f"replaced by attempt {e['attempt'] + 1}, retried by the operator") \
+                if e["status"] == QUEUED else None
+            if not self._queue(job, d, e["attempt"] + 1, e["stage"], now, changes, replace, by_operator=True):
+                continue  # the device took the stuck one meanwhile, or another process retried it
+            seq = self._executions(job_id, d)[-1]["seq"]
+            # looked at again now the new seq is taken: a later job a running `serve`
+            # queued there meanwhile is signed again after it too
+            for later, le in self._after(job, d, strict=False):
+                if le["seq"] < seq:
+                    self._queue(later, d, le["attempt"] + 1, le["stage"], now, changes,
+                                (le["id"], f"replaced by attempt {le['attempt'] + 1}: signed again after the "
+                                           f"retry of {job_id}, which comes first"))
+        return changes
+
+    def _after(self, job: dict, device: str, strict: bool = True) -> list[tuple[dict, dict]]:
+        """The later jobs of `job`'s type whose latest execution on `device` is QUEUED (to be
+        signed again after a retry of `job`), in order, with that execution; if one has run
+        there: RolloutError (`strict`), else it is left out."""
+        if job["type"] not in ORDERED_TYPES:
+            return []
+        mine = self._order(job)
+        later = [o for o in (self._job(r[0]) for r in self.db.execute(
+                     "SELECT DISTINCT e.job FROM executions e JOIN jobs j ON j.id = e.job "
+                     "WHERE e.device = ? AND j.type = ? AND e.job != ?", (device, job["type"], job["id"])))
+                 if self._order(o) > mine]
+        out = []
+        for other in sorted(later, key=self._order):
+            execs = self._executions(other["id"], device)
+            ran = [e for e in execs if e["status"] in (IN_PROGRESS, SUCCEEDED)
+                   or (e["status"] in (TIMED_OUT, CANCELED, REMOVED) and e["started"] is not None)]
+            if ran and not strict:
+                continue
+            if ran:
+                raise RolloutError(f"job {other['id']}, which comes after {job['id']}, has already run on {device} "
+                                   f"({ran[-1]['status']}): a retry of {job['id']} would run after it and undo it")
+            if execs[-1]["status"] == QUEUED:
+                out.append((other, execs[-1]))
+        return out
+
+    def remove(self, job_id: str, devices: Iterable[str], note: str = "removed by the operator") -> Changes:
+        """The operator takes `job_id`'s QUEUED executions on `devices` away: REMOVED (a
+        host state, final), out of the devices' queues; the device no longer holds the
+        job's stage (it does not count toward the success threshold) nor later jobs of
+        its type. Refused for all when one is not QUEUED there."""
+        job = self._job(job_id)
+        if job["status"] != ACTIVE:
+            raise RolloutError(f"job {job_id} is {job['status']}: only an ACTIVE job's executions can be removed")
+        chosen = list(dict.fromkeys(devices))
+        if not chosen:
+            raise RolloutError("say which devices to remove the job from")
+        latest = self._latest(job_id)
+        for d in chosen:
+            e = latest.get(d)
+            if e is None:
+                raise RolloutError(f"job {job_id} has no execution on {d}")
+            if e["status"] == IN_PROGRESS:
+                raise RolloutError(f"job {job_id} is IN_PROGRESS on {d}: wait for its final status or its timeout, "
+                                   f"or cancel the job (a running device gets a cancel job)")
+            if e["status"] != QUEUED:
+                raise RolloutError(f"job {job_id} already ended on {d}: {e['status']}")
+        now = self.clock()
+        changes = Changes()
+        with self.store.transaction() as db:
+            self._remove_queued(db, job_id, REMOVED, now, note, changes, chosen)
+        return changes
+
     # ------------------------------------------------------------ views
     def _queues(self, device: str | None = None) -> dict[str, list[str]]:
         """{device: queue} of `device` (None: of every device with a non-empty queue): the
@@ -901,7 +1313,9 @@ class RolloutEngine:
 
     def job_status(self, job_id: str) -> dict:
         """Everything `mpfleet job status` shows: the job, counts per state (latest attempt
-        per device, and over every attempt), failures with reasons, per-device rows."""
+        per device, and over every attempt), failures with reasons, per-device rows (each
+        with its `stuck` flag or None), the executions flagged stuck (see stuck()), and
+        the devices `held` behind an earlier job of its type."""
         job = self._job(job_id)
         execs = self._executions(job_id)
         latest = self._latest(job_id)
@@ -925,6 +1339,14 @@ class RolloutEngine:
                 state = (self.store.device(r["device"]) or {}).get("state") or {}
                 r["running"] = state.get(key)
         failures = [r for r in rows if r["status"] in FAILURES]
+        stuck = self.stuck(job_id)
+        flags = {(f["device"], f["attempt"]): f for f in stuck}
+        for r in rows:
+            r["stuck"] = flags.get((r["device"], r["attempt"]))
+        held: dict[str, str] = {}
+        if job["status"] == ACTIVE:
+            waiting = [d for d in targets if d not in latest or latest[d]["status"] in RETRIABLE]
+            held = self._holds(job, self.clock(), waiting) if waiting else {}
         stages = job["options"]["stages"]
         rejects = [{"device": r[0], "ref": r[1], "detail": _loads(r[2]), "at": r[3]} for r in self.db.execute(
             "SELECT device, ref, detail_json, at FROM job_rejects ORDER BY at, device")]
@@ -938,5 +1360,7 @@ class RolloutEngine:
             "stage_size": _allowed(stages, min(job["stage"], len(stages) - 1), len(targets)),
             "target_count": len(targets), "not_started": len([d for d in targets if d not in latest]),
             "counts": counts, "attempt_counts": attempts, "failures": failures, "devices": rows,
+            "stuck": stuck, "queued_timeout_s": self.queued_timeout_s(job),
+            "held": [{"device": d, "behind": held[d]} for d in sorted(held)],
             "cancel_jobs": controls, "unattributed_rejects": rejects,
         }
