@@ -245,3 +245,16 @@ def test_rotate_refuses_an_envelope_the_device_would_not_take_before_making_a_ke
     with pytest.raises(KeyringError, match=r"would be \d+ bytes, over the device limit of 4096"):
         ring.rotate(targets=[f"device-{i:05d}" for i in range(400)])
     assert len(ring.list()) == 1  # no key made for nothing
+
+
+def test_a_new_keys_seqs_start_above_every_other_keys(tmp_path):
+    """A device sorts its queue by seq across keys: after a rotation, a job signed by the
+    new key must not sort before an older job still queued under the old one."""
+    from mpfleet.store import Store
+
+    with Store(tmp_path / "seq.db") as store:
+        store.add_key("old", "AAAA")
+        seqs = [store.next_seq("old") for _ in range(5)]
+        store.add_key("new", "BBBB")
+        assert store.next_seq("new") > max(seqs)
+        assert store.next_seq("old") == 6

@@ -159,7 +159,7 @@ class DatabaseLock:
 class Dispatcher:
     """The `serve` loop. `start()` returns once the broker confirmed the subscriptions;
     `stop()` ends the loop and disconnects. `on_event(kind, data)` (optional) hears of
-    job progress: "queued", "advanced", "completed", "aborted", "timed_out", "error"."""
+    job progress: "queued", "advanced", "completed", "aborted", "timed_out", "stuck", "error"."""
 
     def __init__(self, broker: BrokerConfig, db_path: str | os.PathLike, keys_dir: str | os.PathLike | None = None,
                  client_id: str = "mpfleet-serve", tick_s: float = 0.25,
@@ -402,6 +402,8 @@ class Dispatcher:
         if changes:
             self._dirty = True
             self._report(changes)
+        for job, device, reason in getattr(changes, "stuck", ()):  # flagged, not changed: heard once each
+            self._event("stuck", {"job": job, "device": device, "reason": reason})
 
     def _report(self, changes: Changes) -> None:
         if changes.queued:

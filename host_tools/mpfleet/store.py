@@ -275,7 +275,10 @@ class Store:
     _KEY_COLS = "kid, public_b64, created, retired, active, last_seq"
 
     def add_key(self, kid: str, public_b64: str) -> None:
-        self.db.execute("INSERT INTO keys (kid, public_b64, created) VALUES (?, ?, ?)",
+        """A new key's seqs start above every other key's: a device sorts its queue by seq
+        across keys, so one device's jobs keep their creation order through a rotation."""
+        self.db.execute("INSERT INTO keys (kid, public_b64, created, last_seq) "
+                        "VALUES (?, ?, ?, (SELECT COALESCE(MAX(last_seq), 0) FROM keys))",
                         (kid, public_b64, time.time()))
 
     def keys(self) -> list[dict]:
