@@ -9,6 +9,12 @@
 # committed (end to end). The ack is not authenticated: anyone who can
 # publish on samples/ack can claim an ack, so what it may do is bounded
 # (docs/security.md): it may move the clock forward only (Wake.set_clock).
+# Nor is the host always right: one CRC-valid frame of garbage once moved a
+# host's ack to 4,294,967,256, the device renumbered after it, and forty wakes
+# later its seqs no longer fitted the frame's 32 bits: no upload ever again
+# (issue 13). So an ack the device could only follow by renumbering past
+# _REBASE_MAX is refused (docs/protocol.md): nothing is trimmed or renumbered,
+# every sample is kept and sent again, and the state says why.
 
 import json
 import time
@@ -25,6 +31,14 @@ _BUDGET_RESERVE_MS = const(1500)
 _FRAME_MAX = const(1024)
 # An RTC earlier than this has not been set since the last power loss.
 CLOCK_SET_AFTER = const(1577836800)  # 2020-01-01
+# Seqs and times are u32 in the sample frame and the flash log. The highest ack
+# this device renumbers after: no device id has numbered 2**31 samples before
+# (68 years at one a second, the shortest sample interval), and renumbering
+# after it still leaves 2**31 seqs.
+_REBASE_MAX = const(0x7FFFFFFF)
+# A host time at or after this is not real: 2100-01-01, six years before the
+# frame's u32 time runs out (a clock set there would never upload again).
+_HOST_TIME_MAX = const(4102444800)
 
 
 class Uploader:
@@ -40,8 +54,20 @@ class Uploader:
         self.budget_left_ms = budget_left_ms
         self.set_clock = set_clock
         self.acked = -1
+        self.refused = None  # the last ack refused this wake (plausible_ack)
         self.jobs_message = None
         self.clock_provisional = False
+
+    def plausible_ack(self, upto):
+        """Whether this device may act on a host ack of `upto` (an int >= 0): one
+        within the seqs it has numbered, or ahead of them (an earlier life of
+        this id: rebase) but not past _REBASE_MAX."""
+        return upto < self.stage.next_seq or upto <= _REBASE_MAX
+
+    def refuse_ack(self, upto):
+        self.refused = upto
+        print("refusing host ack %d: ahead of this device's seqs (next %d) and past %d"
+              % (upto, self.stage.next_seq, _REBASE_MAX))
 
     def on_message(self, topic_name, msg, retained):
         leaf = topic_name[len(topic(self.device_id, "")):]
@@ -53,9 +79,14 @@ class Uploader:
                 print("ignoring malformed ack")
                 return
             if isinstance(upto, int) and not isinstance(upto, bool) and upto > self.acked:
-                self.acked = upto
+                if self.plausible_ack(upto):
+                    self.acked = upto
+                else:
+                    self.refuse_ack(upto)
             host_time = ack.get("time") if isinstance(ack, dict) else None
+            # (NaN and infinity fail the range check too.)
             if isinstance(host_time, (int, float)) and not isinstance(host_time, bool) \
+                    and 0 <= host_time < _HOST_TIME_MAX \
                     and (time.time() < CLOCK_SET_AFTER or self.clock_provisional):
                 # A retained ack may be hours old: use it, but let a fresh one
                 # (the host answers a state with an unset clock) correct it.
@@ -77,7 +108,8 @@ class Uploader:
         deadline = time.ticks_add(time.ticks_ms(), _CLOCK_WAIT_MS if clock_unset else _RETAINED_WAIT_MS)
         while time.ticks_diff(deadline, time.ticks_ms()) > 0:
             client.wait_msg(time.ticks_diff(deadline, time.ticks_ms()))
-            if self.acked >= 0 and not (clock_unset and (self.clock_provisional or time.time() < CLOCK_SET_AFTER)):
+            heard = self.acked >= 0 or self.refused is not None
+            if heard and not (clock_unset and (self.clock_provisional or time.time() < CLOCK_SET_AFTER)):
                 break
         self.apply_ack()
         sent_upto = self.send_backlog(client)
@@ -88,6 +120,12 @@ class Uploader:
             self.apply_ack()
             if self.acked < sent_upto:
                 self.stage.flags |= rtcstage.FLAG_UPLOAD_REQUESTED
+        if self.refused is not None:
+            # The state went out before the ack came: again, saying why this
+            # device keeps samples the host claims to hold.
+            state["last_error"] = "refused host ack %d: ahead of this device's seqs and past %d" \
+                % (self.refused, _REBASE_MAX)
+            client.publish(topic(did, "state"), json.dumps(state), qos=1, retain=True)
         # The retained queue follows the subscription at once (a slow broker:
         # raise broker.queue_wait_ms).
         deadline = time.ticks_add(time.ticks_ms(), self.cfg["broker"]["queue_wait_ms"])
@@ -97,6 +135,10 @@ class Uploader:
     def apply_ack(self):
         upto = self.acked
         if upto < 0:
+            return
+        if not self.plausible_ack(upto):  # set directly (agent.usb), not through on_message
+            self.refuse_ack(upto)
+            self.acked = -1
             return
         stage = self.stage
         if upto >= stage.next_seq:
