@@ -225,6 +225,8 @@ class Ingester:
     def start(self) -> None:
         store = Store(self.db_path)  # fail here, in the caller, when the database cannot be opened
         store.close()
+        self._stop.clear()  # a stopped ingester can be started again
+        self.failure = None
         self._client = make_client(self.broker, self.client_id, clean_session=False)
         self._client.manual_ack_set(True)
         self._client.on_message = lambda c, u, msg: self._inbox.put(("msg", msg))
