@@ -333,3 +333,24 @@ def test_serve_stops_with_a_failure_on_a_damaged_database_rather_than_living_on(
         assert "damaged" in str(d.failure)
     dev.close()
     host.store.close()
+
+
+def test_serve_and_ingest_refuse_to_start_on_a_damaged_database(tmp_path, mosquitto):
+    """`mpfleet serve` and `mpfleet ingest` as users run them: one line naming the file, exit 1."""
+    host = Host(tmp_path, mosquitto)
+    Registry(host.store).add("dmg-0002")
+    host.engine.create_job("diag", {}, ["dmg-0002"], job_id="before-the-damage")
+    host.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    root = host.store.db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'executions'").fetchone()[0]
+    page = host.store.db.execute("PRAGMA page_size").fetchone()[0]
+    host.store.close()
+    with open(host.db, "r+b") as f:
+        f.seek((root - 1) * page)
+        f.write(b"\xa5" * page)
+    env = dict(os.environ, MPFLEET_HOME=str(tmp_path))
+    for argv in (["serve", "--keys-dir", str(host.keys)], ["ingest"]):
+        r = subprocess.run([sys.executable, "-m", "mpfleet", *argv, "--broker", mosquitto.url, "--db", str(host.db)],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 1, (argv, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "damaged" in lines[0] and str(host.db) in lines[0], (argv, r.stderr)

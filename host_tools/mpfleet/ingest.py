@@ -223,6 +223,9 @@ class Ingester:
         self._client = None
 
     def start(self) -> None:
+        from mpfleet.dbmaint import require_sound_database  # noqa: PLC0415 - dbmaint imports store only
+
+        require_sound_database(self.db_path)
         store = Store(self.db_path)  # fail here, in the caller, when the database cannot be opened
         store.close()
         self._stop.clear()  # a stopped ingester can be started again

@@ -53,6 +53,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from mpfleet.dbmaint import require_sound_database
 from mpfleet.errors import MpfleetError
 from mpfleet.ingest import HeldMessages, IngestStats, MessageStats, handle_samples, handle_state
 from mpfleet.keys import KeyRing
@@ -195,6 +196,9 @@ class Dispatcher:
     def start(self) -> "Dispatcher":
         self._lock.acquire()
         try:
+            # Never run on a damaged file: with a broken executions table nothing new
+            # would ever be queued. One line naming the file and the reason.
+            require_sound_database(self.db_path)
             self._thread = threading.Thread(target=self._run, name="mpfleet-serve", daemon=True)
             self._thread.start()
             self._ready.wait(30)
