@@ -1,7 +1,8 @@
 """The `mpfleet` command line: a thin layer that checks arguments and calls the library.
 
 Every expected failure is an `MpfleetError`, printed once as `mpfleet: <message>`
-with exit status 1; usage errors exit with 2 (click's convention).
+with exit status 1; usage errors exit with 2 (click's convention). A damaged database
+(SQLite's DatabaseError, from any command) is one line naming the file, exit 1.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
 
 def _register_subcommands() -> None:
     from mpfleet.cli_broker import broker
+    from mpfleet.cli_db import db_group
     from mpfleet.cli_devices import devices
     from mpfleet.cli_flash import flash
     from mpfleet.cli_app import app
@@ -159,6 +161,7 @@ def _register_subcommands() -> None:
     cli.add_command(ports)
     cli.add_command(deploy)
     cli.add_command(usb)
+    cli.add_command(db_group)
 
 
 _register_subcommands()
@@ -174,10 +177,45 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except MpfleetError as e:
-        click.echo(f"mpfleet: {e}", err=True)
+        from mpfleet.dbmaint import damage_reason, restore_hint
+
+        message = str(e)
+        if damage_reason(e.__cause__ or e.__context__) is not None and "mpfleet db check" not in message:
+            message += f"; {restore_hint(_database_named_in(argv))}"
+        click.echo(f"mpfleet: {message}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:
+        # A damaged database reaches any command as SQLite's DatabaseError: say so once,
+        # here, rather than in every command (issue 13). Anything else is a bug.
+        from mpfleet.dbmaint import damage_reason, restore_hint
+
+        reason = damage_reason(e)
+        if reason is None:
+            raise
+        path = _database_named_in(argv)
+        click.echo(f"mpfleet: the database {path} is damaged ({reason}); {restore_hint(path)}", err=True)
+        sys.exit(1)
+
+
+def _database_named_in(argv: list[str] | None):
+    """The database the failed command used: the last --db given, else $MPFLEET_DB or the
+    default (every command takes its database as --db, cli_options.DB)."""
+    from pathlib import Path
+
+    from mpfleet.store import default_db_path
+
+    args = sys.argv[1:] if argv is None else argv
+    given = None
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--db" and i + 1 < len(args):
+            given = args[i + 1]
+        elif arg.startswith("--db="):
+            given = arg[len("--db="):]
+    return Path(given) if given else default_db_path()
 
 
 if __name__ == "__main__":
