@@ -114,10 +114,12 @@ def ingest_cmd(broker: str, db: str | None, client_id: str) -> None:
 
     from mpfleet.ingest import Ingester
     from mpfleet.mqttlink import parse_broker_url
-    from mpfleet.store import Store
+    from pathlib import Path
+
+    from mpfleet.store import default_db_path
 
     cfg = parse_broker_url(broker)
-    path = Store(db).path
+    path = Path(db) if db else default_db_path()  # checked at start, not created before the check
     ingester = Ingester(cfg, path, client_id=client_id)
     ingester.start()
     console.print(f"ingesting from {cfg.url()} into {path} (Ctrl-C stops)")

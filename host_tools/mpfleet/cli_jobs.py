@@ -562,10 +562,12 @@ def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
     no device runs a job twice."""
     from mpfleet.mqttlink import parse_broker_url
     from mpfleet.serve import Dispatcher, ServeError
-    from mpfleet.store import Store
+    from pathlib import Path
+
+    from mpfleet.store import default_db_path
 
     cfg = parse_broker_url(broker)
-    path = Store(db).path
+    path = Path(db) if db else default_db_path()  # checked at start, not created before the check
 
     def on_event(kind: str, data: dict) -> None:
         if quiet and kind != "error":
