@@ -19,7 +19,7 @@ import random
 
 from conftest import firmware_files
 
-STAGE_FILES = firmware_files(("lib/agent/rtcstage.py", "lib/agent/varint.py"))
+STAGE_FILES = firmware_files(("lib/agent/rtcstage.py", "lib/agent/stagerecode.py", "lib/agent/varint.py"))
 RTC_MAX = 2048
 HEADER = 32
 TRAILER = 14

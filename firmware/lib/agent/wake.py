@@ -430,7 +430,7 @@ class Wake:
         self.log = None
         import agent
 
-        agent.unload("codec", "upload", "flashlog", "samplerec", "config", "sensors")
+        agent.unload("codec", "upload", "flashlog", "samplerec", "config", "sensors", "stagerecode")
         gc.collect()
         from agent import jobs
 
