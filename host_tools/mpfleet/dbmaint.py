@@ -10,9 +10,11 @@ What `examine_database` looks at, in order, stopping at the first step that fail
 
 1. the file: it must exist and be readable (else the check could not run: `checked`
    is False, and nothing is said about damage);
-2. its first 16 bytes: an empty file or one without the SQLite header is damaged
-   (SQLite itself takes a 0-byte file for an empty database, and `Store` would quietly
-   start a new one in it);
+2. its size: an empty file is damaged (SQLite itself takes a 0-byte file for an empty
+   database, and `Store` would quietly start a new one in it). The file is never
+   opened but by SQLite (closing another descriptor of it would drop the POSIX locks
+   of this process's own connections); a wrong header is SQLite's "file is not a
+   database";
 3. SQLite's own check: `PRAGMA quick_check` (every page of every b-tree, the freelist,
    each record's format; linear in the file's size) or, `quick=False`,
    `PRAGMA integrity_check` (also every index against its table: slower), then
@@ -41,6 +43,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -49,7 +52,6 @@ from pathlib import Path
 from mpfleet.store import SCHEMA as STORE_SCHEMA
 from mpfleet.store import DamagedDatabaseError, StoreError, is_damaged_database
 
-SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 MAX_PROBLEMS = 100                     # a check stops listing after this many
 _BUSY_TIMEOUT_S = 10.0                 # how long a check or backup waits for a lock
 _MPFLEET_TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", STORE_SCHEMA))
@@ -128,24 +130,25 @@ def examine_database(path: str | os.PathLike, quick: bool = True) -> CheckReport
     """Check the database file at `path` (module docstring: the steps). Never creates
     the file, never raises for what is in it."""
     report = CheckReport(Path(path), full=not quick)
+    # The file is never opened here but by SQLite: closing any other descriptor of it
+    # drops every POSIX lock this process holds on it, under the feet of the process's
+    # own connections (serve checks its database while the store is open). Its header
+    # is judged by SQLite ("file is not a database").
     try:
-        with open(report.path, "rb") as f:
-            header = f.read(len(SQLITE_MAGIC))
-            report.size_bytes = os.fstat(f.fileno()).st_size
+        st = os.stat(report.path)
     except FileNotFoundError:
         report.exists = False
         return _unchecked(report, "no such file")
-    except IsADirectoryError:
-        return _unchecked(report, "it is a directory")
     except OSError as e:
         return _unchecked(report, f"cannot read it: {e.strerror or e}")
+    if stat.S_ISDIR(st.st_mode):
+        return _unchecked(report, "it is a directory")
+    if not os.access(report.path, os.R_OK):
+        return _unchecked(report, "cannot read it: Permission denied")
+    report.size_bytes = st.st_size
     if report.size_bytes == 0:
         report.problems.append("empty file (0 bytes): truncated, or created and never written "
                                "(if it is new, delete it)")
-        return report
-    if header != SQLITE_MAGIC:
-        report.problems.append("not an SQLite database: the file does not start with SQLite's header "
-                               "(zeroed, overwritten, or another kind of file)")
         return report
     try:
         db = _connect(report.path)
@@ -225,6 +228,9 @@ def _tables_failing(db: sqlite3.Connection, pragma: str) -> list[str]:
 
 
 def _damage_text(e: BaseException, what: str = "it") -> str:
+    if what == "it" and str(e) == "file is not a database":
+        return ("not an SQLite database: the file does not start with SQLite's header "
+                "(zeroed, overwritten, or another kind of file)")
     if isinstance(e, MemoryError):
         return f"SQLite ran out of memory reading {what} (a damaged record claims a huge size)"
     return f"SQLite cannot read {what}: {damage_reason(e)}"
