@@ -34,7 +34,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import stress_count
-from test_host_promises import _fill, _raw_frame
+from test_host_promises import Host, _fill, _raw_frame
 
 from mpfleet.broker import LocalBroker, find_mosquitto
 from mpfleet.brokerconf import conf_lines, generate, host_credentials
@@ -51,15 +51,6 @@ KINDS = ["kill_serve", "broker_restart", "broker_restart_lost", "impostor", "hos
 SEED = int(os.environ.get("MPFLEET_CHAOS_SEED", "20261202"))
 ROUNDS = int(os.environ.get("MPFLEET_CHAOS_ROUNDS", "0")) or stress_count(quick=len(KINDS), full=30)
 DEVICES = 4
-
-
-def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Chaos:
@@ -94,7 +85,7 @@ class Chaos:
             [sys.executable, "-m", "mpfleet", "serve", "--broker", url.url(with_password=True), "--db", str(self.db),
              "--keys-dir", str(self.keys), "--tick", "0.1", "--quiet"],
             stdout=open(self.serve_log, "ab"), stderr=subprocess.STDOUT)
-        wait(lambda: b"serving" in self.serve_log.read_bytes()[start:] or self.serve.poll() is not None, 30,
+        Host.wait(lambda: b"serving" in self.serve_log.read_bytes()[start:] or self.serve.poll() is not None, 30,
              "serve to start")
         assert self.serve.poll() is None, self.serve_log.read_text()[-3000:]
 
@@ -241,7 +232,7 @@ def test_chaos_every_job_final_and_true_no_sample_lost_serve_never_stops_silentl
                 assert chaos.serve.poll() is None, f"serve ended in round {n} ({kind}):\n" + \
                     chaos.serve_log.read_text()[-3000:]
             last = [job for job, _ in chaos.jobs]
-            wait(lambda: all(chaos.engine.job_status(j)["status"] != "ACTIVE" for j in last), 180,
+            Host.wait(lambda: all(chaos.engine.job_status(j)["status"] != "ACTIVE" for j in last), 180,
                  "every job to end after the chaos")
             time.sleep(1.0)
         finally:

@@ -354,3 +354,32 @@ def test_serve_and_ingest_refuse_to_start_on_a_damaged_database(tmp_path, mosqui
         assert r.returncode == 1, (argv, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "damaged" in lines[0] and str(host.db) in lines[0], (argv, r.stderr)
+
+
+def test_a_full_disk_when_the_broker_confirms_a_queue_stops_nothing(tmp_path, small_disk):
+    """Found by the chaos test: the broker's confirmation of a retained queue is recorded
+    in the database; on a full disk that write ended serve's worker, and `mpfleet serve`
+    then exited 0. A reconnect makes serve publish (and the broker confirm) every queue."""
+    from mpfleet.broker import LocalBroker
+
+    with LocalBroker() as broker:
+        host = Host(tmp_path, broker, db=small_disk / "mpfleet.db")
+        Registry(host.store).add("conf-0001")
+        job = host.engine.create_job("diag", {}, ["conf-0001"], job_id="confirmed-on-a-full-disk")
+        dev = Device(broker, "conf-0001")
+        with Dispatcher(host.cfg, host.db, keys_dir=host.keys, tick_s=0.05, client_id="serve-conf") as d:
+            seq = _queued(host, dev, job)
+            host.wait(lambda: d.stats.queue_confirmed >= 1, 10, "the first confirmation")
+            host.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            filler = _fill(small_disk)
+            broker.restart()  # no persistence: serve reconnects and publishes every queue again
+            host.wait(lambda: d.stats.queue_confirmed >= 2 or d.stats.errors >= 1, 30, "the queue again")
+            time.sleep(0.5)
+            assert d.running and d.failure is None, d.failure
+            filler.unlink()
+            dev.close()
+            dev = Device(broker, "conf-0001")
+            dev.status(job, seq, "SUCCEEDED")
+            host.wait(lambda: host.execution(job, "conf-0001") == "SUCCEEDED", 15, "the status after the disk freed")
+        dev.close()
+        host.store.close()

@@ -18,6 +18,7 @@ import json
 import random
 
 import pytest
+from test_rollout import T0, Clock
 
 from mpfleet.keys import KeyRing
 from mpfleet.registry import Registry
@@ -25,18 +26,6 @@ from mpfleet.rollout import QUEUED_TIMEOUT_DEFAULT_S, RolloutEngine, RolloutErro
 from mpfleet.signing import b64url_decode
 from mpfleet.store import Store
 
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self, t: float = T0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
 
 
 def payload_of(envelope: str) -> dict:

@@ -284,9 +284,9 @@ class Ingester:
                     held.forget()
                 else:
                     held.add(msg)
-        except DamagedDatabaseError as e:
+        except BaseException as e:  # noqa: BLE001 - whatever ends the worker ends ingest, non-zero
             self.failure = e
-            log.error("%s", e)
+            log.exception("ingest stopped: %s", e)
         finally:
             store.close()
 

@@ -284,12 +284,13 @@ class Dispatcher:
                 self._guarded("queue sync", self._sync_queues)
                 with self.stats.lock:
                     self.stats.worker_cpu_s = time.thread_time()
-        except DamagedDatabaseError as e:
-            # Nothing more can be committed: stop (unacknowledged messages stay with
-            # the broker) rather than live on doing nothing.
+        except BaseException as e:  # noqa: BLE001 - whatever ends the worker ends serve, non-zero
+            # Nothing more can be committed (a damaged database), or a bug: stop
+            # (unacknowledged messages stay with the broker) rather than live on doing
+            # nothing, and say why.
             self._fatal = e
-            log.error("%s", e)
-            self._event("error", {"error": str(e)})
+            log.error("%s", e if isinstance(e, DamagedDatabaseError) else traceback.format_exc())
+            self._event("error", {"error": f"{type(e).__name__}: {e}"})
         finally:
             self.store.close()
 
@@ -305,9 +306,11 @@ class Dispatcher:
             if kind == "msg":
                 self._held.add(item)
             elif kind == "puback":
-                self._on_puback(item)
+                # Recording a confirmation may fail (a full disk): the queue then only
+                # counts as unconfirmed, and is compared and published again.
+                self._guarded("queue confirmation", self._on_puback, item)
             elif kind == "connected":
-                self._on_connected()
+                self._guarded("reconnect", self._on_connected)
 
     def _ack(self, msg) -> None:
         if msg.qos and self._client is not None:
