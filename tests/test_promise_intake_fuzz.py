@@ -34,11 +34,11 @@ from mpfleet.signing import SigningKey
 
 SEED = int(os.environ.get("MPFLEET_FUZZ_SEED", "20261201"))
 QUEUES = int(os.environ.get("MPFLEET_INTAKE_QUEUES", "0")) or stress_count(quick=60, full=10000)
-# Queues per interpreter. A device runs one queue per boot; at 30-45 queues in
-# one interpreter the harness's own heap fragments until a 3 KB allocation
-# fails (seen at 50 per batch, gone at 5: 2,000 queues, 0 violations), which no
-# device sees. Five keeps the fuzzer fast and its failures the agent's.
-BATCH = int(os.environ.get("MPFLEET_INTAKE_BATCH", "5"))
+# Queues per interpreter: one, as a device runs one queue per boot. Several
+# in one interpreter fragment the harness's heap until an allocation of 2-3 KB
+# fails, which no device sees (at 50 a batch about 1 batch in 8 after 30-45
+# queues; at 5 still a few in 6,890 queues, at the fourth queue of a batch).
+BATCH = int(os.environ.get("MPFLEET_INTAKE_BATCH", "1"))
 QUEUES_PER_DEVICE = 500
 
 # The queue arrives in one buffer allocated once, as the device's MQTT client
