@@ -40,6 +40,9 @@ QUEUES = int(os.environ.get("MPFLEET_INTAKE_QUEUES", "0")) or stress_count(quick
 # queues; at 5 still a few in 6,890 queues, at the fourth queue of a batch).
 BATCH = int(os.environ.get("MPFLEET_INTAKE_BATCH", "1"))
 QUEUES_PER_DEVICE = 500
+# Reproduce a late violation without the queues before it: MPFLEET_FUZZ_FIRST starts at
+# the first queue of the device it falls on.
+FIRST = int(os.environ.get("MPFLEET_FUZZ_FIRST", "0"))
 
 # The queue arrives in one buffer allocated once, as the device's MQTT client
 # hands a message over (its packet limit is 16 KiB): a fresh 12 KiB string per
@@ -155,7 +158,7 @@ def test_generated_queues_through_the_agents_job_path(tmp_path):
     started = time.monotonic()
     failures: list[str] = []
     dev = None
-    done = 0
+    done = FIRST - FIRST % QUEUES_PER_DEVICE  # a device's queues depend on its earlier ones: from its first
     while done < QUEUES:
         if done % QUEUES_PER_DEVICE == 0:
             dev = fuzz.device(done // QUEUES_PER_DEVICE)

@@ -29,7 +29,7 @@ def verified_jobs(runner):
     """The queue's jobs that passed every check, in ascending seq."""
     raw, spans = read_queue(runner)
     try:
-        queue = screen(runner, raw, spans) if spans else []
+        queue, digests = screen(runner, raw, spans) if spans else ([], [])
     except MemoryError:
         # The heap, not the queue: this wake leaves the queue to the next one.
         raw = spans = None
@@ -47,7 +47,7 @@ def verified_jobs(runner):
             continue
         queue[i] = None  # each envelope's memory goes as soon as it is handled
         gc.collect()
-        digest = digest_of('"' + text + '"')
+        digest = digests[i]  # taken in place by screen(): no copy of the text with its quotes
         mark = _mark_of(digest)
         retry = stage.mark == mark
         if retry and runner.ctx.crash:
@@ -190,13 +190,15 @@ def read_queue(runner):
 
 def screen(runner, raw, spans):
     """Each entry's envelope text, or None when it needs no check (finished,
-    in progress, already rejected, not a string, over the size limit)."""
+    in progress, already rejected, not a string, over the size limit); and
+    each entry's digest, taken over the message in place."""
     limit = runner.cfg["limits"]["job_max_bytes"]
     cur = runner.state["cur"]
     done = runner.state["done"]
     finished = done_digests(runner.state)
     rejected = runner.state["rej"]
     out = []
+    digests = []
     for start, end in spans:
         entry = memoryview(raw)[start:end]
         digest = digest_of(entry)
@@ -220,7 +222,8 @@ def screen(runner, raw, spans):
             except UnicodeError:
                 runner.reject_unattributed(digest, "envelope is not ASCII")
         out.append(text)
-    return out
+        digests.append(digest)
+    return out, digests
 
 
 def verify(runner, text, digest):
