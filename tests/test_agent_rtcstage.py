@@ -19,6 +19,8 @@ import random
 
 from conftest import firmware_files
 
+from mpfleet.codec import zigzag  # the host's, checked against the shared frame vectors
+
 STAGE_FILES = firmware_files(("lib/agent/rtcstage.py", "lib/agent/stagerecode.py", "lib/agent/varint.py"))
 RTC_MAX = 2048
 HEADER = 32
@@ -109,10 +111,6 @@ for case in cases:
 """
 
 
-def _zigzag(n):
-    return n << 1 if n >= 0 else ((-n) << 1) - 1
-
-
 def _uvlen(n):
     size = 1
     while n > 0x7F:
@@ -129,11 +127,11 @@ def _fields(samples):
     last_t = samples[0][1] if samples else 0
     last = {}
     for _, t, values in samples:
-        out.append(1 + _uvlen(_zigzag(t - last_t)))
+        out.append(1 + _uvlen(zigzag(t - last_t)))
         last_t = t
         for c, v in enumerate(values):
             if v is not None:
-                out.append(_uvlen(_zigzag(v - last.get(c, 0))))
+                out.append(_uvlen(zigzag(v - last.get(c, 0))))
                 last[c] = v
     return out
 
