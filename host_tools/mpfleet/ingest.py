@@ -217,6 +217,7 @@ class Ingester:
         self.stats = IngestStats()
         self.messages = MessageStats()
         self.failure: BaseException | None = None
+        self._errors_seen: set[str] = set()
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -295,7 +296,9 @@ class Ingester:
             self._client.ack(msg.mid, msg.qos)
 
     def _note_error(self, text: str, e: Exception) -> None:
-        log.error("%s", text)
+        if text not in self._errors_seen:  # each distinct error once, not once a retry
+            self._errors_seen.add(text)
+            log.error("%s", text)
 
     def _on_message(self, store: Store, msg) -> None:
         parsed = device_from_topic(msg.topic)
