@@ -46,7 +46,7 @@ demo: $(STAMP)
 hil: $(STAMP)
 	@test -n "$(PORT)" || { echo "usage: make hil PORT=/dev/ttyUSB0 [BOARD=esp32-devkitc] [FIRMWARE=micropython.bin]"; exit 2; }
 	MPFLEET_HIL_PORT=$(PORT) MPFLEET_HIL_BOARD=$(BOARD) MPFLEET_HIL_FIRMWARE=$(FIRMWARE) \
-		$(BIN)/python -m pytest -q -m hil tests/test_hil.py $(PYTEST_ARGS)
+		$(BIN)/python -m pytest -q -m hil tests/hil/test_hil.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info host_tools/*.egg-info

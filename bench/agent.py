@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from agent_harness import Host, make_device  # noqa: E402
 
-from mpfleet.broker import LocalBroker  # noqa: E402
+from mpfleet.broker.local import LocalBroker  # noqa: E402
 from mpfleet.sim.heap import heap_needed  # noqa: E402
 
 WEAR_SAMPLES = 1000
@@ -189,7 +189,7 @@ def hostile(tmp: Path, broker) -> dict:
     """Erases per wake under a hostile retained queue, against an empty queue."""
     from agent_harness import JobDesk
 
-    from mpfleet.signing import SigningKey, b64url
+    from mpfleet.protocol.signing import SigningKey, b64url
 
     host = Host(broker, tmp / "hostile.db", client_id="hostile-ingest").start()
     evil = SigningKey.generate()

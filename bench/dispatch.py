@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpfleet.broker import LocalBroker
-from mpfleet.keys import KeyRing
-from mpfleet.mqttlink import parse_broker_url
-from mpfleet.provision import provision_sim_fleet
-from mpfleet.registry import Registry
-from mpfleet.rollout import RolloutEngine
+from mpfleet.broker.local import LocalBroker
+from mpfleet.fleet.keys import KeyRing
+from mpfleet.broker.link import parse_broker_url
+from mpfleet.fleet.provision import provision_sim_fleet
+from mpfleet.fleet.registry import Registry
+from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner
-from mpfleet.store import Store
+from mpfleet.db.store import Store
 
 DEVICES = int(os.environ.get("MPFLEET_BENCH_DEVICES", "1000"))
 TARGET_S = 60.0
@@ -52,7 +52,7 @@ def _proc_peak_rss_kib(pid: int) -> int:
 
 
 def _start_serve(broker_url: str, db: Path, keys: Path, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mpfleet.cli", "serve", "--broker", broker_url, "--db", str(db),
+    cmd = [sys.executable, "-m", "mpfleet", "serve", "--broker", broker_url, "--db", str(db),
            "--keys-dir", str(keys), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30

@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from update_site import UpdateSite  # noqa: E402
 
-from mpfleet.broker import LocalBroker  # noqa: E402
-from mpfleet.serve import Dispatcher  # noqa: E402
+from mpfleet.broker.local import LocalBroker  # noqa: E402
+from mpfleet.fleet.serve import Dispatcher  # noqa: E402
 from mpfleet.sim.heap import heap_needed  # noqa: E402
 from mpfleet.sim.netfault import LinkCutter  # noqa: E402
-from mpfleet.updates import app_params, ota_params  # noqa: E402
+from mpfleet.fleet.updates import app_params, ota_params  # noqa: E402
 
 IMAGE_SIZE = 1 << 20
 FULL_IMAGE_SIZE = 1_400_000

@@ -19,14 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpfleet.firmware import firmware_tree
-from mpfleet.keys import KeyRing
-from mpfleet.mqttlink import parse_broker_url
+from mpfleet.images.firmware import firmware_tree
+from mpfleet.fleet.keys import KeyRing
+from mpfleet.broker.link import parse_broker_url
 from mpfleet.sim import VirtualBoard
 from mpfleet.sim.serial import SerialConsole
-from mpfleet.store import Store
-from mpfleet.usb import open_link
-from mpfleet.usbwork import DeploySettings, deploy
+from mpfleet.db.store import Store
+from mpfleet.usb.link import open_link
+from mpfleet.usb.field import DeploySettings, deploy
 
 BOARDS = 8
 

@@ -1,4 +1,4 @@
-"""`mpfleet flash` on 8 boards at once vs one board after another (mpfleet.usbflash).
+"""`mpfleet flash` on 8 boards at once vs one board after another (mpfleet.usb.flash).
 
 The boards are virtual boards in download mode (mpfleet.sim.rom.RomBootloader): the
 real esptool (v5, --no-stub, as the emulator requires) talks to each board's emulated
@@ -32,10 +32,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from mpfleet.espimage import build_app_image
+from mpfleet.images.espimage import build_app_image
 from mpfleet.sim import VirtualBoard
 from mpfleet.sim.rom import RomBootloader
-from mpfleet.usbflash import flash_boards
+from mpfleet.usb.flash import flash_boards
 
 BOARDS = 8
 APP_KIB = 256

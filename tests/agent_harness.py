@@ -10,10 +10,10 @@ from pathlib import Path
 
 from conftest import firmware_files
 
-from mpfleet.ingest import Ingester
-from mpfleet.mqttlink import parse_broker_url
+from mpfleet.fleet.ingest import Ingester
+from mpfleet.broker.link import parse_broker_url
 from mpfleet.sim import VirtualBoard
-from mpfleet.store import Store
+from mpfleet.db.store import Store
 
 WIFI = {"lab": {"password": "pw", "rssi": -58}}
 
@@ -109,7 +109,7 @@ class JobDesk:
 
         import paho.mqtt.client as mqtt
 
-        from mpfleet.signing import SigningKey
+        from mpfleet.protocol.signing import SigningKey
 
         self.device_id = device_id
         self.key = key or SigningKey.generate()

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from mpfleet.broker import LocalBroker, find_mosquitto
+from mpfleet.broker.local import LocalBroker, find_mosquitto
 from mpfleet.sim import VirtualBoard
 
 # Stress tests run a reduced count in `make test`; MPFLEET_STRESS=1 (make stress) runs them in full.
@@ -61,11 +61,11 @@ def mosquitto():
 
 def firmware_files(only: tuple[str, ...] | None = None, compiled: bool = True) -> dict[str, bytes]:
     """The firmware tree as {device path: bytes}, for VirtualBoard.fs_put: lib/ as
-    .mpy, as a deploy puts it (see mpfleet.firmware).
+    .mpy, as a deploy puts it (see mpfleet.images.firmware).
 
     `only` limits it to paths relative to firmware/ (e.g. ("lib/agent/mqtt.py",)).
     """
-    from mpfleet.firmware import firmware_tree
+    from mpfleet.images.firmware import firmware_tree
 
     return firmware_tree(compiled=compiled, only=only)
 

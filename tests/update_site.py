@@ -1,4 +1,4 @@
-"""A host set up for update jobs, shared by tests/test_ota.py and bench/ota.py: a key,
+"""A host set up for update jobs, shared by tests/e2e/test_ota.py and bench/ota.py: a key,
 the rollout engine, an image store, and virtual boards provisioned against a broker."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import shutil
 import time
 from pathlib import Path
 
-from mpfleet.appbundle import build_bundle
-from mpfleet.espimage import build_app_image
-from mpfleet.firmware import FIRMWARE_DIR
-from mpfleet.images import ID_LEN, ImageRecord, ImageStore
-from mpfleet.keys import KeyRing
-from mpfleet.mqttlink import parse_broker_url
-from mpfleet.provision import provision_sim_fleet
-from mpfleet.registry import Registry
-from mpfleet.rollout import RolloutEngine
+from mpfleet.images.appbundle import build_bundle
+from mpfleet.images.espimage import build_app_image
+from mpfleet.images.firmware import FIRMWARE_DIR
+from mpfleet.images.store import ID_LEN, ImageRecord, ImageStore
+from mpfleet.fleet.keys import KeyRing
+from mpfleet.broker.link import parse_broker_url
+from mpfleet.fleet.provision import provision_sim_fleet
+from mpfleet.fleet.registry import Registry
+from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.sim.fleet import AWAKE_CONFIG
-from mpfleet.store import Store
+from mpfleet.db.store import Store
 
 BASE_FW = "v1.24.0"  # what a provisioned virtual board runs
 

@@ -61,8 +61,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MpfleetError
-from .espimage import BOOTLOADER_OFFSETS, CHIP_IDS
+from mpfleet.errors import MpfleetError
+from mpfleet.images.espimage import BOOTLOADER_OFFSETS, CHIP_IDS
 
 BOARDS_DIR_ENV = "MPFLEET_BOARDS_DIR"
 

@@ -1,5 +1,5 @@
 """Make tests/vectors/ed25519_strict.json: Ed25519 edge cases on which the host
-(mpfleet.signing.verify_strict) and the device (firmware/lib/agent/ed25519.py)
+(mpfleet.protocol.signing.verify_strict) and the device (firmware/lib/agent/ed25519.py)
 must give the same answer.
 
     .venv/bin/python tests/vectors/make_ed25519_strict.py
@@ -344,7 +344,7 @@ def vectors():
 
 def main():
     data = {
-        "description": "Ed25519 edge cases the host (mpfleet.signing.verify_strict) and the device "
+        "description": "Ed25519 edge cases the host (mpfleet.protocol.signing.verify_strict) and the device "
                        "(firmware/lib/agent/ed25519.py) must agree on; made by make_ed25519_strict.py",
         "vectors": vectors(),
     }

@@ -3,7 +3,7 @@
 # /apps/b; boot.py (never replaced by an app update) puts the chosen one first
 # on sys.path, with test/confirm semantics (docs/ota.md, "App updates"):
 #
-#   download  the bundle (mpfleet.appbundle) -> /apps/<slot>.mpfa, the slot not
+#   download  the bundle (mpfleet.images.appbundle) -> /apps/<slot>.mpfa, the slot not
 #             running; the file's size is the durable offset (LittleFS commits a
 #             file atomically at each flush). The manifest in the first chunk is
 #             checked before anything is written: .mpy the firmware cannot load

@@ -4,7 +4,7 @@ A sample is (seq, t, values): seq an integer, t seconds, values one number per
 channel. A frame carries `count` samples with consecutive seqs; a gap in seqs,
 a change of channels or a full buffer ends the frame and the next sample starts
 a new one (add() returns False). A value may be None (no reading): such a
-frame carries a missing-channel bitmap per sample. The host decoder is host_tools/mpfleet/codec.py;
+frame carries a missing-channel bitmap per sample. The host decoder is host_tools/mpfleet/protocol/codec.py;
 both sides are checked against tests/vectors/sample_frames.json.
 
 Layout (all multi-byte fixed fields little-endian):

@@ -2,6 +2,9 @@
 MicroPython unix port, and the supervisor that runs a device through resets and
 deep sleeps (see docs/architecture.md).
 
+May import the library rooms (`mpfleet.boards`, `mpfleet.images`, `mpfleet.fleet`...);
+nothing of the library imports the simulator, and the CLI for it lives in `mpfleet.cli.sim`.
+
 - `mpfleet.sim.board.VirtualBoard`: one device in a directory; `create`, `power_on`,
   `boot`, `run`, `schedule_power_cut`, flash counters and otadata inspection.
 - `mpfleet.sim.mpy`: the code that runs *inside* the device process (shims and

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from mpfleet.boards import Board, load_board
 from mpfleet.errors import MpfleetError
-from mpfleet.espimage import CHIP_IDS, build_app_image
+from mpfleet.images.espimage import CHIP_IDS, build_app_image
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "mpy"
 BOOT_SCRIPT = RUNTIME_DIR / "_simboot.py"
@@ -89,7 +89,7 @@ _compiled_runtime: dict[str, str] = {}
 def compiled_runtime() -> str | None:
     """A directory holding the device-side runtime (shims, bootloader) as .mpy,
     compiled once per content; None when it cannot be compiled (sources are used)."""
-    from mpfleet.firmware import FirmwareBuildError, compile_mpy  # noqa: PLC0415
+    from mpfleet.images.firmware import FirmwareBuildError, compile_mpy  # noqa: PLC0415
 
     sources = sorted(p for p in RUNTIME_DIR.glob("*.py") if p.name != BOOT_SCRIPT.name)
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources)).hexdigest()[:16]

@@ -164,9 +164,9 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
     `groups_fn(index, device_id)` gives a device's groups (index from 1);
     `config_overrides` merge into every config (e.g. AWAKE_CONFIG);
     `broker_credentials` is (user, password) for every device, `credentials_fn(index,
-    device_id)` each device's own (mpfleet.provision gives each its broker account);
+    device_id)` each device's own (mpfleet.fleet.provision gives each its broker account);
     `wifi` is {"ssid", "password"}."""
-    from mpfleet.firmware import firmware_tree  # noqa: PLC0415
+    from mpfleet.images.firmware import firmware_tree  # noqa: PLC0415
 
     if count < 1:
         raise SimError("a fleet needs at least one device")

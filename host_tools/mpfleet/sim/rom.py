@@ -9,7 +9,7 @@ erases and programmed bytes are counted like the device's own writes)::
     pty slave <-> pty master <-> UART pacing <-> SLIP <-> _DownloadMode -> NorFlash
 
 Which room: the simulator. Nothing here is used on real hardware; the host library
-(`mpfleet.usbflash`) cannot tell this port from a USB board, which is the point.
+(`mpfleet.usb.flash`) cannot tell this port from a USB board, which is the point.
 
 The protocol is the one esptool's "Serial Protocol" documentation describes for the
 ESP32-family ROM loaders (not the flasher stub): SLIP frames; a request header

@@ -1,7 +1,7 @@
 # Reading and verifying an ESP app image in a flash slot, as the ESP-IDF
 # bootloader and esp_ota_set_boot_partition() do. MicroPython and CPython.
 #
-# Image layout (see docs/architecture.md and mpfleet.espimage):
+# Image layout (see docs/architecture.md and mpfleet.images.espimage):
 #   0x00  u8   magic 0xE9          0x01  u8  segment count
 #   0x0C  u16  chip id (LE)        0x17  u8  hash appended (1 = SHA-256 follows)
 #   0x18  segment headers: u32 load address, u32 length, then the data

@@ -1,0 +1,102 @@
+"""`mpfleet image ...`: the firmware image store for OTA (library: mpfleet.images.store)."""
+
+from __future__ import annotations
+
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mpfleet.cli.devices import ago
+from mpfleet.cli.options import DB, IMAGES_DIR, JSON, print_json
+
+
+console = Console()
+
+
+def _images(db, images_dir):
+    from mpfleet.images.store import ImageStore
+    from mpfleet.db.store import Store
+
+    store = Store(db)
+    return store, ImageStore(store, images_dir)
+
+
+
+@click.group("image")
+def image() -> None:
+    """Firmware images and app bundles for updates, validated and kept by SHA-256.
+
+    \b
+      mpfleet image add micropython.bin        # an app image (.app-bin), checked with esptool's image code
+      mpfleet image add firmware.bin           # a merged image: the app is taken from 0x10000
+      mpfleet image add agent-0.2.0.mpfa       # an app bundle (mpfleet app bundle)
+      mpfleet image list
+    """
+
+
+@image.command("add")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--chip", help="Refuse the image unless it is for this chip (esp32, esp32s3, esp32c3...).")
+@DB
+@IMAGES_DIR
+@JSON
+def image_add(file, chip, db, images_dir, as_json):
+    """Check FILE (app image, merged flash image or app bundle) and add it to the store."""
+    from mpfleet.images.appbundle import is_bundle_file
+
+    store, images = _images(db, images_dir)
+    with store:
+        if is_bundle_file(file):
+            if chip:
+                raise click.UsageError(f"{file} is an app bundle: --chip is for firmware images")
+            record, new = images.add_bundle(file)
+        else:
+            record, new = images.add(file, chip=chip)
+    if as_json:
+        print_json(dict(record.to_json(), new=new))
+        return
+    verb = "added" if new else "already in the store:"
+    console.print(f"{verb} image [bold]{record.id}[/] ({record.kind}): {record.project} {record.version} for "
+                  f"{record.chip}, secure_version {record.secure_version}, {record.size} bytes, "
+                  f"SHA-256 {record.sha256}", highlight=False)
+
+
+@image.command("list")
+@DB
+@IMAGES_DIR
+@JSON
+def image_list(db, images_dir, as_json):
+    """The images in the store, oldest first."""
+    store, images = _images(db, images_dir)
+    with store:
+        records = images.list()
+    if as_json:
+        print_json([r.to_json() for r in records])
+        return
+    if not records:
+        console.print("no images yet: mpfleet image add FILE")
+        return
+    table = Table(title="images")
+    for col in ("id", "chip", "version", "secure", "size", "from", "added"):
+        table.add_column(col, no_wrap=col == "id")
+    for r in records:
+        table.add_row(r.id, r.chip, r.version, str(r.secure_version), str(r.size), r.kind, ago(r.added))
+    console.print(table)
+
+
+@image.command("show")
+@click.argument("ref", metavar="ID")
+@DB
+@IMAGES_DIR
+@JSON
+def image_show(ref, db, images_dir, as_json):
+    """One image (by id or a unique prefix of it)."""
+    store, images = _images(db, images_dir)
+    with store:
+        record = images.get(ref)
+    if as_json:
+        print_json(record.to_json())
+        return
+    for key, value in record.to_json().items():
+        console.print(f"{key:15s} {value}", highlight=False)

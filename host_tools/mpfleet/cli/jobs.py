@@ -1,0 +1,601 @@
+"""`mpfleet job ...` and `mpfleet serve` (libraries: mpfleet.fleet.rollout, mpfleet.fleet.serve).
+
+`job` commands work on the database directly; a running `serve` notices their
+changes (SQLite's data_version) and updates the devices' queues.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import signal
+import sys
+import time
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from mpfleet.cli.devices import ago
+from mpfleet.cli.options import DB, IMAGES_DIR, KEYS_DIR, JSON, print_json
+
+
+console = Console()
+
+# `mpfleet job status` exit codes (docs/dispatch.md): 0 ACTIVE or COMPLETED with nothing
+# stuck, 1 an error (an unknown job...), 2 bad usage (click), then:
+EXIT_ENDED = 3   # the job is ABORTED or CANCELED
+EXIT_STUCK = 4   # the job is ACTIVE and at least one execution is flagged stuck
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?\Z")
+_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "REJECTED": "red", "TIMED_OUT": "red",
+               "IN_PROGRESS": "cyan", "QUEUED": "yellow", "CANCELED": "magenta", "REMOVED": "magenta",
+               "ACTIVE": "cyan", "COMPLETED": "green", "ABORTED": "red"}
+
+
+
+def _engine(db: str | None, keys_dir: str | None):
+    from mpfleet.fleet.keys import KeyRing
+    from mpfleet.fleet.registry import Registry
+    from mpfleet.fleet.rollout import RolloutEngine
+    from mpfleet.db.store import Store
+
+    store = Store(db)
+    return store, RolloutEngine(store, KeyRing(store, keys_dir), Registry(store))
+
+
+# ---------------------------------------------------------------- option parsing
+def parse_duration(text: str, what: str) -> float:
+    """'90', '90s', '10m', '2h', '1d' -> seconds."""
+    m = _DURATION_RE.match(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise click.BadParameter(f"{text!r} is not a duration such as 90s, 10m, 2h or 1d", param_hint=what)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_fraction(text: str, what: str) -> float:
+    """'5%' or '0.05' -> 0.05."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a percentage (5%) or a fraction (0.05)", param_hint=what) from None
+    if not t.endswith("%") and value > 1:
+        raise click.BadParameter(f"{text!r}: write percentages with % (e.g. {t}%), fractions as 0..1",
+                                 param_hint=what)
+    return value
+
+
+def parse_time(text: str, what: str, now: float | None = None) -> float:
+    """'+10m' (from now), an ISO 8601 time ('2026-12-01T08:00Z'), or Unix seconds."""
+    t = text.strip()
+    now = time.time() if now is None else now
+    if t.startswith("+"):
+        return now + parse_duration(t[1:], what)
+    if re.fullmatch(r"\d{9,}(\.\d+)?", t):
+        return float(t)
+    try:
+        dt = datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a time: use +10m, 2026-12-01T08:00Z or Unix seconds",
+                                 param_hint=what) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp()
+
+
+def parse_params(params: str | None, sets: tuple[str, ...], unsets: tuple[str, ...]) -> dict:
+    """--params JSON (or @file.json), plus config shorthands --set KEY=VALUE and --unset KEY."""
+    out: dict = {}
+    if params:
+        text = params
+        if params.startswith("@"):
+            try:
+                with open(params[1:]) as f:
+                    text = f.read()
+            except OSError as e:
+                raise click.BadParameter(f"cannot read {params[1:]}: {e.strerror}", param_hint="--params") from None
+        try:
+            out = json.loads(text)
+        except ValueError as e:
+            raise click.BadParameter(f"not JSON: {e}", param_hint="--params") from None
+        if not isinstance(out, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--params")
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare word is a string
+        out.setdefault("set", {})[key] = value
+    if unsets:
+        out.setdefault("unset", []).extend(unsets)
+    return out
+
+
+def parse_targets(targets: tuple[str, ...], query: str | None, all_devices: bool):
+    names = [t.strip() for item in targets for t in item.split(",") if t.strip()]
+    if all_devices:
+        names.append("*")
+    if not names and not query:
+        raise click.UsageError("say which devices: --targets ID|GROUP[,...], --query '...' or --all")
+    if query is None:
+        return names
+    spec: dict = {"query": query}
+    if "*" in names:
+        spec["all"] = True
+    names = [n for n in names if n != "*"]
+    if names:
+        spec["names"] = names
+    return spec
+
+
+def _split_names(engine, spec):
+    """Turn the CLI's names (ids or groups) into the engine's dict form."""
+    if isinstance(spec, dict) and "names" in spec:
+        known = set(engine.store.device_ids())
+        names = spec.pop("names")
+        spec["ids"] = [n for n in names if n in known]
+        spec["groups"] = [n for n in names if n not in known]
+    return spec
+
+
+# ---------------------------------------------------------------- rendering
+def _pct(x: float) -> str:
+    return f"{x * 100:g}%"
+
+
+def _stage_text(s: dict) -> str:
+    stages = s["stages"]
+    stage = min(s["stage"], len(stages) - 1)
+    return f"{stage + 1}/{len(stages)} ({_pct(stages[stage])}, {s['stage_size']} devices)"
+
+
+def _failure_reason(row: dict) -> str:
+    detail = row.get("detail")
+    if isinstance(detail, dict):
+        for key in ("error", "reason", "problems"):
+            if detail.get(key):
+                return str(detail[key])
+    if detail:
+        return str(detail)
+    return row.get("note") or ""
+
+
+def _progress_text(row: dict) -> str:
+    p = row.get("progress")
+    if row["status"] == "SUCCEEDED":
+        return "done"
+    if not isinstance(p, dict) or not p.get("total"):
+        return ""
+    return f"{p['bytes'] / p['total']:.0%} ({p['bytes'] // 1024} of {p['total'] // 1024} KiB)"
+
+
+def _update_table(s: dict) -> Table:
+    """Per device: state, download progress, and the version it reports running."""
+    latest: dict[str, dict] = {}
+    for row in s["devices"]:
+        latest[row["device"]] = row  # ordered by attempt: the last one wins
+    want = s["params"].get("version")
+    table = Table(title=f"devices (target version {want})", title_justify="left")
+    for col in ("device", "status", "progress", "running"):
+        table.add_column(col)
+    for row in list(latest.values())[:30]:
+        running = row.get("running") or ""
+        table.add_row(row["device"], Text(row["status"], style=STATE_STYLE.get(row["status"], "")),
+                      _progress_text(row), Text(running, style="green" if running == want else ""))
+    if len(latest) > 30:
+        table.caption = f"... {len(latest) - 30} more (--json shows all)"
+    return table
+
+
+def status_view(s: dict) -> Group:
+    head = Text()
+    head.append(f"job {s['id']}  ", style="bold")
+    head.append(s["status"], style=STATE_STYLE.get(s["status"], ""))
+    head.append(f"  type {s['type']}  stage {_stage_text(s)}  targets {s['target_count']} "
+                f"(not started {s['not_started']})")
+    if s.get("reason"):
+        head.append(f"\n{s['reason']}", style="red" if s["status"] == "ABORTED" else "")
+    counts = Table(box=None, show_header=True, pad_edge=False)
+    shown = [k for k, v in s["counts"].items() if v or k in ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED")]
+    for k in shown:
+        counts.add_column(k, justify="right", style=STATE_STYLE.get(k, ""))
+    counts.add_row(*(str(s["counts"][k]) for k in shown))
+    parts = [head, counts]
+    if s["failures"]:
+        fails = Table(title="failures", title_justify="left")
+        for col in ("device", "attempt", "status", "reason"):
+            fails.add_column(col)
+        for row in s["failures"][:20]:
+            fails.add_row(row["device"], str(row["attempt"]), row["status"], _failure_reason(row)[:100])
+        if len(s["failures"]) > 20:
+            fails.caption = f"... {len(s['failures']) - 20} more (--json shows all)"
+        parts.append(fails)
+    if s["type"] in ("ota", "app") and s["devices"]:
+        parts.append(_update_table(s))
+    if s["stuck"]:
+        stuck = Table(title=f"stuck: {len(s['stuck'])} execution(s) not taken "
+                            f"(mpfleet job retry|remove {s['id']} --device ID)", title_justify="left",
+                      title_style="red")
+        for col in ("device", "attempt", "queued", "reason"):
+            stuck.add_column(col)
+        for row in s["stuck"][:20]:
+            stuck.add_row(row["device"], str(row["attempt"]), ago(row["queued"]), row["reason"])
+        if len(s["stuck"]) > 20:
+            stuck.caption = f"... {len(s['stuck']) - 20} more (--json shows all)"
+        parts.append(stuck)
+    if s["held"]:
+        first = s["held"][0]
+        parts.append(Text(f"{len(s['held'])} device(s) wait for an earlier job of type {s['type']} to reach them "
+                          f"first (jobs of one type run in creation order): {first['device']} waits for "
+                          f"{first['behind']}", style="yellow"))
+    if s["unattributed_rejects"]:
+        parts.append(Text(f"{len(s['unattributed_rejects'])} envelope(s) rejected before their job could be "
+                          f"named (bad signature, unknown key): see --json", style="yellow"))
+    return Group(*parts)
+
+
+# ---------------------------------------------------------------- commands
+@click.group("job")
+def job() -> None:
+    """Batch jobs: create a signed rollout, watch it, cancel it.
+
+    \b
+      mpfleet job create config --set sample_interval_s=30 --targets pumps \\
+          --stages 5%,25%,100% --success-threshold 95% --abort-threshold 10% --rate 600
+      mpfleet job list
+      mpfleet job status j-1a2b3c --watch
+      mpfleet job retry j-1a2b3c --device pump-07
+      mpfleet job remove j-1a2b3c --device pump-09
+      mpfleet job cancel j-1a2b3c
+
+    `mpfleet serve` delivers what these commands record.
+    """
+
+
+@job.command("create")
+@click.argument("type_", metavar="TYPE")
+@click.option("--params", help="Job params as JSON, or @file.json.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="config jobs: set a dotted key (VALUE is JSON, else text). Repeatable.")
+@click.option("--unset", "unsets", multiple=True, metavar="KEY", help="config jobs: remove a dotted key. Repeatable.")
+@click.option("--targets", multiple=True, metavar="IDS|GROUPS",
+              help="Device ids and/or group names, comma separated. Repeatable.")
+@click.option("--query", help="Only devices whose reported state matches, e.g. 'fw<v1.25.0,group=pumps'.")
+@click.option("--all", "all_devices", is_flag=True, help="Every registered device.")
+@click.option("--id", "job_id", help="Job id (default: j-<random>).")
+@click.option("--rate", type=click.IntRange(min=1), help="At most this many devices started per minute.")
+@click.option("--stages", help="Cumulative stage sizes, e.g. 5%,25%,100% (default: one stage).")
+@click.option("--success-threshold", help="A stage must reach this success rate to advance (default 100%).")
+@click.option("--abort-threshold", help="Abort when this share of finished executions failed, e.g. 20%.")
+@click.option("--abort-min", type=click.IntRange(min=1), help="...counted only after this many finished (default 1).")
+@click.option("--timeout", help="A device in progress longer than this is TIMED_OUT (e.g. 10m).")
+@click.option("--queued-timeout", help="A device that has not taken the job this long after it was queued is "
+                                       "flagged stuck in `job status` (default 2h; keep it above a few of the "
+                                       "devices' connect intervals, sample_interval_s x upload_every_wakes).")
+@click.option("--retries", type=click.IntRange(0, 100), help="Retries of FAILED or TIMED_OUT executions (default 0).")
+@click.option("--start", "start_at", help="Not before: +10m, an ISO time or Unix seconds.")
+@click.option("--end", "end_at", help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
+@click.option("--continuous", is_flag=True, help="Devices that join the targets later get the job too.")
+@click.option("--image", "image_ref", metavar="ID",
+              help="ota jobs: the firmware image (id from `mpfleet image list`, or a file to add).")
+@click.option("--bundle", "bundle_ref", metavar="ID",
+              help="app jobs: the app bundle (id from `mpfleet image list`, or a .mpfa file to add).")
+@click.option("--allow-downgrade", is_flag=True, help="ota jobs: accept a lower secure_version (anti-rollback).")
+@click.option("--chunk", type=int, default=4096, show_default=True, help="ota/app jobs: bytes per chunk.")
+@click.option("--window", type=int, default=8, show_default=True, help="ota/app jobs: chunks in flight.")
+@DB
+@KEYS_DIR
+@IMAGES_DIR
+@JSON
+def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id, rate, stages, success_threshold,
+               abort_threshold, abort_min, timeout, queued_timeout, retries, start_at, end_at, continuous, image_ref,
+               bundle_ref, allow_downgrade, chunk, window, db, keys_dir, images_dir, as_json):
+    """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec, ota, app, keys).
+
+    \b
+      mpfleet job create ota --image 3f2a9c01b7e4 --targets pumps --stages 1,10%,100% --timeout 30m
+      mpfleet job create app --bundle agent-0.2.0.mpfa --all --stages 5%,100%
+
+    Nothing is signed or sent here: `mpfleet serve` signs one envelope per device as
+    the rollout reaches it (stage, rate), so each retry gets a fresh seq. Refused here:
+    a job whose signed envelope would be larger than a target device takes (its
+    limits.job_max_bytes, 4096 unless it reports otherwise), and a config job that
+    touches trusted_keys (use `mpfleet keys rotate`) or exec_allowed (USB only).
+
+    Jobs of one type (config, keys, ota, app, exec) run on a device in the order they
+    were created (or start, with --start): a device in a later stage of an earlier job
+    of the type gets this one only after that one."""
+    options = {
+        "rate_per_min": rate,
+        "stages": [parse_fraction(x, "--stages") for x in stages.split(",")] if stages else None,
+        "success_threshold": parse_fraction(success_threshold, "--success-threshold") if success_threshold else None,
+        "abort_threshold": parse_fraction(abort_threshold, "--abort-threshold") if abort_threshold else None,
+        "abort_min_finished": abort_min,
+        "timeout_s": parse_duration(timeout, "--timeout") if timeout else None,
+        "queued_timeout_s": parse_duration(queued_timeout, "--queued-timeout") if queued_timeout else None,
+        "retries": retries,
+        "start_at": parse_time(start_at, "--start") if start_at else None,
+        "end_at": parse_time(end_at, "--end") if end_at else None,
+        "continuous": continuous or None,
+    }
+    job_params = parse_params(params, sets, unsets)
+    spec = parse_targets(targets, query, all_devices)
+    if (image_ref or allow_downgrade) and type_ != "ota":
+        raise click.UsageError("--image and --allow-downgrade are for ota jobs")
+    if bundle_ref and type_ != "app":
+        raise click.UsageError("--bundle is for app jobs")
+    if type_ == "ota" and not image_ref:
+        raise click.UsageError("an ota job needs --image ID (see `mpfleet image list`)")
+    if type_ == "app" and not bundle_ref:
+        raise click.UsageError("an app job needs --bundle ID or FILE (build one: `mpfleet app bundle`)")
+    store, engine = _engine(db, keys_dir)
+    with store:
+        engine.keyring.fleet_key()  # fail now, not in serve, when there is no key
+        if type_ in ("ota", "app"):
+            job_params.update(_update_params(store, engine, type_, image_ref or bundle_ref, allow_downgrade, chunk,
+                                             window, images_dir, spec))
+        new_id = engine.create_job(type_, job_params, _split_names(engine, spec), job_id=job_id,
+                                   **{k: v for k, v in options.items() if v is not None})
+        status = engine.job_status(new_id)
+    if as_json:
+        print_json(status)
+        return
+    console.print(f"created job [bold]{new_id}[/] ({type_}); `mpfleet serve` rolls it out. "
+                  f"Watch it: mpfleet job status {new_id} --watch", highlight=False)
+
+
+def _update_params(store, engine, type_, ref, allow_downgrade, chunk, window, images_dir, spec) -> dict:
+    """The signed params of an ota/app job; a file given instead of an id is added first."""
+    import os
+
+    from mpfleet.images.appbundle import is_bundle_file
+    from mpfleet.images.store import ImageStore
+    from mpfleet.fleet.updates import app_params, check_targets, ota_params
+
+    images = ImageStore(store, images_dir)
+    if os.path.isfile(ref):
+        record, _ = images.add_bundle(ref) if is_bundle_file(ref) else images.add(ref)
+        ref = record.id
+    if type_ == "ota":
+        params, record = ota_params(images, ref, allow_downgrade, chunk, window)
+        check_targets(engine.registry, engine.resolve_targets(_split_names(engine, spec)), record)
+        return params
+    return app_params(images, ref, chunk, window)[0]
+
+
+@job.command("list")
+@click.option("--status", type=click.Choice(["ACTIVE", "COMPLETED", "ABORTED", "CANCELED"], case_sensitive=False))
+@DB
+@KEYS_DIR
+@JSON
+def job_list(status, db, keys_dir, as_json):
+    """Jobs, newest last, with their counts per state."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        rows = [engine.job_status(j) for j in engine.jobs(status.upper() if status else None)]
+    if as_json:
+        print_json([{**{k: r[k] for k in ("id", "type", "status", "stage", "stages", "target_count", "counts",
+                                           "created", "finished", "reason")}, "stuck": len(r["stuck"])}
+                    for r in rows])
+        return
+    if not rows:
+        console.print("no jobs yet: mpfleet job create --help")
+        return
+    table = Table(title="jobs")
+    for col in ("id", "type", "status", "stage", "targets", "ok", "failed", "pending", "stuck", "created"):
+        table.add_column(col, no_wrap=col in ("id", "status"))
+    for r in rows:
+        c = r["counts"]
+        failed = c["FAILED"] + c["REJECTED"] + c["TIMED_OUT"]
+        stage = min(r["stage"], len(r["stages"]) - 1)
+        table.add_row(r["id"], r["type"], Text(r["status"], style=STATE_STYLE.get(r["status"], "")),
+                      f"{stage + 1}/{len(r['stages'])}", str(r["target_count"]), str(c["SUCCEEDED"]), str(failed),
+                      str(c["QUEUED"] + c["IN_PROGRESS"] + r["not_started"]),
+                      Text(str(len(r["stuck"])), style="red" if r["stuck"] else ""), ago(r["created"]))
+    console.print(table)
+
+
+@job.command("status")
+@click.argument("job_id", metavar="JOB")
+@click.option("--watch", is_flag=True, help="Refresh until the job is no longer ACTIVE.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@DB
+@KEYS_DIR
+@JSON
+def job_status(job_id, watch, interval, db, keys_dir, as_json):
+    """Counts per state, the current stage, failures with their reasons, stuck executions.
+
+    An execution is flagged stuck when it is QUEUED longer than the job's
+    --queued-timeout (default 2h) or its envelope is over the limit its device reports;
+    the flag changes nothing (a device that wakes late still takes the job): act with
+    `mpfleet job retry` or `mpfleet job remove`.
+
+    \b
+    Exit status (with --watch: once the job is no longer ACTIVE):
+      0  ACTIVE or COMPLETED, nothing stuck
+      1  an error (e.g. no such job)
+      3  ABORTED or CANCELED
+      4  ACTIVE, with at least one execution flagged stuck"""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        status = engine.job_status(job_id)
+        if watch and not as_json:
+            with Live(status_view(status), console=console, refresh_per_second=4) as live:
+                while status["status"] == "ACTIVE":
+                    time.sleep(interval)
+                    status = engine.job_status(job_id)
+                    live.update(status_view(status))
+        elif watch:
+            while status["status"] == "ACTIVE":
+                time.sleep(interval)
+                status = engine.job_status(job_id)
+    if as_json:
+        print_json(status)
+    elif not watch:
+        console.print(status_view(status))
+    sys.exit(status_exit_code(status))
+
+
+def status_exit_code(status: dict) -> int:
+    """`job status`'s exit code for a job_status() record (EXIT_* above)."""
+    if status["status"] not in ("ACTIVE", "COMPLETED"):
+        return EXIT_ENDED
+    return EXIT_STUCK if status["status"] == "ACTIVE" and status["stuck"] else 0
+
+
+@job.command("retry")
+@click.argument("job_id", metavar="JOB")
+@click.option("--device", "devices", multiple=True, metavar="ID",
+              help="Retry on this device (repeatable). Default: every device whose latest execution FAILED, "
+                   "was REJECTED or TIMED_OUT, or is stuck.")
+@DB
+@KEYS_DIR
+@JSON
+def job_retry(job_id, devices, db, keys_dir, as_json):
+    """Sign a new attempt of JOB (a new envelope with a new seq) for its failed or stuck devices.
+
+    \b
+      mpfleet job retry j-1a2b3c                   # every FAILED, REJECTED, TIMED_OUT or stuck device
+      mpfleet job retry j-1a2b3c --device pump-07
+
+    --retries neither limits this nor retries it should it fail. A stuck QUEUED execution is replaced: it leaves the
+    device's queue as REMOVED (a device that took it late is noted, and may run the job
+    once more under the new seq). A COMPLETED job is ACTIVE again until the new attempts
+    end. A later job of the same type still QUEUED on the device is signed again after
+    the retry, so the device keeps creation order; refused when a later job of the type
+    already ran there (the retry would undo it), for a device still running the job,
+    one it SUCCEEDED on, one it is QUEUED on and not stuck, and for an ABORTED or
+    CANCELED job. `mpfleet serve` sends the new envelopes."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        changes = engine.retry(job_id, list(devices) or None)
+        status = engine.job_status(job_id)
+    if as_json:
+        print_json({"job": job_id, "retried": [{"job": j, "device": d, "attempt": a} for j, d, a in changes.queued],
+                    "replaced": [{"job": j, "device": d} for j, d in changes.removed], "status": status})
+        return
+    mine = [(d, a) for j, d, a in changes.queued if j == job_id]
+    others = [(j, d) for j, d, _ in changes.queued if j != job_id]
+    console.print(f"job {job_id}: new attempt signed for {len(mine)} device(s)"
+                  + (f" ({', '.join(f'{d} #{a}' for d, a in mine[:10])}{' ...' if len(mine) > 10 else ''})"
+                     if mine else "")
+                  + (f"; {len(others)} later job(s) signed again after it to keep their order" if others else ""),
+                  highlight=False)
+
+
+@job.command("remove")
+@click.argument("job_id", metavar="JOB")
+@click.option("--device", "devices", multiple=True, required=True, metavar="ID",
+              help="Remove JOB's QUEUED execution on this device (repeatable).")
+@DB
+@KEYS_DIR
+@JSON
+def job_remove(job_id, devices, db, keys_dir, as_json):
+    """Take JOB's QUEUED execution on a device away: it becomes REMOVED and leaves the device's queue.
+
+    \b
+      mpfleet job remove j-1a2b3c --device pump-09
+
+    The rest of the rollout goes on: a removed device does not count toward its
+    stage's --success-threshold, and no longer holds later jobs of the type. Refused
+    for a device that has no QUEUED execution of JOB (IN_PROGRESS: wait for it, its
+    --timeout, or `job cancel`); `mpfleet job retry JOB --device ID` sends it again."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        changes = engine.remove(job_id, list(devices))
+        status = engine.job_status(job_id)
+    if as_json:
+        print_json({"job": job_id, "removed": [d for _, d in changes.removed], "status": status})
+        return
+    console.print(f"job {job_id}: removed from {len(changes.removed)} device(s): "
+                  f"{', '.join(d for _, d in changes.removed)}", highlight=False)
+
+
+@job.command("cancel")
+@click.argument("job_id", metavar="JOB")
+@DB
+@KEYS_DIR
+@JSON
+def job_cancel(job_id, db, keys_dir, as_json):
+    """Cancel JOB: devices that have not started it lose it from their queue; devices
+    running it get a signed `cancel` job."""
+    store, engine = _engine(db, keys_dir)
+    with store:
+        engine.cancel(job_id, reason="canceled by the operator")
+        stops = engine.cancel_envelopes(job_id)
+        status = engine.job_status(job_id)
+    if as_json:
+        print_json(status)
+        return
+    console.print(f"canceled job {job_id}: {status['counts']['CANCELED']} execution(s) canceled"
+                  + (f", cancel jobs sent to {len(stops)} device(s) already running it" if stops else ""),
+                  highlight=False)
+
+
+@click.command("serve")
+@click.option("--broker", envvar="MPFLEET_BROKER", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="Broker URL: mqtt://[user:pass@]host[:port], or mqtts://...?ca=ca.pem for TLS "
+                   "(env MPFLEET_BROKER).")
+@click.option("--client-id", default="mpfleet-serve", show_default=True,
+              help="MQTT client id; the session is persistent, so what devices sent while serve was down arrives. On a broker from `mpfleet broker config` the client id is the account's username (one "
+                   "connection per account: give each process its own, `broker config --host-account`).")
+@click.option("--tick", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
+              help="Seconds between rollout decisions.")
+@click.option("--quiet", is_flag=True, help="Only errors; no progress lines.")
+@DB
+@KEYS_DIR
+@IMAGES_DIR
+def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
+    """The dispatcher: roll out jobs, keep device queues, collect statuses and samples.
+
+    Runs until Ctrl-C or SIGTERM. All state is in the database, so it can be stopped
+    (or killed) and started again at any time: a rollout continues where it was and
+    no device runs a job twice."""
+    from mpfleet.broker.link import parse_broker_url
+    from mpfleet.fleet.serve import Dispatcher, ServeError
+    from pathlib import Path
+
+    from mpfleet.db.store import default_db_path
+
+    cfg = parse_broker_url(broker)
+    path = Path(db) if db else default_db_path()  # checked at start, not created before the check
+
+    def on_event(kind: str, data: dict) -> None:
+        if quiet and kind != "error":
+            return
+        stamp = time.strftime("%H:%M:%S")
+        text = " ".join(f"{k}={v}" for k, v in data.items())
+        style = {"error": "red", "aborted": "red", "completed": "green", "advanced": "cyan"}.get(kind, "")
+        console.print(f"{stamp} [{style}]{kind}[/] {text}" if style else f"{stamp} {kind} {text}", highlight=False)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    dispatcher = Dispatcher(cfg, path, keys_dir=keys_dir, client_id=client_id, tick_s=tick, on_event=on_event,
+                            images_dir=images_dir)
+    dispatcher.start()
+    console.print(f"serving {path} on {cfg.url()} (Ctrl-C stops)", highlight=False)
+    try:
+        while dispatcher.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dispatcher.stop()
+    stats = dispatcher.stats.as_dict()
+    if not quiet:
+        console.print(f"stopped: {stats['statuses']} statuses, {stats['queue_publishes']} queue updates, "
+                      f"{stats['ingest']['samples_new']} new samples, {stats['errors']} errors", highlight=False)
+    if dispatcher.failure is not None:
+        # Stopped on its own: never end as if all were well.
+        raise ServeError(f"serve stopped: {dispatcher.failure}")

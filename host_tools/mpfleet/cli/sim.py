@@ -1,0 +1,206 @@
+"""`mpfleet sim ...`: create, power, run and inspect virtual boards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mpfleet.sim.board import VirtualBoard
+
+console = Console()
+
+_DIR = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+
+
+def _print_json(data) -> None:
+    from mpfleet.cli import print_json
+
+    print_json(data)
+
+
+@click.group()
+def sim() -> None:
+    """Virtual ESP32 boards: the real MicroPython unix port on an emulated flash.
+
+    \b
+    A board lives in a directory. Typical session:
+      mpfleet sim create /tmp/dev1
+      mpfleet sim put /tmp/dev1 firmware/main.py /main.py
+      mpfleet sim run /tmp/dev1 --boots 5
+      mpfleet sim console /tmp/dev1      # then: mpremote connect <port> repl
+      mpfleet sim flash /tmp/dev1        # erase/program counters per partition
+    """
+
+
+@sim.command("create")
+@_DIR
+@click.option("--board", default="virtual", show_default=True, help="Board definition name or .json path.")
+@click.option("--device-id", help="Device id (default: the MAC in hex).")
+@click.option("--firmware-version", default="v1.24.0", show_default=True,
+              help="Version in the synthetic firmware image written to ota_0.")
+@click.option("--heap", default="128k", show_default=True, help="Firmware heap budget, e.g. 128k.")
+@click.option("--force", is_flag=True, help="Replace a board that already exists there.")
+def sim_create(directory: Path, board: str, device_id: str | None, firmware_version: str, heap: str,
+               force: bool) -> None:
+    """Create a virtual board in DIRECTORY (erased flash, firmware in ota_0)."""
+    vb = VirtualBoard.create(directory, board=board, device_id=device_id, firmware_version=firmware_version,
+                             heap=heap, overwrite=force)
+    console.print(f"created virtual board [bold]{vb.device_id}[/] ({vb.board['name']}) in {directory}")
+
+
+@sim.command("put")
+@_DIR
+@click.argument("local", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("remote")
+def sim_put(directory: Path, local: Path, remote: str) -> None:
+    """Copy LOCAL onto the board's LittleFS as REMOTE (an absolute device path)."""
+    VirtualBoard(directory).fs_put({remote: local.read_bytes()})
+    console.print(f"{local} -> :{remote}")
+
+
+@sim.command("deploy")
+@_DIR
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A config.json to install as /config.json (see docs/agent.md).")
+@click.option("--source", is_flag=True, help="Copy lib/ as .py source instead of compiled .mpy.")
+def sim_deploy(directory: Path, config_file: Path | None, source: bool) -> None:
+    """Install the firmware tree (lib/ compiled to .mpy) onto a virtual board."""
+    import json as _json
+
+    from mpfleet.images.firmware import firmware_tree
+
+    files = firmware_tree(compiled=not source)
+    if config_file:
+        try:
+            _json.loads(config_file.read_text())
+        except ValueError as e:
+            raise click.BadParameter(f"{config_file} is not valid JSON: {e}", param_hint="--config") from None
+        files["/config.json"] = config_file.read_bytes()
+    VirtualBoard(directory).fs_put(files)
+    console.print(f"deployed {len(files)} files to {directory}")
+
+
+@sim.command("ls")
+@_DIR
+@click.argument("remote", default="/")
+def sim_ls(directory: Path, remote: str) -> None:
+    """List a directory on the board's LittleFS."""
+    for name in VirtualBoard(directory).fs_listdir(remote):
+        click.echo(name)
+
+
+@sim.command("power-on")
+@_DIR
+def sim_power_on(directory: Path) -> None:
+    """Apply power (RTC memory and clock start afresh); `run` then boots it."""
+    VirtualBoard(directory).power_on()
+
+
+@sim.command("power-cut")
+@_DIR
+@click.option("--after-ops", type=click.IntRange(min=1), help="Cut at the Nth flash erase/program from now.")
+def sim_power_cut(directory: Path, after_ops: int | None) -> None:
+    """Cut the power now, or schedule a cut during a flash operation."""
+    vb = VirtualBoard(directory)
+    if after_ops:
+        vb.schedule_power_cut(after_ops)
+        console.print(f"power will be cut at flash operation {after_ops} from now")
+    else:
+        vb.power_off()
+
+
+@sim.command("run")
+@_DIR
+@click.option("--boots", type=click.IntRange(min=1), help="Stop after this many boots.")
+@click.option("--hours", type=float, help="Stop when this much device time has passed.")
+@click.option("--scale", type=float, default=None,
+              help="Device seconds per real second while asleep (0: no real waiting).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per boot.")
+@click.option("--output/--no-output", default=True, help="Show what the device printed.")
+def sim_run(directory: Path, boots: int | None, hours: float | None, scale: float | None, as_json: bool,
+            output: bool) -> None:
+    """Run the board through boots and deep sleeps (powering it on if needed)."""
+    vb = VirtualBoard(directory)
+    if not vb.powered:
+        vb.power_on()
+    until = vb.clock_s + hours * 3600 if hours else None
+    if boots is None and until is None:
+        boots = 1
+    records = vb.run(boots=boots, until_clock_s=until, real_time_scale=scale)
+    if as_json:
+        _print_json([r.to_json() for r in records])
+        return
+    for r in records:
+        if output and r.output.strip():
+            console.print(r.output.rstrip(), markup=False, highlight=False)
+        console.print(f"[dim]boot {r.index}: {r.reset_cause_name} slot={r.running_slot} "
+                      f"version={r.firmware_version} -> {r.exit_reason}"
+                      + (f" {r.sleep_ms} ms" if r.sleep_ms else "")
+                      + (f" ({r.detail})" if r.detail else "") + "[/]")
+
+
+@sim.command("status")
+@_DIR
+@click.option("--json", "as_json", is_flag=True)
+def sim_status(directory: Path, as_json: bool) -> None:
+    """Power, clock, otadata entries and the last boots."""
+    vb = VirtualBoard(directory)
+    entries = [{"sector": e.sector, "seq": e.seq, "state": e.state, "valid": e.valid} for e in vb.ota_entries()]
+    status = {"device_id": vb.device_id, "board": vb.board["name"], "powered": vb.powered,
+              "clock_s": vb.clock_s, "boot_count": vb.state["boot_count"], "otadata": entries,
+              "last_boots": vb.boot_records()[-5:]}
+    if as_json:
+        _print_json(status)
+        return
+    from mpfleet.sim.board import RESET_NAMES  # noqa: PLC0415
+
+    console.print(f"[bold]{vb.device_id}[/] ({vb.board['name']}) powered={vb.powered} "
+                  f"boots={vb.state['boot_count']} clock={vb.clock_s:.0f}")
+    table = Table(title="last boots")
+    for col in ("boot", "reset cause", "slot", "version", "exit", "detail"):
+        table.add_column(col)
+    for r in status["last_boots"]:
+        table.add_row(str(r["index"]), RESET_NAMES.get(r["reset_cause"], "?"), str(r["running_slot"]),
+                      str(r["firmware_version"]), r["exit_reason"], r.get("detail") or "")
+    console.print(table)
+
+
+@sim.command("flash")
+@_DIR
+@click.option("--json", "as_json", is_flag=True)
+def sim_flash(directory: Path, as_json: bool) -> None:
+    """Flash wear counters: erases, program operations and bytes programmed per partition."""
+    counters = VirtualBoard(directory).counters()
+    if as_json:
+        _print_json(counters)
+        return
+    table = Table(title=f"flash counters ({counters['ops']} operations)")
+    for col in ("partition", "erases", "programs", "bytes programmed"):
+        table.add_column(col, justify="right" if col != "partition" else "left")
+    for name, c in counters.items():
+        if name == "ops":
+            continue
+        table.add_row(name, str(c["erases"]), str(c["programs"]), str(c["bytes_programmed"]))
+    console.print(table)
+
+
+@sim.command("console")
+@_DIR
+@click.option("--link", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also make this path a symlink to the console's pty.")
+def sim_console(directory: Path, link: Path | None) -> None:
+    """Expose the board's serial console on a pseudo-terminal until Ctrl-C.
+
+    Use it like a USB board: `mpremote connect <port> fs ls`, `mpremote connect <port> repl`.
+    """
+    from mpfleet.sim.serial import serve_console  # noqa: PLC0415
+
+    serve_console(directory, link=link)
+
+
+from mpfleet.cli.sim_fleet import sim_fleet  # noqa: E402 - registered last, kept in its own module
+
+sim.add_command(sim_fleet)

@@ -1,0 +1,319 @@
+"""The host's SQLite store: devices, samples and acks (jobs join later).
+
+One file (default ~/.mpfleet/mpfleet.db, or $MPFLEET_DB, or --db). Samples are
+stored idempotently by (device, seq): a batch delivered twice, or re-sent after
+a lost ack, inserts nothing the second time. The ack point per device is the
+highest seq up to which the host holds every sample the device still had.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mpfleet.errors import MpfleetError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id          TEXT PRIMARY KEY,
+    board       TEXT,
+    groups_json TEXT NOT NULL DEFAULT '[]',
+    first_seen  REAL NOT NULL,
+    last_seen   REAL,
+    state_json  TEXT
+);
+CREATE TABLE IF NOT EXISTS samples (
+    device      TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    t           INTEGER NOT NULL,
+    values_json TEXT NOT NULL,
+    received    REAL NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS samples_by_time ON samples (device, t);
+CREATE TABLE IF NOT EXISTS acks (
+    device      TEXT PRIMARY KEY,
+    upto        INTEGER NOT NULL,
+    updated     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingest_errors (
+    id          INTEGER PRIMARY KEY,
+    device      TEXT,
+    at          REAL NOT NULL,
+    reason      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    device      TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    first_at    REAL NOT NULL,
+    last_at     REAL NOT NULL,
+    times       INTEGER NOT NULL DEFAULT 1,
+    reason      TEXT NOT NULL,
+    frame       BLOB NOT NULL,
+    PRIMARY KEY (device, digest)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS keys (
+    kid         TEXT PRIMARY KEY,
+    public_b64  TEXT NOT NULL,
+    created     REAL NOT NULL,
+    retired     REAL,
+    active      INTEGER NOT NULL DEFAULT 1,
+    last_seq    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS device_credentials (
+    device      TEXT PRIMARY KEY,
+    username    TEXT NOT NULL,
+    password    TEXT NOT NULL,
+    created     REAL NOT NULL
+);
+"""
+
+
+class StoreError(MpfleetError):
+    """The database could not be opened or used."""
+
+
+class DamagedDatabaseError(StoreError):
+    """The database file is damaged: nothing more can be committed without an operator."""
+
+
+def is_damaged_database(e: BaseException) -> bool:
+    """SQLite reports a damaged file as a plain DatabaseError ("database disk image is
+    malformed", "file is not a database"); its subclasses are other failures."""
+    return type(e) is sqlite3.DatabaseError or isinstance(e, DamagedDatabaseError)
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """A failure of the storage, not of what was being stored: the same write may succeed
+    later (disk full, database locked, an I/O error)."""
+    return isinstance(e, (sqlite3.OperationalError, OSError))
+
+
+def default_db_path() -> Path:
+    env = os.environ.get("MPFLEET_DB")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("MPFLEET_HOME", Path.home() / ".mpfleet")) / "mpfleet.db"
+
+
+class Store:
+    """A connection to the mpfleet database (one per thread)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else default_db_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open database {self.path}: {e}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ devices
+    def touch_device(self, device: str, board: str | None = None, state: dict | None = None) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO devices (id, board, first_seen, last_seen, state_json) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, "
+            "board = COALESCE(excluded.board, devices.board), "
+            "state_json = COALESCE(excluded.state_json, devices.state_json)",
+            (device, board, now, now, json.dumps(state) if state is not None else None),
+        )
+
+    def device(self, device: str) -> dict | None:
+        row = self.db.execute("SELECT id, board, groups_json, first_seen, last_seen, state_json FROM devices "
+                              "WHERE id = ?", (device,)).fetchone()
+        if row is None:
+            return None
+        return {"id": row[0], "board": row[1], "groups": json.loads(row[2]), "first_seen": row[3],
+                "last_seen": row[4], "state": json.loads(row[5]) if row[5] else None}
+
+    # Registry (mpfleet.fleet.registry) additions: list, provision, set board/groups.
+    def devices(self) -> list[dict]:
+        """Every device record (as `device()` returns them), ordered by id."""
+        rows = self.db.execute("SELECT id, board, groups_json, first_seen, last_seen, state_json FROM devices "
+                               "ORDER BY id")
+        return [{"id": r[0], "board": r[1], "groups": json.loads(r[2]), "first_seen": r[3],
+                 "last_seen": r[4], "state": json.loads(r[5]) if r[5] else None} for r in rows]
+
+    def add_device(self, device: str, board: str | None = None, groups: Iterable[str] = ()) -> bool:
+        """Insert a device not seen yet (last_seen stays NULL); False if it already exists."""
+        cur = self.db.execute("INSERT OR IGNORE INTO devices (id, board, groups_json, first_seen) VALUES (?, ?, ?, ?)",
+                              (device, board, json.dumps(list(groups)), time.time()))
+        return cur.rowcount == 1
+
+    def set_device(self, device: str, board: str | None = None, groups: Iterable[str] | None = None) -> None:
+        """Replace the board and/or groups of a device; None leaves that column alone."""
+        if board is not None:
+            self.db.execute("UPDATE devices SET board = ? WHERE id = ?", (board, device))
+        if groups is not None:
+            self.db.execute("UPDATE devices SET groups_json = ? WHERE id = ?", (json.dumps(list(groups)), device))
+
+    # ------------------------------------------------------------ samples
+    def add_samples(self, db: sqlite3.Connection, device: str,
+                    samples: Iterable[tuple[int, int, list]]) -> int:
+        """Insert samples inside an open transaction; returns how many were new."""
+        now = time.time()
+        before = db.total_changes
+        db.executemany(
+            "INSERT OR IGNORE INTO samples (device, seq, t, values_json, received) VALUES (?, ?, ?, ?, ?)",
+            ((device, seq, t, json.dumps(values), now) for seq, t, values in samples),
+        )
+        return db.total_changes - before
+
+    def ack_point(self, device: str) -> int:
+        row = self.db.execute("SELECT upto FROM acks WHERE device = ?", (device,)).fetchone()
+        return row[0] if row else 0
+
+    def advance_ack(self, db: sqlite3.Connection, device: str, oldest_held: int | None = None) -> int:
+        """Move the device's ack point over every seq now stored contiguously.
+
+        `oldest_held` is the oldest seq the device still holds: anything before
+        it is gone from the device (dropped by its capacity bound), so the ack
+        may pass over that gap, never over a gap the device could still fill.
+        """
+        row = db.execute("SELECT upto FROM acks WHERE device = ?", (device,)).fetchone()
+        upto = row[0] if row else 0  # seqs start at 1: an ack of 0 covers nothing
+        if oldest_held is not None and oldest_held - 1 > upto:
+            upto = oldest_held - 1
+        for (seq,) in db.execute("SELECT seq FROM samples WHERE device = ? AND seq > ? ORDER BY seq",
+                                 (device, upto)):
+            if seq != upto + 1:
+                break
+            upto = seq
+        db.execute("INSERT INTO acks (device, upto, updated) VALUES (?, ?, ?) ON CONFLICT(device) DO UPDATE "
+                   "SET upto = excluded.upto, updated = excluded.updated", (device, upto, time.time()))
+        return upto
+
+    def samples(self, device: str | None = None, since: float | None = None,
+                until: float | None = None) -> Iterator[tuple[str, int, int, list]]:
+        query = "SELECT device, seq, t, values_json FROM samples WHERE 1=1"
+        args: list = []
+        if device:
+            query += " AND device = ?"
+            args.append(device)
+        if since is not None:
+            query += " AND t >= ?"
+            args.append(int(since))
+        if until is not None:
+            query += " AND t < ?"
+            args.append(int(until))
+        query += " ORDER BY device, seq"
+        for dev, seq, t, values in self.db.execute(query, args):
+            yield dev, seq, t, json.loads(values)
+
+    def sample_count(self, device: str | None = None) -> int:
+        if device:
+            return self.db.execute("SELECT COUNT(*) FROM samples WHERE device = ?", (device,)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+
+    def quarantine(self, device: str, reason: str, frame: bytes, keep: int = 100) -> bool:
+        """Keep a frame the host will not trust (its samples are not stored, the ack does
+        not move) for an operator to look at; True the first time this frame is seen.
+        At most `keep` distinct frames per device are kept; beyond, only counted."""
+        digest = hashlib.sha256(frame).hexdigest()[:16]
+        now = time.time()
+        with self.transaction() as db:
+            if db.execute("UPDATE quarantine SET times = times + 1, last_at = ? WHERE device = ? AND digest = ?",
+                          (now, device, digest)).rowcount:
+                return False
+            held = db.execute("SELECT COUNT(*) FROM quarantine WHERE device = ?", (device,)).fetchone()[0]
+            if held >= keep:  # one row stands for all the rest
+                digest, frame = "overflow", b""
+                if db.execute("UPDATE quarantine SET times = times + 1, last_at = ? "
+                              "WHERE device = ? AND digest = ?", (now, device, digest)).rowcount:
+                    return False
+            db.execute("INSERT INTO quarantine (device, digest, first_at, last_at, reason, frame) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (device, digest, now, now, reason, frame))
+        return True
+
+    def quarantined(self, device: str | None = None) -> list[dict]:
+        query = "SELECT device, digest, first_at, last_at, times, reason, length(frame) FROM quarantine"
+        rows = self.db.execute(query + (" WHERE device = ?" if device else "") + " ORDER BY device, first_at",
+                               (device,) if device else ())
+        return [dict(zip(("device", "digest", "first_at", "last_at", "times", "reason", "bytes"), r)) for r in rows]
+
+    def record_ingest_error(self, device: str | None, reason: str) -> None:
+        self.db.execute("INSERT INTO ingest_errors (device, at, reason) VALUES (?, ?, ?)",
+                        (device, time.time(), reason))
+
+    def ingest_errors(self, device: str | None = None) -> list[tuple[str, str]]:
+        if device:
+            rows = self.db.execute("SELECT device, reason FROM ingest_errors WHERE device = ? ORDER BY id",
+                                   (device,))
+        else:
+            rows = self.db.execute("SELECT device, reason FROM ingest_errors ORDER BY id")
+        return list(rows)
+
+    # ------------------------------------------------------------ signing keys (mpfleet.fleet.keys)
+    _KEY_COLS = "kid, public_b64, created, retired, active, last_seq"
+
+    def add_key(self, kid: str, public_b64: str) -> None:
+        """A new key's seqs start above every other key's: a device sorts its queue by seq
+        across keys, so one device's jobs keep their creation order through a rotation."""
+        self.db.execute("INSERT INTO keys (kid, public_b64, created, last_seq) "
+                        "VALUES (?, ?, ?, (SELECT COALESCE(MAX(last_seq), 0) FROM keys))",
+                        (kid, public_b64, time.time()))
+
+    def keys(self) -> list[dict]:
+        """Every key, oldest first."""
+        rows = self.db.execute(f"SELECT {self._KEY_COLS} FROM keys ORDER BY created, rowid")
+        return [dict(zip(("kid", "public_b64", "created", "retired", "active", "last_seq"), r)) for r in rows]
+
+    def retire_key(self, kid: str) -> None:
+        self.db.execute("UPDATE keys SET active = 0, retired = ? WHERE kid = ?", (time.time(), kid))
+
+    def next_seq(self, kid: str) -> int:
+        """The next job seq for `kid`: strictly increasing, never reused, safe across processes
+        (one IMMEDIATE transaction takes the write lock before reading)."""
+        with self.transaction() as db:
+            row = db.execute("UPDATE keys SET last_seq = last_seq + 1 WHERE kid = ? RETURNING last_seq",
+                             (kid,)).fetchone()
+        if row is None:
+            raise StoreError(f"unknown signing key {kid}")
+        return row[0]
+
+    # ------------------------------------------------------------ broker credentials (mpfleet.broker.config)
+    def device_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM devices ORDER BY id")]
+
+    def credentials(self, device: str) -> dict | None:
+        row = self.db.execute("SELECT device, username, password, created FROM device_credentials "
+                              "WHERE device = ?", (device,)).fetchone()
+        return dict(zip(("device", "username", "password", "created"), row)) if row else None
+
+    def all_credentials(self) -> list[dict]:
+        rows = self.db.execute("SELECT device, username, password, created FROM device_credentials ORDER BY device")
+        return [dict(zip(("device", "username", "password", "created"), r)) for r in rows]
+
+    def put_credentials(self, device: str, username: str, password: str) -> None:
+        self.db.execute("INSERT INTO device_credentials (device, username, password, created) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(device) DO UPDATE SET username = excluded.username, "
+                        "password = excluded.password, created = excluded.created",
+                        (device, username, password, time.time()))

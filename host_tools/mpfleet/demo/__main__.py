@@ -1,0 +1,5 @@
+import sys
+
+from mpfleet.demo.fleet import main
+
+sys.exit(main())

@@ -1,0 +1,464 @@
+"""`mpfleet serve`: the dispatcher between the database and the broker.
+
+Which room: host library; `mpfleet serve` (cli_jobs.py) and the demo run it. It
+drives the RolloutEngine (rollout.py) with MQTT:
+
+- consumes every device's `jobs/status` (-> RolloutEngine.on_status), `state`
+  (-> the registry) and `samples` (-> the sample store, then the ack);
+- ticks the engine (stages, rate, timeouts, retries, aborts, completion);
+- keeps each device's retained `jobs` topic equal to its queue as the engine computes
+  it (RolloutEngine.all_queues(): the capped queue of device_queue(), for every
+  device at once), encoded by rollout.encode_queue;
+
+Restart safety. Everything the engine decides is in SQLite before it returns, so
+the only state that matters outside the database is "what does the broker hold":
+
+- incoming messages are acknowledged to the broker (manual MQTT acks) only after
+  they are processed and committed; the session is persistent (clean_session=0,
+  a fixed client id), so a status a device sent while `serve` was down, or that
+  `serve` received and died before committing, is delivered again. Statuses are
+  matched by (job, device, seq), so a second delivery changes nothing;
+- the digest of each device's queue is recorded in `queue_published` when the
+  broker acknowledges the retained publish. At start, and after every reconnect,
+  the queues are compared against the engine again and anything not confirmed is
+  published again. Publishing the same retained queue twice is harmless: the
+  device drops jobs it has finished (by key and seq) and never runs a seq twice.
+
+Jobs created, canceled or changed by other processes (`mpfleet job ...`) are
+noticed through SQLite's `PRAGMA data_version`, which changes when another
+connection commits.
+
+- answers the devices' OTA chunk requests (`ota/get`, otaserve.py) from the
+  image store.
+
+Threads: paho's network thread only moves messages into an inbox; one worker
+thread owns the database connection and does everything else, so SQLite objects
+never cross threads. The one exception is `ota/get`: answered in paho's thread
+at once (a download must not wait for a tick), with a read-only connection of
+its own.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from mpfleet.db.maint import require_sound_database
+from mpfleet.errors import MpfleetError
+from mpfleet.fleet.ingest import HeldMessages, IngestStats, MessageStats, handle_samples, handle_state
+from mpfleet.fleet.keys import KeyRing
+from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, device_from_topic, make_client, topic
+from mpfleet.fleet.otaserve import ArtifactServer, StreamStats
+from mpfleet.fleet.registry import Registry
+from mpfleet.fleet.rollout import Changes, RolloutEngine, encode_queue
+from mpfleet.db.store import DamagedDatabaseError, Store, is_damaged_database
+
+log = logging.getLogger("mpfleet.fleet.serve")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue_published (
+    device    TEXT PRIMARY KEY,
+    digest    TEXT NOT NULL,
+    confirmed REAL NOT NULL
+) WITHOUT ROWID;
+"""
+EMPTY_QUEUE = "[]"
+RESYNC_EVERY_S = 5.0      # full queue comparison even when nothing seems to have changed
+BATCH = 500               # messages handled between two ticks at most
+
+
+class ServeError(MpfleetError):
+    """The dispatcher could not start (database in use, broker unreachable...)."""
+
+
+def queue_digest(payload: str) -> str:
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+EMPTY_DIGEST = queue_digest(EMPTY_QUEUE)
+
+
+class ServeStats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.statuses = 0            # jobs/status messages received
+        self.statuses_applied = 0    # ... that changed an execution
+        self.states = 0
+        self.queue_publishes = 0
+        self.queue_confirmed = 0
+        self.ticks = 0
+        self.reconnects = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.worker_cpu_s = 0.0      # CPU time of the worker thread (all the database work)
+        self.ingest = IngestStats()
+        self.messages = MessageStats()
+        self.ota = StreamStats()
+
+    def as_dict(self) -> dict:
+        with self.lock:
+            out = {k: v for k, v in vars(self).items() if k not in ("lock", "ingest", "messages", "ota")}
+        out["ingest"] = self.ingest.as_dict()
+        out["messages"] = self.messages.as_dict()
+        out["ota"] = self.ota.as_dict()
+        return out
+
+
+class DatabaseLock:
+    """One dispatcher per database: a POSIX record lock (lockf) on `<db>.serve.lock`.
+
+    Record locks belong to the process: they are not inherited by forked children
+    (the virtual fleet forks one per boot, an flock would ride along) and they go
+    when the process dies, so a killed `serve` never blocks the next. Within one
+    process a set of held paths stands in for the lock."""
+
+    _held: set[str] = set()
+    _held_lock = threading.Lock()
+
+    def __init__(self, db_path: Path):
+        self.path = Path(str(db_path) + ".serve.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        with self._held_lock:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if key in self._held:
+                    raise BlockingIOError
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise ServeError(f"another `mpfleet serve` (pid {holder}) is running on this database "
+                                 f"({self.path}); one dispatcher per database") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._held.add(key)
+            self._fd, self._key = fd, key
+
+    def release(self) -> None:
+        with self._held_lock:
+            if self._fd is not None:
+                os.close(self._fd)  # drops the record lock
+                self._held.discard(self._key)
+                self._fd = None
+
+
+class Dispatcher:
+    """The `serve` loop. `start()` returns once the broker confirmed the subscriptions;
+    `stop()` ends the loop and disconnects. `on_event(kind, data)` (optional) hears of
+    job progress: "queued", "advanced", "completed", "aborted", "timed_out", "stuck", "error"."""
+
+    def __init__(self, broker: BrokerConfig, db_path: str | os.PathLike, keys_dir: str | os.PathLike | None = None,
+                 client_id: str = "mpfleet-serve", tick_s: float = 0.25,
+                 on_event: Callable[[str, dict], None] | None = None, clock: Callable[[], float] = time.time,
+                 images_dir: str | os.PathLike | None = None):
+        if tick_s <= 0:
+            raise ServeError("tick must be positive")
+        self.broker = broker
+        self.db_path = Path(db_path)
+        self.keys_dir = keys_dir
+        self.client_id = client_id
+        self.tick_s = tick_s
+        self.on_event = on_event
+        self.clock = clock
+        self.stats = ServeStats()
+        self.images_dir = images_dir
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._fatal: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._client = None
+        self._lock = DatabaseLock(self.db_path)
+        # worker-thread state
+        self._sent: dict[str, str] = {}        # device -> digest published (maybe not yet confirmed)
+        self._in_flight: dict[int, tuple[str, str]] = {}
+        self._data_version: int | None = None
+        self._dirty = True
+        self._last_resync = 0.0
+        self._error_seen: set[str] = set()
+
+    # ------------------------------------------------------------ control
+    def start(self) -> "Dispatcher":
+        self._lock.acquire()
+        try:
+            # Never run on a damaged file: with a broken executions table nothing new
+            # would ever be queued. One line naming the file and the reason.
+            require_sound_database(self.db_path)
+            self._thread = threading.Thread(target=self._run, name="mpfleet-serve", daemon=True)
+            self._thread.start()
+            self._ready.wait(30)
+            if self._fatal is not None:
+                raise ServeError(f"cannot start: {self._fatal}") from self._fatal
+            client = make_client(self.broker, self.client_id, clean_session=False)
+            client.manual_ack_set(True)
+            client.on_message = lambda c, u, msg: self._inbox.put(("msg", msg))
+            artifacts = ArtifactServer(self.db_path, self.images_dir, lambda t, payload: client.publish(t, payload))
+            artifacts.stats = self.stats.ota
+            self._artifacts = artifacts
+            # OTA chunk requests are answered at once in paho's network thread.
+            client.message_callback_add(topic("+", "ota/get"), lambda c, u, msg: self._on_ota_get(msg))
+            client.on_publish = lambda c, u, mid, rc=None, props=None: self._inbox.put(("puback", mid))
+            subscribed = threading.Event()
+            client.on_subscribe = lambda *args: subscribed.set()
+            client.on_disconnect = lambda *args: None if self._stop.is_set() else log.warning(
+                "disconnected from the broker at %s; reconnecting", self.broker.url())
+            self._client = client
+
+            def on_connected(c):
+                self._inbox.put(("connected", None))
+                c.subscribe([(topic("+", "jobs/status"), 1), (topic("+", "state"), 1), (topic("+", "samples"), 1),
+                             (topic("+", "ota/get"), 0)])
+
+            connect(client, self.broker, on_connected=on_connected)
+            if not subscribed.wait(10):
+                raise MqttLinkError(f"the broker at {self.broker.url()} did not confirm the subscriptions")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            if self._thread is not None:
+                self._thread.join(30)
+                self._thread = None
+            if self._client is not None:
+                client, self._client = self._client, None
+                try:
+                    client.disconnect()
+                finally:
+                    client.loop_stop()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "Dispatcher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the dispatcher stopped on its own (None while it runs or after stop())."""
+        return self._fatal
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------ the worker
+    def _run(self) -> None:
+        try:
+            self.store = Store(self.db_path)
+            self.store.db.executescript(SCHEMA)
+            self.engine = RolloutEngine(self.store, KeyRing(self.store, self.keys_dir), Registry(self.store),
+                                        clock=self.clock)
+            self._sent = dict(self.store.db.execute("SELECT device, digest FROM queue_published"))
+            self._held = HeldMessages(self.store, self._on_message, self._ack, self._note_error, self.stats.messages)
+        except BaseException as e:  # noqa: BLE001 - reported by start()
+            self._fatal = e
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                self._held.apply()
+                self._drain()
+                self._guarded("tick", self._tick)
+                self._guarded("queue sync", self._sync_queues)
+                with self.stats.lock:
+                    self.stats.worker_cpu_s = time.thread_time()
+        except BaseException as e:  # noqa: BLE001 - whatever ends the worker ends serve, non-zero
+            # Nothing more can be committed (a damaged database), or a bug: stop
+            # (unacknowledged messages stay with the broker) rather than live on doing
+            # nothing, and say why.
+            self._fatal = e
+            log.error("%s", e if isinstance(e, DamagedDatabaseError) else traceback.format_exc())
+            self._event("error", {"error": f"{type(e).__name__}: {e}"})
+        finally:
+            self.store.close()
+
+    def _drain(self) -> None:
+        """Handle inbox items for up to one tick (at most BATCH of them)."""
+        until = time.monotonic() + self.tick_s
+        for _ in range(BATCH):
+            wait = until - time.monotonic()
+            try:
+                kind, item = self._inbox.get(timeout=max(0.0, wait)) if wait > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "msg":
+                self._held.add(item)
+            elif kind == "puback":
+                # Recording a confirmation may fail (a full disk): the queue then only
+                # counts as unconfirmed, and is compared and published again.
+                self._guarded("queue confirmation", self._on_puback, item)
+            elif kind == "connected":
+                self._guarded("reconnect", self._on_connected)
+
+    def _ack(self, msg) -> None:
+        if msg.qos and self._client is not None:
+            self._client.ack(msg.mid, msg.qos)  # committed or dropped: the broker may forget it
+
+    def _guarded(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - one bad message or tick must not stop the dispatcher
+            if is_damaged_database(e):
+                raise DamagedDatabaseError(f"the database {self.db_path} is damaged: {e}; "
+                                           "see `mpfleet db check`") from e
+            self._note_error(f"{what}: {type(e).__name__}: {e}", e)
+
+    def _note_error(self, text: str, e: Exception) -> None:
+        with self.stats.lock:
+            self.stats.errors += 1
+            self.stats.last_error = text
+        if text not in self._error_seen:  # log each distinct error once
+            self._error_seen.add(text)
+            log.error("%s\n%s", text, traceback.format_exc() if not isinstance(e, (MpfleetError, sqlite3.Error))
+                      else "")
+            self._event("error", {"error": text})
+
+    def _event(self, kind: str, data: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, data)
+            except Exception:  # noqa: BLE001
+                log.exception("on_event")
+
+    # ------------------------------------------------------------ incoming
+    def _on_message(self, msg) -> None:
+        parsed = device_from_topic(msg.topic)
+        if parsed is None:
+            return
+        device, leaf = parsed
+        if leaf == "jobs/status":
+            with self.stats.lock:
+                self.stats.statuses += 1
+            try:
+                status = json.loads(msg.payload)
+            except ValueError as e:
+                self.store.record_ingest_error(device, f"unreadable job status: {e}")
+                return
+            if self.engine.on_status(device, status):
+                self._dirty = True
+                with self.stats.lock:
+                    self.stats.statuses_applied += 1
+        elif leaf == "state":
+            with self.stats.lock:
+                self.stats.states += 1
+            if msg.retain and not msg.payload:
+                return  # a cleared retained state
+            handle_state(self.store, device, msg.payload, self._client.publish)
+        elif leaf == "samples":
+            handle_samples(self.store, device, msg.payload, self._client.publish, self.stats.ingest)
+
+    def _on_ota_get(self, msg) -> None:
+        parsed = device_from_topic(msg.topic)
+        if parsed is None:
+            return
+        try:
+            self._artifacts.handle(parsed[0], msg.payload)
+        except Exception:  # noqa: BLE001 - paho's thread must live on; the device asks again
+            log.exception("ota/get from %s", parsed[0])
+
+    def _on_puback(self, mid: int) -> None:
+        sent = self._in_flight.pop(mid, None)
+        if sent is None:
+            return
+        device, digest = sent
+        self.store.db.execute("INSERT INTO queue_published (device, digest, confirmed) VALUES (?, ?, ?) "
+                              "ON CONFLICT(device) DO UPDATE SET digest = excluded.digest, "
+                              "confirmed = excluded.confirmed", (device, digest, time.time()))
+        with self.stats.lock:
+            self.stats.queue_confirmed += 1
+
+    def _on_connected(self) -> None:
+        # The broker may have lost its retained messages (a restart without
+        # persistence): publish every queue again, empty ones included.
+        with self.stats.lock:
+            self.stats.reconnects += 1
+        self._sent = {device: "" for device in self._sent}
+        self._in_flight.clear()
+        # Messages held from the old connection are delivered again by the broker
+        # (the session is persistent); their packet ids belong to that connection.
+        self._held.forget()
+        self._dirty = True
+
+    # ------------------------------------------------------------ rollout
+    def _tick(self) -> None:
+        changes = self.engine.tick()
+        with self.stats.lock:
+            self.stats.ticks += 1
+        if changes:
+            self._dirty = True
+            self._report(changes)
+        for job, device, reason in getattr(changes, "stuck", ()):  # flagged, not changed: heard once each
+            self._event("stuck", {"job": job, "device": device, "reason": reason})
+
+    def _report(self, changes: Changes) -> None:
+        if changes.queued:
+            jobs: dict[str, int] = {}
+            for job, _device, _attempt in changes.queued:
+                jobs[job] = jobs.get(job, 0) + 1
+            for job, n in jobs.items():
+                self._event("queued", {"job": job, "devices": n})
+        for job, device in changes.timed_out:
+            self._event("timed_out", {"job": job, "device": device})
+        for job, stage in changes.advanced:
+            self._event("advanced", {"job": job, "stage": stage})
+        for job in changes.completed:
+            self._event("completed", {"job": job})
+        for job in changes.aborted:
+            self._event("aborted", {"job": job, "reason": self.engine.job_status(job)["reason"]})
+
+    def _sync_queues(self) -> None:
+        """Publish every device queue that differs from what the broker was last given."""
+        if self._client is None:
+            return
+        version = self.store.db.execute("PRAGMA data_version").fetchone()[0]
+        now = time.monotonic()
+        if version != self._data_version:  # another process committed (a job created, canceled...)
+            self._data_version, self._dirty = version, True
+        if not self._dirty and now - self._last_resync < RESYNC_EVERY_S:
+            return
+        self._dirty, self._last_resync = False, now
+        desired = self.engine.all_queues()
+        devices = set(desired) | {d for d, digest in self._sent.items() if digest != EMPTY_DIGEST}
+        for device in sorted(devices):
+            payload = encode_queue(desired.get(device, []))
+            digest = queue_digest(payload)
+            if self._sent.get(device) == digest:
+                continue
+            info = self._client.publish(topic(device, "jobs"), payload, qos=1, retain=True)
+            self._sent[device] = digest
+            self._in_flight[info.mid] = (device, digest)
+            with self.stats.lock:
+                self.stats.queue_publishes += 1
+
+    # ------------------------------------------------------------ waiting (tests, demo)
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._fatal is not None or not self.running:
+                raise ServeError(f"the dispatcher stopped: {self._fatal or 'stopped'}")
+            if predicate():
+                return True
+            time.sleep(poll_s)
+        return predicate()

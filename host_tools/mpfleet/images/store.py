@@ -1,0 +1,227 @@
+"""The host's firmware image store: what `mpfleet image add` accepts and keeps for OTA.
+
+Which room: host library (CLI: cli_images.py). An image is the app image alone (the
+bytes an OTA writes into the free app slot), stored as `<images dir>/<sha256>.bin`
+(default ~/.mpfleet/images, `$MPFLEET_IMAGES`) and described by a row of the `images`
+table: chip, version, secure_version, project, size, SHA-256, and where it came from.
+
+Accepted inputs (`add`):
+
+- an app image (`.app-bin`, MicroPython's `micropython.bin`): magic 0xE9 with an
+  `esp_app_desc_t`; a tail of 0xFF (a partition read back) is dropped, anything
+  else after the image is refused as a mismatched file;
+- a merged flash image (MicroPython's `firmware.bin`, esptool `merge-bin`): the app
+  is taken from the first app partition, 0x10000 in flash, whether the file starts
+  at flash address 0 or at the bootloader (0x1000 on the ESP32 and ESP32-S2).
+
+Every image is validated with esptool's own image code (espimage.parse_app_image:
+magic, segments, checksum, appended SHA-256, app descriptor) before it is stored.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mpfleet.errors import MpfleetError
+from mpfleet.images.espimage import (
+    APP_PARTITION_OFFSET,
+    BOOTLOADER_OFFSETS,
+    IMAGE_MAGIC,
+    ImageError,
+    image_length,
+    normalize_chip,
+    parse_app_image,
+)
+from mpfleet.db.store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id             TEXT PRIMARY KEY,
+    sha256         TEXT NOT NULL UNIQUE,
+    chip           TEXT NOT NULL,
+    version        TEXT NOT NULL,
+    secure_version INTEGER NOT NULL,
+    project        TEXT NOT NULL,
+    idf_ver        TEXT NOT NULL,
+    size           INTEGER NOT NULL,
+    source         TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    added          REAL NOT NULL
+);
+"""
+ID_LEN = 12  # hex digits of the SHA-256: the image's id
+
+
+class ImageStoreError(MpfleetError):
+    """An image was refused, or is not in the store."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    sha256: str
+    chip: str
+    version: str
+    secure_version: int
+    project: str
+    idf_ver: str
+    size: int
+    source: str
+    kind: str  # "app" or "merged" (firmware images), "app-bundle" (mpfleet app bundle)
+    added: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def default_images_dir() -> Path:
+    env = os.environ.get("MPFLEET_IMAGES")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("MPFLEET_HOME", Path.home() / ".mpfleet")) / "images"
+
+
+def app_from_file(data: bytes, name: str) -> tuple[bytes, str]:
+    """(the app image, "app" or "merged") from a file's bytes; ImageStoreError says why not."""
+    if not data:
+        raise ImageStoreError(f"{name}: empty file")
+    app_error = None
+    if data[0] == IMAGE_MAGIC:
+        try:
+            length = image_length(data)
+            parse_app_image(data[:length])
+        except ImageError as e:
+            app_error = e  # maybe a merged image that starts with its bootloader
+        else:
+            tail = data[length:]
+            if tail.strip(b"\xff"):
+                raise ImageStoreError(f"{name}: {len(tail)} bytes follow the {length}-byte app image and they are "
+                                      f"not erased flash (0xFF): a mismatched or corrupted file")
+            return data[:length], "app"
+    # A merged image: the file starts at flash address 0, or at the bootloader.
+    merged_errors = []
+    for base in sorted({0, *BOOTLOADER_OFFSETS.values()}, reverse=data[0] == IMAGE_MAGIC):
+        at = APP_PARTITION_OFFSET - base
+        if not (0 <= at < len(data)) or data[at] != IMAGE_MAGIC:
+            continue
+        try:
+            length = image_length(data, at)
+            app = data[at:at + length]
+            parse_app_image(app)
+            return app, "merged"
+        except ImageError as e:
+            merged_errors.append(f"app at file offset {at:#x}: {e}")
+    if merged_errors:
+        raise ImageStoreError(f"{name}: a merged image whose app is not valid: {merged_errors[0]}")
+    if app_error is not None:
+        raise ImageStoreError(f"{name}: {app_error}")
+    raise ImageStoreError(f"{name}: neither an app image (first byte {data[0]:#04x}, not 0xE9) nor a merged "
+                          f"flash image with an app at flash {APP_PARTITION_OFFSET:#x}")
+
+
+class ImageStore:
+    """Images in `images_dir`, their descriptions in the Store's `images` table."""
+
+    def __init__(self, store: Store, images_dir: str | os.PathLike | None = None):
+        self.store = store
+        self.dir = Path(images_dir) if images_dir else default_images_dir()
+        store.db.executescript(SCHEMA)
+
+    def add(self, path: str | os.PathLike, chip: str | None = None) -> tuple[ImageRecord, bool]:
+        """Validate and store an image file; returns (record, True if it was new).
+        `chip`: refuse the image unless it is for this chip."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageStoreError(f"cannot read {path}: {e.strerror or e}") from None
+        app, kind = app_from_file(data, path.name)
+        info = parse_app_image(app)
+        if chip is not None and info.chip != normalize_chip(chip):
+            raise ImageStoreError(f"{path.name} is an image for {info.chip}, not for {normalize_chip(chip)}")
+        known = self._row("sha256 = ?", info.sha256)
+        if known is not None:
+            return known, False
+        self._write(info.sha256, app)
+        record = ImageRecord(info.sha256[:ID_LEN], info.sha256, info.chip, info.version, info.secure_version,
+                             info.project_name, info.idf_ver, info.size, str(path.resolve()), kind, time.time())
+        self._insert(record)
+        return record, True
+
+    def add_bundle(self, path: str | os.PathLike) -> tuple[ImageRecord, bool]:
+        """Validate and store an app bundle (`mpfleet app bundle`); kind "app-bundle"."""
+        from mpfleet.images.appbundle import BundleError, read_bundle  # noqa: PLC0415
+
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageStoreError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            bundle = read_bundle(data)
+        except BundleError as e:
+            raise ImageStoreError(f"{path.name}: {e}") from None
+        known = self._row("sha256 = ?", bundle.sha256)
+        if known is not None:
+            return known, False
+        self._write(bundle.sha256, data)
+        mpy = bundle.manifest["mpy"]
+        record = ImageRecord(bundle.sha256[:ID_LEN], bundle.sha256, "any", bundle.manifest["version"], 0,
+                             "mpfleet-app", f"mpy{mpy['version']}", bundle.size, str(path.resolve()),
+                             "app-bundle", time.time())
+        self._insert(record)
+        return record, True
+
+    def _write(self, sha256: str, data: bytes) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"{sha256}.bin"
+        tmp = final.with_suffix(".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+
+    def _insert(self, record: ImageRecord) -> None:
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO images (id, sha256, chip, version, secure_version, project, idf_ver, size, "
+                       "source, kind, added) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", astuple(record))
+
+    def list(self) -> list[ImageRecord]:
+        rows = self.store.db.execute(f"SELECT {_COLS} FROM images ORDER BY added, id").fetchall()
+        return [ImageRecord(*r) for r in rows]
+
+    def get(self, ref: str) -> ImageRecord:
+        """An image by id, or by a unique prefix of its id or SHA-256."""
+        rows = self.store.db.execute(f"SELECT {_COLS} FROM images WHERE id LIKE ? OR sha256 LIKE ?",
+                                     (ref + "%", ref + "%")).fetchall() if ref else []
+        if not rows:
+            raise ImageStoreError(f"no image {ref!r} (see `mpfleet image list`)")
+        if len(rows) > 1:
+            raise ImageStoreError(f"{ref!r} names {len(rows)} images: give more of the id")
+        return ImageRecord(*rows[0])
+
+    def read(self, ref: str) -> bytes:
+        """The image's bytes, checked against its recorded SHA-256."""
+        import hashlib  # noqa: PLC0415
+
+        record = self.get(ref)
+        path = self.dir / f"{record.sha256}.bin"
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageStoreError(f"image {record.id}: cannot read {path}: {e.strerror or e}") from None
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise ImageStoreError(f"image {record.id}: {path} does not match its SHA-256 (changed on disk)")
+        return data
+
+    def _row(self, where: str, value) -> ImageRecord | None:
+        row = self.store.db.execute(f"SELECT {_COLS} FROM images WHERE {where}", (value,)).fetchone()
+        return ImageRecord(*row) if row else None
+
+
+_COLS = "id, sha256, chip, version, secure_version, project, idf_ver, size, source, kind, added"
+
+
+def astuple(record: ImageRecord) -> tuple:
+    return tuple(asdict(record).values())

@@ -1,0 +1,242 @@
+"""The USB field commands as library calls: deploy and provision, run a job, collect samples.
+
+Which room: host library behind `mpfleet deploy`, `mpfleet usb run` and `mpfleet usb
+collect` (cli_usb.py). Every function works on many ports in phases: the boards are
+talked to in parallel (usb.each_port), the database is read and written only here,
+between the phases, by the calling thread.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mpfleet.images.appbundle import mpy_header
+from mpfleet.errors import MpfleetError
+from mpfleet.images.firmware import firmware_tree
+from mpfleet.fleet.ingest import FrameError, ingest_frame
+from mpfleet.fleet.keys import KeyRing
+from mpfleet.broker.link import BrokerConfig
+from mpfleet.fleet.provision import register_devices
+from mpfleet.fleet.rollout import FINAL_STATES, RolloutEngine
+from mpfleet.db.store import Store
+from mpfleet.usb.link import (
+    CATCH_S,
+    LinkPool,
+    PortResult,
+    UsbError,
+    each_port,
+    identify,
+    read_backlog,
+    run_envelopes,
+    self_check,
+    send_ack,
+    sync_files,
+)
+
+Progress = Callable[[str, str], None]  # (port, what is happening now)
+
+
+def _quiet(port: str, what: str) -> None:
+    pass
+
+
+def _phase(pool: LinkPool, ports: list[str], work: Callable[[str], PortResult],
+           failed: dict[str, PortResult]) -> dict[str, PortResult]:
+    """Run one parallel phase on the ports that have not failed yet; failures are kept."""
+    todo = [p for p in ports if p not in failed]
+    out = {}
+    for result in each_port(todo, work):
+        if result.error is not None:
+            failed[result.port] = result
+        else:
+            out[result.port] = result
+    return out
+
+
+def _identified(pool: LinkPool, ports: list[str], failed: dict[str, PortResult], progress: Progress,
+                need_id: bool = True) -> dict[str, PortResult]:
+    def work(port: str) -> PortResult:
+        progress(port, "connecting")
+        info = identify(pool.get(port))
+        device = info["device_id"]
+        if need_id and not device:
+            raise UsbError(f"{port}: the board has no /config.json with a device id: run `mpfleet deploy` first")
+        return PortResult(port, device=device, detail=info)
+
+    return _phase(pool, ports, work, failed)
+
+
+def _results(ports: list[str], ok: dict[str, PortResult], failed: dict[str, PortResult]) -> list[PortResult]:
+    return [ok.get(p) or failed[p] for p in ports]
+
+
+# ---------------------------------------------------------------- deploy
+@dataclass
+class DeploySettings:
+    board: str
+    broker: BrokerConfig
+    wifi_ssid: str | None = None
+    wifi_password: str | None = None
+    groups: list[str] = field(default_factory=list)
+    with_credentials: bool = False
+    transport: str = "mpremote"
+    wait_s: float = CATCH_S
+
+
+def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySettings,
+           progress: Progress = _quiet, files: dict[str, bytes] | None = None) -> list[PortResult]:
+    """Copy the agent (what differs), provision each board (id, keys, Wi-Fi, broker account,
+    registry entry) and run its self-check. One result per port, in order."""
+    files = files if files is not None else firmware_tree()
+    mpy = next((mpy_header(d, p)[0] for p, d in files.items() if p.endswith(".mpy")), None)
+    failed: dict[str, PortResult] = {}
+    with LinkPool(settings.transport, settings.wait_s) as pool:
+        found = _identified(pool, ports, failed, progress, need_id=False)
+
+        def copy(port: str) -> PortResult:
+            info = found[port].detail
+            if mpy is not None and info["mpy"] & 0xFF != mpy:
+                raise UsbError(f"{port}: the board's MicroPython {info['release']} loads .mpy version "
+                               f"{info['mpy'] & 0xFF}, this mpfleet compiles version {mpy}: flash MicroPython "
+                               f"1.22 or later first (mpfleet flash)")
+            progress(port, "copying")
+            written, skipped = sync_files(pool.get(port), files)
+            device = info["device_id"] or info["mac"]
+            return PortResult(port, device=device, detail={**info, "written": written, "skipped": skipped})
+
+        copied = _phase(pool, ports, copy, failed)
+        devices = [r.device for r in copied.values()]
+        if len(set(devices)) != len(devices):
+            raise UsbError(f"two boards claim the same device id: {sorted(devices)}")
+        creds = register_devices(store, devices, settings.board, lambda d: settings.groups,
+                                 settings.with_credentials)
+        trusted = keyring.trusted_keys()
+
+        def provision(port: str) -> PortResult:
+            r = copied[port]
+            progress(port, "provisioning")
+            link = pool.get(port)
+            cfg = _merge_config(_read_config(link), r.device, settings, trusted, creds.get(r.device))
+            # The security settings too: on the device they change only over USB
+            # (exec permission) or through keys jobs, never by a config job.
+            security = {"trusted_keys": cfg["trusted_keys"], "exec_allowed": cfg.get("exec_allowed") is True}
+            written, _ = sync_files(link, {"/config.json": json.dumps(cfg, sort_keys=True).encode(),
+                                           "/security.json": json.dumps(security, sort_keys=True).encode()})
+            progress(port, "self-check")
+            check = self_check(link)
+            if check["device_id"] != r.device or check["problems"] or check["keys"] != sorted(trusted):
+                raise UsbError(f"{port}: self-check failed: {check}")
+            detail = dict(r.detail, config_written=bool(written), app=check["app"])
+            return PortResult(port, ok=True, device=r.device, detail=detail)
+
+        done = _phase(pool, list(copied), provision, failed)
+    return _results(ports, done, failed)
+
+
+def _read_config(link) -> dict:
+    out = link.exec("try:\n    print(open('/config.json').read())\nexcept OSError:\n    print('{}')\n")
+    try:
+        cfg = json.loads(out.strip() or "{}")
+    except ValueError:
+        return {}  # a broken config is replaced
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _merge_config(current: dict, device: str, s: DeploySettings, trusted: dict,
+                  creds: tuple[str, str] | None) -> dict:
+    """The board's config with the provisioning keys set; its other settings are kept."""
+    cfg = dict(current)
+    cfg["device_id"] = device
+    cfg["trusted_keys"] = dict(trusted)
+    if s.groups:
+        cfg["groups"] = sorted(set(cfg.get("groups") or []) | set(s.groups))
+    if s.wifi_ssid is not None:
+        cfg["wifi"] = {**(cfg.get("wifi") or {}), "ssid": s.wifi_ssid, "password": s.wifi_password or ""}
+    broker = {**(cfg.get("broker") or {}), "host": s.broker.host, "port": s.broker.port}
+    if creds:
+        broker["user"], broker["password"] = creds
+    cfg["broker"] = broker
+    return cfg
+
+
+# ---------------------------------------------------------------- usb run
+def run_job(engine: RolloutEngine, ports: list[str], job_id: str, transport: str = "mpremote",
+            progress: Progress = _quiet, wait_s: float = CATCH_S) -> list[PortResult]:
+    """Carry `job_id`'s signed envelope to each board and record what it reports, in the
+    job's records (`mpfleet job status`)."""
+    failed: dict[str, PortResult] = {}
+    with LinkPool(transport, wait_s) as pool:
+        found = _identified(pool, ports, failed, progress)
+        envelopes = {}
+        for port, r in found.items():
+            try:
+                envelopes[port] = engine.usb_envelope(job_id, r.device)
+            except MpfleetError as e:
+                failed[port] = PortResult(port, device=r.device, error=f"{port} ({r.device}): {e}")
+
+        def run(port: str) -> PortResult:
+            progress(port, "running")
+            return PortResult(port, device=found[port].device,
+                              detail={"statuses": run_envelopes(pool.get(port), [envelopes[port]])})
+
+        ran = _phase(pool, list(envelopes), run, failed)
+    done = {}
+    for port, r in ran.items():
+        for status in r.detail["statuses"]:
+            engine.on_status(r.device, status)
+        mine = [s for s in r.detail["statuses"] if s.get("job") == job_id]
+        final = next((s for s in reversed(mine) if s.get("status") in FINAL_STATES), None)
+        if final is None:
+            failed[port] = PortResult(port, device=r.device, error=f"{port} ({r.device}): no final status "
+                                                                  f"for {job_id} (reported {mine})")
+            continue
+        done[port] = PortResult(port, ok=final["status"] == "SUCCEEDED", device=r.device,
+                                error=None if final["status"] == "SUCCEEDED" else
+                                f"{final['status']}: {final.get('detail')}",
+                                detail={"status": final["status"], "detail": final.get("detail")})
+    engine.tick()  # what serve would do next: stages, aborts, completion
+    return _results(ports, done, failed)
+
+
+# ---------------------------------------------------------------- usb collect
+def collect(store: Store, ports: list[str], transport: str = "mpremote",
+            progress: Progress = _quiet, wait_s: float = CATCH_S) -> list[PortResult]:
+    """Pull each board's unacked samples into SQLite, then let the board trim what was
+    stored (the same end-to-end ack as over MQTT)."""
+    failed: dict[str, PortResult] = {}
+    with LinkPool(transport, wait_s) as pool:
+        found = _identified(pool, ports, failed, progress)
+        host_ack = {port: store.ack_point(r.device) for port, r in found.items()}
+
+        def pull(port: str) -> PortResult:
+            progress(port, "reading samples")
+            frames, sent = read_backlog(pool.get(port), host_ack[port])
+            return PortResult(port, device=found[port].device, detail={"frames": frames, "sent": sent})
+
+        pulled = _phase(pool, list(found), pull, failed)
+        acks = {}
+        for port, r in pulled.items():
+            new = duplicates = 0
+            ack = host_ack[port]
+            for frame in r.detail["frames"]:
+                try:
+                    result = ingest_frame(store, r.device, frame)
+                except FrameError as e:
+                    store.record_ingest_error(r.device, f"over USB: {e}")
+                    continue
+                new += result.new
+                duplicates += result.duplicates
+                ack = max(ack, result.ack)
+            acks[port] = ack
+            r.detail = {"new": new, "duplicates": duplicates, "frames": len(r.detail["frames"]), "acked": ack}
+
+        def trim(port: str) -> PortResult:
+            progress(port, "acknowledging")
+            send_ack(pool.get(port), acks[port])
+            r = pulled[port]
+            return PortResult(port, ok=True, device=r.device, detail=r.detail)
+
+        done = _phase(pool, list(acks), trim, failed)
+    return _results(ports, done, failed)

@@ -1,0 +1,74 @@
+"""The `mpfleet` command line: sim commands work end to end; bad input gives one clear line."""
+
+import json
+import subprocess
+import sys
+
+
+def mpfleet(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "mpfleet", *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mpfleet {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_sim_create_put_run_and_counters(tmp_path):
+    dev = tmp_path / "dev1"
+    main = tmp_path / "main.py"
+    main.write_text("import machine\nprint('awake')\nmachine.deepsleep(60000)\n")
+    mpfleet("sim", "create", dev, "--device-id", "dev-1")
+    mpfleet("sim", "put", dev, main, "/main.py")
+    assert "main.py" in mpfleet("sim", "ls", dev).stdout
+    runs = json.loads(mpfleet("sim", "run", dev, "--boots", "3", "--json").stdout)
+    assert [r["exit_reason"] for r in runs] == ["deepsleep"] * 3
+    assert [r["reset_cause_name"] for r in runs] == ["PWRON_RESET", "DEEPSLEEP_RESET", "DEEPSLEEP_RESET"]
+    counters = json.loads(mpfleet("sim", "flash", dev, "--json").stdout)
+    assert counters["vfs"]["erases"] > 0 and counters["ota_0"]["bytes_programmed"] > 0
+    status = json.loads(mpfleet("sim", "status", dev, "--json").stdout)
+    assert status["device_id"] == "dev-1" and status["boot_count"] == 3
+
+
+def test_sim_run_hours_of_device_time(tmp_path):
+    dev = tmp_path / "dev"
+    main = tmp_path / "main.py"
+    main.write_text("import machine\nmachine.deepsleep(600000)\n")
+    mpfleet("sim", "create", dev)
+    mpfleet("sim", "put", dev, main, "/main.py")
+    runs = json.loads(mpfleet("sim", "run", dev, "--hours", "1", "--json").stdout)
+    assert len(runs) == 6  # wakes at 0, 10, ..., 50 minutes; the last sleep reaches the hour
+
+
+def test_not_a_board_is_one_clear_error(tmp_path):
+    proc = mpfleet("sim", "run", tmp_path / "nothing", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("mpfleet: ") and "not a virtual board" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_board_names_the_known_ones(tmp_path):
+    proc = mpfleet("sim", "create", tmp_path / "x", "--board", "esp99", check=False)
+    assert proc.returncode == 1 and "esp32-devkitc" in proc.stderr
+
+
+def test_boards_list_json_has_the_four_boards():
+    names = {b["name"] for b in json.loads(mpfleet("boards", "list", "--json").stdout)}
+    assert names == {"esp32-devkitc", "esp32-s3-devkitc", "esp32-c3-devkitm", "virtual"}
+
+
+def test_power_cut_then_power_on_resets_rtc(tmp_path):
+    dev = tmp_path / "dev"
+    main = tmp_path / "main.py"
+    main.write_text("import machine\nr = machine.RTC()\nprint('rtc', r.memory())\nr.memory(b'x')\n"
+                    "machine.deepsleep(1000)\n")
+    mpfleet("sim", "create", dev)
+    mpfleet("sim", "put", dev, main, "/main.py")
+    mpfleet("sim", "run", dev, "--boots", "2")
+    mpfleet("sim", "power-cut", dev)
+    out = mpfleet("sim", "run", dev, "--boots", "1").stdout
+    assert "rtc b''" in out and "PWRON_RESET" in out
+
+
+def test_board_demo_shows_a_rollback_and_exits_zero():
+    proc = subprocess.run([sys.executable, "-m", "mpfleet.demo.board"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rolled back" in proc.stdout
