@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import textwrap
 
 import pytest
@@ -68,6 +70,73 @@ def firmware_files(only: tuple[str, ...] | None = None, compiled: bool = True) -
     from mpfleet.images.firmware import firmware_tree
 
     return firmware_tree(compiled=compiled, only=only)
+
+
+# What every unit script starts with: case(name, fn) runs one case and prints
+# its result, or the exception it raised, as one JSON line.
+UNIT_PRELUDE = """
+import json
+
+
+def case(name, fn):
+    try:
+        line = json.dumps([name, {"value": fn()}])
+    except Exception as e:
+        line = json.dumps([name, {"error": type(e).__name__, "message": str(e)}])
+    print("CASE " + line)
+"""
+
+
+class UnitResults(dict):
+    """{case name: {"value": v} or {"error": exception type name, "message": text}}."""
+
+    def __repr__(self):  # a failing test's traceback names the case, not every result
+        return f"<{len(self)} unit cases>"
+
+    def value(self, name):
+        """The case's returned value; fails the test if it raised."""
+        out = self[name]
+        assert "value" in out, f"{name}: raised {out['error']}: {out['message']}"
+        return out["value"]
+
+    def error(self, name):
+        """(exception type name, message) of the case; fails the test if it returned."""
+        out = self[name]
+        assert "error" in out, f"{name}: returned {out['value']!r} where an error was expected"
+        return out["error"], out["message"]
+
+
+@pytest.fixture(scope="session")
+def unit_cases(tmp_path_factory):
+    """Factory: run a script of case(name, fn) calls once on the MicroPython unix
+    port at the firmware's 128 KiB heap, no virtual board, with the given firmware
+    files (paths relative to firmware/) importable as deployed (.mpy). The script
+    is compiled on the host too, so the heap is spent as on a device. Returns the
+    UnitResults; a script that dies fails every test that asked for it."""
+    from mpfleet.images.firmware import compile_mpy
+    from mpfleet.sim.board import micropython_executable
+
+    def run(source: str, only: tuple[str, ...]) -> UnitResults:
+        root = tmp_path_factory.mktemp("unit")
+        for device_path, data in firmware_files(("lib/agent/__init__.py",) + tuple(only)).items():
+            target = root / device_path.removeprefix("/lib/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (root / "_cases.mpy").write_bytes(compile_mpy((UNIT_PRELUDE + textwrap.dedent(source)).encode(), "cases.py"))
+        env = dict(os.environ, MICROPYPATH=str(root))
+        proc = subprocess.run([micropython_executable(), "-X", "heapsize=128k", "-m", "_cases"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results = UnitResults()
+        for line in proc.stdout.splitlines():
+            if line.startswith("CASE "):
+                name, out = json.loads(line[5:])
+                assert name not in results, f"case {name!r} ran twice"
+                results[name] = out
+        assert results, proc.stdout[-3000:]
+        return results
+
+    return run
 
 
 def child_processes() -> dict[int, str]:
