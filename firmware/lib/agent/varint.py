@@ -45,6 +45,8 @@ def get_uvarint(buf, pos, end):
         pos += 1
         n |= (b & 0x7F) << shift
         if not b & 0x80:
+            if shift == _MAX_SHIFT and b > 1:
+                break  # a tenth byte holds only bit 63
             return n, pos
         shift += 7
         if shift > _MAX_SHIFT:
