@@ -6,13 +6,15 @@
 # batch instead of one per wake (see docs/flashlog.md for the wear numbers).
 # What is staged when the power fails is lost: at most one batch.
 #
-# Layout (little endian), protected by a CRC-32 over everything after it:
+# Layout (little endian), protected by a CRC-32 over everything after it (the
+# channel count before it is checked by load(): the payload must decode as
+# exactly `staged` samples of that many channels):
 #
 #   off size field
 #   0   2    magic b"MS"
 #   2   1    version (1)
 #   3   1    channel count of the staged samples
-#   4   4    crc32 (binascii.crc32) of bytes 8 .. 8+16+payload_len
+#   4   4    crc32 (binascii.crc32) of bytes 8 .. 32+payload_len
 #   8   4    wake_count     wakes since the RTC was last valid
 #   12  4    next_seq       sequence number of the next sample
 #   16  4    base_t         time of the first staged sample (s since 1970)
@@ -101,13 +103,15 @@ class Stage:
                 self.buf[:_HEADER + payload_len] = raw[:_HEADER + payload_len]
                 self.valid = True
                 self._load_trailer(raw, _HEADER + payload_len)
+        if self.valid and not self._replay():
+            self.valid = False
         if not self.valid:
+            self.nchan = 0
             self.wake_count = self.next_seq = self.base_t = self.staged = self.payload_len = 0
             self.skip_wakes = self.backoff_level = self.flags = self.log_backlog = 0
             self.crashes = 0
             self.mark = _NO_MARK
             return False
-        self._replay()
         return True
 
     def _load_trailer(self, raw, end):
@@ -206,15 +210,27 @@ class Stage:
                     values.append(last[i])
             yield seq, t, values
             seq += 1
+        if pos != end:
+            raise ValueError("stage payload has trailing bytes")
 
     def _replay(self):
-        # Rebuild the delta state so that add() can continue after load().
+        # Rebuild the delta state so that add() can continue after load(); False
+        # when the payload is not `staged` samples of `nchan` channels. The
+        # channel count (byte 3) lies outside the CRC: a damaged one must start
+        # afresh, not raise, which would crash every wake (RTC memory survives
+        # the crash's deep sleep).
+        if self.nchan > _MAX_CHANNELS:
+            return False
         self._last_t = self.base_t
-        for seq, t, values in self.samples():
-            self._last_t = t
-            for i in range(len(values)):
-                if values[i] is not None:
-                    self._last_values[i] = values[i]
+        try:
+            for seq, t, values in self.samples():
+                self._last_t = t
+                for i in range(len(values)):
+                    if values[i] is not None:
+                        self._last_values[i] = values[i]
+        except ValueError:
+            return False
+        return True
 
     def clear_samples(self):
         self.staged = 0
