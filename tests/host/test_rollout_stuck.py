@@ -367,11 +367,19 @@ def test_an_operators_retry_is_not_retried_by_itself(env):
 
 
 def test_a_database_from_before_operator_retries_is_upgraded(tmp_path):
-    from mpfleet.fleet.rollout import SCHEMA
+    import sqlite3
 
+    # `executions` as made before operator retries (its other tables: db/schema.py at open;
+    # every older file: tests/host/test_db_schema.py)
+    with sqlite3.connect(tmp_path / "old.db") as old:
+        old.execute("CREATE TABLE executions (id INTEGER PRIMARY KEY, job TEXT NOT NULL, device TEXT NOT NULL, "
+                    "attempt INTEGER NOT NULL, seq INTEGER NOT NULL, kid TEXT NOT NULL, envelope TEXT NOT NULL, "
+                    "status TEXT NOT NULL, stage INTEGER NOT NULL, queued REAL NOT NULL, started REAL, "
+                    "finished REAL, updated REAL NOT NULL, device_attempt INTEGER, detail_json TEXT, note TEXT, "
+                    "progress_json TEXT, UNIQUE (job, device, attempt))")
+        assert "by_operator" not in {r[1] for r in old.execute("PRAGMA table_info(executions)")}
+    old.close()
     with Store(tmp_path / "old.db") as store:
-        store.db.executescript(SCHEMA.replace("    by_operator    INTEGER NOT NULL DEFAULT 0,\n", ""))
-        assert "by_operator" not in {r[1] for r in store.db.execute("PRAGMA table_info(executions)")}
         ring = KeyRing(store, tmp_path / "keys")
         ring.init()
         Registry(store).add("dev-1")

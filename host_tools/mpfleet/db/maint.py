@@ -1,10 +1,11 @@
 """Keeping the database file sound: check it, copy it while it is in use.
 
 Which room: the database (the SQLite file of mpfleet.db.store). A library: typed, prints
-nothing, imports only the standard library and mpfleet.db.store / mpfleet.errors. The CLI
-is cli_db.py (`mpfleet db check`, `mpfleet db backup`); docs/dispatch.md ("The database
-file: check and backup") explains the behaviour to operators. Issue 13: a damaged file
-was used as is (serve started, queued nothing; `job list` ended in a traceback).
+nothing, imports only the standard library, mpfleet.db.schema / mpfleet.db.store and
+mpfleet.errors. The CLI is cli/db.py (`mpfleet db check`, `mpfleet db backup`);
+docs/dispatch.md ("The database file: check and backup") explains the behaviour to
+operators. Issue 13: a damaged file was used as is (serve started, queued nothing;
+`job list` ended in a traceback).
 
 What `examine_database` looks at, in order, stopping at the first step that fails:
 
@@ -19,7 +20,8 @@ What `examine_database` looks at, in order, stopping at the first step that fail
    each record's format; linear in the file's size) or, `quick=False`,
    `PRAGMA integrity_check` (also every index against its table: slower), then
    `PRAGMA foreign_key_check`;
-4. that it is mpfleet's: at least one of mpfleet.db.store's tables exists;
+4. that it is mpfleet's: at least one of the tables of mpfleet.db.schema (`TABLES`)
+   exists;
 5. with `quick=False` only: every row read back, every text value UTF-8 and every
    `*_json` column JSON (mpfleet writes nothing else, so anything else is damage).
 
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import stat
 import tempfile
@@ -49,12 +50,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpfleet.db.store import SCHEMA as STORE_SCHEMA
+from mpfleet.db.schema import TABLES
 from mpfleet.db.store import DamagedDatabaseError, StoreError, is_damaged_database
 
 MAX_PROBLEMS = 100                     # a check stops listing after this many
 _BUSY_TIMEOUT_S = 10.0                 # how long a check or backup waits for a lock
-_MPFLEET_TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", STORE_SCHEMA))
 _UNDECODABLE = ("could not decode to utf-8",)  # Python's words for TEXT that is not UTF-8
 
 
@@ -239,8 +239,8 @@ def _damage_text(e: BaseException, what: str = "it") -> str:
 def _mpfleet_checks(db: sqlite3.Connection, report: CheckReport, quick: bool) -> None:
     tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
                                        "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name")]
-    if not set(tables) & set(_MPFLEET_TABLES):
-        report.problems.append(f"not an mpfleet database: none of its tables ({', '.join(_MPFLEET_TABLES)})")
+    if not set(tables) & set(TABLES):
+        report.problems.append(f"not an mpfleet database: none of its tables ({', '.join(TABLES)})")
         return
     if not quick:
         for table in ["sqlite_master", *tables]:  # the schema's text too: a damaged name may still parse

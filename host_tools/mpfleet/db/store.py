@@ -1,8 +1,12 @@
-"""The host's SQLite store: devices, samples and acks (jobs join later).
+"""The host's SQLite store: devices, samples and acks, keys, broker accounts.
 
-One file (default ~/.mpfleet/mpfleet.db, or $MPFLEET_DB, or --db). Samples are
-stored idempotently by (device, seq): a batch delivered twice, or re-sent after
-a lost ack, inserts nothing the second time. The ack point per device is the
+One file (default ~/.mpfleet/mpfleet.db, or $MPFLEET_DB, or --db). Opening it applies
+the schema (db/schema.py: every table of every module, migrations run once), so the
+modules that share the connection (the rollout engine, serve, the image store) find
+their tables there and create none.
+
+Samples are stored idempotently by (device, seq): a batch delivered twice, or re-sent
+after a lost ack, inserts nothing the second time. The ack point per device is the
 highest seq up to which the host holds every sample the device still had.
 """
 
@@ -17,62 +21,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mpfleet.db import schema
 from mpfleet.errors import MpfleetError
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    id          TEXT PRIMARY KEY,
-    board       TEXT,
-    groups_json TEXT NOT NULL DEFAULT '[]',
-    first_seen  REAL NOT NULL,
-    last_seen   REAL,
-    state_json  TEXT
-);
-CREATE TABLE IF NOT EXISTS samples (
-    device      TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    t           INTEGER NOT NULL,
-    values_json TEXT NOT NULL,
-    received    REAL NOT NULL,
-    PRIMARY KEY (device, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS samples_by_time ON samples (device, t);
-CREATE TABLE IF NOT EXISTS acks (
-    device      TEXT PRIMARY KEY,
-    upto        INTEGER NOT NULL,
-    updated     REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ingest_errors (
-    id          INTEGER PRIMARY KEY,
-    device      TEXT,
-    at          REAL NOT NULL,
-    reason      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    device      TEXT NOT NULL,
-    digest      TEXT NOT NULL,
-    first_at    REAL NOT NULL,
-    last_at     REAL NOT NULL,
-    times       INTEGER NOT NULL DEFAULT 1,
-    reason      TEXT NOT NULL,
-    frame       BLOB NOT NULL,
-    PRIMARY KEY (device, digest)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS keys (
-    kid         TEXT PRIMARY KEY,
-    public_b64  TEXT NOT NULL,
-    created     REAL NOT NULL,
-    retired     REAL,
-    active      INTEGER NOT NULL DEFAULT 1,
-    last_seq    INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS device_credentials (
-    device      TEXT PRIMARY KEY,
-    username    TEXT NOT NULL,
-    password    TEXT NOT NULL,
-    created     REAL NOT NULL
-);
-"""
 
 
 class StoreError(MpfleetError):
@@ -112,8 +62,8 @@ class Store:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-        except sqlite3.Error as e:
+            schema.apply(self.db)  # every table, created or migrated once (db/schema.py)
+        except (sqlite3.Error, schema.SchemaError) as e:
             raise StoreError(f"cannot open database {self.path}: {e}") from None
 
     def close(self) -> None:

@@ -76,74 +76,6 @@ from mpfleet.fleet.registry import QueryError, Registry, parse_query
 from mpfleet.protocol.signing import JOB_TYPES, KID_RE
 from mpfleet.db.store import Store
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id           TEXT PRIMARY KEY,
-    type         TEXT NOT NULL,
-    params_json  TEXT NOT NULL,
-    targets_json TEXT NOT NULL,
-    options_json TEXT NOT NULL,
-    status       TEXT NOT NULL,
-    stage        INTEGER NOT NULL DEFAULT 0,
-    resolved     REAL,
-    created      REAL NOT NULL,
-    updated      REAL NOT NULL,
-    finished     REAL,
-    reason       TEXT
-);
-CREATE TABLE IF NOT EXISTS job_targets (
-    job         TEXT NOT NULL,
-    device      TEXT NOT NULL,
-    rank        TEXT NOT NULL,
-    added       REAL NOT NULL,
-    left_at     REAL,
-    PRIMARY KEY (job, device)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS executions (
-    id             INTEGER PRIMARY KEY,
-    job            TEXT NOT NULL,
-    device         TEXT NOT NULL,
-    attempt        INTEGER NOT NULL,
-    seq            INTEGER NOT NULL,
-    kid            TEXT NOT NULL,
-    envelope       TEXT NOT NULL,
-    status         TEXT NOT NULL,
-    stage          INTEGER NOT NULL,
-    queued         REAL NOT NULL,
-    started        REAL,
-    finished       REAL,
-    updated        REAL NOT NULL,
-    device_attempt INTEGER,
-    detail_json    TEXT,
-    note           TEXT,
-    progress_json  TEXT,
-    by_operator    INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (job, device, attempt)
-);
-CREATE INDEX IF NOT EXISTS executions_by_device ON executions (device, status);
-CREATE INDEX IF NOT EXISTS executions_by_status ON executions (job, status);
-CREATE TABLE IF NOT EXISTS job_controls (
-    job         TEXT NOT NULL,
-    device      TEXT NOT NULL,
-    control_id  TEXT NOT NULL,
-    type        TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    envelope    TEXT NOT NULL,
-    status      TEXT NOT NULL,
-    created     REAL NOT NULL,
-    finished    REAL,
-    detail_json TEXT,
-    PRIMARY KEY (job, device, type)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS job_rejects (
-    device      TEXT NOT NULL,
-    ref         TEXT NOT NULL,
-    detail_json TEXT,
-    at          REAL NOT NULL,
-    PRIMARY KEY (device, ref)
-) WITHOUT ROWID;
-"""
-
 QUEUED, IN_PROGRESS = "QUEUED", "IN_PROGRESS"
 SUCCEEDED, FAILED, REJECTED = "SUCCEEDED", "FAILED", "REJECTED"
 TIMED_OUT, CANCELED, REMOVED = "TIMED_OUT", "CANCELED", "REMOVED"
@@ -320,15 +252,7 @@ class RolloutEngine:
         self.keyring = keyring
         self.registry = registry
         self.clock = clock
-        self.db = store.db
-        self.db.executescript(SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(executions)")}
-        if "progress_json" not in columns:
-            # databases from before update jobs reported download progress
-            self.db.execute("ALTER TABLE executions ADD COLUMN progress_json TEXT")
-        if "by_operator" not in columns:
-            # databases from before the operator could retry (retry())
-            self.db.execute("ALTER TABLE executions ADD COLUMN by_operator INTEGER NOT NULL DEFAULT 0")
+        self.db = store.db  # its tables: jobs, job_targets, executions, job_controls, job_rejects (db/schema.py)
         self._stuck_seen: set[tuple[str, str, int]] = set()  # reported by tick() in Changes.stuck
         self._stuck_next = -math.inf
 

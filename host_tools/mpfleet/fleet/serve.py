@@ -65,13 +65,6 @@ from mpfleet.db.store import DamagedDatabaseError, Store, is_damaged_database
 
 log = logging.getLogger("mpfleet.fleet.serve")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS queue_published (
-    device    TEXT PRIMARY KEY,
-    digest    TEXT NOT NULL,
-    confirmed REAL NOT NULL
-) WITHOUT ROWID;
-"""
 EMPTY_QUEUE = "[]"
 RESYNC_EVERY_S = 5.0      # full queue comparison even when nothing seems to have changed
 BATCH = 500               # messages handled between two ticks at most
@@ -265,8 +258,7 @@ class Dispatcher:
     # ------------------------------------------------------------ the worker
     def _run(self) -> None:
         try:
-            self.store = Store(self.db_path)
-            self.store.db.executescript(SCHEMA)
+            self.store = Store(self.db_path)  # with serve's table queue_published (db/schema.py)
             self.engine = RolloutEngine(self.store, KeyRing(self.store, self.keys_dir), Registry(self.store),
                                         clock=self.clock)
             self._sent = dict(self.store.db.execute("SELECT device, digest FROM queue_published"))

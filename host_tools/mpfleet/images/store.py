@@ -3,7 +3,8 @@
 Which room: host library (CLI: cli_images.py). An image is the app image alone (the
 bytes an OTA writes into the free app slot), stored as `<images dir>/<sha256>.bin`
 (default ~/.mpfleet/images, `$MPFLEET_IMAGES`) and described by a row of the `images`
-table: chip, version, secure_version, project, size, SHA-256, and where it came from.
+table: chip, version, secure_version, project, size, SHA-256, and where it came from
+(the table is created with every other one when the store opens: db/schema.py).
 
 Accepted inputs (`add`):
 
@@ -37,21 +38,6 @@ from mpfleet.images.espimage import (
 )
 from mpfleet.db.store import Store
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    id             TEXT PRIMARY KEY,
-    sha256         TEXT NOT NULL UNIQUE,
-    chip           TEXT NOT NULL,
-    version        TEXT NOT NULL,
-    secure_version INTEGER NOT NULL,
-    project        TEXT NOT NULL,
-    idf_ver        TEXT NOT NULL,
-    size           INTEGER NOT NULL,
-    source         TEXT NOT NULL,
-    kind           TEXT NOT NULL,
-    added          REAL NOT NULL
-);
-"""
 ID_LEN = 12  # hex digits of the SHA-256: the image's id
 
 
@@ -128,7 +114,6 @@ class ImageStore:
     def __init__(self, store: Store, images_dir: str | os.PathLike | None = None):
         self.store = store
         self.dir = Path(images_dir) if images_dir else default_images_dir()
-        store.db.executescript(SCHEMA)
 
     def add(self, path: str | os.PathLike, chip: str | None = None) -> tuple[ImageRecord, bool]:
         """Validate and store an image file; returns (record, True if it was new).
