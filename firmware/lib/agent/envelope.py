@@ -54,7 +54,7 @@ def json_depth(data, limit):
     heap."""
     if isinstance(data, str):
         data = data.encode()
-    depth = 0
+    depth = deepest = 0
     in_string = False
     escaped = False
     for c in data:
@@ -69,11 +69,13 @@ def json_depth(data, limit):
             in_string = True
         elif c == 91 or c == 123:  # [ {
             depth += 1
-            if depth > limit:
-                return limit + 1
+            if depth > deepest:
+                if depth > limit:
+                    return limit + 1
+                deepest = depth
         elif c == 93 or c == 125:  # ] }
             depth -= 1
-    return depth if depth > 0 else 0
+    return deepest
 
 
 def loads_bounded(data, max_depth):

@@ -10,6 +10,13 @@ A virtual board is a directory::
     rtc.bin         RTC slow memory (lost on power loss)
     boots.jsonl     one line per boot: reset cause, slot, version, exit reason
     console.log     everything the device printed
+    boot.json, exit.json, wdt   per boot: the supervisor's orders, why the
+                    process stopped, the watchdog's feeds
+
+The facts both interpreters agree on (reset causes, wake reasons, the RTC
+memory limit and rtc.bin layout, the watchdog file and rule, exit reasons, the
+keys of boot.json and exit.json) are owned by `mpfleet.sim.mpy._simfacts`, which
+the device's shims import too; this module re-exports the ones callers name.
 
 Each boot is one run of the real MicroPython unix port on `_simboot.py`, which
 plays the ESP-IDF bootloader and the port's start-up and then runs the
@@ -22,11 +29,13 @@ deep sleeps on a scaled clock.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import secrets
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -37,46 +46,39 @@ from pathlib import Path
 from mpfleet.boards import Board, load_board
 from mpfleet.errors import MpfleetError
 from mpfleet.images.espimage import CHIP_IDS, build_app_image
+from mpfleet.sim.mpy import _simfacts as facts
+from mpfleet.sim.mpy._simfacts import (  # noqa: F401 - re-exported: callers name them from here
+    DEEPSLEEP_RESET,
+    HARD_RESET,
+    PWRON_RESET,
+    RESET_NAMES,
+    RTC_EPOCH_AFTER_POWER_LOSS,
+    RTC_FILE_SIZE,
+    SOFT_RESET,
+    TIMER_WAKE,
+    WDT_RESET,
+)
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "mpy"
 BOOT_SCRIPT = RUNTIME_DIR / "_simboot.py"
 
-PWRON_RESET = 1
-HARD_RESET = 2
-WDT_RESET = 3
-DEEPSLEEP_RESET = 4
-SOFT_RESET = 5
-RESET_NAMES = {
-    PWRON_RESET: "PWRON_RESET",
-    HARD_RESET: "HARD_RESET",
-    WDT_RESET: "WDT_RESET",
-    DEEPSLEEP_RESET: "DEEPSLEEP_RESET",
-    SOFT_RESET: "SOFT_RESET",
-}
-TIMER_WAKE = 4
-
-# After power loss the ESP32's RTC restarts at 2000-01-01 00:00:00 UTC.
-RTC_EPOCH_AFTER_POWER_LOSS = 946684800.0
 DEFAULT_HEAP = "128k"
 # Room for the simulator's own objects (shims, bootloader, board definition)
 # on top of the firmware's budget; see _simboot._leave_budget.
 SIM_HEAP_ALLOWANCE = 512 * 1024
-RTC_FILE_SIZE = 2 + 2048
 
 # Exit reasons after which the chip does not go on by itself.
-STOPPING_REASONS = frozenset({"power_cut", "repl", "no_bootable_image", "hang", "crashed", "bootloader"})
+STOPPING_REASONS = frozenset(facts.STOPPING_REASONS)
 
 
 def runtime_module(name: str):
     """A module of the device runtime (sim/mpy: the flash, otadata and image rules),
-    imported on the host: they are written for MicroPython and CPython alike."""
-    import importlib  # noqa: PLC0415
+    imported on the host: they are written for MicroPython and CPython alike.
 
-    sys.path.insert(0, str(RUNTIME_DIR))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(RUNTIME_DIR))
+    Imported as `mpfleet.sim.mpy.<name>` (sim/mpy is a namespace package, see
+    _simfacts), so such a module must not import its siblings by their top-level
+    names; sys.path is left alone."""
+    return importlib.import_module(f"mpfleet.sim.mpy.{name}")
 
 
 class SimError(MpfleetError):
@@ -258,6 +260,47 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def next_boot(reset_cause: int, keep_slot: str | None = None, wake_reason: int = facts.NO_WAKE) -> dict:
+    """state.json's "next": how the coming boot starts (`keep_slot`: the slot a
+    deep-sleep wake or a soft reset boots without asking otadata)."""
+    return {"reset_cause": reset_cause, "wake_reason": wake_reason, "keep_slot": keep_slot}
+
+
+def fresh_state(seed: int = 1) -> dict:
+    """state.json of a board that has never had power."""
+    return {"powered": False, "boot_count": 0, "next": next_boot(PWRON_RESET),
+            "clock_s": RTC_EPOCH_AFTER_POWER_LOSS, "cut_after_ops": None, "seed": seed}
+
+
+def clear_rtc_memory(path: Path) -> None:
+    """rtc.bin as power-on leaves it: nothing stored (RTC memory does not survive power loss)."""
+    (path / facts.RTC_FILE).write_bytes(b"\x00" * RTC_FILE_SIZE)
+
+
+class WatchdogWatch:
+    """The supervisor's half of machine.WDT: reads the `wdt` file the device rewrites
+    at every arm and feed (layout in _simfacts) and applies _simfacts.watchdog_expired,
+    timing from the last change of the feed count it saw. VirtualBoard._watch and
+    the serial console both use it."""
+
+    def __init__(self, board_dir: Path, started: float):
+        self.path = board_dir / facts.WDT_FILE
+        self.feeds: int | None = None
+        self.fed_at = started
+
+    def expired(self, now: float) -> bool:
+        try:
+            raw = self.path.read_bytes()
+        except OSError:
+            return False
+        if len(raw) < facts.WDT_FILE_SIZE:
+            return False
+        timeout_ms, feeds = struct.unpack_from(facts.WDT_FMT, raw)
+        if feeds != self.feeds:
+            self.feeds, self.fed_at = feeds, now
+        return facts.watchdog_expired(timeout_ms, (now - self.fed_at) * 1000)
+
+
 class VirtualBoard:
     """A virtual ESP32 living in `path` (see the module docstring)."""
 
@@ -302,17 +345,7 @@ class VirtualBoard:
         }
         _write_json(path / "board.json", board_json)
         _write_json(path / "settings.json", settings)
-        _write_json(
-            path / "state.json",
-            {
-                "powered": False,
-                "boot_count": 0,
-                "next": {"reset_cause": PWRON_RESET, "wake_reason": 0, "keep_slot": None},
-                "clock_s": RTC_EPOCH_AFTER_POWER_LOSS,
-                "cut_after_ops": None,
-                "seed": 1,
-            },
-        )
+        _write_json(path / "state.json", fresh_state())
         with open(path / "flash.bin", "wb") as f:
             f.truncate(0)
             block = b"\xff" * 65536
@@ -320,7 +353,7 @@ class VirtualBoard:
                 f.write(block)
         for name in ("counters.bin", "boots.jsonl", "console.log"):
             (path / name).write_bytes(b"")
-        (path / "rtc.bin").write_bytes(b"\x00" * RTC_FILE_SIZE)
+        clear_rtc_memory(path)
         vb = cls(path)
         image = build_app_image(definition.chip, firmware_version, secure_version=secure_version)
         vb.write_app_image(vb.app_slots()[0], image)
@@ -408,9 +441,14 @@ class VirtualBoard:
         return self.state["clock_s"]
 
     def rtc_memory(self) -> bytes:
-        raw = (self.path / "rtc.bin").read_bytes()
-        n = int.from_bytes(raw[:2], "little")
-        return raw[2 : 2 + n] if n <= 2048 else b""
+        """What the firmware keeps in RTC memory (rtc.bin's layout is _simfacts')."""
+        raw = (self.path / facts.RTC_FILE).read_bytes()
+        if len(raw) < facts.RTC_LENGTH_SIZE:
+            return b""
+        (n,) = struct.unpack_from(facts.RTC_LENGTH_FMT, raw)
+        if n > facts.RTC_MEMORY_MAX:
+            return b""
+        return raw[facts.RTC_LENGTH_SIZE : facts.RTC_LENGTH_SIZE + n]
 
     def boot_records(self) -> list[dict]:
         lines = (self.path / "boots.jsonl").read_text().splitlines()
@@ -419,9 +457,9 @@ class VirtualBoard:
     # ------------------------------------------------------------------ power
     def power_on(self, clock_s: float | None = None) -> None:
         """Apply power: RTC memory and RTC clock start from scratch."""
-        (self.path / "rtc.bin").write_bytes(b"\x00" * RTC_FILE_SIZE)
+        clear_rtc_memory(self.path)
         self.state["powered"] = True
-        self.state["next"] = {"reset_cause": PWRON_RESET, "wake_reason": 0, "keep_slot": None}
+        self.state["next"] = next_boot(PWRON_RESET)
         self.state["clock_s"] = RTC_EPOCH_AFTER_POWER_LOSS if clock_s is None else clock_s
         self.save()
 
@@ -442,7 +480,7 @@ class VirtualBoard:
 
     def press_reset(self) -> None:
         """The EN button: a reset through the bootloader, RTC memory kept."""
-        self.state["next"] = {"reset_cause": HARD_RESET, "wake_reason": 0, "keep_slot": None}
+        self.state["next"] = next_boot(HARD_RESET)
         self.save()
 
     # ------------------------------------------------------------------ boots
@@ -453,7 +491,7 @@ class VirtualBoard:
         nxt = self.state["next"]
         boot = {
             "reset_cause": nxt["reset_cause"],
-            "wake_reason": nxt.get("wake_reason", 0),
+            "wake_reason": nxt.get("wake_reason", facts.NO_WAKE),
             "keep_slot": nxt.get("keep_slot"),
             "clock_s": self.state["clock_s"],
             "cut_after_ops": self.state.get("cut_after_ops"),
@@ -463,10 +501,44 @@ class VirtualBoard:
             "heap_budget": self.heap_budget(),
             "boot_count": self.state["boot_count"] + 1,
         }
-        _write_json(self.path / "boot.json", boot)
-        (self.path / "exit.json").write_bytes(b"")
-        (self.path / "wdt").write_bytes(b"\x00" * 8)
+        self._leave_orders(boot)
         return boot
+
+    def prepare_exec(self, stage: Path) -> dict:
+        """Write boot.json for a host script (mode "exec", `stage` mounted at /.host):
+        a soft reset into the running slot that is not counted as a boot."""
+        boot = {
+            "reset_cause": SOFT_RESET,
+            "wake_reason": facts.NO_WAKE,
+            "keep_slot": self.state.get("last_slot"),
+            "clock_s": self.state["clock_s"],
+            "cut_after_ops": None,
+            "wifi": self.settings.get("wifi", {}),
+            "mode": "exec",
+            "heap_budget": self.heap_budget(),
+            "stage_dir": str(stage.resolve()),
+            "boot_count": self.state["boot_count"],
+        }
+        self._leave_orders(boot)
+        return boot
+
+    def _leave_orders(self, boot: dict) -> None:
+        """The per-process files: the orders, an empty exit record, an unarmed watchdog."""
+        _write_json(self.path / facts.BOOT_FILE, boot)
+        (self.path / facts.EXIT_FILE).write_bytes(b"")
+        (self.path / facts.WDT_FILE).write_bytes(b"\x00" * facts.WDT_FILE_SIZE)
+
+    def exit_record(self) -> dict:
+        """What the last device process left in exit.json ({} when it left nothing)."""
+        raw = (self.path / facts.EXIT_FILE).read_bytes().strip()
+        return json.loads(raw) if raw else {}
+
+    def check_exec(self, what: str, output: str) -> None:
+        """Raise SimError unless the host script run by prepare_exec's orders finished cleanly."""
+        record = self.exit_record()
+        if record.get("reason") != facts.EXIT_EXEC_DONE or record.get("detail"):
+            raise SimError(f"{self.device_id}: {what}: "
+                           f"{record.get('detail') or record.get('reason') or 'no exit record'}\n{output}")
 
     def command(self, interactive: bool = False) -> list[str]:
         total = self.heap_budget() + SIM_HEAP_ALLOWANCE
@@ -495,11 +567,10 @@ class VirtualBoard:
     def finish_boot(self, boot: dict, returncode: int | None, output: str, real_s: float,
                     forced_reason: str | None = None) -> BootRecord:
         """Read the exit record of a finished boot and decide what comes next."""
-        raw = (self.path / "exit.json").read_bytes().strip()
-        record = json.loads(raw) if raw else {}
+        record = self.exit_record()
         reason = forced_reason or record.get("reason")
         if reason is None:
-            reason = "crashed" if returncode not in (0, None) else "repl"
+            reason = facts.EXIT_CRASHED if returncode not in (0, None) else facts.EXIT_REPL
             record.setdefault("detail", f"interpreter ended with exit code {returncode}")
         self.state["boot_count"] = boot["boot_count"]
         if record.get("clock_s") is not None:
@@ -509,17 +580,16 @@ class VirtualBoard:
         running_slot = record.get("running_slot")
         if running_slot:
             self.state["last_slot"] = running_slot
-        nxt: dict = {"reset_cause": HARD_RESET, "wake_reason": 0, "keep_slot": None}
-        if reason == "deepsleep":
+        nxt = next_boot(HARD_RESET)
+        if reason == facts.EXIT_DEEPSLEEP:
             sleep_ms = record.get("sleep_ms") or 0
             self.state["clock_s"] += sleep_ms / 1000
-            nxt = {"reset_cause": DEEPSLEEP_RESET, "wake_reason": TIMER_WAKE if sleep_ms else 0,
-                   "keep_slot": running_slot}
-        elif reason == "soft_reset":
-            nxt = {"reset_cause": SOFT_RESET, "wake_reason": 0, "keep_slot": running_slot}
-        elif reason == "wdt":
-            nxt = {"reset_cause": WDT_RESET, "wake_reason": 0, "keep_slot": None}
-        elif reason == "power_cut":
+            nxt = next_boot(DEEPSLEEP_RESET, running_slot, TIMER_WAKE if sleep_ms else facts.NO_WAKE)
+        elif reason == facts.EXIT_SOFT_RESET:
+            nxt = next_boot(SOFT_RESET, running_slot)
+        elif reason == facts.EXIT_WDT:
+            nxt = next_boot(WDT_RESET)
+        elif reason == facts.EXIT_POWER_CUT:
             self.state["powered"] = False
         if self.state.get("cut_after_ops") is not None and self.counters()["ops"] >= self.state["cut_after_ops"]:
             self.state["cut_after_ops"] = None
@@ -575,9 +645,7 @@ class VirtualBoard:
     def _watch(self, proc: subprocess.Popen, started: float) -> str | None:
         """Wait for the process; play the watchdog and the boot timeout."""
         timeout_s = self.settings.get("boot_timeout_s", 60)
-        last_feed = None
-        last_feed_at = started
-        wdt_path = self.path / "wdt"
+        watchdog = WatchdogWatch(self.path, started)
         while True:
             try:
                 proc.wait(timeout=0.05)  # the watchdog's resolution: its timeouts are >= 1 s
@@ -585,19 +653,14 @@ class VirtualBoard:
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
-            raw = wdt_path.read_bytes()
-            timeout_ms = int.from_bytes(raw[0:4], "little") if len(raw) >= 8 else 0
-            feeds = int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else 0
-            if feeds != last_feed:
-                last_feed, last_feed_at = feeds, now
-            if timeout_ms and (now - last_feed_at) * 1000 > timeout_ms:
+            if watchdog.expired(now):
                 proc.kill()
                 proc.wait()
-                return "wdt"
+                return facts.EXIT_WDT
             if now - started > timeout_s:
                 proc.kill()
                 proc.wait()
-                return "hang"
+                return facts.EXIT_HANG
 
     # ------------------------------------------------------------------ files
     def exec_script(self, script: str, inputs: dict[str, bytes] | None = None) -> tuple[str, dict[str, bytes]]:
@@ -613,29 +676,11 @@ class VirtualBoard:
         (stage / "_script.py").write_text(script)
         for name, data in (inputs or {}).items():
             (stage / name).write_bytes(data)
-        boot = {
-            "reset_cause": SOFT_RESET,
-            "wake_reason": 0,
-            "keep_slot": self.state.get("last_slot"),
-            "clock_s": self.state["clock_s"],
-            "cut_after_ops": None,
-            "wifi": self.settings.get("wifi", {}),
-            "mode": "exec",
-            "heap_budget": self.heap_budget(),
-            "stage_dir": str(stage.resolve()),
-            "boot_count": self.state["boot_count"],
-        }
-        _write_json(self.path / "boot.json", boot)
-        (self.path / "exit.json").write_bytes(b"")
-        (self.path / "wdt").write_bytes(b"\x00" * 8)
+        self.prepare_exec(stage)
         proc = subprocess.run(self.command(), stdin=subprocess.DEVNULL, capture_output=True,
                               env=self.environment(), timeout=self.settings.get("boot_timeout_s", 60))
         output = (proc.stdout + proc.stderr).decode(errors="replace")
-        raw = (self.path / "exit.json").read_bytes().strip()
-        record = json.loads(raw) if raw else {}
-        if record.get("reason") != "exec_done" or record.get("detail"):
-            raise SimError(f"{self.device_id}: script failed on the device: "
-                           f"{record.get('detail') or record.get('reason') or 'no exit record'}\n{output}")
+        self.check_exec("script failed on the device", output)
         results = {p.name: p.read_bytes() for p in (stage / "out").iterdir()}
         shutil.rmtree(stage, ignore_errors=True)
         return output, results
@@ -702,6 +747,6 @@ class VirtualBoard:
                 break
             if until_clock_s is not None and self.clock_s >= until_clock_s:
                 break
-            if rec.exit_reason == "deepsleep" and scale and rec.sleep_ms:
+            if rec.exit_reason == facts.EXIT_DEEPSLEEP and scale and rec.sleep_ms:
                 time.sleep(rec.sleep_ms / 1000 / scale)
         return records

@@ -40,9 +40,6 @@ from pathlib import Path
 from typing import Callable
 
 from mpfleet.sim.board import (
-    PWRON_RESET,
-    RTC_EPOCH_AFTER_POWER_LOSS,
-    SOFT_RESET,
     STOPPING_REASONS,
     BootRecord,
     SimError,
@@ -50,7 +47,10 @@ from mpfleet.sim.board import (
     _can_fork_interpreter,
     _ForkedInterpreter,
     _write_json,
+    clear_rtc_memory,
+    fresh_state,
 )
+from mpfleet.sim.mpy._simfacts import EXIT_DEEPSLEEP
 
 FLEET_FILE = "fleet.json"
 TEMPLATE_DIR = ".template"
@@ -126,15 +126,7 @@ def _put_files_forked(vb: VirtualBoard, files: dict[str, bytes]) -> None:
         lines += [f"with open('/.host/in{i}', 'rb') as src, open({dest!r}, 'wb') as dst:",
                   "    dst.write(src.read())"]
     (stage / "_script.py").write_text("\n".join(lines) + "\n")
-    boot = {
-        "reset_cause": SOFT_RESET, "wake_reason": 0, "keep_slot": vb.state.get("last_slot"),
-        "clock_s": vb.state["clock_s"], "cut_after_ops": None, "wifi": vb.settings.get("wifi", {}),
-        "mode": "exec", "heap_budget": vb.heap_budget(), "stage_dir": str(stage.resolve()),
-        "boot_count": vb.state["boot_count"],
-    }
-    _write_json(vb.path / "boot.json", boot)
-    (vb.path / "exit.json").write_bytes(b"")
-    (vb.path / "wdt").write_bytes(b"\x00" * 8)
+    vb.prepare_exec(stage)
     proc = _ForkedInterpreter(["micropython"] + vb.command()[1:], vb.environment())
     try:
         proc.wait(timeout=vb.settings.get("boot_timeout_s", 60))  # prints a few bytes at most
@@ -143,11 +135,7 @@ def _put_files_forked(vb: VirtualBoard, files: dict[str, bytes]) -> None:
         proc.wait()
     output = proc.stdout.read().decode(errors="replace")
     proc.stdout.close()
-    raw = (vb.path / "exit.json").read_bytes().strip()
-    record = json.loads(raw) if raw else {}
-    if record.get("reason") != "exec_done" or record.get("detail"):
-        raise SimError(f"{vb.device_id}: writing {sorted(files)} failed: "
-                       f"{record.get('detail') or record.get('reason') or 'no exit record'}\n{output}")
+    vb.check_exec(f"writing {sorted(files)} failed", output)
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -186,11 +174,6 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
     template.set_wifi(networks={wifi["ssid"]: {"password": wifi["password"], "rssi": -60}}, connect_ms=10)
     template.fs_put(firmware_tree())
     base_settings = json.loads((template_dir / "settings.json").read_text())
-    base_state = {
-        "powered": False, "boot_count": 0,
-        "next": {"reset_cause": PWRON_RESET, "wake_reason": 0, "keep_slot": None},
-        "clock_s": RTC_EPOCH_AFTER_POWER_LOSS, "cut_after_ops": None, "seed": 1,
-    }
     now = time.time() if clock_s is None else clock_s
 
     def make(index: int) -> VirtualBoard:
@@ -201,10 +184,10 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
             if name not in ("settings.json", "state.json"):
                 _copy_file(template_dir / name, path / name)
         _write_json(path / "settings.json", {**base_settings, "device_id": dev, "mac": fleet_mac(index)})
-        _write_json(path / "state.json", dict(base_state, seed=index))
+        _write_json(path / "state.json", fresh_state(seed=index))
         for name in ("boots.jsonl", "console.log"):
             (path / name).write_bytes(b"")
-        (path / "rtc.bin").write_bytes(b"\x00" * (2 + 2048))
+        clear_rtc_memory(path)
         vb = VirtualBoard(path)
         groups = groups_fn(index, dev) if groups_fn else []
         creds = credentials_fn(index, dev) if credentials_fn else broker_credentials
@@ -386,7 +369,7 @@ class FleetRunner:
                     if self.keep_starts:
                         slot.boot_starts.append(started)
                     self._reasons[record.exit_reason] += 1
-                    slot.non_sleep_streak = 0 if record.exit_reason == "deepsleep" else slot.non_sleep_streak + 1
+                    slot.non_sleep_streak = 0 if record.exit_reason == EXIT_DEEPSLEEP else slot.non_sleep_streak + 1
                 if error is not None:
                     slot.stopped = "error"
                     self._errors[slot.board.device_id] = error
@@ -397,7 +380,7 @@ class FleetRunner:
                     self._cond.notify()
 
     def _delay(self, record: BootRecord) -> float:
-        if record.exit_reason != "deepsleep" or not record.sleep_ms:
+        if record.exit_reason != EXIT_DEEPSLEEP or not record.sleep_ms:
             return 0.0
         delay = record.sleep_ms / 1000 / self.clock_scale
         return min(delay, self.awake_max_wait_s) if self.mode == "awake" else delay

@@ -57,7 +57,6 @@ Linux only (pseudo-terminals with termios, /proc).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import queue
 import select
@@ -70,7 +69,15 @@ import threading
 import time
 from pathlib import Path
 
-from mpfleet.sim.board import STOPPING_REASONS, BootRecord, SimError, VirtualBoard, micropython_executable
+from mpfleet.sim.board import (
+    STOPPING_REASONS,
+    BootRecord,
+    SimError,
+    VirtualBoard,
+    WatchdogWatch,
+    micropython_executable,
+)
+from mpfleet.sim.mpy import _simfacts as facts
 
 RAW_REPL_BANNER = b"raw REPL; CTRL-B to exit\r\n"
 SOFT_REBOOT_LINE = b"MPY: soft reboot\r\n"
@@ -90,7 +97,7 @@ _SIGINT_MASK = 1 << (signal.SIGINT - 1)
 _EXECUTING_LFLAG = termios.ECHOK
 
 POLL_S = 0.01
-WDT_POLL_S = 0.02  # as VirtualBoard._watch
+WDT_POLL_S = 0.02  # the wdt file is read at most this often (the loop turns every POLL_S)
 INTERRUPT_HOLD_S = 1.0
 # A process younger than this that has printed nothing may still be inside
 # CPython's start-up, whose SIGINT handler is not MicroPython's.
@@ -185,8 +192,8 @@ class _Device:
         # reads, then Ctrl-A is sent and "await_banner" until its answer.
         self.handshake = "await_repl" if mode == "soft-raw" else None
         self.handshake_output = bytearray()
-        self.wdt_feeds = None
-        self.wdt_fed_at = self.wdt_checked_at = self.started
+        self.watchdog = WatchdogWatch(vb.path, self.started)
+        self.wdt_checked_at = self.started
 
     # --- what the process is doing ---------------------------------------
     def reading_raw(self) -> bool:
@@ -240,22 +247,13 @@ class _Device:
         return text
 
     def watchdog_expired(self) -> bool:
-        """The firmware armed machine.WDT and stopped feeding it (VirtualBoard._watch's rule)."""
-        if time.monotonic() - self.wdt_checked_at < WDT_POLL_S:
-            return False
-        try:
-            raw = (self.vb.path / "wdt").read_bytes()
-        except OSError:
-            return False
-        if len(raw) < 8:
-            return False
-        timeout_ms = int.from_bytes(raw[0:4], "little")
-        feeds = int.from_bytes(raw[4:8], "little")
+        """The firmware armed machine.WDT and stopped feeding it (the rule VirtualBoard._watch
+        applies too: WatchdogWatch)."""
         now = time.monotonic()
+        if now - self.wdt_checked_at < WDT_POLL_S:
+            return False
         self.wdt_checked_at = now
-        if feeds != self.wdt_feeds:
-            self.wdt_feeds, self.wdt_fed_at = feeds, now
-        return bool(timeout_ms) and (now - self.wdt_fed_at) * 1000 > timeout_ms
+        return self.watchdog.expired(now)
 
     # --- ending ----------------------------------------------------------
     def kill(self) -> None:
@@ -485,7 +483,7 @@ class SerialConsole:
             if dev.proc.poll() is not None:
                 self._boot_ended(dev)
             elif dev.watchdog_expired():
-                self._stop_boot("wdt")
+                self._stop_boot(facts.EXIT_WDT)
                 self._start_boot("run")
         if self._sleep_until is not None and time.monotonic() >= self._sleep_until:
             self._sleep_until = None
@@ -544,17 +542,18 @@ class SerialConsole:
         if not self._halted(dev) and dev.proc.returncode >= 0:
             # Ctrl-D on an empty REPL line (or SystemExit) ends the unix
             # port's process; an ESP32 soft-resets.
-            forced = "soft_reset"
+            forced = facts.EXIT_SOFT_RESET
         rec = self._finish(dev, forced)
         reason = rec.exit_reason
-        if reason == "soft_reset":
+        if reason == facts.EXIT_SOFT_RESET:
             self._emit(SOFT_REBOOT_LINE)
             self._carry = SOFT_REBOOT_LINE
             self._start_boot("soft-raw" if self._client_raw else "soft")
-        elif reason == "deepsleep" and rec.sleep_ms:
+        elif reason == facts.EXIT_DEEPSLEEP and rec.sleep_ms:
             scale = self.vb.settings.get("clock_scale", 0)
             self._sleep_until = time.monotonic() + (rec.sleep_ms / 1000 / scale if scale else 0)
-        elif reason == "deepsleep" or reason in STOPPING_REASONS or reason in ("sim_error", "exec_done"):
+        elif (reason == facts.EXIT_DEEPSLEEP or reason in STOPPING_REASONS
+              or reason in (facts.EXIT_SIM_ERROR, facts.EXIT_EXEC_DONE)):
             # Dark until power_on() (power cut) or reset(): no wake source,
             # no bootable image, ROM download mode, a crashed interpreter.
             self._stopped_reason = reason
@@ -565,8 +564,7 @@ class SerialConsole:
         """The firmware stopped the chip (halt() wrote a reason), as opposed to
         the interpreter ending (its exit record then holds only the slot note)."""
         try:
-            raw = (self.vb.path / "exit.json").read_bytes().strip()
-            return bool(raw) and "reason" in json.loads(raw)
+            return "reason" in self.vb.exit_record()
         except (OSError, ValueError):
             return False
 

@@ -12,9 +12,12 @@
 #                  wake reason, clock, remembered slot, power-cut schedule, Wi-Fi
 #   flash.bin      the 4 MiB NOR flash (see _simflash)
 #   counters.bin   flash wear counters
-#   rtc.bin        RTC slow memory: u16 length + 2048 bytes
-#   wdt            watchdog: u32 timeout_ms, u32 feed count (polled by the supervisor)
+#   rtc.bin        RTC slow memory (layout in _simfacts)
+#   wdt            watchdog: timeout and feed count (layout in _simfacts; polled
+#                  by the supervisor)
 #   exit.json      why this process stopped (written once, by halt())
+# The numbers both sides agree on (reset causes, the RTC memory limit, file
+# layouts, exit reasons) are _simfacts'.
 
 import gc
 import json
@@ -22,14 +25,8 @@ import os
 import struct
 import utime
 
+import _simfacts
 from _simflash import NorFlash
-
-RTC_MEMORY_MAX = 2048
-PWRON_RESET = 1
-HARD_RESET = 2
-WDT_RESET = 3
-DEEPSLEEP_RESET = 4
-SOFT_RESET = 5
 
 hw = None
 
@@ -42,7 +39,7 @@ def _load_json(path):
 class Hardware:
     def __init__(self, devdir):
         self.dir = devdir
-        self.boot = _load_json(devdir + "/boot.json")
+        self.boot = _load_json(devdir + "/" + _simfacts.BOOT_FILE)
         self.board = _load_json(devdir + "/board.json")
         self.settings = _load_json(devdir + "/settings.json")
         regions = [(p["name"], p["offset"], p["size"]) for p in self.board["partitions"]]
@@ -55,10 +52,10 @@ class Hardware:
             on_power_cut=self._power_cut,
             counters_path=devdir + "/counters.bin",
         )
-        self._rtc_file = open(devdir + "/rtc.bin", "r+b")
-        self._exit_file = open(devdir + "/exit.json", "wb")
-        self._wdt_file = open(devdir + "/wdt", "r+b")
-        self._wdt_buf = bytearray(8)
+        self._rtc_file = open(devdir + "/" + _simfacts.RTC_FILE, "r+b")
+        self._exit_file = open(devdir + "/" + _simfacts.EXIT_FILE, "wb")
+        self._wdt_file = open(devdir + "/" + _simfacts.WDT_FILE, "r+b")
+        self._wdt_buf = bytearray(_simfacts.WDT_FILE_SIZE)
         self._wdt_feeds = 0
         self.wdt_timeout_ms = None
         self._start_ticks = utime.ticks_ms()
@@ -85,17 +82,17 @@ class Hardware:
     # --- RTC memory ------------------------------------------------------
     def rtc_memory(self):
         self._rtc_file.seek(0)
-        head = self._rtc_file.read(2)
-        n = struct.unpack("<H", head)[0] if len(head) == 2 else 0
-        if n > RTC_MEMORY_MAX:
+        head = self._rtc_file.read(_simfacts.RTC_LENGTH_SIZE)
+        n = struct.unpack(_simfacts.RTC_LENGTH_FMT, head)[0] if len(head) == _simfacts.RTC_LENGTH_SIZE else 0
+        if n > _simfacts.RTC_MEMORY_MAX:
             n = 0
         return self._rtc_file.read(n) if n else b""
 
     def set_rtc_memory(self, data):
-        if len(data) > RTC_MEMORY_MAX:
+        if len(data) > _simfacts.RTC_MEMORY_MAX:
             raise ValueError("buffer too long")
         self._rtc_file.seek(0)
-        self._rtc_file.write(struct.pack("<H", len(data)))
+        self._rtc_file.write(struct.pack(_simfacts.RTC_LENGTH_FMT, len(data)))
         self._rtc_file.write(data)
 
     # --- watchdog --------------------------------------------------------
@@ -105,7 +102,7 @@ class Hardware:
 
     def feed_wdt(self):
         self._wdt_feeds += 1
-        struct.pack_into("<II", self._wdt_buf, 0, self.wdt_timeout_ms or 0, self._wdt_feeds)
+        struct.pack_into(_simfacts.WDT_FMT, self._wdt_buf, 0, self.wdt_timeout_ms or 0, self._wdt_feeds)
         self._wdt_file.seek(0)
         self._wdt_file.write(self._wdt_buf)
 
@@ -121,7 +118,7 @@ class Hardware:
         self._exit_file.flush()
 
     def _power_cut(self, detail):
-        self.halt("power_cut", detail=detail)
+        self.halt(_simfacts.EXIT_POWER_CUT, detail=detail)
 
     def _heap_live(self):
         # Bytes the firmware still holds (the simulator's own objects and the

@@ -22,9 +22,8 @@
 import os
 import sys
 
+import _simfacts
 import _simhw
-
-_BOOTLOADER_HALT = "no_bootable_image"
 
 
 def _log(msg):
@@ -129,7 +128,7 @@ def _leave_budget(hw):
     try:
         reserve = bytearray(budget)
     except MemoryError:
-        hw.halt("sim_error", detail="simulator heap allowance too small for a %d byte budget" % budget)
+        hw.halt(_simfacts.EXIT_SIM_ERROR, detail="simulator heap allowance too small for a %d byte budget" % budget)
     ballast = [None] * 256
     size = 1
     while size * 2 <= gc.mem_free():
@@ -164,20 +163,20 @@ def _run_host_script(hw):
         sys.print_exception(e)
         detail = "%s: %s" % (type(e).__name__, e)
     vfs.umount("/.host")
-    hw.halt("exec_done", detail=detail)
+    hw.halt(_simfacts.EXIT_EXEC_DONE, detail=detail)
 
 
 def start(devdir, interactive):
     hw = _simhw.init(devdir)
     slot, app = _select_slot(hw)
     if slot is None:
-        hw.halt(_BOOTLOADER_HALT, detail="no valid app image in any slot")
+        hw.halt(_simfacts.EXIT_NO_BOOTABLE_IMAGE, detail="no valid app image in any slot")
     hw.running_slot = slot["name"]
     hw.app = app
     hw.note_running()
     if app["sim_note"].get("crash") == "boot":
         _log("Guru Meditation Error: firmware %s panicked at boot" % app["version"])
-        hw.halt("panic", detail="image %s crashes at boot" % app["version"])
+        hw.halt(_simfacts.EXIT_PANIC, detail="image %s crashes at boot" % app["version"])
 
     # The port's built-in modules: import them before / is replaced by LittleFS.
     import dht  # noqa: F401
@@ -202,14 +201,14 @@ def start(devdir, interactive):
     except KeyboardInterrupt:
         # Ctrl-C at the console stops main.py and leaves the REPL, as on a board.
         if not interactive:
-            hw.halt("repl", detail="KeyboardInterrupt")
+            hw.halt(_simfacts.EXIT_REPL, detail="KeyboardInterrupt")
         return
     if interactive:
         return
     if hw.wdt_timeout_ms is not None:
         # main.py returned and nothing feeds the watchdog at the REPL.
-        hw.halt("wdt", detail="main.py returned; the REPL does not feed the WDT")
-    hw.halt("repl", detail="main.py returned; the board sits at the REPL")
+        hw.halt(_simfacts.EXIT_WDT, detail="main.py returned; the REPL does not feed the WDT")
+    hw.halt(_simfacts.EXIT_REPL, detail="main.py returned; the board sits at the REPL")
 
 
 def main():

@@ -6,21 +6,24 @@
 import math
 import utime
 
+import _simfacts
 import _simhw
 
-PWRON_RESET = 1
-HARD_RESET = 2
-WDT_RESET = 3
-DEEPSLEEP_RESET = 4
-SOFT_RESET = 5
-
-# ESP32 wake reasons (esp_sleep_get_wakeup_cause()).
-PIN_WAKE = 2
-EXT0_WAKE = 2
-EXT1_WAKE = 3
-TIMER_WAKE = 4
-TOUCHPAD_WAKE = 5
-ULP_WAKE = 6
+# Reset causes and wake reasons (esp_sleep_get_wakeup_cause()): the ESP32 port's
+# values, owned by _simfacts, which the supervisor reads too.
+from _simfacts import (  # noqa: F401 - machine's API
+    DEEPSLEEP_RESET,
+    EXT0_WAKE,
+    EXT1_WAKE,
+    HARD_RESET,
+    PIN_WAKE,
+    PWRON_RESET,
+    SOFT_RESET,
+    TIMER_WAKE,
+    TOUCHPAD_WAKE,
+    ULP_WAKE,
+    WDT_RESET,
+)
 
 IDLE = 0
 SLEEP = 2
@@ -38,7 +41,7 @@ def reset_cause():
 
 
 def wake_reason():
-    return _hw().boot.get("wake_reason", 0)
+    return _hw().boot.get("wake_reason", _simfacts.NO_WAKE)
 
 
 def unique_id():
@@ -68,7 +71,7 @@ def enable_irq(state=0):
 
 def deepsleep(time_ms=0):
     """Sleep until the timer (or forever with 0) wakes the chip: the process ends."""
-    _hw().halt("deepsleep", sleep_ms=int(time_ms))
+    _hw().halt(_simfacts.EXIT_DEEPSLEEP, sleep_ms=int(time_ms))
 
 
 def lightsleep(time_ms=0):
@@ -76,15 +79,15 @@ def lightsleep(time_ms=0):
 
 
 def reset():
-    _hw().halt("reset")
+    _hw().halt(_simfacts.EXIT_RESET)
 
 
 def soft_reset():
-    _hw().halt("soft_reset")
+    _hw().halt(_simfacts.EXIT_SOFT_RESET)
 
 
 def bootloader():
-    _hw().halt("bootloader")
+    _hw().halt(_simfacts.EXIT_BOOTLOADER)
 
 
 class Pin:
