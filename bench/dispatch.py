@@ -29,10 +29,9 @@ from pathlib import Path
 from mpfleet.broker.local import LocalBroker
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import parse_broker_url
-from mpfleet.fleet.provision import provision_sim_fleet
 from mpfleet.fleet.registry import Registry
 from mpfleet.fleet.rollout import RolloutEngine
-from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner
+from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner, provision_sim_fleet
 from mpfleet.db.store import Store
 
 DEVICES = int(os.environ.get("MPFLEET_BENCH_DEVICES", "1000"))

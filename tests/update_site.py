@@ -15,10 +15,9 @@ from mpfleet.images.firmware import FIRMWARE_DIR
 from mpfleet.images.store import ID_LEN, ImageRecord, ImageStore
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import parse_broker_url
-from mpfleet.fleet.provision import provision_sim_fleet
 from mpfleet.fleet.registry import Registry
 from mpfleet.fleet.rollout import RolloutEngine
-from mpfleet.sim.fleet import AWAKE_CONFIG
+from mpfleet.sim.fleet import AWAKE_CONFIG, provision_sim_fleet
 from mpfleet.db.store import Store
 
 BASE_FW = "v1.24.0"  # what a provisioned virtual board runs

@@ -38,11 +38,10 @@ def test_amqtt_fallback_carries_a_job_to_a_device(tmp_path):
     from mpfleet.broker.local import AmqttBroker
     from mpfleet.fleet.keys import KeyRing
     from mpfleet.broker.link import parse_broker_url
-    from mpfleet.fleet.provision import provision_sim_fleet
     from mpfleet.fleet.registry import Registry
     from mpfleet.fleet.rollout import RolloutEngine
     from mpfleet.fleet.serve import Dispatcher
-    from mpfleet.sim.fleet import AWAKE_CONFIG
+    from mpfleet.sim.fleet import AWAKE_CONFIG, provision_sim_fleet
 
     with AmqttBroker() as broker, Store(tmp_path / "m.db") as store:
         cfg = parse_broker_url(broker.url)

@@ -25,11 +25,10 @@ import pytest
 
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import parse_broker_url
-from mpfleet.fleet.provision import provision_sim_fleet
 from mpfleet.fleet.registry import Registry
 from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.fleet.serve import Dispatcher, ServeError
-from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner
+from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner, provision_sim_fleet
 from mpfleet.db.store import Store
 
 AWAKE = 50

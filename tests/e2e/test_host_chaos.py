@@ -41,10 +41,9 @@ from mpfleet.broker.config import conf_lines, generate, host_credentials
 from mpfleet.protocol.codec import encode_frame
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import BrokerConfig
-from mpfleet.fleet.provision import provision_sim_fleet
 from mpfleet.fleet.registry import Registry
 from mpfleet.fleet.rollout import RolloutEngine
-from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner
+from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner, provision_sim_fleet
 from mpfleet.db.store import Store
 
 KINDS = ["kill_serve", "broker_restart", "broker_restart_lost", "impostor", "hostile", "disk_full"]

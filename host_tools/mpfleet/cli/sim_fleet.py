@@ -82,8 +82,7 @@ def sim_fleet(count: int, root: Path, broker_url: str, awake: bool, scale: float
     from mpfleet.broker.config import host_credentials
     from mpfleet.fleet.keys import KeyRing
     from mpfleet.broker.link import parse_broker_url
-    from mpfleet.fleet.provision import provision_sim_fleet
-    from mpfleet.sim.fleet import AWAKE_CONFIG, FLEET_FILE, FleetRunner, load_fleet
+    from mpfleet.sim.fleet import AWAKE_CONFIG, FLEET_FILE, FleetRunner, load_fleet, provision_sim_fleet
     from mpfleet.db.store import Store
 
     if (root / FLEET_FILE).exists():

@@ -38,11 +38,10 @@ from mpfleet.broker.config import conf_lines, generate, host_credentials
 from mpfleet.images.store import ImageStore
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import BrokerConfig
-from mpfleet.fleet.provision import provision_sim_fleet
 from mpfleet.fleet.registry import Registry
 from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.fleet.serve import Dispatcher
-from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner
+from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner, provision_sim_fleet
 from mpfleet.db.store import Store
 from mpfleet.fleet.updates import app_params
 

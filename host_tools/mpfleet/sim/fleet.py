@@ -1,6 +1,10 @@
 """Many virtual boards at once: provision a fleet, run it on a worker pool.
 
-Provisioning (`provision_fleet`) is built for hundreds of boards:
+`provision_sim_fleet` provisions a virtual fleet as the host provisions real devices
+(registered, trusting the host's keys, each with its own broker account: the library's
+`mpfleet.fleet.provision.register_devices`), then makes the boards with
+`provision_fleet`, which knows nothing of the host's database. The boards-only
+provisioning is built for hundreds of boards:
 
 1. the firmware tree is compiled once (`firmware_tree()`);
 2. one *template* board is created in `root/.template` and gets the firmware
@@ -37,8 +41,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from mpfleet.fleet.provision import register_devices
 from mpfleet.sim.board import (
     STOPPING_REASONS,
     BootRecord,
@@ -51,6 +56,11 @@ from mpfleet.sim.board import (
     fresh_state,
 )
 from mpfleet.sim.mpy._simfacts import EXIT_DEEPSLEEP
+
+if TYPE_CHECKING:
+    from mpfleet.broker.link import BrokerConfig
+    from mpfleet.db.store import Store
+    from mpfleet.fleet.keys import KeyRing
 
 FLEET_FILE = "fleet.json"
 TEMPLATE_DIR = ".template"
@@ -152,7 +162,7 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
     `groups_fn(index, device_id)` gives a device's groups (index from 1);
     `config_overrides` merge into every config (e.g. AWAKE_CONFIG);
     `broker_credentials` is (user, password) for every device, `credentials_fn(index,
-    device_id)` each device's own (mpfleet.fleet.provision gives each its broker account);
+    device_id)` each device's own (provision_sim_fleet gives each its broker account);
     `wifi` is {"ssid", "password"}."""
     from mpfleet.images.firmware import firmware_tree  # noqa: PLC0415
 
@@ -205,6 +215,22 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
                                     "config_overrides": config_overrides or {}, "created": time.time()})
     shutil.rmtree(template_dir, ignore_errors=True)
     return boards
+
+
+def provision_sim_fleet(store: Store, keyring: KeyRing, root: str | os.PathLike, count: int, broker: BrokerConfig,
+                        prefix: str = "sim", groups_fn: Callable[[int, str], list[str]] | None = None,
+                        with_credentials: bool = True, config_overrides: dict | None = None,
+                        workers: int | None = None) -> list[VirtualBoard]:
+    """A virtual fleet provisioned like real devices: registered, trusting the host's
+    keys, each with its own broker account (`with_credentials`). Returns the boards."""
+    trusted = keyring.trusted_keys()  # none yet: the devices reject every job until a config gives them one
+    ids = device_ids(count, prefix)
+    index_of = {d: i for i, d in enumerate(ids, 1)}
+    groups = (lambda d: groups_fn(index_of[d], d)) if groups_fn else (lambda d: [])
+    creds = register_devices(store, ids, "virtual", groups, with_credentials)
+    return provision_fleet(Path(root), count, broker.host, broker.port, prefix=prefix,
+                           groups_fn=groups_fn, config_overrides=config_overrides, trusted_keys=trusted,
+                           credentials_fn=(lambda i, d: creds[d]) if creds else None, workers=workers)
 
 
 def load_fleet(root: str | os.PathLike) -> list[VirtualBoard]:
