@@ -139,16 +139,16 @@ class ArtifactServer:
         return data
 
     def _read(self, sha256: str) -> bytes:
-        import hashlib  # noqa: PLC0415
+        # The store's own read and check; the refusal goes to the device, so it
+        # names the artifact, not the host's path.
+        from mpfleet.images.store import StoredImageChanged, StoredImageMissing, read_stored  # noqa: PLC0415
 
-        path = self.images_dir / f"{sha256}.bin"
         try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise Refusal(f"artifact {sha256[:12]} is not in the host's image store ({e.strerror or e})") from None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise Refusal(f"artifact {sha256[:12]} in the host's image store is corrupted")
-        return data
+            return read_stored(self.images_dir, sha256)
+        except StoredImageMissing as e:
+            raise Refusal(f"artifact {sha256[:12]} is not in the host's image store ({e.reason})") from None
+        except StoredImageChanged:
+            raise Refusal(f"artifact {sha256[:12]} in the host's image store is corrupted") from None
 
 
 def parse_request(payload: bytes) -> tuple[str, int, int, int]:

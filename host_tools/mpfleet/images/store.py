@@ -17,10 +17,15 @@ Accepted inputs (`add`):
 
 Every image is validated with esptool's own image code (espimage.parse_app_image:
 magic, segments, checksum, appended SHA-256, app descriptor) before it is stored.
+
+Reading a stored artifact back (`read_stored`: the file named by its SHA-256, checked
+against that SHA-256) is this module's too: `ImageStore.read` and serve's OTA stream
+(fleet/otaserve.py, which has only a read-only database connection) both call it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +36,9 @@ from mpfleet.images.espimage import (
     APP_PARTITION_OFFSET,
     BOOTLOADER_OFFSETS,
     IMAGE_MAGIC,
+    AppImageInfo,
     ImageError,
+    extract_app_from_merged,
     image_length,
     normalize_chip,
     parse_app_image,
@@ -43,6 +50,18 @@ ID_LEN = 12  # hex digits of the SHA-256: the image's id
 
 class ImageStoreError(MpfleetError):
     """An image was refused, or is not in the store."""
+
+
+class StoredImageMissing(ImageStoreError):
+    """A stored artifact's file cannot be read; `reason` says why (the OS's words)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class StoredImageChanged(ImageStoreError):
+    """A stored artifact's bytes no longer hash to the SHA-256 that names them."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,41 @@ def default_images_dir() -> Path:
     return Path(os.environ.get("MPFLEET_HOME", Path.home() / ".mpfleet")) / "images"
 
 
+def stored_path(images_dir: str | os.PathLike, sha256: str) -> Path:
+    """Where the store keeps the artifact with this SHA-256."""
+    return Path(images_dir) / f"{sha256}.bin"
+
+
+def read_stored(images_dir: str | os.PathLike, sha256: str) -> bytes:
+    """A stored artifact's bytes, checked against the SHA-256 that names it.
+    Raises StoredImageMissing or StoredImageChanged (messages name the image id)."""
+    path = stored_path(images_dir, sha256)
+    image_id = sha256[:ID_LEN]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise StoredImageMissing(f"image {image_id}: cannot read {path}: {reason}", reason) from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise StoredImageChanged(f"image {image_id}: {path} does not match its SHA-256 (changed on disk)")
+    return data
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[bytes, str, AppImageInfo]:
+    """Read and verify a firmware image file for the store: (the app image, "app" or
+    "merged", what the app says about itself); ImageStoreError says why not."""
+    path = Path(path)
+    app, kind = app_from_file(_read_file(path), path.name)
+    return app, kind, parse_app_image(app)
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageStoreError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def app_from_file(data: bytes, name: str) -> tuple[bytes, str]:
     """(the app image, "app" or "merged") from a file's bytes; ImageStoreError says why not."""
     if not data:
@@ -94,12 +148,9 @@ def app_from_file(data: bytes, name: str) -> tuple[bytes, str]:
         if not (0 <= at < len(data)) or data[at] != IMAGE_MAGIC:
             continue
         try:
-            length = image_length(data, at)
-            app = data[at:at + length]
-            parse_app_image(app)
-            return app, "merged"
+            return extract_app_from_merged(data, at), "merged"
         except ImageError as e:
-            merged_errors.append(f"app at file offset {at:#x}: {e}")
+            merged_errors.append(str(e))  # names the file offset of the app it tried
     if merged_errors:
         raise ImageStoreError(f"{name}: a merged image whose app is not valid: {merged_errors[0]}")
     if app_error is not None:
@@ -119,12 +170,7 @@ class ImageStore:
         """Validate and store an image file; returns (record, True if it was new).
         `chip`: refuse the image unless it is for this chip."""
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageStoreError(f"cannot read {path}: {e.strerror or e}") from None
-        app, kind = app_from_file(data, path.name)
-        info = parse_app_image(app)
+        app, kind, info = read_image_file(path)
         if chip is not None and info.chip != normalize_chip(chip):
             raise ImageStoreError(f"{path.name} is an image for {info.chip}, not for {normalize_chip(chip)}")
         known = self._row("sha256 = ?", info.sha256)
@@ -141,10 +187,7 @@ class ImageStore:
         from mpfleet.images.appbundle import BundleError, read_bundle  # noqa: PLC0415
 
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageStoreError(f"cannot read {path}: {e.strerror or e}") from None
+        data = _read_file(path)
         try:
             bundle = read_bundle(data)
         except BundleError as e:
@@ -162,7 +205,7 @@ class ImageStore:
 
     def _write(self, sha256: str, data: bytes) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"{sha256}.bin"
+        final = stored_path(self.dir, sha256)
         tmp = final.with_suffix(".part")
         tmp.write_bytes(data)
         os.replace(tmp, final)
@@ -188,17 +231,7 @@ class ImageStore:
 
     def read(self, ref: str) -> bytes:
         """The image's bytes, checked against its recorded SHA-256."""
-        import hashlib  # noqa: PLC0415
-
-        record = self.get(ref)
-        path = self.dir / f"{record.sha256}.bin"
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageStoreError(f"image {record.id}: cannot read {path}: {e.strerror or e}") from None
-        if hashlib.sha256(data).hexdigest() != record.sha256:
-            raise ImageStoreError(f"image {record.id}: {path} does not match its SHA-256 (changed on disk)")
-        return data
+        return read_stored(self.dir, self.get(ref).sha256)
 
     def _row(self, where: str, value) -> ImageRecord | None:
         row = self.store.db.execute(f"SELECT {_COLS} FROM images WHERE {where}", (value,)).fetchone()
