@@ -25,7 +25,7 @@ from mpfleet.broker.link import parse_broker_url
 from mpfleet.sim import VirtualBoard
 from mpfleet.sim.serial import SerialConsole
 from mpfleet.db.store import Store
-from mpfleet.usb.link import open_link
+from mpfleet.usb.transport import open_link
 from mpfleet.usb.field import DeploySettings, deploy
 
 BOARDS = 8

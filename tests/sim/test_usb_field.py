@@ -21,7 +21,7 @@ from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.sim import VirtualBoard
 from mpfleet.sim.serial import SerialConsole
 from mpfleet.db.store import Store
-from mpfleet.usb.link import open_link
+from mpfleet.usb.transport import open_link
 from mpfleet.usb.field import collect
 
 BOARDS = 4

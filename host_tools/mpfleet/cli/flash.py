@@ -19,7 +19,8 @@ from rich.text import Text
 
 from mpfleet.cli.options import JSON, print_json
 from mpfleet.errors import MpfleetError
-from mpfleet.usb.flash import AFTER_MODES, BEFORE_MODES, DEFAULT_BAUD, FirmwarePlan, PortResult
+from mpfleet.usb.flash import AFTER_MODES, BEFORE_MODES, DEFAULT_BAUD, FirmwarePlan
+from mpfleet.usb.ports import PortResult
 
 # No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
 console = Console(emoji=False)
@@ -83,13 +84,13 @@ def flash(board_name: str, firmware: str, ports: tuple[str, ...], all_ports: boo
 
 
 def _target_ports(ports: tuple[str, ...], all_ports: bool) -> list[str]:
-    from mpfleet.usb.flash import usb_serial_ports
+    from mpfleet.usb.ports import list_usb_ports
 
     if not ports and not all_ports:
         raise click.UsageError("no boards to flash: give --port PORT (repeatable) or --all")
     targets = list(dict.fromkeys(ports))
     if all_ports:
-        found = usb_serial_ports()
+        found = [p.port for p in list_usb_ports()]
         if not found and not targets:
             raise BoardsFailed("--all found no serial port with a USB vendor/product id: "
                                "is a board plugged in (and its USB-serial driver loaded)?")

@@ -1,4 +1,4 @@
-"""`mpfleet ports`, `mpfleet deploy`, `mpfleet usb run|collect` (libraries: mpfleet.usb.link, mpfleet.usb.field).
+"""`mpfleet ports`, `mpfleet deploy`, `mpfleet usb run|collect` (libraries: mpfleet.usb.field, mpfleet.usb.ports).
 
 Thin: parse, call the library on every port at once, show one line per board as it
 goes and a summary table; exit status 1 when any board failed.
@@ -107,7 +107,9 @@ def _report(results, as_json: bool, title: str, columns: list[tuple[str, callabl
 @JSON
 def ports(probe, ports, as_json):
     """Attached boards: port, VID:PID, serial number, USB location (the stable key)."""
-    from mpfleet.usb.link import PortResult, each_port, identify, open_link
+    from mpfleet.usb.device import identify
+    from mpfleet.usb.ports import PortResult, each_port
+    from mpfleet.usb.transport import open_link
 
     found = usb_ports() + [{"port": p, "vid_pid": "", "serial": None, "location": None, "description": "given",
                             "key": p} for p in ports]

@@ -1,9 +1,12 @@
 """The USB field commands as library calls: deploy and provision, run a job, collect samples.
 
-Which room: host library behind `mpfleet deploy`, `mpfleet usb run` and `mpfleet usb
-collect` (cli_usb.py). Every function works on many ports in phases: the boards are
-talked to in parallel (usb.each_port), the database is read and written only here,
-between the phases, by the calling thread.
+Which room: host library, usb/, behind `mpfleet deploy`, `mpfleet usb run` and `mpfleet
+usb collect` (cli/usb.py). Layered as mpremote is: a transport moves bytes
+(usb/transport.py: LinkPool, one link per port), the board's commands are built on it
+(usb/device.py), and this module composes them; it prints nothing. Every function
+works on many ports in phases: the boards are talked to in parallel
+(usb/ports.each_port), the database is read and written only here, between the
+phases, by the calling thread.
 """
 
 from __future__ import annotations
@@ -21,19 +24,9 @@ from mpfleet.broker.link import BrokerConfig
 from mpfleet.fleet.provision import register_devices
 from mpfleet.fleet.rollout import FINAL_STATES, RolloutEngine
 from mpfleet.db.store import Store
-from mpfleet.usb.link import (
-    CATCH_S,
-    LinkPool,
-    PortResult,
-    UsbError,
-    each_port,
-    identify,
-    read_backlog,
-    run_envelopes,
-    self_check,
-    send_ack,
-    sync_files,
-)
+from mpfleet.usb.device import identify, read_backlog, read_config, run_envelopes, self_check, send_ack, sync_files
+from mpfleet.usb.ports import PortResult, each_port
+from mpfleet.usb.transport import CATCH_S, LinkPool, UsbError
 
 Progress = Callable[[str, str], None]  # (port, what is happening now)
 
@@ -118,7 +111,7 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
             r = copied[port]
             progress(port, "provisioning")
             link = pool.get(port)
-            cfg = _merge_config(_read_config(link), r.device, settings, trusted, creds.get(r.device))
+            cfg = _merge_config(read_config(link), r.device, settings, trusted, creds.get(r.device))
             # The security settings too: on the device they change only over USB
             # (exec permission) or through keys jobs, never by a config job.
             security = {"trusted_keys": cfg["trusted_keys"], "exec_allowed": cfg.get("exec_allowed") is True}
@@ -133,15 +126,6 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
 
         done = _phase(pool, list(copied), provision, failed)
     return _results(ports, done, failed)
-
-
-def _read_config(link) -> dict:
-    out = link.exec("try:\n    print(open('/config.json').read())\nexcept OSError:\n    print('{}')\n")
-    try:
-        cfg = json.loads(out.strip() or "{}")
-    except ValueError:
-        return {}  # a broken config is replaced
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def _merge_config(current: dict, device: str, s: DeploySettings, trusted: dict,

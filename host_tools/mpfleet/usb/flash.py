@@ -1,6 +1,6 @@
 """Flash MicroPython onto many attached ESP32 boards at once, with esptool's Python API.
 
-Which room: host library (typed, prints nothing); the CLI is cli_flash.py (`mpfleet
+Which room: host library, usb/ (typed, prints nothing); the CLI is cli/flash.py (`mpfleet
 flash`), docs/usb.md ("Flashing") explains the behaviour to users. Tests drive it
 against virtual boards in download mode (mpfleet.sim.rom), through the real esptool.
 
@@ -17,7 +17,8 @@ The firmware file is checked once, before any port is touched (`load_firmware`):
   bootloader boots the first app slot, the one just written. A board that once took
   an OTA update would otherwise keep booting the other slot.
 
-Then every port gets its own thread, and one port's failure never stops another:
+Then every port gets its own thread (usb/ports.each_port), and one port's failure never
+stops another:
 
 1. connect at the ROM's 115200 baud and detect the chip (`esptool.cmds.detect_chip`);
 2. refuse, before anything is erased, a chip that is not the board definition's or
@@ -44,8 +45,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ from mpfleet.images.espimage import (
     normalize_chip,
     parse_app_image,
 )
+from mpfleet.usb.ports import PortResult, Progress, each_port
 
 ROM_BAUD = 115200  # every ESP32-family ROM loader starts here (esptool's ESP_ROM_BAUD)
 DEFAULT_BAUD = 460800
@@ -73,8 +74,6 @@ RETRY_BAUD = 115200
 BEFORE_MODES = ("default-reset", "usb-reset", "no-reset")
 AFTER_MODES = ("hard-reset", "soft-reset", "no-reset")
 ERASED = 0xFF
-
-ProgressCallback = Callable[[str, int, int], None]  # (port, bytes done, bytes total)
 
 _IMAGE_CHIP_ID_OFFSET = 12  # u16 in an image's extended header
 _TROUBLESHOOTING_LINK = re.compile(r"For troubleshooting steps visit: \S+")
@@ -97,18 +96,6 @@ class FirmwarePlan:
     @property
     def size(self) -> int:
         return sum(len(data) for _, data in self.writes)
-
-
-@dataclass
-class PortResult:
-    port: str
-    ok: bool
-    chip: str | None = None  # detected: mpfleet's name ("esp32s3") or esptool's if unknown
-    mac: str | None = None
-    seconds: float = 0.0
-    bytes_written: int = 0
-    error: str | None = None  # why it failed, one line
-    retried: bool = False  # the write was retried at the lower baud rate
 
 
 # --- the firmware file ---------------------------------------------------------------
@@ -207,16 +194,6 @@ def _covers(offset: int, data: bytes, part: Partition) -> bool:
     return offset <= part.offset and part.end <= offset + len(data)
 
 
-# --- ports -----------------------------------------------------------------------------
-
-
-def usb_serial_ports() -> list[str]:
-    """Serial ports with a USB vendor/product id (boards on USB), sorted by device name."""
-    from serial.tools import list_ports  # noqa: PLC0415 - only `--all` needs it
-
-    return sorted(p.device for p in list_ports.comports() if p.vid is not None and p.pid is not None)
-
-
 # --- flashing ----------------------------------------------------------------------------
 
 
@@ -241,23 +218,21 @@ def flash_boards(
     after: str = "hard-reset",
     compress: bool | None = None,
     retry_baud: int = RETRY_BAUD,
-    on_progress: ProgressCallback | None = None,
+    on_progress: Progress | None = None,
 ) -> list[PortResult]:
     """Flash `firmware` onto the board on every port in parallel; one result per port, in order.
 
     `board` is a board definition (name from boards/, or a loaded Board); `compress`
     None keeps esptool's choice (compressed with the stub, plain with --no-stub).
-    `on_progress(port, done, total)` is called from the flashing threads.
+    `on_progress(port, done, total)` (bytes) is called from the flashing threads.
     Raises FlashError before touching any port when the job cannot start.
     """
     definition = board if isinstance(board, Board) else load_board(board)
     plan = firmware if isinstance(firmware, FirmwarePlan) else load_firmware(firmware, definition)
     options = _checked_options(ports, baud, retry_baud, no_stub, before, after, compress)
-    with _esptool_output_routed() as router, \
-            ThreadPoolExecutor(max_workers=len(ports), thread_name_prefix="mpfleet-flash") as pool:
-        futures = [pool.submit(_flash_port, _PortJob(port, definition, plan, on_progress), options, router)
-                   for port in ports]
-        return [future.result() for future in futures]
+    with _esptool_output_routed() as router:
+        return each_port(ports, lambda port: _flash_port(_PortJob(port, definition, plan, on_progress), options,
+                                                         router))
 
 
 def _checked_options(ports: Sequence[str], baud: int, retry_baud: int, no_stub: bool, before: str,
@@ -287,7 +262,7 @@ class _WriteFailed(_PortFailure):
 class _PortJob:
     """One port's state, shared by its thread and the routing logger."""
 
-    def __init__(self, port: str, board: Board, plan: FirmwarePlan, on_progress: ProgressCallback | None):
+    def __init__(self, port: str, board: Board, plan: FirmwarePlan, on_progress: Progress | None):
         self.port = port
         self.board = board
         self.plan = plan

@@ -1,27 +1,19 @@
-"""USB field work on many attached boards: deploy the agent, run signed jobs, collect samples.
+"""The byte transport to one board's MicroPython REPL: run code, write a file, nothing more.
 
-Which room: host library; the CLI is cli_usb.py (`mpfleet ports`, `deploy`, `usb run`,
-`usb collect`), flashing is usbflash.py. docs/usb.md explains the commands.
+Which room: host library, usb/ (docs/usb.md). The lowest layer, as mpremote's
+SerialTransport is: it knows the raw REPL and moves bytes; what the code it runs
+means is usb/device.py's business, and which ports to talk to is usb/ports.py's.
+Prints nothing; every failure is a UsbError (an MpfleetError) naming the port.
 
-Each board is reached through its REPL with mpremote's serial transport (or ampy's,
-`transport="ampy"`, for boards where raw-paste mode misbehaves). Work on several
-boards runs one thread per port (`each_port`); the database is touched only by the
-calling thread, between those parallel phases, so SQLite objects never cross threads.
-
-What the board runs is the agent's own code (firmware/lib/agent/usb.py): the same
-signature checks and handlers for jobs, the same frames and end-to-end ack for samples
-as over MQTT; only the transport differs.
+Two transports: mpremote's serial transport (raw-paste mode when the board offers it)
+and adafruit-ampy's (`transport="ampy"`, plain raw REPL) for boards where raw-paste
+mode misbehaves. `LinkPool` keeps one link per port open across the parallel phases of
+one command (one thread per port, usb/ports.each_port).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from mpfleet.errors import MpfleetError
 
@@ -160,6 +152,8 @@ class AmpyLink(BoardLink):
         return self._answer(out, err)
 
     def write_file(self, path: str, data: bytes) -> None:
+        # ampy has no file API of its own: the path and each chunk go in as repr()
+        # literals (a str and a bytes literal), never as raw text.
         self.exec(f"f = open({path!r}, 'wb')")
         for i in range(0, len(data), WRITE_CHUNK):
             self.exec(f"f.write({data[i:i + WRITE_CHUNK]!r})")
@@ -177,6 +171,7 @@ TRANSPORTS = {"mpremote": MpremoteLink, "ampy": AmpyLink}
 
 
 def open_link(port: str, transport: str = "mpremote", wait_s: float = CATCH_S) -> BoardLink:
+    """The board on `port` in its raw REPL (caught within `wait_s`), through `transport`."""
     if transport not in TRANSPORTS:
         raise UsbError(f"unknown transport {transport!r} (mpremote or ampy)")
     return TRANSPORTS[transport](port, wait_s=wait_s)
@@ -185,141 +180,6 @@ def open_link(port: str, transport: str = "mpremote", wait_s: float = CATCH_S) -
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else text.strip()
-
-
-# ---------------------------------------------------------------- many ports at once
-@dataclass
-class PortResult:
-    port: str
-    ok: bool = False
-    device: str | None = None
-    error: str | None = None
-    detail: dict = field(default_factory=dict)
-
-
-def each_port(ports: Iterable[str], work: Callable[[str], PortResult]) -> list[PortResult]:
-    """work(port) on every port at once, one thread each; a failure is that port's result."""
-    ports = list(ports)
-
-    def guarded(port: str) -> PortResult:
-        try:
-            return work(port)
-        except MpfleetError as e:
-            return PortResult(port, error=str(e))
-        except Exception as e:  # noqa: BLE001 - one board must never stop the others
-            return PortResult(port, error=f"{type(e).__name__}: {e}")
-
-    if not ports:
-        return []
-    with ThreadPoolExecutor(max_workers=len(ports), thread_name_prefix="usb") as pool:
-        return list(pool.map(guarded, ports))
-
-
-# ---------------------------------------------------------------- what a board says about itself
-IDENTIFY = """
-import sys, json, machine
-try:
-    with open('/config.json') as f:
-        _id = json.load(f).get('device_id')
-except (OSError, ValueError):
-    _id = None
-_v = sys.implementation.version
-print(json.dumps({'mpy': getattr(sys.implementation, '_mpy', 0), 'release': '%d.%d.%d' % _v[:3],
-                  'machine': getattr(sys.implementation, '_machine', sys.platform),
-                  'mac': ''.join('%02x' % b for b in machine.unique_id()), 'device_id': _id}))
-"""
-
-
-def identify(link: BoardLink) -> dict:
-    """mpy version, MicroPython release, board, MAC and the provisioned device id (or None)."""
-    return _json_line(link, link.exec(IDENTIFY), "identify")
-
-
-def _json_line(link: BoardLink, out: str, what: str) -> dict:
-    for line in reversed(out.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise UsbError(f"{link.port}: {what}: unexpected answer {out.strip()[-200:]!r}")
-
-
-# ---------------------------------------------------------------- deploy
-HASHES = """
-import json, hashlib, binascii
-def _h(p):
-    try:
-        f = open(p, 'rb')
-    except OSError:
-        return None
-    h = hashlib.sha256()
-    b = bytearray(512)
-    while True:
-        n = f.readinto(b)
-        if not n:
-            break
-        h.update(memoryview(b)[:n])
-    f.close()
-    return binascii.hexlify(h.digest()).decode()
-print(json.dumps({p: _h(p) for p in %r}))
-"""
-
-
-def device_hashes(link: BoardLink, paths: list[str]) -> dict[str, str | None]:
-    return _json_line(link, link.exec(HASHES % (paths,)), "hashes")
-
-
-def make_dirs(link: BoardLink, paths: Iterable[str]) -> None:
-    dirs = sorted({p.rsplit("/", 1)[0] for p in paths if p.count("/") > 1})
-    if dirs:
-        link.exec("import os\nfor d in %r:\n    p = ''\n    for part in d.split('/')[1:]:\n        p += '/' + part\n"
-                  "        try:\n            os.mkdir(p)\n        except OSError:\n            pass\n" % (dirs,))
-
-
-def sync_files(link: BoardLink, files: dict[str, bytes]) -> tuple[list[str], list[str]]:
-    """Write the files whose SHA-256 on the board differs; returns (written, skipped)."""
-    have = device_hashes(link, sorted(files))
-    todo = [p for p in sorted(files) if have.get(p) != hashlib.sha256(files[p]).hexdigest()]
-    make_dirs(link, todo)
-    for path in todo:
-        link.write_file(path, files[path])
-    return todo, [p for p in sorted(files) if p not in todo]
-
-
-SELF_CHECK = """
-import json, machine
-from agent import config, wake
-_mac = ''.join('%02x' % b for b in machine.unique_id())
-_cfg, _problems = config.load(_mac)
-print(json.dumps({'device_id': _cfg['device_id'], 'problems': _problems, 'app': wake.AGENT_VERSION,
-                  'keys': sorted(_cfg['trusted_keys']), 'broker': _cfg['broker']['host']}))
-"""
-
-
-def self_check(link: BoardLink) -> dict:
-    """The agent imports, and loads the config it was given without problems."""
-    return _json_line(link, link.exec(SELF_CHECK), "self-check")
-
-
-# ---------------------------------------------------------------- jobs and samples
-def run_envelopes(link: BoardLink, envelopes: list[str]) -> list[dict]:
-    """Run signed envelopes on the board (agent.usb.run_jobs); returns the statuses it reported."""
-    out = link.exec("from agent import usb\nusb.run_jobs(%r)\n" % json.dumps(envelopes), timeout=EXEC_TIMEOUT_S * 5)
-    return [json.loads(line[len("MPF-STATUS "):]) for line in out.splitlines() if line.startswith("MPF-STATUS ")]
-
-
-def read_backlog(link: BoardLink, host_ack: int) -> tuple[list[bytes], int]:
-    """The board's unacked samples as frames (it first trims what the host already holds)."""
-    out = link.exec("from agent import usb\nusb.collect(%d)\n" % host_ack, timeout=EXEC_TIMEOUT_S * 5)
-    frames = [base64.b64decode(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("MPF-FRAME ")]
-    sent = [int(line.split()[1]) for line in out.splitlines() if line.startswith("MPF-SENT ")]
-    if not sent:
-        raise UsbError(f"{link.port}: collect: no end marker in the board's answer {out.strip()[-200:]!r}")
-    return frames, sent[0]
-
-
-def send_ack(link: BoardLink, upto: int) -> None:
-    out = link.exec("from agent import usb\nusb.ack(%d)\n" % upto)
-    if f"MPF-ACKED {upto}" not in out:
-        raise UsbError(f"{link.port}: the board did not confirm the ack: {out.strip()[-200:]!r}")
 
 
 class LinkPool:
