@@ -1,4 +1,5 @@
-"""Host-side MQTT: broker URLs, topics, and paho clients set up the same way everywhere.
+"""Host-side MQTT: broker URLs and paho clients set up the same way everywhere
+(topic names are mpfleet.protocol.topics).
 
 Broker URL: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (TLS,
 default port 8883; ``?ca=/path/ca.pem`` names a CA file, ``?insecure=1`` skips
@@ -8,7 +9,6 @@ certificate checks for lab brokers).
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import ssl
 import threading
@@ -18,9 +18,6 @@ from urllib.parse import parse_qs, unquote, urlparse
 import paho.mqtt.client as mqtt
 
 from mpfleet.errors import MpfleetError
-
-TOPIC_ROOT = "mpf/v1"
-DEVICE_ID_RE = re.compile(r"[a-z0-9_-]{1,64}\Z")
 
 log = logging.getLogger("mpfleet.mqtt")
 
@@ -71,18 +68,6 @@ def parse_broker_url(url: str) -> BrokerConfig:
         ca_file=query.get("ca", [None])[0],
         insecure=query.get("insecure", ["0"])[0] in ("1", "true", "yes"),
     )
-
-
-def topic(device: str, leaf: str) -> str:
-    return f"{TOPIC_ROOT}/{device}/{leaf}"
-
-
-def device_from_topic(name: str) -> tuple[str, str] | None:
-    """(device id, leaf) of an mpfleet topic, or None for anything else."""
-    parts = name.split("/", 3)
-    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT or not DEVICE_ID_RE.match(parts[2]):
-        return None
-    return parts[2], parts[3]
 
 
 def make_client(cfg: BrokerConfig, client_id: str, clean_session: bool = True) -> mqtt.Client:

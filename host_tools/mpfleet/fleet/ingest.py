@@ -26,7 +26,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from mpfleet.protocol.codec import FrameError, decode_frame
-from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, device_from_topic, make_client, topic
+from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, make_client
+from mpfleet.protocol.topics import device_from_topic, topic
 from mpfleet.db.store import DamagedDatabaseError, Store, is_damaged_database, is_storage_error
 
 log = logging.getLogger("mpfleet.fleet.ingest")

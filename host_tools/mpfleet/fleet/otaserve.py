@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from mpfleet.errors import MpfleetError
+from mpfleet.protocol.topics import topic
 
 log = logging.getLogger("mpfleet.ota")
 
@@ -85,8 +86,6 @@ class ArtifactServer:
             self._local.db = None
 
     def handle(self, device: str, payload: bytes) -> None:
-        from mpfleet.broker.link import topic  # noqa: PLC0415
-
         with self.stats.lock:
             self.stats.requests += 1
         out = topic(device, "ota/data")

@@ -57,7 +57,8 @@ from mpfleet.db.maint import require_sound_database
 from mpfleet.errors import MpfleetError
 from mpfleet.fleet.ingest import HeldMessages, IngestStats, MessageStats, handle_samples, handle_state
 from mpfleet.fleet.keys import KeyRing
-from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, device_from_topic, make_client, topic
+from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, make_client
+from mpfleet.protocol.topics import device_from_topic, topic
 from mpfleet.fleet.otaserve import ArtifactServer, StreamStats
 from mpfleet.fleet.registry import Registry
 from mpfleet.fleet.rollout import Changes, RolloutEngine, encode_queue
