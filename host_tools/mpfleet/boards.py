@@ -63,6 +63,7 @@ from pathlib import Path
 
 from mpfleet.errors import MpfleetError
 from mpfleet.images.espimage import BOOTLOADER_OFFSETS, CHIP_IDS
+from mpfleet.paths import BOARDS_DIR
 
 BOARDS_DIR_ENV = "MPFLEET_BOARDS_DIR"
 
@@ -269,7 +270,7 @@ def boards_dir() -> Path:
     override = os.environ.get(BOARDS_DIR_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "boards"  # host_tools/mpfleet/ -> repo
+    return BOARDS_DIR
 
 
 def list_boards() -> list[str]:

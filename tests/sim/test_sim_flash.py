@@ -1,13 +1,8 @@
 """The emulated NOR flash: bit rules, counters, torn operations on power cuts."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-RUNTIME = Path(__file__).resolve().parents[2] / "host_tools" / "mpfleet" / "sim" / "mpy"
-sys.path.insert(0, str(RUNTIME))
-from _simflash import SECTOR, NorFlash, PowerCut  # noqa: E402
+from mpfleet.sim.mpy._simflash import SECTOR, NorFlash, PowerCut
 
 SIZE = 16 * SECTOR
 

@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 
 from mpfleet.errors import MpfleetError
-
-FIRMWARE_DIR = Path(__file__).resolve().parents[3] / "firmware"
+from mpfleet.paths import FIRMWARE_DIR
 _SOURCE_AT_ROOT = ("boot.py", "main.py")
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from mpfleet.boards import Board, load_board
 from mpfleet.errors import MpfleetError
 from mpfleet.images.espimage import CHIP_IDS, build_app_image
+from mpfleet.paths import SIM_RUNTIME_DIR
 from mpfleet.sim.mpy import _simfacts as facts
 from mpfleet.sim.mpy._simfacts import (  # noqa: F401 - re-exported: callers name them from here
     DEEPSLEEP_RESET,
@@ -59,7 +60,7 @@ from mpfleet.sim.mpy._simfacts import (  # noqa: F401 - re-exported: callers nam
     WDT_RESET,
 )
 
-RUNTIME_DIR = Path(__file__).resolve().parent / "mpy"
+RUNTIME_DIR = SIM_RUNTIME_DIR
 BOOT_SCRIPT = RUNTIME_DIR / "_simboot.py"
 
 DEFAULT_HEAP = "128k"

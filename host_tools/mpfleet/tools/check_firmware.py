@@ -11,8 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_DIRS = (REPO / "firmware", REPO / "host_tools" / "mpfleet" / "sim" / "mpy")
+from mpfleet.paths import FIRMWARE_DIR, SIM_RUNTIME_DIR
+
+DEFAULT_DIRS = (FIRMWARE_DIR, SIM_RUNTIME_DIR)
 
 
 def mpy_cross_command() -> list[str]:
