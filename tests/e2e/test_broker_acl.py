@@ -215,6 +215,6 @@ def test_cli_broker_config(tmp_path):
     assert out["devices"] == ["dev-1", "dev-2"] and out["host_user"] == "mpfleet-host"
     assert (tmp_path / "out" / "acl").exists() and (tmp_path / "out" / "mosquitto.conf").exists()
     bad = subprocess.run(cmd + ["--device", "Bad/Id"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "not a device id" in bad.stderr
+    assert bad.returncode == 2 and "'Bad/Id' is not a valid device id" in bad.stderr
     clash = subprocess.run(cmd + ["--host-user", "dev-1"], capture_output=True, text=True, timeout=60)
     assert clash.returncode == 1 and clash.stderr.startswith("mpfleet: ") and "same name" in clash.stderr

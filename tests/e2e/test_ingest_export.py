@@ -114,4 +114,4 @@ def test_export_with_nothing_matching_says_so(store):
     out = _mpfleet("samples", "export", "--db", store.path, "--since", "2099-01-01")
     assert out.returncode == 1 and "no samples from any device since 2099-01-01" in out.stderr
     out = _mpfleet("samples", "export", "--db", store.path, "--since", "yesterday-ish")
-    assert out.returncode == 1 and "cannot read the time" in out.stderr
+    assert out.returncode == 2 and "cannot read the time 'yesterday-ish'" in out.stderr

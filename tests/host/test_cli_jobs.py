@@ -11,7 +11,8 @@ import sys
 import click
 import pytest
 
-from mpfleet.cli.jobs import parse_duration, parse_fraction, parse_params, parse_targets, parse_time
+from mpfleet.cli.jobs import parse_fraction, parse_params, parse_targets
+from mpfleet.cli.options import DURATION, POINT_IN_TIME
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.db.store import Store
 
@@ -35,20 +36,63 @@ def fleet_db(tmp_path):
     return tmp_path
 
 
-def test_parsers():
-    assert parse_duration("90", "t") == 90 and parse_duration("10m", "t") == 600 and parse_duration("1.5h", "t") == 5400
+# Durations and times themselves: tests/host/test_times.py (mpfleet.protocol.times).
+def test_duration_option_reads_the_duration_grammar():
+    assert DURATION.convert("90", None, None) == 90 and DURATION.convert("10m", None, None) == 600
+
+
+def test_duration_option_refuses_a_word_quoting_it():
+    with pytest.raises(click.BadParameter, match="'soon' is not a duration"):
+        DURATION.convert("soon", None, None)
+
+
+def test_duration_option_refuses_zero():
+    with pytest.raises(click.BadParameter, match="'0s' is not a duration more than zero"):
+        DURATION.convert("0s", None, None)
+
+
+def test_time_option_reads_the_time_grammar():
+    assert POINT_IN_TIME.convert("2026-12-01T08:00Z", None, None) == 1796112000.0
+
+
+def test_time_option_refuses_a_word_quoting_it():
+    with pytest.raises(click.BadParameter, match="cannot read the time 'tomorrow'"):
+        POINT_IN_TIME.convert("tomorrow", None, None)
+
+
+def test_fraction_is_a_percentage_or_a_fraction():
     assert parse_fraction("5%", "s") == 0.05 and parse_fraction("0.25", "s") == 0.25
-    assert parse_time("+10m", "t", now=1000.0) == 1600.0
-    assert parse_time("2026-12-01T08:00Z", "t") == 1796112000.0
+
+
+def test_fraction_above_one_without_percent_sign_is_refused():
+    with pytest.raises(click.BadParameter):
+        parse_fraction("25", "s")
+
+
+def test_params_merge_json_with_set_and_unset():
     assert parse_params('{"set": {"a": 1}}', ("b.c=2", "name=pump"), ("d",)) == \
         {"set": {"a": 1, "b.c": 2, "name": "pump"}, "unset": ["d"]}
+
+
+def test_params_that_are_not_an_object_are_refused():
+    with pytest.raises(click.BadParameter):
+        parse_params("[1]", (), ())
+
+
+def test_set_without_a_value_is_refused():
+    with pytest.raises(click.BadParameter):
+        parse_params(None, ("novalue",), ())
+
+
+def test_targets_split_comma_separated_names():
     assert parse_targets(("dev-1,pumps",), None, False) == ["dev-1", "pumps"]
+
+
+def test_targets_with_a_query_and_all_are_a_spec():
     assert parse_targets((), "fw<v1.2", True) == {"query": "fw<v1.2", "all": True}
-    for bad in (lambda: parse_duration("soon", "t"), lambda: parse_fraction("25", "s"),
-                lambda: parse_time("tomorrow", "t"), lambda: parse_params("[1]", (), ()),
-                lambda: parse_params(None, ("novalue",), ())):
-        with pytest.raises(click.BadParameter):
-            bad()
+
+
+def test_no_targets_at_all_is_a_usage_error():
     with pytest.raises(click.UsageError, match="say which devices"):
         parse_targets((), None, False)
 

@@ -70,8 +70,9 @@ from pathlib import Path
 from mpfleet.broker.local import TUNING_LINES, find_mosquitto, persistence_lines
 from mpfleet.errors import MpfleetError
 from mpfleet.db.store import Store
+from mpfleet.protocol.ids import DEVICE_ID_RULE, is_device_id
+from mpfleet.protocol.topics import DEVICE_READS, DEVICE_WRITES, TOPIC_ROOT, topic
 
-DEVICE_ID_RE = re.compile(r"[a-z0-9_-]{1,64}\Z")
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 DEFAULT_HOST_USER = "mpfleet-host"
 HOST_ENTRY = "@host"  # the host account's row in device_credentials ('@' is never in a device id)
@@ -83,9 +84,6 @@ DEFAULT_LISTEN = "127.0.0.1:1883"  # plaintext: loopback unless the operator say
 FLEET_AUTOSAVE_S = 5
 PASSWORD_LEN = 24
 _ALPHABET = string.ascii_letters + string.digits
-
-DEVICE_READ = ("jobs", "samples/ack", "ota/data")
-DEVICE_WRITE = ("state", "jobs/status", "samples", "ota/get")
 
 
 class BrokerConfigError(MpfleetError):
@@ -117,8 +115,8 @@ def new_password() -> str:
 
 
 def check_device_id(device: str) -> str:
-    if not DEVICE_ID_RE.match(device):
-        raise BrokerConfigError(f"{device!r} is not a device id (1..64 of a-z, 0-9, _ and -)")
+    if not is_device_id(device):
+        raise BrokerConfigError(f"{device!r} is not a valid device id ({DEVICE_ID_RULE})")
     return device
 
 
@@ -216,14 +214,14 @@ def _private(db_path: Path) -> None:
 # ------------------------------------------------------------ files
 def acl_text(devices: list[str], host_user: str = DEFAULT_HOST_USER, accounts: list[str] | None = None) -> str:
     lines = ["# mosquitto ACL written by `mpfleet broker config`; regenerate rather than edit.",
-             "# Device X (username X) may use only mpf/v1/X/..., in the protocol's directions."]
+             f"# Device X (username X) may use only {topic('X', '...')}, in the protocol's directions."]
     for host in [host_user, *sorted(accounts or ())]:
-        lines += ["", f"user {host}", "topic readwrite mpf/v1/#"]
+        lines += ["", f"user {host}", f"topic readwrite {TOPIC_ROOT}/#"]
     for device in sorted(devices):
         check_device_id(device)
         lines += ["", f"user {device}"]
-        lines += [f"topic read mpf/v1/{device}/{t}" for t in DEVICE_READ]
-        lines += [f"topic write mpf/v1/{device}/{t}" for t in DEVICE_WRITE]
+        lines += [f"topic read {topic(device, leaf)}" for leaf in DEVICE_READS]
+        lines += [f"topic write {topic(device, leaf)}" for leaf in DEVICE_WRITES]
     return "\n".join(lines) + "\n"
 
 
@@ -326,7 +324,7 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     everyone = set(named)
     if registry:
         for d in store.device_ids():
-            (everyone.add if DEVICE_ID_RE.match(d) else skipped.append)(d)
+            (everyone.add if is_device_id(d) else skipped.append)(d)
     everyone |= {c["device"] for c in store.all_credentials() if not c["device"].startswith("@")}
     extra = sorted((set(named_accounts) | set(host_accounts(store))) - {host_user})
     if host_user in everyone:

@@ -20,7 +20,8 @@ from rich.table import Table
 
 from mpfleet import __version__
 from mpfleet.boards import list_boards, load_board
-from mpfleet.cli.options import DB, print_json
+from mpfleet.cli.options import DB, DEVICE_ID, POINT_IN_TIME
+from mpfleet.cli.render import print_json
 from mpfleet.errors import MpfleetError
 
 console = Console()
@@ -74,36 +75,25 @@ def samples() -> None:
 
 
 @samples.command("export")
-@click.option("--device", help="Only this device id.")
-@click.option("--since", help="From this time: ISO 8601 (2026-11-24T10:00Z) or relative (90m, 2h, 7d).")
-@click.option("--until", help="Up to (not including) this time; same forms as --since.")
+@click.option("--device", type=DEVICE_ID, help="Only this device id.")
+@click.option("--since", type=POINT_IN_TIME,
+              help="From this time: ISO 8601 (2026-11-24T10:00Z), a time ago (90m, 2h, 7d) or Unix seconds.")
+@click.option("--until", type=POINT_IN_TIME, help="Up to (not including) this time; same forms as --since.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), help="File (default stdout).")
 @_DB_OPTION
-def samples_export(device: str | None, since: str | None, until: str | None, fmt: str, output: str | None,
+def samples_export(device: str | None, since: float | None, until: float | None, fmt: str, output: str | None,
                    db: str | None) -> None:
     """Export stored samples as CSV or JSON Lines, ordered by device and seq."""
-    from mpfleet.fleet.export import export_samples, parse_time
+    from mpfleet.fleet.export import export_samples, export_samples_to_file
     from mpfleet.db.store import Store
 
-    since_s = parse_time(since) if since else None
-    until_s = parse_time(until) if until else None
     with Store(db) as store:
         if output:
-            import os
-            import tempfile
-
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(output)) or ".", suffix=".part")
-            try:
-                with os.fdopen(fd, "w", newline="") as out:
-                    count = export_samples(store, out, fmt, device, since_s, until_s)
-                os.replace(tmp, output)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            count = export_samples_to_file(store, output, fmt, device, since, until)
             click.echo(f"{count} samples written to {output}", err=True)
         else:
-            export_samples(store, sys.stdout, fmt, device, since_s, until_s)
+            export_samples(store, sys.stdout, fmt, device, since, until)
 
 
 @cli.command("ingest")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
 from rich.console import Console
+
+from mpfleet.cli.options import JSON
+from mpfleet.cli.render import print_json
 
 console = Console()
 
@@ -28,21 +29,17 @@ def app() -> None:
               help="Bundle file to write.")
 @click.option("--firmware-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Firmware tree whose lib/ is bundled (default: this checkout's firmware/).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@JSON
 def app_bundle(app_version, output, firmware_dir, as_json):
     """Compile the agent's lib/ and write an app bundle."""
-    from mpfleet.images.appbundle import build_bundle, read_bundle
+    from mpfleet.images.appbundle import write_bundle
     from mpfleet.images.firmware import FIRMWARE_DIR
 
-    data = build_bundle(app_version, firmware_dir or FIRMWARE_DIR)
-    bundle = read_bundle(data)
-    tmp = output.with_name(output.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, output)
+    bundle = write_bundle(app_version, output, firmware_dir or FIRMWARE_DIR)
     summary = {"path": str(output), "version": app_version, "size": bundle.size, "sha256": bundle.sha256,
                "files": len(bundle.files), "mpy": bundle.manifest["mpy"]}
     if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        print_json(summary)
         return
     console.print(f"wrote {output}: app {app_version}, {len(bundle.files)} files, {bundle.size} bytes, "
                   f".mpy v{summary['mpy']['version']}.{summary['mpy']['sub']}, SHA-256 {bundle.sha256}",
@@ -51,7 +48,7 @@ def app_bundle(app_version, output, firmware_dir, as_json):
 
 @app.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@JSON
 def app_inspect(file, as_json):
     """Check a bundle (every file's size and SHA-256) and show its manifest."""
     from mpfleet.images.appbundle import read_bundle
@@ -62,8 +59,7 @@ def app_inspect(file, as_json):
         raise click.FileError(str(file), e.strerror) from None
     bundle = read_bundle(data)
     if as_json:
-        click.echo(json.dumps({"manifest": bundle.manifest, "sha256": bundle.sha256, "size": bundle.size},
-                              indent=2, sort_keys=True))
+        print_json({"manifest": bundle.manifest, "sha256": bundle.sha256, "size": bundle.size})
         return
     m = bundle.manifest
     console.print(f"app {m['version']}: {len(m['files'])} files, {bundle.size} bytes, "

@@ -2,43 +2,41 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 from rich.console import Console
-from mpfleet.cli.options import DB
 
+from mpfleet.cli.options import DB, DEVICE_ID, JSON
+from mpfleet.cli.render import print_json
 
 console = Console()
 
 
+class _Account(click.ParamType):
+    """A broker account name (mpfleet.broker.config.USERNAME_RE)."""
 
-def _device_id(ctx, param, values):
-    from mpfleet.broker.config import DEVICE_ID_RE
+    name = "account"
 
-    for v in values:
-        if not DEVICE_ID_RE.match(v):
-            raise click.BadParameter(f"{v!r} is not a device id (1..64 of a-z, 0-9, _ and -)", ctx, param)
-    return values
+    def convert(self, value, param, ctx):
+        from mpfleet.broker.config import USERNAME_RE
 
-
-def _account(ctx, param, values):
-    from mpfleet.broker.config import USERNAME_RE
-
-    for v in values:
-        if not USERNAME_RE.match(v):
-            raise click.BadParameter(f"{v!r} is not an account name (1..64 of A-Z, a-z, 0-9, _ . -)", ctx, param)
-    return values
+        if not USERNAME_RE.match(value):
+            self.fail(f"{value!r} is not an account name (1..64 of A-Z, a-z, 0-9, _ . -)", param, ctx)
+        return value
 
 
-def _listen(ctx, param, value):
-    from mpfleet.broker.config import BrokerConfigError, parse_listen
+class _Listen(click.ParamType):
+    """[HOST:]PORT of a listener, checked by mpfleet.broker.config.parse_listen; kept as text."""
 
-    try:
-        parse_listen(value)
-    except BrokerConfigError as e:
-        raise click.BadParameter(str(e), ctx, param) from None
-    return value
+    name = "listen"
+
+    def convert(self, value, param, ctx):
+        from mpfleet.broker.config import BrokerConfigError, parse_listen
+
+        try:
+            parse_listen(value)
+        except BrokerConfigError as e:
+            self.fail(str(e), param, ctx)
+        return value
 
 
 @click.group()
@@ -49,14 +47,14 @@ def broker() -> None:
 @broker.command("config")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for passwd, acl and mosquitto.conf.")
-@click.option("--device", "devices", multiple=True, callback=_device_id,
+@click.option("--device", "devices", type=DEVICE_ID, multiple=True,
               help="Device id (repeatable); devices in the registry and those with credentials are included too.")
 @click.option("--host-user", default="mpfleet-host", show_default=True,
               help="The host account serve connects with: reads and writes mpf/v1/#.")
-@click.option("--host-account", "accounts", multiple=True, callback=_account,
+@click.option("--host-account", "accounts", type=_Account(), multiple=True,
               help="A further host account (repeatable), e.g. mpfleet-ingest: one per host process that runs "
                    "alongside serve, since each account holds one connection. Kept on later runs.")
-@click.option("--listen", default="127.0.0.1:1883", show_default=True, callback=_listen,
+@click.option("--listen", type=_Listen(), default="127.0.0.1:1883", show_default=True,
               help="[HOST:]PORT of the configuration's listener (a bare PORT: every interface).")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where the broker keeps sessions and retained messages  [default: OUT/data].")
@@ -65,7 +63,7 @@ def broker() -> None:
                    "(every device and host account when none given).")
 @click.option("--no-registry", is_flag=True, help="Leave out registry devices that have no credentials yet.")
 @DB
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@JSON
 def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accounts: tuple[str, ...], listen: str,
                   data_dir: str | None, rotate: bool, no_registry: bool, db: str | None, as_json: bool) -> None:
     """Write a mosquitto password file, an ACL confining device X to mpf/v1/X/...,
@@ -85,11 +83,11 @@ def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accoun
         result = generate(store, out_dir, list(devices), host_user=host_user, rotate=rotate,
                           registry=not no_registry, accounts=list(accounts), listen=listen, data_dir=data_dir)
     if as_json:
-        click.echo(json.dumps({"out": str(result.out_dir), "passwd": str(result.passwd), "acl": str(result.acl),
-                               "conf": str(result.conf), "data_dir": str(result.data_dir), "listen": listen,
-                               "host_user": result.host_user, "host_accounts": result.host_accounts,
-                               "devices": result.devices, "new_credentials": result.new, "skipped": result.skipped,
-                               "conf_lines": result.conf_lines()}, indent=2))
+        print_json({"out": str(result.out_dir), "passwd": str(result.passwd), "acl": str(result.acl),
+                    "conf": str(result.conf), "data_dir": str(result.data_dir), "listen": listen,
+                    "host_user": result.host_user, "host_accounts": result.host_accounts,
+                    "devices": result.devices, "new_credentials": result.new, "skipped": result.skipped,
+                    "conf_lines": result.conf_lines()})
         return
     hosts = ", ".join([result.host_user, *result.host_accounts])
     console.print(f"{len(result.devices)} devices + host account(s) {hosts}; "

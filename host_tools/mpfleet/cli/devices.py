@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 
@@ -10,58 +9,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mpfleet.fleet.registry import NAME_RE, QueryError, parse_query
-from mpfleet.cli.options import DB, JSON, print_json
-
+from mpfleet.cli.options import DB, DEVICE_ID, GROUP, JSON, Query
+from mpfleet.cli.render import ago, print_json, utc_time
 
 console = Console()
-
-
-
-class _Name(click.ParamType):
-    """A device id or group name: 1..64 of a-z, 0-9, _ and - (docs/protocol.md)."""
-
-    def __init__(self, what: str):
-        self.name = what
-
-    def convert(self, value, param, ctx):
-        if not NAME_RE.match(value):
-            self.fail(f"{value!r} is not a valid {self.name} (1..64 of a-z, 0-9, _ and -)", param, ctx)
-        return value
-
-
-class _Query(click.ParamType):
-    name = "query"
-
-    def convert(self, value, param, ctx):
-        if callable(value):
-            return value
-        try:
-            return parse_query(value)
-        except QueryError as e:
-            self.fail(str(e), param, ctx)
-
-
-DEVICE_ID = _Name("device id")
-GROUP = _Name("group name")
-
-
-
-def ago(ts: float | None, now: float | None = None) -> str:
-    """'never', '45s ago', '3m ago', '5h ago', '2d ago'."""
-    if ts is None:
-        return "never"
-    age = max(0, int((time.time() if now is None else now) - ts))
-    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
-        if age >= seconds:
-            return f"{age // seconds}{unit} ago"
-    return f"{age}s ago"
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _registry(db: str | None):
@@ -89,7 +40,7 @@ def devices() -> None:
 
 @devices.command("list")
 @click.option("--group", type=GROUP, help="Only devices in this group.")
-@click.option("--where", type=_Query(), help="Only devices matching this query (fw<v1.25.0,backlog>100).")
+@click.option("--where", type=Query(), help="Only devices matching this query (fw<v1.25.0,backlog>100).")
 @DB
 @JSON
 def devices_list(group: str | None, where, db: str | None, as_json: bool) -> None:
@@ -129,8 +80,8 @@ def devices_show(device_id: str, db: str | None, as_json: bool) -> None:
     table.add_column("value")
     table.add_row("board", _cell(d["board"]))
     table.add_row("groups", ", ".join(d["groups"]))
-    table.add_row("first seen", _when(d["first_seen"]))
-    table.add_row("last seen", f"{_when(d['last_seen'])} ({ago(d['last_seen'])})" if d["last_seen"] else "never")
+    table.add_row("first seen", utc_time(d["first_seen"]))
+    table.add_row("last seen", f"{utc_time(d['last_seen'])} ({ago(d['last_seen'])})" if d["last_seen"] else "never")
     if d["state"] is None:
         table.add_row("state", "(not reported yet)")
     else:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import click
 from rich.console import Console
 from rich.table import Table
 
-from mpfleet.cli.devices import ago
-from mpfleet.cli.options import DB, IMAGES_DIR, JSON, print_json
+from mpfleet.cli.options import DB, IMAGES_DIR, JSON
+from mpfleet.cli.render import ago, print_json
 
 
 console = Console()

@@ -6,9 +6,7 @@ changes (SQLite's data_version) and updates the devices' queues.
 
 from __future__ import annotations
 
-import datetime
 import json
-import re
 import signal
 import sys
 import time
@@ -19,8 +17,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.devices import ago
-from mpfleet.cli.options import DB, IMAGES_DIR, KEYS_DIR, JSON, print_json
+from mpfleet.cli.options import DB, DEVICE_ID, DURATION, IMAGES_DIR, KEYS_DIR, JSON, POINT_IN_TIME
+from mpfleet.cli.render import ago, print_json
+from mpfleet.fleet.registry import split_names
 
 
 console = Console()
@@ -31,8 +30,6 @@ EXIT_ENDED = 3   # the job is ABORTED or CANCELED
 EXIT_STUCK = 4   # the job is ACTIVE and at least one execution is flagged stuck
 
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?\Z")
-_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "REJECTED": "red", "TIMED_OUT": "red",
                "IN_PROGRESS": "cyan", "QUEUED": "yellow", "CANCELED": "magenta", "REMOVED": "magenta",
                "ACTIVE": "cyan", "COMPLETED": "green", "ABORTED": "red"}
@@ -50,14 +47,6 @@ def _engine(db: str | None, keys_dir: str | None):
 
 
 # ---------------------------------------------------------------- option parsing
-def parse_duration(text: str, what: str) -> float:
-    """'90', '90s', '10m', '2h', '1d' -> seconds."""
-    m = _DURATION_RE.match(text.strip())
-    if not m or float(m.group(1)) <= 0:
-        raise click.BadParameter(f"{text!r} is not a duration such as 90s, 10m, 2h or 1d", param_hint=what)
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def parse_fraction(text: str, what: str) -> float:
     """'5%' or '0.05' -> 0.05."""
     t = text.strip()
@@ -69,24 +58,6 @@ def parse_fraction(text: str, what: str) -> float:
         raise click.BadParameter(f"{text!r}: write percentages with % (e.g. {t}%), fractions as 0..1",
                                  param_hint=what)
     return value
-
-
-def parse_time(text: str, what: str, now: float | None = None) -> float:
-    """'+10m' (from now), an ISO 8601 time ('2026-12-01T08:00Z'), or Unix seconds."""
-    t = text.strip()
-    now = time.time() if now is None else now
-    if t.startswith("+"):
-        return now + parse_duration(t[1:], what)
-    if re.fullmatch(r"\d{9,}(\.\d+)?", t):
-        return float(t)
-    try:
-        dt = datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a time: use +10m, 2026-12-01T08:00Z or Unix seconds",
-                                 param_hint=what) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.timezone.utc)
-    return dt.timestamp()
 
 
 def parse_params(params: str | None, sets: tuple[str, ...], unsets: tuple[str, ...]) -> dict:
@@ -121,7 +92,7 @@ def parse_params(params: str | None, sets: tuple[str, ...], unsets: tuple[str, .
 
 
 def parse_targets(targets: tuple[str, ...], query: str | None, all_devices: bool):
-    names = [t.strip() for item in targets for t in item.split(",") if t.strip()]
+    names = split_names(targets)
     if all_devices:
         names.append("*")
     if not names and not query:
@@ -140,10 +111,7 @@ def parse_targets(targets: tuple[str, ...], query: str | None, all_devices: bool
 def _split_names(engine, spec):
     """Turn the CLI's names (ids or groups) into the engine's dict form."""
     if isinstance(spec, dict) and "names" in spec:
-        known = set(engine.store.device_ids())
-        names = spec.pop("names")
-        spec["ids"] = [n for n in names if n in known]
-        spec["groups"] = [n for n in names if n not in known]
+        spec["ids"], spec["groups"] = engine.registry.split_ids_and_groups(spec.pop("names"))
     return spec
 
 
@@ -277,13 +245,13 @@ def job() -> None:
 @click.option("--success-threshold", help="A stage must reach this success rate to advance (default 100%).")
 @click.option("--abort-threshold", help="Abort when this share of finished executions failed, e.g. 20%.")
 @click.option("--abort-min", type=click.IntRange(min=1), help="...counted only after this many finished (default 1).")
-@click.option("--timeout", help="A device in progress longer than this is TIMED_OUT (e.g. 10m).")
-@click.option("--queued-timeout", help="A device that has not taken the job this long after it was queued is "
+@click.option("--timeout", type=DURATION, help="A device in progress longer than this is TIMED_OUT (e.g. 10m).")
+@click.option("--queued-timeout", type=DURATION, help="A device that has not taken the job this long after it was queued is "
                                        "flagged stuck in `job status` (default 2h; keep it above a few of the "
                                        "devices' connect intervals, sample_interval_s x upload_every_wakes).")
 @click.option("--retries", type=click.IntRange(0, 100), help="Retries of FAILED or TIMED_OUT executions (default 0).")
-@click.option("--start", "start_at", help="Not before: +10m, an ISO time or Unix seconds.")
-@click.option("--end", "end_at", help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
+@click.option("--start", "start_at", type=POINT_IN_TIME, help="Not before: +10m, an ISO time or Unix seconds.")
+@click.option("--end", "end_at", type=POINT_IN_TIME, help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
 @click.option("--continuous", is_flag=True, help="Devices that join the targets later get the job too.")
 @click.option("--image", "image_ref", metavar="ID",
               help="ota jobs: the firmware image (id from `mpfleet image list`, or a file to add).")
@@ -320,11 +288,11 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
         "success_threshold": parse_fraction(success_threshold, "--success-threshold") if success_threshold else None,
         "abort_threshold": parse_fraction(abort_threshold, "--abort-threshold") if abort_threshold else None,
         "abort_min_finished": abort_min,
-        "timeout_s": parse_duration(timeout, "--timeout") if timeout else None,
-        "queued_timeout_s": parse_duration(queued_timeout, "--queued-timeout") if queued_timeout else None,
+        "timeout_s": timeout,
+        "queued_timeout_s": queued_timeout,
         "retries": retries,
-        "start_at": parse_time(start_at, "--start") if start_at else None,
-        "end_at": parse_time(end_at, "--end") if end_at else None,
+        "start_at": start_at,
+        "end_at": end_at,
         "continuous": continuous or None,
     }
     job_params = parse_params(params, sets, unsets)
@@ -454,7 +422,7 @@ def status_exit_code(status: dict) -> int:
 
 @job.command("retry")
 @click.argument("job_id", metavar="JOB")
-@click.option("--device", "devices", multiple=True, metavar="ID",
+@click.option("--device", "devices", type=DEVICE_ID, multiple=True, metavar="ID",
               help="Retry on this device (repeatable). Default: every device whose latest execution FAILED, "
                    "was REJECTED or TIMED_OUT, or is stuck.")
 @DB
@@ -494,7 +462,7 @@ def job_retry(job_id, devices, db, keys_dir, as_json):
 
 @job.command("remove")
 @click.argument("job_id", metavar="JOB")
-@click.option("--device", "devices", multiple=True, required=True, metavar="ID",
+@click.option("--device", "devices", type=DEVICE_ID, multiple=True, required=True, metavar="ID",
               help="Remove JOB's QUEUED execution on this device (repeatable).")
 @DB
 @KEYS_DIR

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 
 import click
 from rich.console import Console
 from rich.table import Table
-from mpfleet.cli.options import DB, KEYS_DIR, JSON, print_json
 
+from mpfleet.cli.options import DB, KEYS_DIR, JSON
+from mpfleet.cli.render import print_json, utc_time
+from mpfleet.fleet.registry import split_names
 
 console = Console()
-
-
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _ring(db: str | None, keys_dir: str | None):
@@ -80,9 +73,9 @@ def keys_list(keys_dir: str | None, db: str | None, as_json: bool) -> None:
     for col in ("kid", "created", "state", "last seq"):
         table.add_column(col, no_wrap=True)
     for i in infos:
-        state = f"retired {_when(i.retired)}" if not i.active else ("active, signing" if i.kid == signing
+        state = f"retired {utc_time(i.retired)}" if not i.active else ("active, signing" if i.kid == signing
                                                                     else "active, newer")
-        table.add_row(i.kid, _when(i.created), state, str(i.last_seq))
+        table.add_row(i.kid, utc_time(i.created), state, str(i.last_seq))
     console.print(table)
 
 
@@ -111,21 +104,21 @@ def keys_rotate(targets: str, envelope_only: bool, keys_dir: str | None, db: str
     key; `mpfleet serve` delivers it. When every target device has applied it, serve
     rolls out the `keys` job {"remove": [old kid]}, signed by the new key, and retires
     the old key. Until then the old key keeps signing."""
+    names = split_names([targets])
     if envelope_only:
         store, ring = _ring(db, keys_dir)
         with store:
-            job = ring.rotate(targets=[t for t in targets.split(",") if t])
+            job = ring.rotate(targets=names)
         _show_job(job, "new", as_json, "new_kid")
         return
     from mpfleet.fleet.registry import Registry
     from mpfleet.fleet.rollout import RolloutEngine
 
     store, ring = _ring(db, keys_dir)
-    names = [t.strip() for t in targets.split(",") if t.strip()]
     with store:
         old = ring.fleet_key()
         engine = RolloutEngine(store, ring, Registry(store))
-        job_id, new_kid = engine.create_rotation_job("*" if names == ["*"] else names)
+        job_id, new_kid = engine.create_rotation_job(names)
         public = ring.get(new_kid).public_b64
     if as_json:
         print_json({"new_kid": new_kid, "public_b64": public, "signed_by": old.kid, "job": job_id})

@@ -1,10 +1,19 @@
-"""Options and output helpers shared by the `mpfleet` command modules."""
+"""Options and parameter types shared by the `mpfleet` command modules.
+
+Input is checked here, at the boundary: a parameter type converts the text with the
+library's own parser (device ids: mpfleet.protocol.ids, durations and times:
+mpfleet.protocol.times, queries: mpfleet.fleet.registry) and fails with click's
+BadParameter quoting the offending value, so a command body gets values it can trust.
+Output helpers are in `mpfleet.cli.render`.
+"""
 
 from __future__ import annotations
 
-import json
-
 import click
+
+from mpfleet.cli.render import print_json  # noqa: F401 - cli/usb.py and cli/flash.py import it from here
+from mpfleet.protocol.ids import DEVICE_ID_RULE, is_device_id
+from mpfleet.protocol.times import TimeFormatError, parse_duration, parse_time
 
 DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
                   help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
@@ -16,5 +25,72 @@ IMAGES_DIR = click.option("--images-dir", type=click.Path(file_okay=False), envv
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-def print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+class DeviceId(click.ParamType):
+    """A device id: 1..64 of a-z, 0-9, _ and - (docs/protocol.md)."""
+
+    name = "device id"
+
+    def convert(self, value, param, ctx):
+        if not is_device_id(value):
+            self.fail(f"{value!r} is not a valid {self.name} ({DEVICE_ID_RULE})", param, ctx)
+        return value
+
+
+class GroupName(DeviceId):
+    """A group name: the device id rule, so groups travel in topics and config files unquoted."""
+
+    name = "group name"
+
+
+class Query(click.ParamType):
+    """A registry query (fw<v1.25.0,backlog>100), compiled to a predicate on device records."""
+
+    name = "query"
+
+    def convert(self, value, param, ctx):
+        from mpfleet.fleet.registry import QueryError, parse_query
+
+        if callable(value):
+            return value
+        try:
+            return parse_query(value)
+        except QueryError as e:
+            self.fail(str(e), param, ctx)
+
+
+class Duration(click.ParamType):
+    """A duration more than zero, in seconds: 90, 90s, 10m, 1.5h, 2d, 1w (mpfleet.protocol.times)."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            seconds = parse_duration(value)
+        except TimeFormatError as e:
+            self.fail(str(e), param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} is not a duration more than zero, such as 90s, 10m, 2h or 7d", param, ctx)
+        return seconds
+
+
+class PointInTime(click.ParamType):
+    """A moment, in seconds since 1970: +10m (from now), 90m (ago), Unix seconds or ISO 8601
+    (mpfleet.protocol.times)."""
+
+    name = "time"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return parse_time(value)
+        except TimeFormatError as e:
+            self.fail(str(e), param, ctx)
+
+
+DEVICE_ID = DeviceId()
+GROUP = GroupName()
+DURATION = Duration()
+POINT_IN_TIME = PointInTime()

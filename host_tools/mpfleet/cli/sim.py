@@ -8,17 +8,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from mpfleet.cli.options import DEVICE_ID
+from mpfleet.cli.render import print_json
 from mpfleet.sim.board import VirtualBoard
 
 console = Console()
 
 _DIR = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-
-
-def _print_json(data) -> None:
-    from mpfleet.cli import print_json
-
-    print_json(data)
 
 
 @click.group()
@@ -38,7 +34,7 @@ def sim() -> None:
 @sim.command("create")
 @_DIR
 @click.option("--board", default="virtual", show_default=True, help="Board definition name or .json path.")
-@click.option("--device-id", help="Device id (default: the MAC in hex).")
+@click.option("--device-id", type=DEVICE_ID, help="Device id (default: the MAC in hex).")
 @click.option("--firmware-version", default="v1.24.0", show_default=True,
               help="Version in the synthetic firmware image written to ota_0.")
 @click.option("--heap", default="128k", show_default=True, help="Firmware heap budget, e.g. 128k.")
@@ -131,7 +127,7 @@ def sim_run(directory: Path, boots: int | None, hours: float | None, scale: floa
         boots = 1
     records = vb.run(boots=boots, until_clock_s=until, real_time_scale=scale)
     if as_json:
-        _print_json([r.to_json() for r in records])
+        print_json([r.to_json() for r in records])
         return
     for r in records:
         if output and r.output.strip():
@@ -153,7 +149,7 @@ def sim_status(directory: Path, as_json: bool) -> None:
               "clock_s": vb.clock_s, "boot_count": vb.state["boot_count"], "otadata": entries,
               "last_boots": vb.boot_records()[-5:]}
     if as_json:
-        _print_json(status)
+        print_json(status)
         return
     from mpfleet.sim.board import RESET_NAMES  # noqa: PLC0415
 
@@ -175,7 +171,7 @@ def sim_flash(directory: Path, as_json: bool) -> None:
     """Flash wear counters: erases, program operations and bytes programmed per partition."""
     counters = VirtualBoard(directory).counters()
     if as_json:
-        _print_json(counters)
+        print_json(counters)
         return
     table = Table(title=f"flash counters ({counters['ops']} operations)")
     for col in ("partition", "erases", "programs", "bytes programmed"):

@@ -12,6 +12,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from mpfleet.cli.options import DB, GROUP, KEYS_DIR
+from mpfleet.cli.render import print_json
+
 console = Console()
 
 
@@ -58,13 +61,11 @@ def _summary(s: dict) -> Table:
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: Ctrl-C).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Boots at a time.")
 @click.option("--prefix", default="sim", show_default=True, help="Device id prefix (when provisioning).")
-@click.option("--group", "groups", multiple=True, help="Group of every device (when provisioning). Repeatable.")
+@click.option("--group", "groups", type=GROUP, multiple=True, help="Group of every device (when provisioning). Repeatable.")
 @click.option("--credentials/--no-credentials", default=None,
               help="Give each device its own broker account (default: when `mpfleet broker config` has been run).")
-@click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
-              help="SQLite database the devices are registered in (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
-@click.option("--keys-dir", type=click.Path(file_okay=False), envvar="MPFLEET_KEYS",
-              help="Private key directory (default ~/.mpfleet/keys; env MPFLEET_KEYS).")
+@DB
+@KEYS_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print the final stats as JSON.")
 def sim_fleet(count: int, root: Path, broker_url: str, awake: bool, scale: float | None, duration: float | None,
               workers: int | None, prefix: str, groups: tuple[str, ...], credentials: bool | None, db: str | None,
@@ -127,8 +128,6 @@ def sim_fleet(count: int, root: Path, broker_url: str, awake: bool, scale: float
         runner.stop()
     stats = runner.stats()
     if as_json:
-        from mpfleet.cli import print_json
-
         print_json(stats)
         return
     console.print(_summary(stats))

@@ -1,43 +1,24 @@
-"""Exporting stored samples as CSV or JSON Lines."""
+"""Exporting stored samples as CSV or JSON Lines, to a stream or to a file.
+
+Times are seconds since 1970 (the CLI reads them with mpfleet.protocol.times).
+"""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
 import json
-import re
-import time
+import os
+import tempfile
+from pathlib import Path
 from typing import TextIO
 
 from mpfleet.errors import MpfleetError
 from mpfleet.db.store import Store
 
-_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])\Z")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
 
 class ExportError(MpfleetError):
     """Nothing to export, or an argument that cannot be understood."""
-
-
-def parse_time(text: str, now: float | None = None) -> float:
-    """Seconds since 1970 from '2026-11-24', '2026-11-24T10:00:00Z', '90m' / '2h' / '7d' ago, or a number."""
-    text = text.strip()
-    m = _RELATIVE.match(text)
-    if m:
-        return (time.time() if now is None else now) - float(m.group(1)) * _UNIT_S[m.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ExportError(f"cannot read the time {text!r}: use ISO 8601 (2026-11-24T10:00Z), "
-                          "a relative time (90m, 2h, 7d) or seconds since 1970") from None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.timezone.utc)
-    return stamp.timestamp()
 
 
 def _iso(t: int) -> str:
@@ -73,6 +54,23 @@ def export_samples(store: Store, out: TextIO, fmt: str, device: str | None = Non
         for dev, seq, t, values in _chain(first, rows):
             out.write(json.dumps({"device": dev, "seq": seq, "time": _iso(t), "t": t, "values": values}) + "\n")
             count += 1
+    return count
+
+
+def export_samples_to_file(store: Store, path: str | os.PathLike, fmt: str, device: str | None = None,
+                           since: float | None = None, until: float | None = None) -> int:
+    """export_samples() into the file `path`; returns the count. The file appears whole or
+    not at all: written beside it as a temporary file, renamed over it once complete, so
+    an export that fails (ExportError: none match) leaves `path` as it was."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", newline="") as out:
+            count = export_samples(store, out, fmt, device, since, until)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return count
 
 

@@ -19,7 +19,7 @@ Query language (``parse_query``), conditions joined by commas, all of which must
     board=virtual   id!=dev-7   slot=ota_1  text: equal / not equal
     group=pumps  group!=canary              membership in the device's groups
     backlog>100  dropped>0  rssi<-80        numbers from the reported state
-    last_seen<2h  last_seen>=1d             age of the last report (s, m, h, d, w)
+    last_seen<2h  last_seen>=1d             age of the last report (protocol.times, unit required)
 
 A device lacking the field a condition looks at (never reported, no `fw` yet) does not
 match that condition, whatever the operator.
@@ -33,10 +33,8 @@ from collections.abc import Callable, Iterable
 
 from mpfleet.errors import MpfleetError
 from mpfleet.db.store import Store
-
-# protocol.md: device ids are [a-z0-9_-]{1,64}; group names follow the same rule so they can
-# travel in topics and config files without quoting.
-NAME_RE = re.compile(r"[a-z0-9_-]{1,64}\Z")
+from mpfleet.protocol.ids import DEVICE_ID_RULE, is_device_id
+from mpfleet.protocol.times import TimeFormatError, parse_duration
 
 Device = dict
 Predicate = Callable[[Device], bool]
@@ -55,9 +53,17 @@ class QueryError(RegistryError):
 
 
 def check_name(value: str, what: str = "device id") -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise RegistryError(f"{value!r} is not a valid {what} (1..64 of a-z, 0-9, _ and -)")
+    """`value` if it is a valid device id (or, `what`, group name): groups follow the
+    device id rule (protocol.ids) so they travel in topics and config files unquoted."""
+    if not is_device_id(value):
+        raise RegistryError(f"{value!r} is not a valid {what} ({DEVICE_ID_RULE})")
     return value
+
+
+def split_names(lists: Iterable[str]) -> list[str]:
+    """The names in comma-separated lists of device ids and group names ("pump-07,pumps",
+    "*"), in order, each stripped, empty ones dropped (`--targets` on the command line)."""
+    return [name.strip() for text in lists for name in text.split(",") if name.strip()]
 
 
 class Registry:
@@ -116,6 +122,12 @@ class Registry:
             self.store.set_device(device_id, groups=sorted(groups))
         return self.get(device_id)
 
+    def split_ids_and_groups(self, names: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(the names that are registered device ids, the others: group names)."""
+        known = set(self.store.device_ids())
+        names = list(names)
+        return [n for n in names if n in known], [n for n in names if n not in known]
+
     def _unknown(self, device_id: str) -> UnknownDeviceError:
         known = self.store.device_ids()
         shown = ", ".join(known[:10]) + (f", ... ({len(known)} in all)" if len(known) > 10 else "")
@@ -126,8 +138,6 @@ class Registry:
 
 _EXPR_RE = re.compile(r"\s*([a-z_]+)\s*(<=|>=|!=|=|<|>)\s*(\S.*?)\s*\Z")
 _VERSION_RE = re.compile(r"v?(\d+(?:\.\d+)*)(?:-(.+))?\Z")
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])\Z")
-_DURATION_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 _VERSION_FIELDS = ("fw", "app")
 _TEXT_FIELDS = ("id", "board", "slot")
@@ -219,10 +229,10 @@ def _condition(expr: str, now: Callable[[], float]) -> Predicate:
         return number_test
 
     if field in _AGE_FIELDS:
-        d = _DURATION_RE.match(value)
-        if d is None:
-            raise bad(f"{value!r} is not a duration (like 90s, 15m, 2h, 7d, 1w)")
-        want_s = float(d.group(1)) * _DURATION_S[d.group(2)]
+        try:
+            want_s = parse_duration(value, unit_required=True)
+        except TimeFormatError as e:
+            raise bad(str(e)) from None
 
         def age_test(device: Device) -> bool:
             at = device.get(field)

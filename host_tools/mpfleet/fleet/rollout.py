@@ -73,6 +73,7 @@ from mpfleet.errors import MpfleetError
 from mpfleet.fleet.keys import (JOB_MAX_BYTES_DEFAULT, MAX_TRUSTED_KEYS, KeyRing, KeyringError, check_config_params,
                           check_keys_params, envelope_bytes)
 from mpfleet.fleet.registry import QueryError, Registry, parse_query
+from mpfleet.protocol.ids import DEVICE_ID_MAX_LEN
 from mpfleet.protocol.signing import JOB_TYPES, KID_RE
 from mpfleet.db.store import Store
 
@@ -86,7 +87,7 @@ RETRIABLE = (FAILED, TIMED_OUT)
 NETWORK_JOBS = ("ota", "app", "reboot", "upload")  # the agent refuses them over USB
 QUEUE_MAX_BYTES = 6144  # the retained `jobs` payload of one device, bytes (docs/dispatch.md)
 ENVELOPE_MAX_BYTES = QUEUE_MAX_BYTES - 4  # the largest envelope a queue can carry: '["' + envelope + '"]'
-LONGEST_DEVICE_ID = "x" * 64  # mqttlink.DEVICE_ID_RE: a job's targets before any device is known
+LONGEST_DEVICE_ID = "x" * DEVICE_ID_MAX_LEN  # the longest id: a job's targets before any device is known
 COUNTED = (SUCCEEDED, *FAILURES)  # the executions the abort fraction is taken over
 DEVICE_STATES = (IN_PROGRESS, SUCCEEDED, FAILED, REJECTED)
 FINAL_STATES = (SUCCEEDED, FAILED, REJECTED)  # what a device reports last

@@ -1,6 +1,6 @@
 """App bundles: the agent's own code (`lib/`), compiled, for an app update.
 
-Which room: host library (CLI: cli_app.py). An app update replaces the agent's code
+Which room: host library (CLI: mpfleet.cli.app). An app update replaces the agent's code
 without touching the MicroPython firmware; its payload is a bundle:
 
     offset  size  field
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,18 @@ def build_bundle(version: str, root: Path = FIRMWARE_DIR) -> bytes:
                 "files": [{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in files]}
     raw = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     return _HEAD.pack(MAGIC, FORMAT, len(raw)) + raw + b"".join(d for _, d in files)
+
+
+def write_bundle(version: str, path: Path, root: Path = FIRMWARE_DIR) -> Bundle:
+    """build_bundle() into the file `path`, which appears whole or not at all (written
+    beside it as `path`.part, then renamed); returns the bundle as read back."""
+    data = build_bundle(version, root)
+    bundle = read_bundle(data)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return bundle
 
 
 def read_bundle(data: bytes) -> Bundle:

@@ -16,20 +16,18 @@ Both sides are checked against tests/vectors/sample_frames.json.
 from __future__ import annotations
 
 import binascii
-import re
 import struct
 from dataclasses import dataclass, field
 
 from mpfleet.errors import MpfleetError
+from mpfleet.protocol.ids import DEVICE_ID_BYTES_RE, DEVICE_ID_MAX_LEN
 
 MAGIC = 0xB1
 FLAG_OLDEST = 0x01
 FLAG_MISSING = 0x02
-MAX_ID = 64
 MAX_CHANNELS = 16
 VARINT_MAX_BYTES = 10
 VALUE_LIMIT = 1 << 63  # a stored (scaled) value is a signed 64-bit integer
-_ID_RE = re.compile(rb"[a-z0-9_-]{1,64}\Z")
 
 
 class FrameError(MpfleetError):
@@ -89,7 +87,7 @@ def encode_frame(device_id: str, first_seq: int, t_base: int, scales, samples,
     """samples: iterable of (t, values); seqs are first_seq, first_seq+1, ...
     A None value is a missing reading (the frame then carries bitmaps)."""
     ident = device_id.encode()
-    if not _ID_RE.match(ident):
+    if not DEVICE_ID_BYTES_RE.match(ident):
         raise ValueError(f"bad device id {device_id!r}")
     if len(scales) > MAX_CHANNELS or any(not -9 <= s <= 9 for s in scales):
         raise ValueError(f"bad scales {scales!r}")
@@ -187,10 +185,10 @@ def decode_frame(data: bytes) -> Frame:
     if flags & ~(FLAG_OLDEST | FLAG_MISSING):
         raise FrameError(f"unsupported flags 0x{flags:02x}")
     id_len = r.byte("device id length")
-    if not 1 <= id_len <= MAX_ID:
+    if not 1 <= id_len <= DEVICE_ID_MAX_LEN:
         raise FrameError(f"bad device id length {id_len}")
     ident = r.take(id_len, "device id")
-    if not _ID_RE.match(ident):
+    if not DEVICE_ID_BYTES_RE.match(ident):
         raise FrameError(f"bad device id {ident!r}")
     first_seq = r.uvarint("first seq")
     count = r.uvarint("count")
