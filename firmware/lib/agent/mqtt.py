@@ -73,6 +73,7 @@ _PROTOCOL_LEVEL = const(4)  # 3.1.1
 _MAX_REMAINING = const(268435455)
 _SMALL_PUBLISH = const(160)  # whole packets up to this size are sent in one write  # 4-byte varint limit (section 2.2.3)
 _SCRATCH = const(64)
+_UNDELIVERED = const(0x01)  # _step's answer for a PUBLISH that did not reach the callback (no packet type)
 
 # CONNACK return codes 1..5 (section 3.2.2.3), index = rc.
 _REFUSED = (
@@ -464,7 +465,8 @@ class MQTTClient:
 
     def _step(self, deadline, deliver):
         """Read and handle one packet if one starts before deadline: returns its type
-        (high nibble), or 0 if none came. deliver=False queues incoming messages."""
+        (high nibble), _UNDELIVERED for a PUBLISH the callback did not get, or 0 if
+        none came. deliver=False queues incoming messages."""
         if not self._read_first(deadline):
             return 0
         op = self._scratch[0]
@@ -473,7 +475,8 @@ class MQTTClient:
         n = self._read_length(pkt_deadline)
         kind = op & 0xF0
         if kind == _PUBLISH:
-            self._recv_publish(op, n, pkt_deadline, deliver)
+            if not self._recv_publish(op, n, pkt_deadline, deliver):
+                kind = _UNDELIVERED  # dropped or queued: check_msg and wait_msg did not deliver it
         elif kind == _PUBACK or kind == _SUBACK or kind == _UNSUBACK:
             if (n < 3 or n > 10) if kind == _SUBACK else n != 2:
                 raise self._fail("malformed packet 0x%02x (length %d)" % (op, n))
@@ -496,6 +499,7 @@ class MQTTClient:
         return kind
 
     def _recv_publish(self, op, n, deadline, deliver):
+        # Returns whether the message reached the callback.
         qos = (op >> 1) & 3
         if qos > 1:
             raise self._fail("PUBLISH with QoS %d (never subscribed above 1)" % qos)
@@ -514,7 +518,7 @@ class MQTTClient:
             self.dropped += 1
             if qos:
                 self._send_puback(pid)
-            return
+            return False
         topic = bytearray(tlen)
         self._read_into(memoryview(topic), deadline)
         topic = bytes(topic)
@@ -529,13 +533,14 @@ class MQTTClient:
                 # not acknowledged, so the broker sends it again).
                 self._skip(rest, deadline)
                 self.dropped += 1
-                return
+                return False
         if rest:
             self._read_into(memoryview(msg), deadline)
         retained = bool(op & _RETAIN)
         if deliver:
             self._deliver(topic, msg, retained, pid)
-        elif len(self._queue) < self.queue_len:
+            return True
+        if len(self._queue) < self.queue_len:
             # Acknowledged now, not when delivered: some brokers (amqtt) hold back
             # every later packet to this client, the SUBACK or PUBACK being waited
             # for included, until the message is acknowledged. What arrives here
