@@ -47,6 +47,11 @@ def b64(obj) -> str:
     return b64url(json.dumps(obj).encode())
 
 
+def decoding(payload_b64: str) -> str:
+    """The device call that decodes this payload."""
+    return f"envelope.decode_payload({payload_b64!r})"
+
+
 # (case, the call on the device, the reason its Rejected gives)
 REJECTIONS = [
     # size and format
@@ -85,14 +90,14 @@ REJECTIONS = [
     # the payload
     ("a payload that is not base64url", "envelope.decode_payload('e30=')",
      "payload is not base64url JSON: not base64url"),
-    ("a payload nested seven deep", "envelope.decode_payload(%r)" % b64({"a": [[[[[{}]]]]]}),
+    ("a payload nested seven deep", decoding(b64({"a": [[[[[{}]]]]]})),
      "payload is not base64url JSON: nested deeper than 6 levels"),
-    ("a payload of 600 nested lists", "envelope.decode_payload(%r)" % b64url(b"[" * 600 + b"]" * 600),
+    ("a payload of 600 nested lists", decoding(b64url(b"[" * 600 + b"]" * 600)),
      "payload is not base64url JSON: nested deeper than 6 levels"),
-    ("a payload that is not JSON", "envelope.decode_payload(%r)" % b64url(b'{"id": '),
+    ("a payload that is not JSON", decoding(b64url(b'{"id": ')),
      "payload is not base64url JSON: syntax error in JSON"),
-    ("a payload that is a list", "envelope.decode_payload(%r)" % b64([]), "payload is not a JSON object"),
-    ("a payload that is a string", "envelope.decode_payload(%r)" % b64("job"), "payload is not a JSON object"),
+    ("a payload that is a list", decoding(b64([])), "payload is not a JSON object"),
+    ("a payload that is a string", decoding(b64("job")), "payload is not a JSON object"),
     # targeting
     ("no targets", "envelope.check_targets({}, 'dev1', ['lab'])", "schema: targets must be a list"),
     ("targets that are a string", "envelope.check_targets({'targets': 'dev1'}, 'dev1', [])",
@@ -135,7 +140,7 @@ ACCEPTED = [
     ("an envelope at the limit", "envelope.split(ENVELOPE, len(ENVELOPE))[0]", KID),
     ("a good signature", "envelope.check_signature(KID, SIGNED, SIG, TRUSTED)", None),
     ("a good payload", "envelope.decode_payload(PAYLOAD)", {"id": "j1", "seq": 1, "type": "reboot", "targets": ["*"]}),
-    ("a payload nested six deep", "envelope.decode_payload(%r)" % b64({"a": [[[[{}]]]]}), {"a": [[[[{}]]]]}),
+    ("a payload nested six deep", decoding(b64({"a": [[[[{}]]]]})), {"a": [[[[{}]]]]}),
     ("every device", "envelope.check_targets({'targets': ['*']}, 'dev1', [])", None),
     ("this device", "envelope.check_targets({'targets': ['dev2', 'dev1']}, 'dev1', [])", None),
     ("one of its groups", "envelope.check_targets({'targets': ['lab']}, 'dev1', ['field', 'lab'])", None),

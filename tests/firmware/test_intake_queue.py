@@ -6,6 +6,7 @@ envelope check. A message that is not a JSON list, and each entry that fails,
 is rejected once by its digest with the reason."""
 
 import hashlib
+
 import pytest
 
 MODULES = ("lib/agent/intake.py", "lib/agent/envelope.py", "lib/agent/jobs.py", "lib/agent/jsonfile.py",
@@ -169,8 +170,8 @@ def test_a_queue_over_12_kib_is_rejected_by_digest_before_it_is_split(device):
     raw = b'["' + b"a" * 12285 + b'"]'
     got = device.value("read a queue over 12 KiB")
     assert got["raw"] is None
-    assert got["rejected"] == [[digest(raw), "job queue is not a JSON list of envelopes: "
-                                             "12289 bytes, over the limit of 12288"]]
+    reason = "job queue is not a JSON list of envelopes: 12289 bytes, over the limit of 12288"
+    assert got["rejected"] == [[digest(raw), reason]]
 
 
 def test_a_queue_of_12_kib_is_read(device):
