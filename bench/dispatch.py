@@ -93,7 +93,7 @@ def run(devices: int = DEVICES) -> dict:
                 t_job = time.monotonic()
                 job = engine.create_job("config", {"set": {"upload_watermark": 400}}, "*", job_id="bench-config")
                 status = engine.job_status(job)
-                while status["status"] == "ACTIVE" and time.monotonic() - t_job < 300:
+                while status.status == "ACTIVE" and time.monotonic() - t_job < 300:
                     time.sleep(0.2)
                     status = engine.job_status(job)
                 job_s = time.monotonic() - t_job
@@ -105,13 +105,13 @@ def run(devices: int = DEVICES) -> dict:
             serve.terminate()
             serve.wait(timeout=30)
         store.close()
-    ok = status["counts"]["SUCCEEDED"]
+    ok = status.counts["SUCCEEDED"]
     rows.append({"measure": "provisioning", "value": f"{provision_s:.1f} s",
                  "detail": f"{provision_s / devices * 1000:.1f} ms per device"})
     rows.append({"measure": "fleet wake cycle before the job", "value": f"{cycle_s:.1f} s",
                  "detail": f"{wake_rate:.1f} wakes/s"})
     rows.append({"measure": "config job, create to all final", "value": f"{job_s:.1f} s",
-                 "detail": f"{ok}/{devices} SUCCEEDED, job {status['status']}, target <= {TARGET_S:.0f} s"})
+                 "detail": f"{ok}/{devices} SUCCEEDED, job {status.status}, target <= {TARGET_S:.0f} s"})
     rows.append({"measure": "device wakes per execution", "value": f"{boots / max(ok, 1):.2f}",
                  "detail": "1.0 = every device ran the job on its first wake after it was queued"})
     rows.append({"measure": "job time / wake cycle", "value": f"{job_s / cycle_s:.2f}",
@@ -121,7 +121,7 @@ def run(devices: int = DEVICES) -> dict:
     rows.append({"measure": "serve peak memory (VmHWM)", "value": f"{peak_kib / 1024:.1f} MiB", "detail": ""})
     return {"name": "dispatch", "devices": devices, "provision_s": round(provision_s, 2),
             "cycle_s": round(cycle_s, 2), "job_s": round(job_s, 2), "succeeded": ok,
-            "job_status": status["status"], "serve_cpu_s": round(serve_cpu, 2),
+            "job_status": status.status, "serve_cpu_s": round(serve_cpu, 2),
             "serve_cpu_per_execution_ms": round(serve_cpu / max(ok, 1) * 1000, 3),
             "serve_peak_rss_kib": peak_kib, "wakes_during_job": boots, "fleet": {
                 k: fleet[k] for k in ("boots", "boots_per_s", "mean_boot_s", "exit_reasons", "stopped", "errors")},

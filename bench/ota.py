@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from update_site import UpdateSite  # noqa: E402
 
 from mpfleet.broker.local import LocalBroker  # noqa: E402
+from mpfleet.fleet.jobs_model import ExecutionRow  # noqa: E402
 from mpfleet.fleet.serve import Dispatcher  # noqa: E402
 from mpfleet.sim.heap import heap_needed  # noqa: E402
 from mpfleet.sim.netfault import LinkCutter  # noqa: E402
@@ -156,7 +157,7 @@ def throughput(env: Env, broker_port: int) -> list[dict]:
     return rows
 
 
-def _boot_until_final(env: Env, board, job: str, boots: int = 12) -> tuple[dict, float]:
+def _boot_until_final(env: Env, board, job: str, boots: int = 12) -> tuple[ExecutionRow, float]:
     spent = 0.0
     for _ in range(boots):
         t = time.monotonic()
@@ -164,11 +165,11 @@ def _boot_until_final(env: Env, board, job: str, boots: int = 12) -> tuple[dict,
         spent += time.monotonic() - t
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
-            row = env.engine.job_status(job)["devices"][-1]
-            if row["status"] not in ("QUEUED", "IN_PROGRESS"):
+            row = env.engine.job_status(job).devices[-1]
+            if row.status not in ("QUEUED", "IN_PROGRESS"):
                 return row, spent
             time.sleep(0.05)
-    raise RuntimeError(f"job {job} did not finish: {env.engine.job_status(job)['devices']}")
+    raise RuntimeError(f"job {job} did not finish: {env.engine.job_status(job).devices}")
 
 
 def disconnects(env: Env, broker_port: int) -> list[dict]:
@@ -185,8 +186,8 @@ def disconnects(env: Env, broker_port: int) -> list[dict]:
             job = env.job("ota", params, board.device_id)
             row, _ = _boot_until_final(env, board, job)
             cuts = cutter.cuts
-        link = (row["detail"] or {}).get("link") or {}
-        rows.append({"case": f"disconnects window={window}", "status": row["status"], "image_bytes": IMAGE_SIZE,
+        link = (row.detail or {}).get("link") or {}
+        rows.append({"case": f"disconnects window={window}", "status": row.status, "image_bytes": IMAGE_SIZE,
                      "cuts": cuts, "reconnects": link.get("reconnects"),
                      "reasked_bytes_per_cut": round(link.get("reasked", 0) / max(cuts, 1)),
                      "received_twice_bytes_per_cut": round(link.get("ignored", 0) / max(cuts, 1)),
@@ -208,7 +209,7 @@ def app_vs_ota(env: Env) -> list[dict]:
         params = _params(env, kind, record)
         job = env.job(kind, params, board.device_id)
         row, spent = _boot_until_final(env, board, job)
-        rows.append({"case": f"{kind} update", "status": row["status"], "bytes": record.size,
+        rows.append({"case": f"{kind} update", "status": row.status, "bytes": record.size,
                      "boot_seconds": round(spent, 2)})
     rows.append({"case": "app vs ota", "bytes_ratio": round(rows[1]["bytes"] / rows[0]["bytes"], 1),
                  "time_ratio": round(rows[1]["boot_seconds"] / rows[0]["boot_seconds"], 1)})

@@ -56,8 +56,8 @@ def test_amqtt_fallback_carries_a_job_to_a_device(tmp_path):
             for _ in range(6):
                 time.sleep(0.5)
                 board.boot()
-                if engine.job_status(job)["status"] == "COMPLETED":
+                if engine.job_status(job).status == "COMPLETED":
                     break
             status = engine.job_status(job)
-        assert status["status"] == "COMPLETED" and status["counts"]["SUCCEEDED"] == 1
+        assert status.status == "COMPLETED" and status.counts["SUCCEEDED"] == 1
         assert store.sample_count() >= 2  # samples went through amqtt and were acked

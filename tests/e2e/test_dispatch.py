@@ -26,6 +26,7 @@ import pytest
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import parse_broker_url
 from mpfleet.fleet.registry import Registry
+from mpfleet.fleet.jobs_model import JobStatus, RolloutOptions
 from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.fleet.serve import Dispatcher, ServeError
 from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner, provision_sim_fleet
@@ -90,7 +91,7 @@ class Env:
         self.ring.init()
         self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
 
-    def status(self, job: str) -> dict:
+    def status(self, job: str) -> JobStatus:
         return self.engine.job_status(job)
 
     def wait(self, predicate, timeout: float, what: str) -> None:
@@ -101,8 +102,8 @@ class Env:
             time.sleep(0.1)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
-    def wait_job_done(self, job: str, timeout: float = 90) -> dict:
-        self.wait(lambda: self.status(job)["status"] != "ACTIVE", timeout, f"job {job} to finish")
+    def wait_job_done(self, job: str, timeout: float = 90) -> JobStatus:
+        self.wait(lambda: self.status(job).status != "ACTIVE", timeout, f"job {job} to finish")
         return self.status(job)
 
 
@@ -148,16 +149,16 @@ def _boot_until(board, env, predicate, boots: int = 6) -> None:
 # ---------------------------------------------------------------- staged rollouts
 def test_failing_canary_aborts_and_later_stages_never_receive_the_job(env, dispatcher):
     job = env.engine.create_job("config", {"set": {"sample_interval_s": 0}}, ["awake"], job_id="bad-canary",
-                                stages=[0.1, 0.5, 1.0])
+                                options=RolloutOptions(stages=[0.1, 0.5, 1.0]))
     s = env.wait_job_done(job, timeout=60)
-    assert s["status"] == "ABORTED" and "stage 0" in s["reason"], s["reason"]
-    canary = {row["device"] for row in s["devices"]}
-    assert len(canary) == s["stage_size"] == 5
-    assert all(row["status"] == "FAILED" and "sample_interval_s" in json.dumps(row["detail"]) for row in s["devices"])
+    assert s.status == "ABORTED" and "stage 0" in s.reason, s.reason
+    canary = {row.device for row in s.devices}
+    assert len(canary) == s.stage_size == 5
+    assert all(row.status == "FAILED" and "sample_interval_s" in json.dumps(row.detail) for row in s.devices)
     time.sleep(3)  # more than one wake of every awake device
     assert env.observer.received[job] == canary  # nobody past the canary ever had it in its queue
     assert {d for d, _ in env.observer.of(job)} == canary
-    assert env.status(job)["counts"]["SUCCEEDED"] == 0
+    assert env.status(job).counts["SUCCEEDED"] == 0
 
 
 def test_good_job_reaches_every_device_stage_by_stage_within_the_rate(env):
@@ -165,20 +166,21 @@ def test_good_job_reaches_every_device_stage_by_stage_within_the_rate(env):
     t0 = time.time()
     fast = lambda: t0 + (time.time() - t0) * 20  # noqa: E731
     job = env.engine.create_job("config", {"set": {"upload_watermark": 450}}, ["awake"], job_id="good-staged",
-                                stages=[0.1, 0.5, 1.0], rate_per_min=12, success_threshold=0.9)
+                                options=RolloutOptions(stages=[0.1, 0.5, 1.0], rate_per_min=12,
+                                                       success_threshold=0.9))
     with Dispatcher(env.cfg, env.db, keys_dir=env.keys, tick_s=0.1, clock=fast):
         s = env.wait_job_done(job, timeout=120)
-    assert s["status"] == "COMPLETED", s["reason"]
-    assert s["counts"]["SUCCEEDED"] == AWAKE and len(s["devices"]) == AWAKE
-    rows = sorted(s["devices"], key=lambda r: r["queued"])
-    queued = [r["queued"] for r in rows]
+    assert s.status == "COMPLETED", s.reason
+    assert s.counts["SUCCEEDED"] == AWAKE and len(s.devices) == AWAKE
+    rows = sorted(s.devices, key=lambda r: r.queued)
+    queued = [r.queued for r in rows]
     # the rate: no 60 s window (dispatcher clock) starts more than 12 devices
     assert all(queued[i + 12] - queued[i] >= 60 for i in range(len(queued) - 12))
     # the stages: nobody of a later stage was queued before the earlier stage had finished
     for stage in (1, 2):
-        earlier_done = max(r["finished"] for r in rows if r["stage"] < stage)
-        assert min(r["queued"] for r in rows if r["stage"] == stage) >= earlier_done
-    assert [len([r for r in rows if r["stage"] == k]) for k in (0, 1, 2)] == [5, 20, 25]
+        earlier_done = max(r.finished for r in rows if r.stage < stage)
+        assert min(r.queued for r in rows if r.stage == stage) >= earlier_done
+    assert [len([r for r in rows if r.stage == k]) for k in (0, 1, 2)] == [5, 20, 25]
     # each device ran it once: one seq, attempt 1, per device
     seqs = defaultdict(set)
     for device, status in env.observer.of(job):
@@ -191,22 +193,22 @@ def test_offline_device_gets_its_job_when_it_wakes(env, dispatcher):
     board = env.offline["off-0001"]
     job = env.engine.create_job("config", {"set": {"upload_watermark": 300}}, ["off-0001"], job_id="offline-1")
     env.wait(lambda: env.observer.queue.get("off-0001") == [job], 10, "the queue to be published")
-    assert env.status(job)["counts"]["QUEUED"] == 1
-    _boot_until(board, env, lambda: env.status(job)["status"] == "COMPLETED")
-    assert env.status(job)["counts"]["SUCCEEDED"] == 1
+    assert env.status(job).counts["QUEUED"] == 1
+    _boot_until(board, env, lambda: env.status(job).status == "COMPLETED")
+    assert env.status(job).counts["SUCCEEDED"] == 1
     env.wait(lambda: env.observer.queue.get("off-0001") == [], 10, "the finished job to leave the queue")
 
 
 def test_continuous_job_reaches_a_device_tagged_later(env, dispatcher):
     job = env.engine.create_job("config", {"set": {"upload_watermark": 310}}, ["late"], job_id="continuous-late",
-                                continuous=True)
+                                options=RolloutOptions(continuous=True))
     time.sleep(1)
     s = env.status(job)
-    assert s["status"] == "ACTIVE" and s["target_count"] == 0
+    assert s.status == "ACTIVE" and s.target_count == 0
     Registry(env.store).tag("off-0002", add=["late"])
     env.wait(lambda: env.observer.queue.get("off-0002") == [job], 10, "the newly tagged device's queue")
-    _boot_until(env.offline["off-0002"], env, lambda: env.status(job)["counts"]["SUCCEEDED"] == 1)
-    assert env.status(job)["status"] == "ACTIVE"  # continuous: waits for more devices
+    _boot_until(env.offline["off-0002"], env, lambda: env.status(job).counts["SUCCEEDED"] == 1)
+    assert env.status(job).status == "ACTIVE"  # continuous: waits for more devices
     env.engine.cancel(job)
 
 
@@ -222,22 +224,23 @@ def test_cancel_from_the_cli_empties_the_queues_of_devices_that_did_not_start(en
         board.boot()
     time.sleep(0.5)
     assert env.observer.of(job) == []  # never started
-    assert env.status(job)["counts"]["CANCELED"] == 1 and env.status(job)["status"] == "CANCELED"
+    assert env.status(job).counts["CANCELED"] == 1 and env.status(job).status == "CANCELED"
 
 
 def test_in_progress_past_its_timeout_is_timed_out_and_retried(env, dispatcher):
     board = env.offline["off-0004"]
-    job = env.engine.create_job("reboot", {}, ["off-0004"], job_id="slow-reboot", timeout_s=4, retries=1)
+    job = env.engine.create_job("reboot", {}, ["off-0004"], job_id="slow-reboot",
+                                options=RolloutOptions(timeout_s=4, retries=1))
     env.wait(lambda: env.observer.queue.get("off-0004") == [job], 10, "the queue to be published")
     board.boot()  # takes the job, reports IN_PROGRESS, resets; then the device stays off
-    env.wait(lambda: any(r["status"] == "TIMED_OUT" for r in env.status(job)["devices"]), 15, "the timeout")
-    env.wait(lambda: len(env.status(job)["devices"]) == 2, 10, "the retry to be queued")
-    _boot_until(board, env, lambda: env.status(job)["status"] != "ACTIVE")
+    env.wait(lambda: any(r.status == "TIMED_OUT" for r in env.status(job).devices), 15, "the timeout")
+    env.wait(lambda: len(env.status(job).devices) == 2, 10, "the retry to be queued")
+    _boot_until(board, env, lambda: env.status(job).status != "ACTIVE")
     s = env.status(job)
-    first, second = sorted(s["devices"], key=lambda r: r["attempt"])
-    assert first["status"] == "TIMED_OUT" and "later reported SUCCEEDED" in first["note"]
-    assert second["status"] == "SUCCEEDED" and second["seq"] > first["seq"]
-    assert s["status"] == "COMPLETED"
+    first, second = sorted(s.devices, key=lambda r: r.attempt)
+    assert first.status == "TIMED_OUT" and "later reported SUCCEEDED" in first.note
+    assert second.status == "SUCCEEDED" and second.seq > first.seq
+    assert s.status == "COMPLETED"
 
 
 # ---------------------------------------------------------------- restart safety
@@ -253,10 +256,10 @@ def _serve_process(env, log: Path) -> subprocess.Popen:
 def test_killing_serve_mid_rollout_loses_nothing_and_runs_nothing_twice(env, tmp_path):
     log = tmp_path / "serve.log"
     job = env.engine.create_job("config", {"set": {"upload_watermark": 460}}, ["awake"], job_id="survives-kill",
-                                stages=[0.2, 0.6, 1.0])
+                                options=RolloutOptions(stages=[0.2, 0.6, 1.0]))
     proc = _serve_process(env, log)
     try:
-        env.wait(lambda: env.status(job)["stage"] >= 1, 60, "the first stage to pass")
+        env.wait(lambda: env.status(job).stage >= 1, 60, "the first stage to pass")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         killed_at = env.status(job)
@@ -267,17 +270,17 @@ def test_killing_serve_mid_rollout_loses_nothing_and_runs_nothing_twice(env, tmp
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    assert killed_at["status"] == "ACTIVE"
-    assert s["status"] == "COMPLETED", s["reason"]
-    assert s["counts"]["SUCCEEDED"] == AWAKE and len(s["devices"]) == AWAKE  # one execution per device
+    assert killed_at.status == "ACTIVE"
+    assert s.status == "COMPLETED", s.reason
+    assert s.counts["SUCCEEDED"] == AWAKE and len(s.devices) == AWAKE  # one execution per device
     reported = defaultdict(set)
     for device, status in env.observer.of(job):
         reported[device].add((status["seq"], status["attempt"]))
         assert status["attempt"] == 1
     # every device ran exactly one envelope, and the records name that envelope
-    assert {d: {seq for seq, _ in v} for d, v in reported.items()} == {r["device"]: {r["seq"]} for r in s["devices"]}
+    assert {d: {seq for seq, _ in v} for d, v in reported.items()} == {r.device: {r.seq} for r in s.devices}
     final = {(d, st["seq"]) for d, st in env.observer.of(job) if st["status"] == "SUCCEEDED"}
-    assert final == {(r["device"], r["seq"]) for r in s["devices"]}
+    assert final == {(r.device, r.seq) for r in s.devices}
 
 
 def test_one_dispatcher_per_database(env, dispatcher):
@@ -294,22 +297,22 @@ def test_key_rotation_rolls_out_the_new_key_then_retires_the_old(env, dispatcher
     made = json.loads(out.stdout)
     assert made["signed_by"] == old and made["new_kid"] != old
     add = env.wait_job_done(made["job"], timeout=60)
-    assert add["type"] == "keys" and add["params"] == {"add": {made["new_kid"]: made["public_b64"]}}
-    assert add["status"] == "COMPLETED" and add["counts"]["SUCCEEDED"] == AWAKE
-    assert all(r["seq"] and r["device"].startswith("awake") for r in add["devices"])
-    assert f"key {old} retired" in add["reason"]
+    assert add.type == "keys" and add.params == {"add": {made["new_kid"]: made["public_b64"]}}
+    assert add.status == "COMPLETED" and add.counts["SUCCEEDED"] == AWAKE
+    assert all(r.seq and r.device.startswith("awake") for r in add.devices)
+    assert f"key {old} retired" in add.reason
     assert env.ring.fleet_key().kid == made["new_kid"] and not env.ring.get(old).active
     retire = [j for j in env.engine.jobs() if j.startswith(f"key-retire-{old[:8]}")]
     assert len(retire) == 1
     done = env.wait_job_done(retire[0], timeout=60)
-    assert done["type"] == "keys" and done["params"] == {"remove": [old]}
-    assert done["status"] == "COMPLETED" and done["counts"]["SUCCEEDED"] == AWAKE
+    assert done.type == "keys" and done.params == {"remove": [old]}
+    assert done.status == "COMPLETED" and done.counts["SUCCEEDED"] == AWAKE
     # what the devices now run is signed by the new key alone
     after = env.engine.create_job("config", {"set": {"upload_watermark": 470}}, ["awake"], job_id="after-rotation")
     s = env.wait_job_done(after, timeout=60)
-    assert s["counts"]["SUCCEEDED"] == AWAKE
+    assert s.counts["SUCCEEDED"] == AWAKE
     signers = env.store.db.execute("SELECT DISTINCT kid FROM executions WHERE job = ?", (after,)).fetchall()
-    assert signers == [(made["new_kid"],)] and len({row["device"] for row in s["devices"]}) == AWAKE
+    assert signers == [(made["new_kid"],)] and len({row.device for row in s.devices}) == AWAKE
 
 
 def test_broker_restart_loses_the_retained_queues_and_serve_publishes_them_again(tmp_path):
@@ -325,8 +328,8 @@ def test_broker_restart_loses_the_retained_queues_and_serve_publishes_them_again
             broker.restart()  # no persistence: the retained queue is gone
             e.wait(lambda: d.stats.reconnects >= 2, 30, "serve to reconnect")
             e.wait(lambda: d.stats.queue_confirmed >= 2, 10, "the queue to be published again")
-            _boot_until(board, e, lambda: e.status(job)["status"] == "COMPLETED")
-        assert e.status(job)["counts"]["SUCCEEDED"] == 1
+            _boot_until(board, e, lambda: e.status(job).status == "COMPLETED")
+        assert e.status(job).counts["SUCCEEDED"] == 1
         e.store.close()
 
 
@@ -394,7 +397,7 @@ def test_serve_publishes_capped_queues_and_the_rest_follow(tmp_path):
             status.loop_stop()
             status.disconnect()
             watch.close()
-        assert all(e.status(j)["counts"]["SUCCEEDED"] == 1 for j in jobs)
+        assert all(e.status(j).counts["SUCCEEDED"] == 1 for j in jobs)
         e.store.close()
 
 
@@ -446,6 +449,6 @@ def test_serve_over_tls_with_the_ca_from_the_broker_url(tmp_path):
         with pytest.raises(MqttLinkError):  # without the CA the certificate is not trusted
             Dispatcher(secure.__class__(secure.host, secure.port, tls=True), e.db, keys_dir=e.keys).start()
         with Dispatcher(secure, e.db, keys_dir=e.keys, tick_s=0.1):
-            _boot_until(board, e, lambda: e.status(job)["status"] == "COMPLETED")
-        assert e.status(job)["counts"]["SUCCEEDED"] == 1
+            _boot_until(board, e, lambda: e.status(job).status == "COMPLETED")
+        assert e.status(job).counts["SUCCEEDED"] == 1
         e.store.close()

@@ -42,6 +42,7 @@ from mpfleet.protocol.codec import encode_frame
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import BrokerConfig
 from mpfleet.fleet.registry import Registry
+from mpfleet.fleet.jobs_model import RolloutOptions
 from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner, provision_sim_fleet
 from mpfleet.db.store import Store
@@ -105,7 +106,7 @@ class Chaos:
     def new_job(self, n: int) -> None:
         value = 400 + n
         job = self.engine.create_job("config", {"set": {"upload_watermark": value}}, ["chaos"],
-                                     job_id=f"chaos-{n:02d}", stages=[0.5, 1.0])
+                                     job_id=f"chaos-{n:02d}", options=RolloutOptions(stages=[0.5, 1.0]))
         self.jobs.append((job, value))
 
     def round(self, kind: str, rng: random.Random) -> None:
@@ -168,8 +169,8 @@ class Chaos:
         out = []
         for job, _ in self.jobs:
             s = self.engine.job_status(job)
-            if s["status"] != "COMPLETED" or s["counts"].get("SUCCEEDED") != DEVICES:
-                out.append(f"job {job}: {s['status']} {s['counts']} {s.get('reason')}")
+            if s.status != "COMPLETED" or s.counts.get("SUCCEEDED") != DEVICES:
+                out.append(f"job {job}: {s.status} {s.counts} {s.reason}")
         for board in self.boards:
             dev = board.device_id
             done = self.device_done(board)
@@ -231,7 +232,7 @@ def test_chaos_every_job_final_and_true_no_sample_lost_serve_never_stops_silentl
                 assert chaos.serve.poll() is None, f"serve ended in round {n} ({kind}):\n" + \
                     chaos.serve_log.read_text()[-3000:]
             last = [job for job, _ in chaos.jobs]
-            Host.wait(lambda: all(chaos.engine.job_status(j)["status"] != "ACTIVE" for j in last), 180,
+            Host.wait(lambda: all(chaos.engine.job_status(j).status != "ACTIVE" for j in last), 180,
                  "every job to end after the chaos")
             time.sleep(1.0)
         finally:

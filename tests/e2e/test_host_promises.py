@@ -160,7 +160,7 @@ def test_a_status_serve_cannot_commit_is_not_acked_and_lands_once_the_disk_has_r
         filler.unlink()
         host.wait(lambda: host.execution(job, "full-0001") == "SUCCEEDED", 15,
                   "the held status to be committed once there is room")
-        host.wait(lambda: host.engine.job_status(job)["status"] == "COMPLETED", 10, "the job to complete")
+        host.wait(lambda: host.engine.job_status(job).status == "COMPLETED", 10, "the job to complete")
         assert d.stats.messages.as_dict()["held"] == 0
     dev.close()
     host.store.close()

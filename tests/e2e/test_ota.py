@@ -23,6 +23,7 @@ from conftest import STRESS
 from update_site import BASE_FW, UpdateSite
 
 from mpfleet.images.espimage import build_app_image
+from mpfleet.fleet.jobs_model import ExecutionRow
 from mpfleet.fleet.otaserve import ArtifactServer, Refusal, parse_request
 from mpfleet.fleet.serve import Dispatcher
 from mpfleet.sim.netfault import LinkCutter
@@ -61,10 +62,10 @@ class StatusLog:
 
 
 class Env(UpdateSite):
-    def execution(self, job: str) -> dict:
-        return self.engine.job_status(job)["devices"][-1]
+    def execution(self, job: str) -> ExecutionRow:
+        return self.engine.job_status(job).devices[-1]
 
-    def run_until_final(self, board, job: str, boots: int = 10, crashes: bool = False) -> dict:
+    def run_until_final(self, board, job: str, boots: int = 10, crashes: bool = False) -> ExecutionRow:
         """Boot the device until the host holds a final status for the job; no boot may
         end in a traceback unless `crashes` (the update under test raises)."""
         for _ in range(boots):
@@ -72,11 +73,11 @@ class Env(UpdateSite):
             assert crashes or "Traceback" not in rec.output, rec.output
             deadline = time.monotonic() + 0.6  # a final status was published before the boot ended
             while time.monotonic() < deadline:
-                row = self.engine.job_status(job)["devices"]
-                if row and row[-1]["status"] in FINAL:
+                row = self.engine.job_status(job).devices
+                if row and row[-1].status in FINAL:
                     return row[-1]
                 time.sleep(0.05)
-        raise AssertionError(f"job {job} not final after {boots} boots: {self.engine.job_status(job)['devices']}")
+        raise AssertionError(f"job {job} not final after {boots} boots: {self.engine.job_status(job).devices}")
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +117,9 @@ def test_ota_downloads_switches_confirms_and_reports_the_new_version(env):
     image = env.image("v1.30.0", size=200_000)
     job = env.job("ota", ota_params(env.images, image.id)[0], board)
     row = env.run_until_final(board, job)
-    assert row["status"] == "SUCCEEDED", row
-    assert row["detail"]["fw"] == "v1.30.0" and row["detail"]["from"] == BASE_FW
-    assert row["progress"] is None or row["progress"]["total"] == image.size
+    assert row.status == "SUCCEEDED", row
+    assert row.detail["fw"] == "v1.30.0" and row.detail["from"] == BASE_FW
+    assert row.progress is None or row.progress["total"] == image.size
     assert _running(board) == "v1.30.0"
     assert _active_state(board) == "VALID", _otadata(board)
     # the new image keeps booting (no rollback at the next reset) and says so
@@ -129,7 +130,7 @@ def test_ota_downloads_switches_confirms_and_reports_the_new_version(env):
     statuses = [s["status"] for s in env.log.of(job)]
     assert statuses.count("SUCCEEDED") >= 1 and "FAILED" not in statuses
     # the job's status view shows the running version
-    assert env.engine.job_status(job)["devices"][-1]["running"] == "v1.30.0"
+    assert env.engine.job_status(job).devices[-1].running == "v1.30.0"
 
 
 def _truncated(env) -> tuple[dict, str]:
@@ -162,8 +163,8 @@ def test_refused_image_leaves_the_running_image_and_never_switches(env, case):
     params, reason = make(env)
     job = env.job("ota", params, board)
     row = env.run_until_final(board, job)
-    assert row["status"] == want_status, (row["status"], row["detail"])
-    assert reason in json.dumps(row["detail"]), row["detail"]
+    assert row.status == want_status, (row.status, row.detail)
+    assert reason in json.dumps(row.detail), row.detail
     board.boot()
     assert _running(board) == BASE_FW
     assert _otadata(board) == before, "set_boot must not have been called"
@@ -186,9 +187,9 @@ def test_image_that_fails_its_trial_boot_is_rolled_back_and_reported_failed(env,
     image = env.image(f"v1.40.{len(reason)}", sim_note=note)
     job = env.job("ota", ota_params(env.images, image.id)[0], board)
     row = env.run_until_final(board, job)
-    assert row["status"] == "FAILED", row
-    assert reason in row["detail"]["reason"]
-    assert row["detail"]["fw"] == BASE_FW
+    assert row.status == "FAILED", row
+    assert reason in row.detail["reason"]
+    assert row.detail["fw"] == BASE_FW
     assert _running(board) == BASE_FW
     assert "SUCCEEDED" not in [s["status"] for s in env.log.of(job)], "a rolled-back image reported success"
     assert {e[1] for e in _otadata(board) if e[2]} & {"ABORTED", "INVALID"}, _otadata(board)
@@ -203,9 +204,9 @@ def test_download_resumes_across_dropped_connections(env):
         job = env.job("ota", ota_params(env.images, image.id)[0], board)
         row = env.run_until_final(board, job, boots=12)
         cuts = cutter.cuts
-    assert row["status"] == "SUCCEEDED", row
+    assert row.status == "SUCCEEDED", row
     assert cuts >= 2
-    link = row["detail"]["link"]
+    link = row.detail["link"]
     assert link["reconnects"] >= 1
     assert link["ignored"] <= 4096 * link["reconnects"], link  # nothing already received came twice
     assert link["reasked"] <= 8 * 4096 * cuts, link  # at most the window in flight per cut
@@ -217,15 +218,15 @@ def test_app_update_installs_into_the_other_slot_and_reports_its_version(env):
     bundle = env.bundle("0.2.0")
     job = env.job("app", app_params(env.images, bundle.id)[0], board)
     row = env.run_until_final(board, job)
-    assert row["status"] == "SUCCEEDED", row
-    assert row["detail"] == {"app": "0.2.0", "slot": "a", "from": "0.1.0", "link": row["detail"]["link"]}
+    assert row.status == "SUCCEEDED", row
+    assert row.detail == {"app": "0.2.0", "slot": "a", "from": "0.1.0", "link": row.detail["link"]}
     assert json.loads(board.fs_get("/app.json")) == {"active": "a"}
     board.boot()
     assert env.store.device(board.device_id)["state"]["app"] == "0.2.0"
     # and the next one goes to the other slot
     job = env.job("app", app_params(env.images, env.bundle("0.3.0").id)[0], board)
     row = env.run_until_final(board, job)
-    assert row["detail"]["slot"] == "b" and row["detail"]["from"] == "0.2.0"
+    assert row.detail["slot"] == "b" and row.detail["from"] == "0.2.0"
 
 
 def test_app_bundle_that_raises_at_import_is_rolled_back(env):
@@ -233,9 +234,9 @@ def test_app_bundle_that_raises_at_import_is_rolled_back(env):
     bundle = env.bundle("0.9.0-broken", raise_at_import=True)
     job = env.job("app", app_params(env.images, bundle.id)[0], board)
     row = env.run_until_final(board, job, crashes=True)
-    assert row["status"] == "FAILED", row
-    assert "ImportError: broken build" in row["detail"]["reason"]
-    assert row["detail"]["app"] == "0.1.0"
+    assert row.status == "FAILED", row
+    assert "ImportError: broken build" in row.detail["reason"]
+    assert row.detail["app"] == "0.1.0"
     assert "SUCCEEDED" not in [s["status"] for s in env.log.of(job)]
     assert json.loads(board.fs_get("/app.json")).get("active") is None
     rec = board.boot()
@@ -255,8 +256,8 @@ def test_app_bundle_the_firmware_cannot_load_is_refused_before_anything_is_writt
               "chunk": 4096, "window": 8}
     job = env.job("app", params, board)
     row = env.run_until_final(board, job)
-    assert row["status"] == "REJECTED", row
-    assert "cannot be loaded by this firmware" in row["detail"]
+    assert row.status == "REJECTED", row
+    assert "cannot be loaded by this firmware" in row.detail
     assert board.fs_get("/apps/a.mpfa") is None
     assert board.fs_get("/app.json") is None
 
@@ -286,7 +287,7 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
         start = board.counters()["ops"]
         params = (ota_params(env.images, images[0].id) if kind == "ota" else app_params(env.images, bundles[0].id))[0]
         row = env.run_until_final(board, env.job(kind, params, board))
-        assert row["status"] == "SUCCEEDED"
+        assert row.status == "SUCCEEDED"
         ops[kind] = board.counters()["ops"] - start
     counts = defaultdict(int)
     # MPFLEET_UPDATE_SWEEP=ota (or app) sweeps one kind only: the app cycle alone is
@@ -317,28 +318,28 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
             if rec.exit_reason == "power_cut":
                 counts["cuts"] += 1
                 board.power_on(clock_s=board.clock_s)
-            rows = env.engine.job_status(job)["devices"]
+            rows = env.engine.job_status(job).devices
             time.sleep(0.1)
-            rows = env.engine.job_status(job)["devices"]
-            if rows and rows[-1]["status"] in FINAL:
+            rows = env.engine.job_status(job).devices
+            if rows and rows[-1].status in FINAL:
                 row = rows[-1]
                 break
         board.state["cut_after_ops"] = None
         board.save()
         assert row is not None, f"round {round_}: {kind} job never ended (cut at operation {cut_at} of {ops[kind]})"
-        counts[row["status"]] += 1
+        counts[row.status] += 1
         if STRESS:
-            print(f"round {round_}: {kind} cut at {cut_at}/{ops[kind]} -> {row['status']}", flush=True)
+            print(f"round {round_}: {kind} cut at {cut_at}/{ops[kind]} -> {row.status}", flush=True)
         rec = board.boot()
         assert rec.exit_reason != "no_bootable_image"
         finals = {s["status"] for s in env.log.of(job) if s["status"] in FINAL}
-        assert finals == {row["status"]}, f"round {round_} (cut at {cut_at}): device sent {finals}, host holds {row['status']}"
+        assert finals == {row.status}, f"round {round_} (cut at {cut_at}): device sent {finals}, host holds {row.status}"
         if kind == "ota":
-            want = record.version if row["status"] == "SUCCEEDED" else before_fw
+            want = record.version if row.status == "SUCCEEDED" else before_fw
             assert _running(board) == want, f"round {round_}: {row}"
         else:
             state_app = env.store.device(board.device_id)["state"]["app"]
-            want = record.version if row["status"] == "SUCCEEDED" else before_app
+            want = record.version if row.status == "SUCCEEDED" else before_app
             assert state_app == want, f"round {round_}: {row}, device reports app {state_app}"
     print(f"power cuts: {rounds} rounds (operations per cycle {ops}), {dict(counts)}")
     assert counts["cuts"] >= rounds // 2, counts

@@ -80,8 +80,8 @@ def original(tmp_path_factory) -> Original:
     engine = RolloutEngine(store, ring, registry)
     engine.create_job("config", {"set": {"sample_interval_s": 30}}, "*", job_id="interval-30")
     engine.tick()
-    for r in engine.job_status("interval-30")["devices"][:10]:
-        engine.on_status(r["device"], {"job": "interval-30", "seq": r["seq"], "status": "SUCCEEDED",
+    for r in engine.job_status("interval-30").devices[:10]:
+        engine.on_status(r.device, {"job": "interval-30", "seq": r.seq, "status": "SUCCEEDED",
                                        "progress": None, "detail": None, "attempt": 1, "ts": 0})
     with store.transaction() as db:
         store.add_samples(db, "dev-01", [(seq, 1_800_000_000 + seq, [21.5, seq]) for seq in range(1, 60)])

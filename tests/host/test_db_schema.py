@@ -277,14 +277,14 @@ def test_a_file_made_by_serve_before_versions_opens_and_its_job_rolls_on(tmp_pat
         registry = Registry(store)
         engine = RolloutEngine(store, ring, registry, clock=lambda: T0 + 60)
         status = engine.job_status("old-job")
-        assert status["status"] == "ACTIVE" and status["options"] == OLD_OPTIONS
+        assert status.status == "ACTIVE" and status.options.to_json() == OLD_OPTIONS
         engine.tick()
-        [first] = engine.job_status("old-job")["devices"]  # stage 1 of 2: half of two devices
-        assert engine.on_status(first["device"], {"job": "old-job", "seq": first["seq"], "status": "SUCCEEDED"})
+        [first] = engine.job_status("old-job").devices  # stage 1 of 2: half of two devices
+        assert engine.on_status(first.device, {"job": "old-job", "seq": first.seq, "status": "SUCCEEDED"})
         engine.tick()
         engine.tick()
-        second = [r for r in engine.job_status("old-job")["devices"] if r["device"] != first["device"]]
-        assert [r["status"] for r in second] == ["QUEUED"]
+        second = [r for r in engine.job_status("old-job").devices if r.device != first.device]
+        assert [r.status for r in second] == ["QUEUED"]
     assert shape(path) == fresh and user_version(path) == schema.SCHEMA_VERSION
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.fleet.registry import Registry
-from mpfleet.fleet.rollout import QUEUE_MAX_BYTES, RolloutEngine, RolloutError, encode_queue
+from mpfleet.fleet.jobs_model import RolloutError, RolloutOptions
+from mpfleet.fleet.rollout import QUEUE_MAX_BYTES, RolloutEngine, encode_queue
 from mpfleet.protocol.signing import b64url_decode, open_envelope
 from mpfleet.db.store import Store
 
@@ -54,7 +55,7 @@ def payload_of(envelope: str) -> dict:
 
 def pending(engine: RolloutEngine, job: str) -> list[tuple[str, int]]:
     """(device, seq) of the job's QUEUED executions."""
-    return [(r["device"], r["seq"]) for r in engine.job_status(job)["devices"] if r["status"] == "QUEUED"]
+    return [(r.device, r.seq) for r in engine.job_status(job).devices if r.status == "QUEUED"]
 
 
 def report(engine, device, seq, status, job, attempt=1, detail=None) -> bool:
@@ -64,11 +65,11 @@ def report(engine, device, seq, status, job, attempt=1, detail=None) -> bool:
 
 def finish_all(engine, job, status="SUCCEEDED"):
     """Run every QUEUED or IN_PROGRESS execution of the job to `status`."""
-    for r in engine.job_status(job)["devices"]:
-        if r["status"] == "QUEUED":
-            assert report(engine, r["device"], r["seq"], "IN_PROGRESS", job)
-        if r["status"] in ("QUEUED", "IN_PROGRESS"):
-            assert report(engine, r["device"], r["seq"], status, job)
+    for r in engine.job_status(job).devices:
+        if r.status == "QUEUED":
+            assert report(engine, r.device, r.seq, "IN_PROGRESS", job)
+        if r.status in ("QUEUED", "IN_PROGRESS"):
+            assert report(engine, r.device, r.seq, status, job)
 
 
 # ---------------------------------------------------------------- options
@@ -93,7 +94,47 @@ def finish_all(engine, job, status="SUCCEEDED"):
 def test_bad_options_named(env, opts, word):
     engine = env[4]
     with pytest.raises(RolloutError, match=word.replace("[", r"\[")):
-        engine.create_job("diag", {}, "*", **opts)
+        engine.create_job("diag", {}, "*", options=RolloutOptions.from_json(opts))
+
+
+def test_default_options_are_one_stage_without_limits_stored_by_name():
+    assert RolloutOptions().to_json() == {
+        "rate_per_min": None, "stages": [1.0], "success_threshold": 1.0, "abort_threshold": None,
+        "abort_min_finished": 1, "timeout_s": None, "queued_timeout_s": None, "retries": 0, "start_at": None,
+        "end_at": None, "continuous": False, "sign_kid": None, "rotation": None}
+
+
+def test_options_from_json_take_none_as_the_default_and_round_trip():
+    given = RolloutOptions.from_json({"stages": [0.1, 1], "retries": None, "timeout_s": 600, "rotation": None})
+    assert given == RolloutOptions(stages=(0.1, 1.0), timeout_s=600)
+    assert given.stages == (0.1, 1.0) and given.retries == 0
+    assert RolloutOptions.from_json(given.to_json()) == given
+    rotation = RolloutOptions.from_json({"rotation": {"old": "0123456789abcdef", "new": "fedcba9876543210"}})
+    assert rotation.rotation.old == "0123456789abcdef"
+    assert rotation.to_json()["rotation"] == {"old": "0123456789abcdef", "new": "fedcba9876543210"}
+
+
+def test_job_status_json_keeps_the_keys_job_status_has_always_printed(env):
+    store, ring, reg, clock, engine = env
+    job = engine.create_job("diag", {}, {"ids": ["dev-01"]})
+    update = engine.create_job("app", {}, {"ids": ["dev-02"]})
+    engine.tick()
+    clock.advance(3 * 3600)  # both stuck: QUEUED past the default bound
+    status = engine.job_status(job).to_json()
+    assert set(status) == {"id", "type", "params", "targets", "options", "status", "reason", "created", "finished",
+                           "stage", "stages", "stage_size", "target_count", "not_started", "counts",
+                           "attempt_counts", "failures", "devices", "stuck", "queued_timeout_s", "held",
+                           "cancel_jobs", "unattributed_rejects"}
+    [row] = status["devices"]
+    assert set(row) == {"device", "attempt", "seq", "status", "stage", "queued", "started", "finished",
+                        "device_attempt", "detail", "note", "progress", "stuck"}  # "running": update jobs only
+    assert set(row["stuck"]) == {"job", "device", "attempt", "seq", "kind", "reason", "queued", "queued_for_s",
+                                 "bound_s", "last_report", "in_queue"}
+    assert row["stuck"] == status["stuck"][0] and status["stages"] == [1.0]
+    assert json.loads(json.dumps(status)) == status  # plain JSON, nothing to convert
+    store.touch_device("dev-02", state={"app": "0.1.0"})
+    [update_row] = engine.job_status(update).to_json()["devices"]
+    assert update_row["running"] == "0.1.0" and set(update_row) == set(row) | {"running"}
 
 
 def test_bad_targets_and_type(env):
@@ -114,7 +155,7 @@ def test_bad_targets_and_type(env):
 
 def test_envelopes_verify_and_target_one_device(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("diag", {}, {"groups": ["pumps"]}, timeout_s=120)
+    job = engine.create_job("diag", {}, {"groups": ["pumps"]}, options=RolloutOptions(timeout_s=120))
     changes = engine.tick()
     assert len(changes.devices) == 30 and all(int(d[-2:]) % 2 for d in changes.devices)
     keys = trusted(ring)
@@ -139,8 +180,8 @@ def test_query_and_list_targets(env):
     job2 = engine.create_job("reboot", {}, ["dev-05", "valves"])
     devices = engine.tick().devices
     assert "dev-05" in devices and "dev-03" not in devices and len(devices) == 31
-    assert engine.job_status(job)["target_count"] == 1
-    assert engine.job_status(job2)["target_count"] == 31
+    assert engine.job_status(job).target_count == 1
+    assert engine.job_status(job2).target_count == 31
 
 
 # ---------------------------------------------------------------- stages
@@ -148,15 +189,15 @@ def test_query_and_list_targets(env):
 
 def test_canary_first_then_later_stages_after_success(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("config", {"set": {"log.level": 2}}, "*", stages=[0.05, 0.25, 1.0],
-                            success_threshold=0.9)
+    job = engine.create_job("config", {"set": {"log.level": 2}}, "*",
+                            options=RolloutOptions(stages=[0.05, 0.25, 1.0], success_threshold=0.9))
     first = engine.tick()
     assert len(first.queued) == 3  # ceil(0.05 * 60)
     canary = {d for _, d, _ in first.queued}
     # the canary set is a deterministic function of job id and device ids
     assert engine.tick().queued == []  # nothing more before the canary finishes
     status = engine.job_status(job)
-    assert status["stage"] == 0 and status["counts"]["QUEUED"] == 3
+    assert status.stage == 0 and status.counts["QUEUED"] == 3
 
     # one canary in progress: still waiting
     (d0, s0), *rest = pending(engine, job)
@@ -167,7 +208,7 @@ def test_canary_first_then_later_stages_after_success(env):
     assert ch.advanced == [(job, 1)]
     assert len(ch.queued) == 12  # ceil(0.25 * 60) - 3
     assert not canary & {d for _, d, _ in ch.queued}
-    assert all(r["stage"] == 1 for r in engine.job_status(job)["devices"] if r["device"] not in canary)
+    assert all(r.stage == 1 for r in engine.job_status(job).devices if r.device not in canary)
 
     finish_all(engine, job)
     ch = engine.tick()
@@ -176,13 +217,13 @@ def test_canary_first_then_later_stages_after_success(env):
     ch = engine.tick()
     assert ch.completed == [job]
     status = engine.job_status(job)
-    assert status["status"] == "COMPLETED" and status["counts"]["SUCCEEDED"] == 60
+    assert status.status == "COMPLETED" and status.counts["SUCCEEDED"] == 60
     assert all(engine.device_queue(f"dev-{i:02d}") == [] for i in range(60))
 
 
 def test_canary_set_stable_across_engines(env, tmp_path):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("diag", {}, "*", stages=[0.1, 1.0], job_id="stable-job")
+    job = engine.create_job("diag", {}, "*", options=RolloutOptions(stages=[0.1, 1.0]), job_id="stable-job")
     canary = {d for _, d, _ in engine.tick().queued}
     # a fresh database with the same devices and job id picks the same canaries
     store2 = Store(tmp_path / "other.sqlite")
@@ -192,7 +233,7 @@ def test_canary_set_stable_across_engines(env, tmp_path):
     for i in reversed(range(60)):
         reg2.add(f"dev-{i:02d}", groups=["all"])
     engine2 = RolloutEngine(store2, ring2, reg2, clock=clock)
-    engine2.create_job("diag", {}, "*", stages=[0.1, 1.0], job_id="stable-job")
+    engine2.create_job("diag", {}, "*", options=RolloutOptions(stages=[0.1, 1.0]), job_id="stable-job")
     assert {d for _, d, _ in engine2.tick().queued} == canary
     store2.close()
     assert job == "stable-job"
@@ -200,29 +241,29 @@ def test_canary_set_stable_across_engines(env, tmp_path):
 
 def test_failing_canary_aborts_and_later_stages_never_run(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("ota", {}, "*", stages=[0.05, 0.25, 1.0], abort_threshold=0.5,
-                            abort_min_finished=2)
+    job = engine.create_job("ota", {}, "*", options=RolloutOptions(stages=[0.05, 0.25, 1.0], abort_threshold=0.5,
+                                                                  abort_min_finished=2))
     engine.tick()
     (d0, s0), (d1, s1), (d2, s2) = pending(engine, job)
     assert report(engine, d0, s0, "FAILED", job, detail="self-test failed")
-    assert engine.job_status(job)["status"] == "ACTIVE"  # 1 finished < abort_min_finished
+    assert engine.job_status(job).status == "ACTIVE"  # 1 finished < abort_min_finished
     assert report(engine, d1, s1, "FAILED", job, detail="self-test failed")
     status = engine.job_status(job)
-    assert status["status"] == "ABORTED" and "abort threshold" in status["reason"]
-    assert status["counts"]["REMOVED"] == 1 and status["counts"]["FAILED"] == 2
+    assert status.status == "ABORTED" and "abort threshold" in status.reason
+    assert status.counts["REMOVED"] == 1 and status.counts["FAILED"] == 2
     assert engine.device_queue(d2) == []
     for _ in range(5):
         clock.advance(60)
         assert not engine.tick()
-    assert len(engine.job_status(job)["devices"]) == 3  # later stages never got executions
-    assert [f["detail"] for f in status["failures"]] == ["self-test failed"] * 2
+    assert len(engine.job_status(job).devices) == 3  # later stages never got executions
+    assert [f.detail for f in status.failures] == ["self-test failed"] * 2
     # a late status for the removed canary changes nothing
     assert not report(engine, d2, s2, "SUCCEEDED", job)
 
 
 def test_stage_below_success_threshold_aborts(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("diag", {}, "*", stages=[0.05, 1.0], success_threshold=0.9)
+    job = engine.create_job("diag", {}, "*", options=RolloutOptions(stages=[0.05, 1.0], success_threshold=0.9))
     engine.tick()
     (d0, s0), (d1, s1), (d2, s2) = pending(engine, job)
     report(engine, d0, s0, "SUCCEEDED", job)
@@ -230,7 +271,7 @@ def test_stage_below_success_threshold_aborts(env):
     report(engine, d2, s2, "FAILED", job, detail="boom")
     ch = engine.tick()
     assert ch.aborted == [job] and ch.queued == []
-    assert "success_threshold" in engine.job_status(job)["reason"]
+    assert "success_threshold" in engine.job_status(job).reason
 
 
 # ---------------------------------------------------------------- rate, start/end
@@ -238,7 +279,7 @@ def test_stage_below_success_threshold_aborts(env):
 
 def test_rate_limit_holds_per_minute(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("diag", {}, "*", rate_per_min=7)
+    job = engine.create_job("diag", {}, "*", options=RolloutOptions(rate_per_min=7))
     queued_at: list[float] = []
     for _ in range(120):  # ten simulated minutes in 5 s steps
         ch = engine.tick()
@@ -248,13 +289,13 @@ def test_rate_limit_holds_per_minute(env):
     assert len(queued_at) == 60
     for t in queued_at:
         assert sum(1 for u in queued_at if t - 60 < u <= t) <= 7
-    assert engine.job_status(job)["status"] == "COMPLETED"
+    assert engine.job_status(job).status == "COMPLETED"
 
 
 def test_start_at_and_end_at(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("diag", {}, {"groups": ["pumps"]}, start_at=T0 + 100, end_at=T0 + 200,
-                            rate_per_min=10)
+    job = engine.create_job("diag", {}, {"groups": ["pumps"]},
+                            options=RolloutOptions(start_at=T0 + 100, end_at=T0 + 200, rate_per_min=10))
     assert not engine.tick()
     clock.advance(100)
     ch = engine.tick()
@@ -264,8 +305,8 @@ def test_start_at_and_end_at(env):
     ch = engine.tick()
     assert ch.completed == [job] and len(ch.removed) == 10
     status = engine.job_status(job)
-    assert status["status"] == "COMPLETED" and status["reason"] == "end_at passed"
-    assert status["counts"]["REMOVED"] == 10 and status["not_started"] == 20
+    assert status.status == "COMPLETED" and status.reason == "end_at passed"
+    assert status.counts["REMOVED"] == 10 and status.not_started == 20
 
 
 # ---------------------------------------------------------------- timeouts and retries
@@ -273,7 +314,7 @@ def test_start_at_and_end_at(env):
 
 def test_timeout_then_retry_with_new_seq_then_exhausted(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("upload", {}, {"ids": ["dev-07"]}, timeout_s=300, retries=1)
+    job = engine.create_job("upload", {}, {"ids": ["dev-07"]}, options=RolloutOptions(timeout_s=300, retries=1))
     engine.tick()
     [(dev, seq1)] = pending(engine, job)
     assert report(engine, dev, seq1, "IN_PROGRESS", job)
@@ -288,21 +329,22 @@ def test_timeout_then_retry_with_new_seq_then_exhausted(env):
     assert payload_of(env2)["seq"] == seq2 and payload_of(env2)["id"] == job
     # the old attempt's late SUCCEEDED does not resurrect it
     assert not report(engine, dev, seq1, "SUCCEEDED", job)
-    old = engine.job_status(job)["devices"][0]
-    assert old["status"] == "TIMED_OUT" and "later reported SUCCEEDED" in old["note"]
+    old = engine.job_status(job).devices[0]
+    assert old.status == "TIMED_OUT" and "later reported SUCCEEDED" in old.note
     # second attempt times out too: retries exhausted, final
     report(engine, dev, seq2, "IN_PROGRESS", job)
     clock.advance(300)
     ch = engine.tick()
     assert ch.timed_out == [(job, dev)] and ch.queued == [] and ch.completed == [job]
-    rows = engine.job_status(job)["devices"]
-    assert [(r["attempt"], r["status"]) for r in rows] == [(1, "TIMED_OUT"), (2, "TIMED_OUT")]
+    rows = engine.job_status(job).devices
+    assert [(r.attempt, r.status) for r in rows] == [(1, "TIMED_OUT"), (2, "TIMED_OUT")]
     assert engine.device_queue(dev) == []
 
 
 def test_failed_retried_immediately_rejected_never(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("config", {"set": {"a": 1}}, {"ids": ["dev-01", "dev-02"]}, retries=2)
+    job = engine.create_job("config", {"set": {"a": 1}}, {"ids": ["dev-01", "dev-02"]},
+                            options=RolloutOptions(retries=2))
     engine.tick()
     q = dict(pending(engine, job))
     assert report(engine, "dev-01", q["dev-01"], "FAILED", job, detail="schema")
@@ -314,8 +356,8 @@ def test_failed_retried_immediately_rejected_never(env):
     report(engine, "dev-01", q2["dev-01"], "SUCCEEDED", job)
     assert engine.tick().completed == [job]
     status = engine.job_status(job)
-    assert status["counts"]["SUCCEEDED"] == 1 and status["counts"]["REJECTED"] == 1
-    assert status["attempt_counts"]["FAILED"] == 1
+    assert status.counts["SUCCEEDED"] == 1 and status.counts["REJECTED"] == 1
+    assert status.attempt_counts["FAILED"] == 1
 
 
 # ---------------------------------------------------------------- statuses
@@ -323,7 +365,7 @@ def test_failed_retried_immediately_rejected_never(env):
 
 def test_duplicate_and_stale_statuses_ignored(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("diag", {}, {"ids": ["dev-09"]}, retries=1)
+    job = engine.create_job("diag", {}, {"ids": ["dev-09"]}, options=RolloutOptions(retries=1))
     engine.tick()
     [(dev, seq)] = pending(engine, job)
     assert report(engine, dev, seq, "IN_PROGRESS", job)
@@ -340,8 +382,8 @@ def test_duplicate_and_stale_statuses_ignored(env):
     assert not engine.on_status(dev, {"job": job, "seq": seq2, "status": "TIMED_OUT"})  # host-only state
     assert not engine.on_status(dev, "garbage")
     assert report(engine, dev, seq2, "SUCCEEDED", job)
-    rows = engine.job_status(job)["devices"]
-    assert [(r["attempt"], r["status"], r["device_attempt"]) for r in rows] == [(1, "FAILED", 2),
+    rows = engine.job_status(job).devices
+    assert [(r.attempt, r.status, r.device_attempt) for r in rows] == [(1, "FAILED", 2),
                                                                                  (2, "SUCCEEDED", 1)]
 
 
@@ -352,8 +394,8 @@ def test_unattributable_reject_recorded_once(env):
            "attempt": 1, "ts": 0}
     assert engine.on_status("dev-09", msg)
     assert not engine.on_status("dev-09", msg)
-    rejects = engine.job_status(job)["unattributed_rejects"]
-    assert [(r["device"], r["ref"], r["detail"]) for r in rejects] == [
+    rejects = engine.job_status(job).unattributed_rejects
+    assert [(r.device, r.ref, r.detail) for r in rejects] == [
         ("dev-09", "envelope:0123456789abcdef", "bad signature")]
 
 
@@ -363,11 +405,11 @@ def test_unattributable_reject_recorded_once(env):
 def test_continuous_picks_up_late_joiner_and_drops_leaver(env):
     store, ring, reg, clock, engine = env
     reg.add("late-1", groups=["fresh"])
-    job = engine.create_job("app", {}, {"groups": ["pumps"]}, continuous=True)
+    job = engine.create_job("app", {}, {"groups": ["pumps"]}, options=RolloutOptions(continuous=True))
     assert len(engine.tick().queued) == 30
     finish_all(engine, job)
     assert engine.tick().completed == []  # continuous: stays ACTIVE
-    assert engine.job_status(job)["status"] == "ACTIVE"
+    assert engine.job_status(job).status == "ACTIVE"
     reg.tag("late-1", add=["pumps"])
     ch = engine.tick()
     assert ch.queued == [(job, "late-1", 1)]
@@ -380,7 +422,7 @@ def test_continuous_picks_up_late_joiner_and_drops_leaver(env):
 def test_frozen_targets_ignore_late_joiner(env):
     store, ring, reg, clock, engine = env
     reg.add("late-2")
-    job = engine.create_job("diag", {}, {"groups": ["pumps"]}, rate_per_min=10)
+    job = engine.create_job("diag", {}, {"groups": ["pumps"]}, options=RolloutOptions(rate_per_min=10))
     engine.tick()
     reg.tag("late-2", add=["pumps"])
     for _ in range(5):
@@ -388,7 +430,7 @@ def test_frozen_targets_ignore_late_joiner(env):
         engine.tick()
         finish_all(engine, job)
     assert engine.device_queue("late-2") == []
-    assert engine.job_status(job)["target_count"] == 30
+    assert engine.job_status(job).target_count == 30
 
 
 def test_cancel_clears_queue_and_signs_cancel_jobs(env):
@@ -402,9 +444,9 @@ def test_cancel_clears_queue_and_signs_cancel_jobs(env):
     assert d_wait in ch.devices and d_run in ch.devices
     assert engine.device_queue(d_wait) == []
     status = engine.job_status(job)
-    assert status["status"] == "CANCELED" and status["counts"]["CANCELED"] == 30
-    run_row = next(r for r in status["devices"] if r["device"] == d_run)
-    assert "cancel job" in run_row["note"]
+    assert status.status == "CANCELED" and status.counts["CANCELED"] == 30
+    run_row = next(r for r in status.devices if r.device == d_run)
+    assert "cancel job" in run_row.note
     envs = engine.cancel_envelopes(job)
     assert list(envs) == [d_run]
     p = open_envelope(envs[d_run], trusted(ring))
@@ -424,14 +466,14 @@ def test_cancel_clears_queue_and_signs_cancel_jobs(env):
 
 def test_restart_mid_rollout_continues_without_duplicates(env, tmp_path):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("ota", {}, "*", stages=[0.05, 0.5, 1.0], rate_per_min=20, timeout_s=600,
-                            retries=1)
+    job = engine.create_job("ota", {}, "*", options=RolloutOptions(stages=[0.05, 0.5, 1.0], rate_per_min=20,
+                                                                  timeout_s=600, retries=1))
     engine.tick()
     finish_all(engine, job)
     ch = engine.tick()
     # stage 1 opens; the 3 canaries queued this minute count toward the rate of 20
     assert ch.advanced == [(job, 1)] and len(ch.queued) == 17
-    first_seqs = {r["seq"] for r in engine.job_status(job)["devices"]}
+    first_seqs = {r.seq for r in engine.job_status(job).devices}
     (d_run, s_run), *_ = pending(engine, job)
     report(engine, d_run, s_run, "IN_PROGRESS", job)
     store.close()
@@ -441,16 +483,16 @@ def test_restart_mid_rollout_continues_without_duplicates(env, tmp_path):
     ring2 = KeyRing(store2, tmp_path / "keys")
     engine2 = RolloutEngine(store2, ring2, Registry(store2), clock=clock)
     assert not engine2.tick().queued  # same minute: the rate limit survived the restart
-    assert engine2.job_status(job)["stage"] == 1
+    assert engine2.job_status(job).stage == 1
     # a duplicate of a status delivered before the restart changes nothing
     assert not report(engine2, d_run, s_run, "IN_PROGRESS", job)
     clock.advance(60)
     ch = engine2.tick()
     assert len(ch.queued) == 10  # the rest of stage 1: ceil(0.5 * 60) - 3 - 17
     assert not engine2.tick().queued  # and nothing twice
-    rows = engine2.job_status(job)["devices"]
-    assert len({(r["device"], r["attempt"]) for r in rows}) == len(rows) == 30
-    seqs = [r["seq"] for r in rows]
+    rows = engine2.job_status(job).devices
+    assert len({(r.device, r.attempt) for r in rows}) == len(rows) == 30
+    seqs = [r.seq for r in rows]
     assert len(set(seqs)) == len(seqs) and min(s for s in seqs if s not in first_seqs) > max(first_seqs)
     clock.advance(600)  # d_run times out under the new engine and is retried once
     ch = engine2.tick()
@@ -460,8 +502,8 @@ def test_restart_mid_rollout_continues_without_duplicates(env, tmp_path):
         clock.advance(60)
         engine2.tick()
     status = engine2.job_status(job)
-    assert status["status"] == "COMPLETED" and status["counts"]["SUCCEEDED"] == 60
-    assert len(status["devices"]) == 61  # 60 devices + one retry
+    assert status.status == "COMPLETED" and status.counts["SUCCEEDED"] == 60
+    assert len(status.devices) == 61  # 60 devices + one retry
     store2.close()
 
 
@@ -533,14 +575,14 @@ def test_create_uses_the_limit_a_device_reports(env):
 
 def test_a_device_that_cannot_take_the_envelope_gets_a_rejected_execution_not_a_stuck_queue(env):
     store, ring, reg, clock, engine = env
-    job = engine.create_job("config", _fat_config(1500), ["late"], continuous=True)
-    after = engine.create_job("reboot", {}, ["late"], continuous=True)
+    job = engine.create_job("config", _fat_config(1500), ["late"], options=RolloutOptions(continuous=True))
+    after = engine.create_job("reboot", {}, ["late"], options=RolloutOptions(continuous=True))
     engine.tick()
     store.touch_device("dev-05", state={"device": "dev-05", "limits": {"job_max_bytes": 512}})
     reg.tag("dev-05", add=["late"])
     engine.tick()
-    [row] = engine.job_status(job)["devices"]
-    assert row["status"] == "REJECTED" and "over the limit of 512 bytes" in row["note"]
+    [row] = engine.job_status(job).devices
+    assert row.status == "REJECTED" and "over the limit of 512 bytes" in row.note
     assert [payload_of(e)["id"] for e in engine.device_queue("dev-05")] == [after]  # the next one is not blocked
 
 
@@ -576,16 +618,16 @@ def test_rotation_is_a_keys_job_then_a_remove_signed_by_the_new_key(env):
     new = ring.get(new_kid)
     engine.tick()
     s = engine.job_status(job)
-    assert s["type"] == "keys" and s["params"] == {"add": {new_kid: new.public_b64}} and s["target_count"] == 30
+    assert s.type == "keys" and s.params == {"add": {new_kid: new.public_b64}} and s.target_count == 30
     envelope = engine.device_queue("dev-01")[0]
-    assert open_envelope(envelope, {old.kid: b64url_decode(old.public_b64)})["params"] == s["params"]
+    assert open_envelope(envelope, {old.kid: b64url_decode(old.public_b64)})["params"] == s.params
     finish_all(engine, job)
     engine.tick()
-    assert "retired" in engine.job_status(job)["reason"] and not ring.get(old.kid).active
+    assert "retired" in engine.job_status(job).reason and not ring.get(old.kid).active
     [retire] = [j for j in engine.jobs() if j.startswith(f"key-retire-{old.kid[:8]}")]
     engine.tick()
     r = engine.job_status(retire)
-    assert r["type"] == "keys" and r["params"] == {"remove": [old.kid]} and r["target_count"] == 30
+    assert r.type == "keys" and r.params == {"remove": [old.kid]} and r.target_count == 30
     payload = open_envelope(engine.device_queue("dev-01")[0], {new_kid: b64url_decode(new.public_b64)})
     assert payload["type"] == "keys" and payload["params"] == {"remove": [old.kid]}
     assert ring.fleet_key().kid == new_kid

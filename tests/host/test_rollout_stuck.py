@@ -22,7 +22,8 @@ from test_rollout import T0, Clock
 
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.fleet.registry import Registry
-from mpfleet.fleet.rollout import QUEUED_TIMEOUT_DEFAULT_S, RolloutEngine, RolloutError
+from mpfleet.fleet.jobs_model import QUEUED_TIMEOUT_DEFAULT_S, HeldDevice, RolloutError, RolloutOptions
+from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.protocol.signing import b64url_decode
 from mpfleet.db.store import Store
 
@@ -99,13 +100,13 @@ def run_to_completion(engine, clock, devices, jobs, rounds=50):
         engine.tick()
         wake_all(engine, devices)
         clock.advance(60)
-        if all(engine.job_status(j)["status"] != "ACTIVE" for j in jobs):
+        if all(engine.job_status(j).status != "ACTIVE" for j in jobs):
             return
     raise AssertionError("the jobs did not finish")
 
 
 def rows(engine, job, device):
-    return [r for r in engine.job_status(job)["devices"] if r["device"] == device]
+    return [r for r in engine.job_status(job).devices if r.device == device]
 
 
 def report(engine, device, seq, status, job, attempt=1, detail=None) -> bool:
@@ -121,13 +122,13 @@ def test_a_later_config_job_is_not_overtaken_by_the_last_stage_of_an_earlier_one
     the devices of that stage ran the older job last and kept its value."""
     store, ring, reg, clock, engine, devices = env
     older = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["pumps"], job_id="older",
-                              stages=[0.25, 1.0])
+                              options=RolloutOptions(stages=[0.25, 1.0]))
     engine.tick()  # the canaries get the older job
     newer = engine.create_job("config", {"set": {"upload_watermark": 200}}, ["pumps"], job_id="newer")
     run_to_completion(engine, clock, devices, [older, newer])
     for job in (older, newer):
         s = engine.job_status(job)
-        assert s["status"] == "COMPLETED" and s["counts"]["SUCCEEDED"] == 12
+        assert s.status == "COMPLETED" and s.counts["SUCCEEDED"] == 12
     assert {d.id: d.config["upload_watermark"] for d in devices.values()} == {d: 200 for d in devices}
     for d in devices.values():  # and each device ran them in creation order
         assert [job for job, _ in d.ran] == ["older", "newer"] and d.replays == []
@@ -135,12 +136,13 @@ def test_a_later_config_job_is_not_overtaken_by_the_last_stage_of_an_earlier_one
 
 def test_a_later_job_waits_while_an_earlier_attempt_may_still_be_retried(env):
     store, ring, reg, clock, engine, devices = env
-    older = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["dev-01"], job_id="older", retries=1)
+    older = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["dev-01"], job_id="older",
+                              options=RolloutOptions(retries=1))
     engine.tick()
     newer = engine.create_job("config", {"set": {"upload_watermark": 200}}, ["dev-01"], job_id="newer")
     engine.tick()
     assert rows(engine, newer, "dev-01") == []  # a retry of `older` would otherwise come after it
-    assert engine.job_status(newer)["held"] == [{"device": "dev-01", "behind": older}]
+    assert engine.job_status(newer).held == [HeldDevice(device="dev-01", behind=older)]
     devices["dev-01"].wake(engine, fail={"older"})
     devices["dev-01"].deliver(engine)  # FAILED: retried at once, still ahead of `newer`
     run_to_completion(engine, clock, {"dev-01": devices["dev-01"]}, [older, newer])
@@ -151,20 +153,21 @@ def test_a_later_job_waits_while_an_earlier_attempt_may_still_be_retried(env):
 def test_jobs_of_other_kinds_are_not_held(env):
     """A diag (or an ota) does not wait for an unfinished config rollout, nor hold one."""
     store, ring, reg, clock, engine, devices = env
-    engine.create_job("config", {"set": {"upload_watermark": 100}}, ["pumps"], job_id="cfg", stages=[0.25, 1.0])
+    engine.create_job("config", {"set": {"upload_watermark": 100}}, ["pumps"], job_id="cfg",
+                      options=RolloutOptions(stages=[0.25, 1.0]))
     engine.tick()
     diag = engine.create_job("diag", {}, ["pumps"], job_id="look")
     engine.tick()
-    assert engine.job_status(diag)["counts"]["QUEUED"] == 12 and engine.job_status(diag)["held"] == []
+    assert engine.job_status(diag).counts["QUEUED"] == 12 and engine.job_status(diag).held == []
 
 
 def test_a_job_scheduled_for_later_is_ordered_by_its_start(env):
     store, ring, reg, clock, engine, devices = env
     later = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["dev-02"], job_id="tomorrow",
-                              start_at=T0 + 86_400)
+                              options=RolloutOptions(start_at=T0 + 86_400))
     now = engine.create_job("config", {"set": {"upload_watermark": 200}}, ["dev-02"], job_id="today")
     engine.tick()
-    assert engine.job_status(now)["counts"]["QUEUED"] == 1  # not held by a job that has not begun
+    assert engine.job_status(now).counts["QUEUED"] == 1  # not held by a job that has not begun
     clock.advance(86_400)
     run_to_completion(engine, clock, {"dev-02": devices["dev-02"]}, [later, now])
     assert [j for j, _ in devices["dev-02"].ran] == ["today", "tomorrow"]
@@ -172,7 +175,8 @@ def test_a_job_scheduled_for_later_is_ordered_by_its_start(env):
 
 def test_usb_refuses_a_job_an_earlier_one_has_not_reached(env):
     store, ring, reg, clock, engine, devices = env
-    engine.create_job("config", {"set": {"upload_watermark": 100}}, ["pumps"], job_id="staged", stages=[0.1, 1.0])
+    engine.create_job("config", {"set": {"upload_watermark": 100}}, ["pumps"], job_id="staged",
+                      options=RolloutOptions(stages=[0.1, 1.0]))
     engine.tick()
     held = next(d for d in devices if not engine.device_queue(d))
     newer = engine.create_job("config", {"set": {"upload_watermark": 200}}, [held], job_id="by-usb")
@@ -194,31 +198,32 @@ def test_a_queued_execution_past_its_bound_is_flagged_and_keeps_its_state(env):
     job = engine.create_job("diag", {}, ["dev-03"], job_id="look")
     engine.tick()
     clock.advance(QUEUED_TIMEOUT_DEFAULT_S)
-    assert engine.stuck() == [] and engine.job_status(job)["stuck"] == []  # at the bound: not yet
+    assert engine.stuck() == [] and engine.job_status(job).stuck == []  # at the bound: not yet
     clock.advance(1)
-    [flag] = engine.job_status(job)["stuck"]
-    assert (flag["device"], flag["kind"], flag["in_queue"]) == ("dev-03", "offline", True)
-    assert "queued 2 h ago, longer than its bound of 2 h" in flag["reason"]
-    assert "has not reported since it was queued (last report: never)" in flag["reason"]
-    [row] = engine.job_status(job)["devices"]
-    assert row["status"] == "QUEUED" and row["stuck"] == flag
+    [flag] = engine.job_status(job).stuck
+    assert (flag.device, flag.kind, flag.in_queue) == ("dev-03", "offline", True)
+    assert "queued 2 h ago, longer than its bound of 2 h" in flag.reason
+    assert "has not reported since it was queued (last report: never)" in flag.reason
+    [row] = engine.job_status(job).devices
+    assert row.status == "QUEUED" and row.stuck == flag
     # the flag changed nothing: the device that wakes late still takes the job
     devices["dev-03"].wake(engine)
     devices["dev-03"].deliver(engine)
-    assert engine.job_status(job)["stuck"] == [] and engine.job_status(job)["counts"]["SUCCEEDED"] == 1
+    assert engine.job_status(job).stuck == [] and engine.job_status(job).counts["SUCCEEDED"] == 1
 
 
 def test_a_device_that_reported_but_did_not_take_the_job_is_flagged_as_such(env):
     store, ring, reg, clock, engine, devices = env
-    job = engine.create_job("diag", {}, ["dev-03", "dev-04"], job_id="look", queued_timeout_s=600)
+    job = engine.create_job("diag", {}, ["dev-03", "dev-04"], job_id="look",
+                            options=RolloutOptions(queued_timeout_s=600))
     engine.tick()
     last_report(store, "dev-03", T0 + 300)   # awake after the job was queued
     last_report(store, "dev-04", T0 - 300)   # not since
     clock.advance(601)
-    flags = {f["device"]: f for f in engine.job_status(job)["stuck"]}
-    assert flags["dev-03"]["kind"] == "not_taken" and "although dev-03 reported 5 min ago" in flags["dev-03"]["reason"]
-    assert flags["dev-04"]["kind"] == "offline" and "last report: 15 min ago" in flags["dev-04"]["reason"]
-    assert flags["dev-03"]["bound_s"] == 600 and engine.job_status(job)["queued_timeout_s"] == 600
+    flags = {f.device: f for f in engine.job_status(job).stuck}
+    assert flags["dev-03"].kind == "not_taken" and "although dev-03 reported 5 min ago" in flags["dev-03"].reason
+    assert flags["dev-04"].kind == "offline" and "last report: 15 min ago" in flags["dev-04"].reason
+    assert flags["dev-03"].bound_s == 600 and engine.job_status(job).queued_timeout_s == 600
 
 
 def test_an_envelope_over_the_limit_the_device_now_reports_is_flagged_at_once(env):
@@ -228,8 +233,8 @@ def test_an_envelope_over_the_limit_the_device_now_reports_is_flagged_at_once(en
     assert engine.stuck() == []
     store.touch_device("dev-05", state={"device": "dev-05", "limits": {"job_max_bytes": 512}})
     [flag] = engine.stuck()
-    assert flag["kind"] == "too_large" and "over the limit of 512 bytes" in flag["reason"]
-    assert engine.job_status(job)["devices"][0]["status"] == "QUEUED"
+    assert flag.kind == "too_large" and "over the limit of 512 bytes" in flag.reason
+    assert engine.job_status(job).devices[0].status == "QUEUED"
 
 
 def test_a_stuck_execution_behind_the_queue_cap_says_so(env):
@@ -238,11 +243,11 @@ def test_a_stuck_execution_behind_the_queue_cap_says_so(env):
             for i in range(10)]
     engine.tick()
     clock.advance(QUEUED_TIMEOUT_DEFAULT_S + 1)
-    flags = sorted(engine.stuck(), key=lambda f: f["seq"])
+    flags = sorted(engine.stuck(), key=lambda f: f.seq)
     assert len(flags) == 10
-    assert all(f["in_queue"] for f in flags[:2]) and not flags[-1]["in_queue"]
-    assert "not in its queue yet: earlier envelopes fill the 6144 bytes" in flags[-1]["reason"]
-    assert {f["job"] for f in flags} == set(jobs)
+    assert all(f.in_queue for f in flags[:2]) and not flags[-1].in_queue
+    assert "not in its queue yet: earlier envelopes fill the 6144 bytes" in flags[-1].reason
+    assert {f.job for f in flags} == set(jobs)
 
 
 def test_tick_reports_each_newly_stuck_execution_once_and_changes_nothing(env):
@@ -263,19 +268,19 @@ def test_retry_replaces_a_stuck_execution_with_a_new_envelope(env):
     store, ring, reg, clock, engine, devices = env
     job = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["dev-08"], job_id="cfg")
     engine.tick()
-    [old] = engine.job_status(job)["devices"]
+    [old] = engine.job_status(job).devices
     with pytest.raises(RolloutError, match="QUEUED on dev-08 and not stuck"):
         engine.retry(job, ["dev-08"])
     clock.advance(QUEUED_TIMEOUT_DEFAULT_S + 1)
     changes = engine.retry(job)  # by default: the failed and the stuck
     assert changes.queued == [(job, "dev-08", 2)] and "dev-08" in changes.devices
-    first, second = engine.job_status(job)["devices"]
-    assert first["status"] == "REMOVED" and "replaced by attempt 2" in first["note"]
-    assert second["status"] == "QUEUED" and second["seq"] > old["seq"] and second["stuck"] is None
-    assert [payload_of(e)["seq"] for e in engine.device_queue("dev-08")] == [second["seq"]]
+    first, second = engine.job_status(job).devices
+    assert first.status == "REMOVED" and "replaced by attempt 2" in first.note
+    assert second.status == "QUEUED" and second.seq > old.seq and second.stuck is None
+    assert [payload_of(e)["seq"] for e in engine.device_queue("dev-08")] == [second.seq]
     # the device had taken the first after all: noted, and the second runs as usual
-    assert not report(engine, "dev-08", old["seq"], "SUCCEEDED", job)
-    assert "device later reported SUCCEEDED" in engine.job_status(job)["devices"][0]["note"]
+    assert not report(engine, "dev-08", old.seq, "SUCCEEDED", job)
+    assert "device later reported SUCCEEDED" in engine.job_status(job).devices[0].note
     devices["dev-08"].wake(engine)
     devices["dev-08"].deliver(engine)
     assert engine.tick().completed == [job]
@@ -284,17 +289,17 @@ def test_retry_replaces_a_stuck_execution_with_a_new_envelope(env):
 def test_retry_of_a_completed_job_reopens_it_for_the_failed_device(env):
     store, ring, reg, clock, engine, devices = env
     job = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["dev-01", "dev-02"], job_id="cfg",
-                            success_threshold=0.5)
+                            options=RolloutOptions(success_threshold=0.5))
     engine.tick()
     devices["dev-01"].wake(engine, fail={"cfg"})
     wake_all(engine, {"dev-01": devices["dev-01"], "dev-02": devices["dev-02"]})
     assert engine.tick().completed == [job]
     engine.retry(job)
     s = engine.job_status(job)
-    assert s["status"] == "ACTIVE" and "reopened" in s["reason"] and s["counts"]["QUEUED"] == 1
+    assert s.status == "ACTIVE" and "reopened" in s.reason and s.counts["QUEUED"] == 1
     run_to_completion(engine, clock, devices, [job])
     assert devices["dev-01"].config["upload_watermark"] == 100
-    assert engine.job_status(job)["counts"]["SUCCEEDED"] == 2
+    assert engine.job_status(job).counts["SUCCEEDED"] == 2
 
 
 @pytest.mark.parametrize("setup, devices_, message", [
@@ -307,16 +312,16 @@ def test_retry_of_a_completed_job_reopens_it_for_the_failed_device(env):
 def test_retry_refuses_what_it_cannot_retry(env, setup, devices_, message):
     store, ring, reg, clock, engine, devices = env
     job = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["dev-01"], job_id="cfg",
-                            continuous=True, abort_threshold=0.5)
+                            options=RolloutOptions(continuous=True, abort_threshold=0.5))
     engine.tick()
-    [row] = engine.job_status(job)["devices"]
-    report(engine, "dev-01", row["seq"], "IN_PROGRESS", job)
+    [row] = engine.job_status(job).devices
+    report(engine, "dev-01", row.seq, "IN_PROGRESS", job)
     if setup != "running":
-        report(engine, "dev-01", row["seq"], "FAILED" if setup == "aborted" else "SUCCEEDED", job)
+        report(engine, "dev-01", row.seq, "FAILED" if setup == "aborted" else "SUCCEEDED", job)
     before = engine.job_status(job)
     with pytest.raises(RolloutError, match=message):
         engine.retry(job, devices_)
-    assert engine.job_status(job)["devices"] == before["devices"]
+    assert engine.job_status(job).devices == before.devices
 
 
 def test_retry_signs_a_later_queued_job_again_so_the_device_keeps_their_order(env):
@@ -352,17 +357,18 @@ def test_an_operators_retry_is_not_retried_by_itself(env):
     """It may come after a later job's envelope (signed again behind it): a retry of it
     after a failure would then run after the later job and undo it."""
     store, ring, reg, clock, engine, devices = env
-    older = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["dev-09"], job_id="older", retries=2)
+    older = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["dev-09"], job_id="older",
+                              options=RolloutOptions(retries=2))
     engine.tick()
     [row] = rows(engine, older, "dev-09")
-    report(engine, "dev-09", row["seq"], "REJECTED", older, detail="not yet valid")  # never retried by itself
+    report(engine, "dev-09", row.seq, "REJECTED", older, detail="not yet valid")  # never retried by itself
     newer = engine.create_job("config", {"set": {"upload_watermark": 200}}, ["dev-09"], job_id="newer")
     engine.tick()
     assert engine.retry(older, ["dev-09"]).queued == [(older, "dev-09", 2), (newer, "dev-09", 2)]
     devices["dev-09"].wake(engine, fail={"older"})
     devices["dev-09"].deliver(engine)
     engine.tick()
-    assert [r["status"] for r in rows(engine, older, "dev-09")] == ["REJECTED", "FAILED"]  # and no third attempt
+    assert [r.status for r in rows(engine, older, "dev-09")] == ["REJECTED", "FAILED"]  # and no third attempt
     assert devices["dev-09"].config["upload_watermark"] == 200
 
 
@@ -386,28 +392,28 @@ def test_a_database_from_before_operator_retries_is_upgraded(tmp_path):
         engine = RolloutEngine(store, ring, Registry(store))
         job = engine.create_job("diag", {}, ["dev-1"])
         engine.tick()
-        assert engine.job_status(job)["counts"]["QUEUED"] == 1
+        assert engine.job_status(job).counts["QUEUED"] == 1
 
 
 def test_remove_takes_a_stuck_execution_away_and_the_rollout_goes_on(env):
     store, ring, reg, clock, engine, devices = env
     job = engine.create_job("config", {"set": {"upload_watermark": 100}}, ["pumps"], job_id="staged",
-                            stages=[0.25, 1.0], retries=1)
+                            options=RolloutOptions(stages=[0.25, 1.0], retries=1))
     engine.tick()
-    canaries = [r["device"] for r in engine.job_status(job)["devices"]]
+    canaries = [r.device for r in engine.job_status(job).devices]
     dead, alive = canaries[0], canaries[1:]
     later = engine.create_job("config", {"set": {"upload_watermark": 200}}, [dead], job_id="later")
     for d in alive:
         devices[d].wake(engine)
         devices[d].deliver(engine)
     assert not engine.tick().advanced  # the dead canary holds the stage
-    assert engine.job_status(later)["held"] == [{"device": dead, "behind": job}]  # it may still be retried
+    assert engine.job_status(later).held == [HeldDevice(device=dead, behind=job)]  # it may still be retried
     with pytest.raises(RolloutError, match=f"already ended on {alive[0]}: SUCCEEDED"):
         engine.remove(job, [alive[0]])
     changes = engine.remove(job, [dead])
     assert changes.removed == [(job, dead)] and engine.device_queue(dead) == []
     [row] = rows(engine, job, dead)
-    assert row["status"] == "REMOVED" and row["note"] == "removed by the operator"
+    assert row.status == "REMOVED" and row.note == "removed by the operator"
     with pytest.raises(RolloutError, match="has no execution on dev-"):
         engine.remove(job, [next(d for d in devices if not rows(engine, job, d))])
     ch = engine.tick()
@@ -419,8 +425,8 @@ def test_remove_refuses_a_running_execution(env):
     store, ring, reg, clock, engine, devices = env
     job = engine.create_job("diag", {}, ["dev-01"], job_id="look")
     engine.tick()
-    [row] = engine.job_status(job)["devices"]
-    report(engine, "dev-01", row["seq"], "IN_PROGRESS", job)
+    [row] = engine.job_status(job).devices
+    report(engine, "dev-01", row.seq, "IN_PROGRESS", job)
     with pytest.raises(RolloutError, match="IN_PROGRESS on dev-01.*cancel the job"):
         engine.remove(job, ["dev-01"])
 
@@ -439,54 +445,54 @@ def test_a_final_status_for_a_still_queued_execution_is_applied_once(env, final)
     store, ring, reg, clock, engine, devices = env
     job = engine.create_job("diag", {}, ["dev-01"], job_id="look")
     engine.tick()
-    [row] = engine.job_status(job)["devices"]
+    [row] = engine.job_status(job).devices
     clock.advance(5)
-    assert report(engine, "dev-01", row["seq"], final, job, detail="done")
+    assert report(engine, "dev-01", row.seq, final, job, detail="done")
     after = full_rows(store, job)
-    [r] = engine.job_status(job)["devices"]
-    assert (r["status"], r["finished"], r["detail"]) == (final, T0 + 5, "done")
+    [r] = engine.job_status(job).devices
+    assert (r.status, r.finished, r.detail) == (final, T0 + 5, "done")
     assert engine.device_queue("dev-01") == []
     clock.advance(5)
     for again in (final, final, "SUCCEEDED" if final != "SUCCEEDED" else "FAILED", "IN_PROGRESS"):
-        assert not report(engine, "dev-01", row["seq"], again, job, detail="later")
+        assert not report(engine, "dev-01", row.seq, again, job, detail="later")
     assert full_rows(store, job) == after
     assert engine.tick().completed == [job]
-    assert not report(engine, "dev-01", row["seq"], final, job)  # and after the job completed
-    assert engine.job_status(job)["status"] == "COMPLETED" and full_rows(store, job) == after
+    assert not report(engine, "dev-01", row.seq, final, job)  # and after the job completed
+    assert engine.job_status(job).status == "COMPLETED" and full_rows(store, job) == after
 
 
 def test_a_repeated_failure_is_not_retried_or_counted_twice(env):
     store, ring, reg, clock, engine, devices = env
-    job = engine.create_job("config", {"set": {"a": 1}}, ["dev-01", "dev-02", "dev-03"], job_id="cfg", retries=1,
-                            abort_threshold=0.5, abort_min_finished=2)
+    job = engine.create_job("config", {"set": {"a": 1}}, ["dev-01", "dev-02", "dev-03"], job_id="cfg",
+                            options=RolloutOptions(retries=1, abort_threshold=0.5, abort_min_finished=2))
     engine.tick()
-    seq = rows(engine, job, "dev-01")[0]["seq"]
+    seq = rows(engine, job, "dev-01")[0].seq
     for _ in range(3):
         report(engine, "dev-01", seq, "FAILED", job, detail="boom")
     s = engine.job_status(job)
-    assert s["status"] == "ACTIVE" and s["attempt_counts"]["FAILED"] == 1
-    assert [r["attempt"] for r in rows(engine, job, "dev-01")] == [1, 2]  # one retry, not three
+    assert s.status == "ACTIVE" and s.attempt_counts["FAILED"] == 1
+    assert [r.attempt for r in rows(engine, job, "dev-01")] == [1, 2]  # one retry, not three
 
 
 def test_a_final_status_repeated_for_a_timed_out_attempt_is_noted_once(env):
     store, ring, reg, clock, engine, devices = env
-    job = engine.create_job("diag", {}, ["dev-01"], job_id="look", timeout_s=60)
+    job = engine.create_job("diag", {}, ["dev-01"], job_id="look", options=RolloutOptions(timeout_s=60))
     engine.tick()
-    seq = rows(engine, job, "dev-01")[0]["seq"]
+    seq = rows(engine, job, "dev-01")[0].seq
     report(engine, "dev-01", seq, "IN_PROGRESS", job)
     clock.advance(61)
     engine.tick()
     for _ in range(3):
         assert not report(engine, "dev-01", seq, "SUCCEEDED", job)
     [row] = rows(engine, job, "dev-01")
-    assert row["status"] == "TIMED_OUT" and row["note"].count("device later reported SUCCEEDED") == 1
+    assert row.status == "TIMED_OUT" and row.note.count("device later reported SUCCEEDED") == 1
 
 
 def test_a_repeated_cancel_job_status_changes_nothing(env):
     store, ring, reg, clock, engine, devices = env
     job = engine.create_job("diag", {}, ["dev-01"], job_id="look")
     engine.tick()
-    seq = rows(engine, job, "dev-01")[0]["seq"]
+    seq = rows(engine, job, "dev-01")[0].seq
     report(engine, "dev-01", seq, "IN_PROGRESS", job)
     engine.cancel(job)
     stop = payload_of(engine.cancel_envelopes(job)["dev-01"])
@@ -506,10 +512,10 @@ def test_a_rejection_by_digest_ends_the_execution_it_names(env):
     message = {"job": f"envelope:{envelope_digest(envelope)}", "seq": None, "status": "REJECTED",
                "detail": "too long: 5000 bytes", "attempt": 1, "ts": 0}
     assert engine.on_status("dev-01", message)
-    [row] = engine.job_status(job)["devices"]
-    assert row["status"] == "REJECTED" and row["detail"] == "too long: 5000 bytes"
+    [row] = engine.job_status(job).devices
+    assert row.status == "REJECTED" and row.detail == "too long: 5000 bytes"
     assert not engine.on_status("dev-01", message)  # repeated: nothing more
-    assert engine.job_status(job)["unattributed_rejects"] == [] and engine.device_queue("dev-01") == []
+    assert engine.job_status(job).unattributed_rejects == [] and engine.device_queue("dev-01") == []
 
 
 def test_an_envelope_refused_as_a_replay_is_flagged_not_failed(env):
@@ -518,7 +524,7 @@ def test_an_envelope_refused_as_a_replay_is_flagged_not_failed(env):
     from mpfleet.fleet.rollout import envelope_digest
 
     store, ring, reg, clock, engine, devices = env
-    job = engine.create_job("diag", {}, ["dev-01"], job_id="look", abort_threshold=0.5)
+    job = engine.create_job("diag", {}, ["dev-01"], job_id="look", options=RolloutOptions(abort_threshold=0.5))
     engine.tick()
     [envelope] = engine.device_queue("dev-01")
     message = {"job": f"envelope:{envelope_digest(envelope)}", "seq": None, "status": "REJECTED",
@@ -526,9 +532,9 @@ def test_an_envelope_refused_as_a_replay_is_flagged_not_failed(env):
     assert engine.on_status("dev-01", message)
     assert not engine.on_status("dev-01", message)
     s = engine.job_status(job)
-    assert s["status"] == "ACTIVE" and s["devices"][0]["status"] == "QUEUED"
-    [flag] = s["stuck"]
-    assert flag["kind"] == "passed" and "refused it as a replay (replay: seq 3 is not above 9" in flag["reason"]
+    assert s.status == "ACTIVE" and s.devices[0].status == "QUEUED"
+    [flag] = s.stuck
+    assert flag.kind == "passed" and "refused it as a replay (replay: seq 3 is not above 9" in flag.reason
     engine.remove(job, ["dev-01"])  # the operator decides
     assert engine.tick().completed == [job]
 
@@ -542,13 +548,13 @@ def flagged_as_expected(engine, store, now):
     """Every QUEUED execution of an ACTIVE job older than its bound is flagged, and
     nothing else is (the envelopes here are far below any limit); looking changes nothing."""
     before = store.db.execute("SELECT * FROM executions ORDER BY id").fetchall()
-    flagged = {(f["job"], f["device"], f["attempt"]) for f in engine.stuck(now=now)}
+    flagged = {(f.job, f.device, f.attempt) for f in engine.stuck(now=now)}
     expected = set()
     for job in engine.jobs("ACTIVE"):
-        bound = engine.job_status(job)["queued_timeout_s"]
-        for r in engine.job_status(job)["devices"]:
-            if r["status"] == "QUEUED" and now - r["queued"] > bound:
-                expected.add((job, r["device"], r["attempt"]))
+        bound = engine.job_status(job).queued_timeout_s
+        for r in engine.job_status(job).devices:
+            if r.status == "QUEUED" and now - r.queued > bound:
+                expected.add((job, r.device, r.attempt))
     assert store.db.execute("SELECT * FROM executions ORDER BY id").fetchall() == before
     return flagged == expected
 
@@ -556,7 +562,7 @@ def flagged_as_expected(engine, store, now):
 def replaced(engine, device) -> bool:
     """Whether an operator's retry replaced a QUEUED execution on `device`: a device that
     had taken it unknown to the host may run that job (and those after it) once more."""
-    return any("replaced by attempt" in (r["note"] or "") for job in engine.jobs()
+    return any("replaced by attempt" in (r.note or "") for job in engine.jobs()
                for r in rows(engine, job, device))
 
 
@@ -592,10 +598,11 @@ def test_random_interleavings_keep_each_device_in_creation_order(tmp_path, seed)
                 value[job] = 100 + len(order)
                 engine.create_job("config", {"set": {"upload_watermark": value[job]}},
                                   rng.sample(names, rng.randint(1, len(names))), job_id=job,
-                                  stages=rng.choice([[1.0], [0.5, 1.0], [0.3, 0.6, 1.0]]),
-                                  retries=rng.choice([0, 0, 1]), rate_per_min=rng.choice([None, None, 1]),
-                                  start_at=start, success_threshold=rng.choice([0.0, 0.5]),
-                                  queued_timeout_s=rng.choice([None, 600, 1800]))
+                                  options=RolloutOptions(
+                                      stages=rng.choice([[1.0], [0.5, 1.0], [0.3, 0.6, 1.0]]),
+                                      retries=rng.choice([0, 0, 1]), rate_per_min=rng.choice([None, None, 1]),
+                                      start_at=start, success_threshold=rng.choice([0.0, 0.5]),
+                                      queued_timeout_s=rng.choice([None, 600, 1800])))
                 order[job] = (clock() if start is None else start, len(order))
             elif action == "tick":
                 engine.tick()
@@ -613,7 +620,7 @@ def test_random_interleavings_keep_each_device_in_creation_order(tmp_path, seed)
             elif action == "operator" and order:
                 # what an operator might try; what the engine refuses is refused whole
                 job = rng.choice(sorted(order))
-                d = rng.choice([r["device"] for r in engine.job_status(job)["devices"]] or names)
+                d = rng.choice([r.device for r in engine.job_status(job).devices] or names)
                 try:
                     engine.retry(job, [d]) if rng.random() < 0.7 else engine.remove(job, [d])
                 except RolloutError:
@@ -635,7 +642,7 @@ def test_random_interleavings_keep_each_device_in_creation_order(tmp_path, seed)
             assert d.replays == []
             # what the host knows ran: SUCCEEDED, or noted so on an attempt it had given up on
             succeeded = [job for job in order
-                         if any(r["status"] == "SUCCEEDED" or "later reported SUCCEEDED" in (r["note"] or "")
+                         if any(r.status == "SUCCEEDED" or "later reported SUCCEEDED" in (r.note or "")
                                 for r in rows(engine, job, d.id))]
             newest = max(succeeded, key=order.get, default=None)
             assert d.config.get("upload_watermark") == (value[newest] if newest else None), (d.id, d.ran)

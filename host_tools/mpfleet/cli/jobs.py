@@ -20,6 +20,7 @@ from rich.text import Text
 from mpfleet.cli.options import DB, DEVICE_ID, DURATION, IMAGES_DIR, KEYS_DIR, JSON, POINT_IN_TIME
 from mpfleet.cli.render import ago, print_json
 from mpfleet.fleet.registry import split_names
+from mpfleet.fleet.jobs_model import ExecutionRow, JobStatus, RolloutOptions
 
 
 console = Console()
@@ -120,93 +121,92 @@ def _pct(x: float) -> str:
     return f"{x * 100:g}%"
 
 
-def _stage_text(s: dict) -> str:
-    stages = s["stages"]
-    stage = min(s["stage"], len(stages) - 1)
-    return f"{stage + 1}/{len(stages)} ({_pct(stages[stage])}, {s['stage_size']} devices)"
+def _stage_text(s: JobStatus) -> str:
+    stage = min(s.stage, len(s.stages) - 1)
+    return f"{stage + 1}/{len(s.stages)} ({_pct(s.stages[stage])}, {s.stage_size} devices)"
 
 
-def _failure_reason(row: dict) -> str:
-    detail = row.get("detail")
+def _failure_reason(row: ExecutionRow) -> str:
+    detail = row.detail
     if isinstance(detail, dict):
         for key in ("error", "reason", "problems"):
             if detail.get(key):
                 return str(detail[key])
     if detail:
         return str(detail)
-    return row.get("note") or ""
+    return row.note or ""
 
 
-def _progress_text(row: dict) -> str:
-    p = row.get("progress")
-    if row["status"] == "SUCCEEDED":
+def _progress_text(row: ExecutionRow) -> str:
+    p = row.progress
+    if row.status == "SUCCEEDED":
         return "done"
     if not isinstance(p, dict) or not p.get("total"):
         return ""
     return f"{p['bytes'] / p['total']:.0%} ({p['bytes'] // 1024} of {p['total'] // 1024} KiB)"
 
 
-def _update_table(s: dict) -> Table:
+def _update_table(s: JobStatus) -> Table:
     """Per device: state, download progress, and the version it reports running."""
-    latest: dict[str, dict] = {}
-    for row in s["devices"]:
-        latest[row["device"]] = row  # ordered by attempt: the last one wins
-    want = s["params"].get("version")
+    latest: dict[str, ExecutionRow] = {}
+    for row in s.devices:
+        latest[row.device] = row  # ordered by attempt: the last one wins
+    want = s.params.get("version")
     table = Table(title=f"devices (target version {want})", title_justify="left")
     for col in ("device", "status", "progress", "running"):
         table.add_column(col)
     for row in list(latest.values())[:30]:
-        running = row.get("running") or ""
-        table.add_row(row["device"], Text(row["status"], style=STATE_STYLE.get(row["status"], "")),
+        running = row.running or ""
+        table.add_row(row.device, Text(row.status, style=STATE_STYLE.get(row.status, "")),
                       _progress_text(row), Text(running, style="green" if running == want else ""))
     if len(latest) > 30:
         table.caption = f"... {len(latest) - 30} more (--json shows all)"
     return table
 
 
-def status_view(s: dict) -> Group:
+def status_view(s: JobStatus) -> Group:
     head = Text()
-    head.append(f"job {s['id']}  ", style="bold")
-    head.append(s["status"], style=STATE_STYLE.get(s["status"], ""))
-    head.append(f"  type {s['type']}  stage {_stage_text(s)}  targets {s['target_count']} "
-                f"(not started {s['not_started']})")
-    if s.get("reason"):
-        head.append(f"\n{s['reason']}", style="red" if s["status"] == "ABORTED" else "")
+    head.append(f"job {s.id}  ", style="bold")
+    head.append(s.status, style=STATE_STYLE.get(s.status, ""))
+    head.append(f"  type {s.type}  stage {_stage_text(s)}  targets {s.target_count} "
+                f"(not started {s.not_started})")
+    if s.reason:
+        head.append(f"\n{s.reason}", style="red" if s.status == "ABORTED" else "")
     counts = Table(box=None, show_header=True, pad_edge=False)
-    shown = [k for k, v in s["counts"].items() if v or k in ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED")]
+    shown = [k for k, v in s.counts.items() if v or k in ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED")]
     for k in shown:
         counts.add_column(k, justify="right", style=STATE_STYLE.get(k, ""))
-    counts.add_row(*(str(s["counts"][k]) for k in shown))
+    counts.add_row(*(str(s.counts[k]) for k in shown))
     parts = [head, counts]
-    if s["failures"]:
+    if s.failures:
         fails = Table(title="failures", title_justify="left")
         for col in ("device", "attempt", "status", "reason"):
             fails.add_column(col)
-        for row in s["failures"][:20]:
-            fails.add_row(row["device"], str(row["attempt"]), row["status"], _failure_reason(row)[:100])
-        if len(s["failures"]) > 20:
-            fails.caption = f"... {len(s['failures']) - 20} more (--json shows all)"
+        for row in s.failures[:20]:
+            fails.add_row(row.device, str(row.attempt), row.status, _failure_reason(row)[:100])
+        if len(s.failures) > 20:
+            fails.caption = f"... {len(s.failures) - 20} more (--json shows all)"
         parts.append(fails)
-    if s["type"] in ("ota", "app") and s["devices"]:
+    if s.type in ("ota", "app") and s.devices:
         parts.append(_update_table(s))
-    if s["stuck"]:
-        stuck = Table(title=f"stuck: {len(s['stuck'])} execution(s) not taken "
-                            f"(mpfleet job retry|remove {s['id']} --device ID)", title_justify="left",
+    if s.stuck:
+        stuck = Table(title=f"stuck: {len(s.stuck)} execution(s) not taken "
+                            f"(mpfleet job retry|remove {s.id} --device ID)", title_justify="left",
                       title_style="red")
         for col in ("device", "attempt", "queued", "reason"):
             stuck.add_column(col)
-        for row in s["stuck"][:20]:
-            stuck.add_row(row["device"], str(row["attempt"]), ago(row["queued"]), row["reason"])
-        if len(s["stuck"]) > 20:
-            stuck.caption = f"... {len(s['stuck']) - 20} more (--json shows all)"
+        for flag in s.stuck[:20]:
+            stuck.add_row(flag.device, str(flag.attempt), ago(flag.queued), flag.reason)
+        if len(s.stuck) > 20:
+            stuck.caption = f"... {len(s.stuck) - 20} more (--json shows all)"
         parts.append(stuck)
-    if s["held"]:
-        first = s["held"][0]
-        parts.append(Text(f"{len(s['held'])} device(s) wait for an earlier job of type {s['type']} to reach them "
-                          f"first (jobs of one type run in creation order): {first['device']} waits for "
-                          f"{first['behind']}", style="yellow"))
-    if s["unattributed_rejects"]:
-        parts.append(Text(f"{len(s['unattributed_rejects'])} envelope(s) rejected before their job could be "
+    if s.held:
+        first = s.held[0]
+        parts.append(Text(f"{len(s.held)} device(s) wait for an earlier job of type {s.type} to reach them "
+                          f"first (jobs of one type run in creation order): {first.device} waits for "
+                          f"{first.behind}", style="yellow"))
+    if s.unattributed_rejects:
+        parts.append(Text(f"{len(s.unattributed_rejects)} envelope(s) rejected before their job could be "
                           f"named (bad signature, unknown key): see --json", style="yellow"))
     return Group(*parts)
 
@@ -312,10 +312,10 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
             job_params.update(_update_params(store, engine, type_, image_ref or bundle_ref, allow_downgrade, chunk,
                                              window, images_dir, spec))
         new_id = engine.create_job(type_, job_params, _split_names(engine, spec), job_id=job_id,
-                                   **{k: v for k, v in options.items() if v is not None})
+                                   options=RolloutOptions.from_json(options))  # None: the default
         status = engine.job_status(new_id)
     if as_json:
-        print_json(status)
+        print_json(status.to_json())
         return
     console.print(f"created job [bold]{new_id}[/] ({type_}); `mpfleet serve` rolls it out. "
                   f"Watch it: mpfleet job status {new_id} --watch", highlight=False)
@@ -351,9 +351,8 @@ def job_list(status, db, keys_dir, as_json):
     with store:
         rows = [engine.job_status(j) for j in engine.jobs(status.upper() if status else None)]
     if as_json:
-        print_json([{**{k: r[k] for k in ("id", "type", "status", "stage", "stages", "target_count", "counts",
-                                           "created", "finished", "reason")}, "stuck": len(r["stuck"])}
-                    for r in rows])
+        shown = ("id", "type", "status", "stage", "stages", "target_count", "counts", "created", "finished", "reason")
+        print_json([{**{k: j[k] for k in shown}, "stuck": len(j["stuck"])} for j in (r.to_json() for r in rows)])
         return
     if not rows:
         console.print("no jobs yet: mpfleet job create --help")
@@ -362,13 +361,13 @@ def job_list(status, db, keys_dir, as_json):
     for col in ("id", "type", "status", "stage", "targets", "ok", "failed", "pending", "stuck", "created"):
         table.add_column(col, no_wrap=col in ("id", "status"))
     for r in rows:
-        c = r["counts"]
+        c = r.counts
         failed = c["FAILED"] + c["REJECTED"] + c["TIMED_OUT"]
-        stage = min(r["stage"], len(r["stages"]) - 1)
-        table.add_row(r["id"], r["type"], Text(r["status"], style=STATE_STYLE.get(r["status"], "")),
-                      f"{stage + 1}/{len(r['stages'])}", str(r["target_count"]), str(c["SUCCEEDED"]), str(failed),
-                      str(c["QUEUED"] + c["IN_PROGRESS"] + r["not_started"]),
-                      Text(str(len(r["stuck"])), style="red" if r["stuck"] else ""), ago(r["created"]))
+        stage = min(r.stage, len(r.stages) - 1)
+        table.add_row(r.id, r.type, Text(r.status, style=STATE_STYLE.get(r.status, "")),
+                      f"{stage + 1}/{len(r.stages)}", str(r.target_count), str(c["SUCCEEDED"]), str(failed),
+                      str(c["QUEUED"] + c["IN_PROGRESS"] + r.not_started),
+                      Text(str(len(r.stuck)), style="red" if r.stuck else ""), ago(r.created))
     console.print(table)
 
 
@@ -398,26 +397,26 @@ def job_status(job_id, watch, interval, db, keys_dir, as_json):
         status = engine.job_status(job_id)
         if watch and not as_json:
             with Live(status_view(status), console=console, refresh_per_second=4) as live:
-                while status["status"] == "ACTIVE":
+                while status.status == "ACTIVE":
                     time.sleep(interval)
                     status = engine.job_status(job_id)
                     live.update(status_view(status))
         elif watch:
-            while status["status"] == "ACTIVE":
+            while status.status == "ACTIVE":
                 time.sleep(interval)
                 status = engine.job_status(job_id)
     if as_json:
-        print_json(status)
+        print_json(status.to_json())
     elif not watch:
         console.print(status_view(status))
     sys.exit(status_exit_code(status))
 
 
-def status_exit_code(status: dict) -> int:
+def status_exit_code(status: JobStatus) -> int:
     """`job status`'s exit code for a job_status() record (EXIT_* above)."""
-    if status["status"] not in ("ACTIVE", "COMPLETED"):
+    if status.status not in ("ACTIVE", "COMPLETED"):
         return EXIT_ENDED
-    return EXIT_STUCK if status["status"] == "ACTIVE" and status["stuck"] else 0
+    return EXIT_STUCK if status.status == "ACTIVE" and status.stuck else 0
 
 
 @job.command("retry")
@@ -449,7 +448,7 @@ def job_retry(job_id, devices, db, keys_dir, as_json):
         status = engine.job_status(job_id)
     if as_json:
         print_json({"job": job_id, "retried": [{"job": j, "device": d, "attempt": a} for j, d, a in changes.queued],
-                    "replaced": [{"job": j, "device": d} for j, d in changes.removed], "status": status})
+                    "replaced": [{"job": j, "device": d} for j, d in changes.removed], "status": status.to_json()})
         return
     mine = [(d, a) for j, d, a in changes.queued if j == job_id]
     others = [(j, d) for j, d, _ in changes.queued if j != job_id]
@@ -482,7 +481,7 @@ def job_remove(job_id, devices, db, keys_dir, as_json):
         changes = engine.remove(job_id, list(devices))
         status = engine.job_status(job_id)
     if as_json:
-        print_json({"job": job_id, "removed": [d for _, d in changes.removed], "status": status})
+        print_json({"job": job_id, "removed": [d for _, d in changes.removed], "status": status.to_json()})
         return
     console.print(f"job {job_id}: removed from {len(changes.removed)} device(s): "
                   f"{', '.join(d for _, d in changes.removed)}", highlight=False)
@@ -502,9 +501,9 @@ def job_cancel(job_id, db, keys_dir, as_json):
         stops = engine.cancel_envelopes(job_id)
         status = engine.job_status(job_id)
     if as_json:
-        print_json(status)
+        print_json(status.to_json())
         return
-    console.print(f"canceled job {job_id}: {status['counts']['CANCELED']} execution(s) canceled"
+    console.print(f"canceled job {job_id}: {status.counts['CANCELED']} execution(s) canceled"
                   + (f", cancel jobs sent to {len(stops)} device(s) already running it" if stops else ""),
                   highlight=False)
 

@@ -39,6 +39,7 @@ from mpfleet.images.store import ImageStore
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import BrokerConfig
 from mpfleet.fleet.registry import Registry
+from mpfleet.fleet.jobs_model import JobStatus, RolloutOptions
 from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.fleet.serve import Dispatcher
 from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner, provision_sim_fleet
@@ -55,43 +56,43 @@ APP_VERSION = "0.2.0"
 class DemoResult:
     ok: bool
     workdir: Path
-    bad: dict
-    good: dict
-    app: dict
+    bad: JobStatus
+    good: JobStatus
+    app: JobStatus
     samples: int
     broker_kind: str
 
 
-def _progress(statuses: list[dict]) -> Table:
+def _progress(statuses: list[JobStatus]) -> Table:
     table = Table(title="rollouts")
     for col in ("job", "status", "stage", "succeeded", "failed", "in progress", "queued", "not started"):
         table.add_column(col, justify="right" if col not in ("job", "status") else "left")
     for s in statuses:
-        c = s["counts"]
-        stage = min(s["stage"], len(s["stages"]) - 1)
-        table.add_row(s["id"], Text(s["status"], style=STYLE.get(s["status"], "")),
-                      f"{stage + 1}/{len(s['stages'])} ({s['stages'][stage]:.0%})",
+        c = s.counts
+        stage = min(s.stage, len(s.stages) - 1)
+        table.add_row(s.id, Text(s.status, style=STYLE.get(s.status, "")),
+                      f"{stage + 1}/{len(s.stages)} ({s.stages[stage]:.0%})",
                       str(c["SUCCEEDED"]), str(c["FAILED"] + c["REJECTED"] + c["TIMED_OUT"]),
-                      str(c["IN_PROGRESS"]), str(c["QUEUED"]), str(s["not_started"]))
+                      str(c["IN_PROGRESS"]), str(c["QUEUED"]), str(s.not_started))
     return table
 
 
-def _watch(engine: RolloutEngine, job_ids: list[str], dispatcher: Dispatcher, live: Live | None) -> list[dict]:
+def _watch(engine: RolloutEngine, job_ids: list[str], dispatcher: Dispatcher, live: Live | None) -> list[JobStatus]:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     last = None
     while True:
         statuses = [engine.job_status(j) for j in job_ids]
-        line = [(s["status"], s["stage"], tuple(s["counts"].values())) for s in statuses]
+        line = [(s.status, s.stage, tuple(s.counts.values())) for s in statuses]
         if live is not None:
             live.update(_progress(statuses))
         elif line != last:
             s = statuses[-1]
-            console.print(f"  {s['id']}: {s['status']} stage {s['stage'] + 1}/{len(s['stages'])}  "
-                          f"succeeded {s['counts']['SUCCEEDED']}  failed {s['counts']['FAILED']}  "
-                          f"in progress {s['counts']['IN_PROGRESS']}  queued {s['counts']['QUEUED']}",
+            console.print(f"  {s.id}: {s.status} stage {s.stage + 1}/{len(s.stages)}  "
+                          f"succeeded {s.counts['SUCCEEDED']}  failed {s.counts['FAILED']}  "
+                          f"in progress {s.counts['IN_PROGRESS']}  queued {s.counts['QUEUED']}",
                           highlight=False, soft_wrap=True)
         last = line
-        if statuses[-1]["status"] != "ACTIVE" or time.monotonic() > deadline:
+        if statuses[-1].status != "ACTIVE" or time.monotonic() > deadline:
             return statuses
         if not dispatcher.running:
             raise RuntimeError(f"the dispatcher stopped: {dispatcher.stats.last_error}")
@@ -147,10 +148,10 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
                 FleetRunner(boards) as runner:
             console.print("serve: running; the fleet: awake (each device wakes every second or two)\n")
             runner.wait_until(lambda s: s["boots_per_device_min"] >= 1, timeout=60)
-            stages = {"stages": [0.1, 1.0], "success_threshold": 1.0}
+            canary_first = RolloutOptions(stages=(0.1, 1.0), success_threshold=1.0)
             console.rule("1. a bad config job (sample_interval_s = 0), canary 10% first")
             bad = engine.create_job("config", {"set": {"sample_interval_s": 0}}, ["demo"], job_id="bad-interval",
-                                    **stages)
+                                    options=canary_first)
             live = Live(console=console, refresh_per_second=4) if console.is_terminal else None
             if live:
                 live.start()
@@ -158,13 +159,15 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
                 bad_status = _watch(engine, [bad], dispatcher, live)[-1]
                 console.rule("2. a good config job (wake budget 15 s), stages 10% -> 50% -> 100%")
                 good = engine.create_job("config", {"set": {"wake_budget_ms": 15000}}, ["demo"],
-                                         job_id="wake-budget-15s", stages=[0.1, 0.5, 1.0], success_threshold=0.9,
-                                         abort_threshold=0.2, abort_min_finished=3)
+                                         job_id="wake-budget-15s",
+                                         options=RolloutOptions(stages=(0.1, 0.5, 1.0), success_threshold=0.9,
+                                                                abort_threshold=0.2, abort_min_finished=3))
                 good_status = _watch(engine, [bad, good], dispatcher, live)[-1]
                 console.rule(f"3. an app update: the agent's code as version {APP_VERSION} "
                              f"({bundle.size // 1024} KiB bundle), canary 10% first")
                 update = engine.create_job("app", app_params(images, bundle.id)[0], ["demo"], job_id="app-0.2.0",
-                                           stages=[0.1, 1.0], success_threshold=1.0, abort_threshold=0.2)
+                                           options=RolloutOptions(stages=(0.1, 1.0), success_threshold=1.0,
+                                                                  abort_threshold=0.2))
                 app_status = _watch(engine, [bad, good, update], dispatcher, live)[-1]
             finally:
                 if live:
@@ -173,34 +176,35 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
             serve_stats = dispatcher.stats.as_dict()
             fleet_stats = runner.stats()
     store.close()
-    canary = bad_status["stage_size"]
-    bad_reached = len({d["device"] for d in bad_status["devices"]})
-    ok = (bad_status["status"] == "ABORTED" and bad_reached <= canary
-          and good_status["status"] == "COMPLETED" and good_status["counts"]["SUCCEEDED"] == devices
-          and app_status["status"] == "COMPLETED" and app_status["counts"]["SUCCEEDED"] == devices)
+    canary = bad_status.stage_size
+    bad_reached = len({d.device for d in bad_status.devices})
+    ok = (bad_status.status == "ABORTED" and bad_reached <= canary
+          and good_status.status == "COMPLETED" and good_status.counts["SUCCEEDED"] == devices
+          and app_status.status == "COMPLETED" and app_status.counts["SUCCEEDED"] == devices)
     _summary(bad_status, good_status, app_status, devices, bad_reached, samples, serve_stats, fleet_stats, workdir,
              ok)
     return DemoResult(ok, workdir, bad_status, good_status, app_status, samples, broker.kind)
 
 
-def _summary(bad, good, app, devices, bad_reached, samples, serve_stats, fleet_stats, workdir, ok) -> None:
+def _summary(bad: JobStatus, good: JobStatus, app: JobStatus, devices, bad_reached, samples, serve_stats,
+             fleet_stats, workdir, ok) -> None:
     table = Table(title="summary")
     table.add_column("")
     table.add_column("")
-    reason = bad["failures"][0]["detail"] if bad["failures"] else None
-    table.add_row("bad job", Text(f"{bad['status']}: reached {bad_reached} of {devices} devices (the canary); "
+    reason = bad.failures[0].detail if bad.failures else None
+    table.add_row("bad job", Text(f"{bad.status}: reached {bad_reached} of {devices} devices (the canary); "
                                   f"the other {devices - bad_reached} never received it",
-                                  style="green" if bad["status"] == "ABORTED" else "red"))
+                                  style="green" if bad.status == "ABORTED" else "red"))
     if reason:
         table.add_row("  device said", str(reason)[:110])
-    table.add_row("  why aborted", str(bad["reason"]))
-    table.add_row("good job", Text(f"{good['status']}: {good['counts']['SUCCEEDED']}/{devices} SUCCEEDED",
-                                   style="green" if good["counts"]["SUCCEEDED"] == devices else "red"))
-    running = sorted({(r.get("running") or "?") for r in app["devices"]})
-    table.add_row("app update", Text(f"{app['status']}: {app['counts']['SUCCEEDED']}/{devices} SUCCEEDED, "
+    table.add_row("  why aborted", str(bad.reason))
+    table.add_row("good job", Text(f"{good.status}: {good.counts['SUCCEEDED']}/{devices} SUCCEEDED",
+                                   style="green" if good.counts["SUCCEEDED"] == devices else "red"))
+    running = sorted({(r.running or "?") for r in app.devices})
+    table.add_row("app update", Text(f"{app.status}: {app.counts['SUCCEEDED']}/{devices} SUCCEEDED, "
                                      f"devices now run app {', '.join(running)}; "
                                      f"{serve_stats['ota']['bytes'] // 1024} KiB streamed",
-                                     style="green" if app["counts"]["SUCCEEDED"] == devices else "red"))
+                                     style="green" if app.counts["SUCCEEDED"] == devices else "red"))
     table.add_row("device wakes", f"{fleet_stats['boots']} ({fleet_stats['boots_per_s']:.0f}/s), "
                                   f"{len(fleet_stats['stopped'])} devices stopped")
     table.add_row("serve", f"{serve_stats['statuses']} job statuses, {serve_stats['queue_publishes']} queue updates, "

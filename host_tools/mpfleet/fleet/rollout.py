@@ -1,9 +1,12 @@
 """The dispatcher's rollout engine: jobs, per-device executions, stages, rates, retries.
 
-Which room: host library, driven by `serve` (MQTT is not touched here). The engine is
+Which room: the fleet, driven by `serve` (MQTT is not touched here). The engine is
 pure bookkeeping over the Store's SQLite connection plus the KeyRing (signing) and the
 Registry (targeting); everything it decides is persisted before it returns, so a new
-`RolloutEngine` on the same database continues a rollout exactly where it stopped.
+`RolloutEngine` on the same database continues a rollout exactly where it stopped. Its
+tables are created by the store (db/schema.py). The records it takes and returns
+(RolloutOptions, Job, JobStatus and its rows, the state names) are in jobs_model.py,
+split from here so that the callers hold typed records without the engine's machinery.
 
 Model (docs/protocol.md, "Signed jobs"):
 
@@ -50,12 +53,12 @@ stage waits for it. diag, upload, sample and reboot change nothing a later job b
 on: they are neither held nor hold.
 
 Stuck executions: a QUEUED execution whose envelope is over the limit the device
-reports, or that is older than `queued_timeout_s` (default QUEUED_TIMEOUT_DEFAULT_S),
-is *flagged* with the reason (stuck(), job_status "stuck"); flagging changes no state,
-so a device that wakes late still takes it. The operator acts: retry() signs a new
-attempt (replacing a stuck QUEUED one), remove() makes a QUEUED execution REMOVED. A
-device whose latest execution the operator REMOVED does not count toward its stage's
-success threshold.
+reports, or that is older than `queued_timeout_s` (default
+jobs_model.QUEUED_TIMEOUT_DEFAULT_S), is *flagged* with the reason (stuck(), job_status
+"stuck"); flagging changes no state, so a device that wakes late still takes it. The
+operator acts: retry() signs a new attempt (replacing a stuck QUEUED one), remove()
+makes a QUEUED execution REMOVED. A device whose latest execution the operator REMOVED
+does not count toward its stage's success threshold.
 """
 
 from __future__ import annotations
@@ -67,63 +70,30 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from mpfleet.errors import MpfleetError
+from mpfleet.fleet.jobs_model import (ABORTED, ACTIVE, CANCELED, COMPLETED, COUNTED, DEVICE_STATES, EXECUTION_STATES,
+                                     FAILURES, IN_PROGRESS, PENDING, QUEUED, REJECTED, REMOVED, RETRIABLE,
+                                     SUCCEEDED, TIMED_OUT, UPDATE_TYPES, CancelJob, ExecutionRow, HeldDevice, Job,
+                                     JobStatus, KeyRotation, RolloutError, RolloutOptions, StuckExecution,
+                                     UnattributedReject)
 from mpfleet.fleet.keys import (JOB_MAX_BYTES_DEFAULT, MAX_TRUSTED_KEYS, KeyRing, KeyringError, check_config_params,
                           check_keys_params, envelope_bytes)
 from mpfleet.fleet.registry import QueryError, Registry, parse_query
 from mpfleet.protocol.ids import DEVICE_ID_MAX_LEN
-from mpfleet.protocol.signing import JOB_TYPES, KID_RE
+from mpfleet.protocol.signing import JOB_TYPES
 from mpfleet.db.store import Store
 
-QUEUED, IN_PROGRESS = "QUEUED", "IN_PROGRESS"
-SUCCEEDED, FAILED, REJECTED = "SUCCEEDED", "FAILED", "REJECTED"
-TIMED_OUT, CANCELED, REMOVED = "TIMED_OUT", "CANCELED", "REMOVED"
-EXECUTION_STATES = (QUEUED, IN_PROGRESS, SUCCEEDED, FAILED, REJECTED, TIMED_OUT, CANCELED, REMOVED)
-PENDING = (QUEUED, IN_PROGRESS)
-FAILURES = (FAILED, REJECTED, TIMED_OUT)
-RETRIABLE = (FAILED, TIMED_OUT)
 NETWORK_JOBS = ("ota", "app", "reboot", "upload")  # the agent refuses them over USB
 QUEUE_MAX_BYTES = 6144  # the retained `jobs` payload of one device, bytes (docs/dispatch.md)
 ENVELOPE_MAX_BYTES = QUEUE_MAX_BYTES - 4  # the largest envelope a queue can carry: '["' + envelope + '"]'
 LONGEST_DEVICE_ID = "x" * DEVICE_ID_MAX_LEN  # the longest id: a job's targets before any device is known
-COUNTED = (SUCCEEDED, *FAILURES)  # the executions the abort fraction is taken over
-DEVICE_STATES = (IN_PROGRESS, SUCCEEDED, FAILED, REJECTED)
-FINAL_STATES = (SUCCEEDED, FAILED, REJECTED)  # what a device reports last
 # Job types that change what a device keeps: a device runs those of one type in the
 # order the jobs begin (module docstring). The others are not ordered.
 ORDERED_TYPES = ("config", "keys", "ota", "app", "exec")
-# A QUEUED execution older than this is flagged stuck (job option queued_timeout_s).
-# Devices connect every sample_interval_s x upload_every_wakes (60 s x 30 = 30 min by
-# default) or sooner when a job asks: two hours is four such intervals.
-QUEUED_TIMEOUT_DEFAULT_S = 7200.0
 STUCK_CHECK_S = 5.0  # tick() looks for newly stuck executions at most this often
 
-ACTIVE, COMPLETED, ABORTED = "ACTIVE", "COMPLETED", "ABORTED"
-JOB_STATES = (ACTIVE, COMPLETED, ABORTED, CANCELED)
-
 JOB_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,48}\Z")  # leaves room for "cancel-" in a 64-char id
-
-DEFAULTS = {
-    "rate_per_min": None,
-    "stages": [1.0],
-    "success_threshold": 1.0,
-    "abort_threshold": None,
-    "abort_min_finished": 1,
-    "timeout_s": None,
-    "queued_timeout_s": None,  # None: QUEUED_TIMEOUT_DEFAULT_S
-    "retries": 0,
-    "start_at": None,
-    "end_at": None,
-    "continuous": False,
-    "sign_kid": None,    # sign with this key while it is active (default: KeyRing.fleet_key())
-    "rotation": None,    # {"old": kid, "new": kid}: a key rotation (create_rotation_job)
-}
-
-
-class RolloutError(MpfleetError):
-    """A job could not be created or changed; the message names the bad option."""
 
 
 @dataclass
@@ -145,63 +115,7 @@ class Changes:
         return bool(self.devices or self.advanced or self.completed or self.aborted)
 
 
-# ---------------------------------------------------------------- validation
-
-def _number(name: str, value, lo: float | None = None, hi: float | None = None, integer: bool = False,
-            lo_open: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise RolloutError(f"{name} must be {'an integer' if integer else 'a number'}, not {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise RolloutError(f"{name} must be finite, not {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise RolloutError(f"{name} must be {'>' if lo_open else '>='} {lo}, not {value!r}")
-    if hi is not None and value > hi:
-        raise RolloutError(f"{name} must be <= {hi}, not {value!r}")
-    return value
-
-
-def validate_options(options: dict) -> dict:
-    """The rollout options with defaults filled in; RolloutError names the first bad one."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise RolloutError(f"unknown rollout option {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
-    o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    if o["rate_per_min"] is not None:
-        _number("rate_per_min", o["rate_per_min"], 1, integer=True)
-    stages = o["stages"]
-    if not isinstance(stages, (list, tuple)) or not stages:
-        raise RolloutError(f"stages must be a non-empty list of fractions such as [0.05, 0.25, 1.0], not {stages!r}")
-    for i, f in enumerate(stages):
-        _number(f"stages[{i}]", f, 0, 1, lo_open=True)
-        if i and f <= stages[i - 1]:
-            raise RolloutError(f"stages must increase: stages[{i}] = {f} is not above {stages[i - 1]}")
-    if stages[-1] != 1:
-        raise RolloutError(f"stages must end at 1.0 (the whole target set), not {stages[-1]}")
-    o["stages"] = [float(f) for f in stages]
-    _number("success_threshold", o["success_threshold"], 0, 1)
-    if o["abort_threshold"] is not None:
-        _number("abort_threshold", o["abort_threshold"], 0, 1, lo_open=True)
-    _number("abort_min_finished", o["abort_min_finished"], 1, integer=True)
-    if o["timeout_s"] is not None:
-        _number("timeout_s", o["timeout_s"], 0, lo_open=True)
-    if o["queued_timeout_s"] is not None:
-        _number("queued_timeout_s", o["queued_timeout_s"], 0, lo_open=True)
-    _number("retries", o["retries"], 0, 100, integer=True)
-    for name in ("start_at", "end_at"):
-        if o[name] is not None:
-            _number(name, o[name], 0)
-    if o["start_at"] is not None and o["end_at"] is not None and o["end_at"] <= o["start_at"]:
-        raise RolloutError(f"end_at ({o['end_at']}) must be after start_at ({o['start_at']})")
-    if not isinstance(o["continuous"], bool):
-        raise RolloutError(f"continuous must be true or false, not {o['continuous']!r}")
-    if o["sign_kid"] is not None and not (isinstance(o["sign_kid"], str) and KID_RE.match(o["sign_kid"])):
-        raise RolloutError(f"sign_kid must be a key id (16 hex digits), not {o['sign_kid']!r}")
-    rot = o["rotation"]
-    if rot is not None and not (isinstance(rot, dict) and set(rot) == {"old", "new"}
-                                and all(isinstance(v, str) and KID_RE.match(v) for v in rot.values())):
-        raise RolloutError(f"rotation must be {{'old': kid, 'new': kid}}, not {rot!r}")
-    return o
-
+# ---------------------------------------------------------------- helpers
 
 def _rank(job_id: str, device: str) -> str:
     return hashlib.sha256(f"{job_id}\0{device}".encode()).hexdigest()
@@ -258,13 +172,14 @@ class RolloutEngine:
         self._stuck_next = -math.inf
 
     # ------------------------------------------------------------ jobs
-    def create_job(self, type: str, params: dict | None, targets, job_id: str | None = None,
-                   **options) -> str:
+    def create_job(self, type: str, params: dict | None, targets, job_id: str | None = None, *,
+                   options: RolloutOptions | None = None) -> str:
         """Record a new ACTIVE job; nothing is queued before the next `tick()`.
 
         `targets`: "*", a dict ``{"ids": [...], "groups": [...], "query": "fw<v1.25"}``
         (ids and groups are united, then narrowed by the query; a query alone selects from
         every device), or a list of names ("*", a known device id, else a group name).
+        `options`: how it rolls out (None: RolloutOptions(), one stage, no limits).
         """
         if type not in JOB_TYPES:
             raise RolloutError(f"unknown job type {type!r} (one of {', '.join(JOB_TYPES)})")
@@ -281,7 +196,9 @@ class RolloutEngine:
         except KeyringError as e:
             raise RolloutError(str(e)) from None
         spec = self._normalize_targets(targets)
-        opts = validate_options(options)
+        opts = RolloutOptions() if options is None else options
+        if not isinstance(opts, RolloutOptions):
+            raise RolloutError(f"options must be RolloutOptions, not {opts!r}")
         if job_id is None:
             job_id = f"j-{secrets.token_hex(5)}"
         if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
@@ -291,13 +208,14 @@ class RolloutEngine:
             params_json = json.dumps(params, sort_keys=True)
         except (TypeError, ValueError) as e:
             raise RolloutError(f"params must be JSON: {e}") from None
-        self._check_size({"id": job_id, "type": type, "params": params, "options": opts}, spec, now)
+        job = Job(job_id, type, params, spec, opts, created=now, updated=now)
+        self._check_size(job, now)
         with self.store.transaction() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
                 raise RolloutError(f"a job {job_id} exists already")
             db.execute("INSERT INTO jobs (id, type, params_json, targets_json, options_json, status, stage, "
                        "created, updated) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                       (job_id, type, params_json, json.dumps(spec), json.dumps(opts), ACTIVE, now, now))
+                       (job_id, type, params_json, json.dumps(spec), json.dumps(opts.to_json()), ACTIVE, now, now))
         return job_id
 
     def _normalize_targets(self, targets) -> dict:
@@ -359,12 +277,12 @@ class RolloutEngine:
             return ENVELOPE_MAX_BYTES, "what one device queue carries, QUEUE_MAX_BYTES"
         return limit, source
 
-    def _check_size(self, job: dict, spec: dict, now: float) -> None:
+    def _check_size(self, job: Job, now: float) -> None:
         """RolloutError unless the job's envelope fits every device it targets now (or, with
         none yet, any device), measured as signed in the worst case (keys.envelope_bytes)."""
         states = {d["id"]: d.get("state") or {} for d in self.store.devices()}
         worst: dict[tuple[int, str], str] = {}  # (limit, source) -> the longest device id it applies to
-        for device in self._resolve(spec):
+        for device in self._resolve(job.targets):
             key = self.job_max_bytes(device, states.get(device) or {})
             if len(device) > len(worst.get(key, "")):
                 worst[key] = device
@@ -393,16 +311,17 @@ class RolloutEngine:
             out.append(d["id"])
         return out
 
-    def _job(self, job_id: str) -> dict:
+    def _job(self, job_id: str) -> Job:
         row = self.db.execute("SELECT id, type, params_json, targets_json, options_json, status, stage, resolved, "
                               "created, updated, finished, reason, rowid FROM jobs WHERE id = ?",
                               (job_id,)).fetchone()
         if row is None:
             raise RolloutError(f"no job {job_id}")
-        return {"id": row[0], "type": row[1], "params": json.loads(row[2]), "targets": json.loads(row[3]),
-                "options": {**DEFAULTS, **json.loads(row[4])}, "status": row[5], "stage": row[6],
-                "resolved": row[7], "created": row[8], "updated": row[9], "finished": row[10], "reason": row[11],
-                "rowid": row[12]}
+        # options_json holds every option create_job knew of (a job from before an
+        # option was added lacks it: from_json gives it its default)
+        return Job(id=row[0], type=row[1], params=json.loads(row[2]), targets=json.loads(row[3]),
+                   options=RolloutOptions.from_json(json.loads(row[4])), status=row[5], stage=row[6],
+                   resolved=row[7], created=row[8], updated=row[9], finished=row[10], reason=row[11], rowid=row[12])
 
     def jobs(self, status: str | None = None) -> list[str]:
         if status:
@@ -438,27 +357,27 @@ class RolloutEngine:
                 failures[e["device"]] = failures.get(e["device"], 0) + 1
         return latest, failures
 
-    def _current_targets(self, job: dict) -> list[str]:
+    def _current_targets(self, job: Job) -> list[str]:
         """The job's targets now, without resolving anything (a job not resolved yet: what
         its spec selects)."""
-        if job["resolved"] is None:
-            return self._resolve(job["targets"])
+        if job.resolved is None:
+            return self._resolve(job.targets)
         return [r[0] for r in self.db.execute("SELECT device FROM job_targets WHERE job = ? AND left_at IS NULL "
-                                              "ORDER BY rank, device", (job["id"],))]
+                                              "ORDER BY rank, device", (job.id,))]
 
     @staticmethod
-    def _payload(job: dict, device: str, now: float) -> dict:
+    def _payload(job: Job, device: str, now: float) -> dict:
         """The job as signed for `device` (without the seq, which sign() adds)."""
-        payload = {"id": job["id"], "type": job["type"], "params": job["params"], "targets": [device],
+        payload = {"id": job.id, "type": job.type, "params": job.params, "targets": [device],
                    "iat": int(now)}
-        opts = job["options"]
-        if opts["timeout_s"] is not None:
-            payload["timeout"] = int(math.ceil(opts["timeout_s"]))
-        if opts["end_at"] is not None:
-            payload["exp"] = int(opts["end_at"])
+        opts = job.options
+        if opts.timeout_s is not None:
+            payload["timeout"] = int(math.ceil(opts.timeout_s))
+        if opts.end_at is not None:
+            payload["exp"] = int(opts.end_at)
         return payload
 
-    def _queue(self, job: dict, device: str, attempt: int, stage: int, now: float, changes: Changes | None,
+    def _queue(self, job: Job, device: str, attempt: int, stage: int, now: float, changes: Changes | None,
                replace: tuple[int, str] | None = None, by_operator: bool = False) -> bool:
         """Sign and record one execution (attempt) of `job` on `device`. A seq is taken per
         call; the UNIQUE (job, device, attempt) keeps a second engine from queueing twice.
@@ -478,7 +397,7 @@ class RolloutEngine:
             note = f"not sent: the envelope is {len(envelope)} bytes, over the limit of {limit} bytes ({source})"
         insert = ("INSERT OR IGNORE INTO executions (job, device, attempt, seq, kid, envelope, status, stage, queued, "
                   "updated, finished, note, by_operator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (job["id"], device, attempt, signed["seq"], kid, envelope, status, stage, now, now, finished, note,
+                  (job.id, device, attempt, signed["seq"], kid, envelope, status, stage, now, now, finished, note,
                    int(by_operator)))
         if replace is None:
             cur = self.db.execute(*insert)
@@ -488,17 +407,17 @@ class RolloutEngine:
                                  "WHERE id = ? AND status = ?", (REMOVED, now, now, replace[1], replace[0], QUEUED))
                 cur = db.execute(*insert) if old.rowcount == 1 else old
             if changes is not None and old.rowcount == 1:
-                changes.removed.append((job["id"], device))
+                changes.removed.append((job.id, device))
         if cur.rowcount != 1:
             return False  # someone queued it first; the seq taken is simply unused
         if changes is not None and status == QUEUED:
             changes.devices.add(device)
-            changes.queued.append((job["id"], device, attempt))
+            changes.queued.append((job.id, device, attempt))
         return True
 
-    def _signing_kid(self, job: dict) -> str:
+    def _signing_kid(self, job: Job) -> str:
         """The job's own key while it is active, else the fleet key (the oldest active one)."""
-        wanted = job["options"].get("sign_kid")
+        wanted = job.options.sign_kid
         if wanted:
             for info in self.keyring.list():
                 if info.kid == wanted and info.active:
@@ -523,17 +442,17 @@ class RolloutEngine:
         db.execute("UPDATE jobs SET status = ?, finished = ?, updated = ?, reason = ? WHERE id = ? AND status = ?",
                    (status, now, now, reason, job_id, ACTIVE))
 
-    def _abort_reason(self, job: dict) -> str | None:
-        opts = job["options"]
-        if opts["abort_threshold"] is None:
+    def _abort_reason(self, job: Job) -> str | None:
+        opts = job.options
+        if opts.abort_threshold is None:
             return None
         counts = dict(self.db.execute("SELECT status, COUNT(*) FROM executions WHERE job = ? GROUP BY status",
-                                      (job["id"],)).fetchall())
+                                      (job.id,)).fetchall())
         finished = sum(counts.get(s, 0) for s in COUNTED)
         failed = sum(counts.get(s, 0) for s in FAILURES)
-        if finished >= opts["abort_min_finished"] and failed / finished >= opts["abort_threshold"]:
+        if finished >= opts.abort_min_finished and failed / finished >= opts.abort_threshold:
             return (f"abort threshold reached: {failed} of {finished} finished executions failed "
-                    f"({failed / finished:.0%} >= {opts['abort_threshold']:.0%})")
+                    f"({failed / finished:.0%} >= {opts.abort_threshold:.0%})")
         return None
 
     def _abort(self, job_id: str, reason: str, now: float, changes: Changes | None) -> None:
@@ -543,19 +462,19 @@ class RolloutEngine:
         if changes is not None:
             changes.aborted.append(job_id)
 
-    def _retry_if_allowed(self, job: dict, last: dict, now: float, changes: Changes | None,
+    def _retry_if_allowed(self, job: Job, last: dict, now: float, changes: Changes | None,
                           failures: int | None = None, held: dict[str, str] | None = None) -> bool:
         """Queue the next attempt after a FAILED or TIMED_OUT one while the `retries` budget
         (FAILED + TIMED_OUT attempts beyond the first) lasts, unless an earlier job holds
         the device (the tick retries once it no longer does)."""
-        opts = job["options"]
+        opts = job.options
         if last["status"] not in RETRIABLE or last["by_operator"]:
             return False
         if failures is None:
-            failures = self._attempts(job["id"], last["device"])[1].get(last["device"], 0)
-        if failures > opts["retries"]:
+            failures = self._attempts(job.id, last["device"])[1].get(last["device"], 0)
+        if failures > opts.retries:
             return False
-        if opts["end_at"] is not None and now >= opts["end_at"]:
+        if opts.end_at is not None and now >= opts.end_at:
             return False
         if held is None:
             held = self._holds(job, now, [last["device"]])
@@ -564,14 +483,14 @@ class RolloutEngine:
         return self._queue(job, last["device"], last["attempt"] + 1, last["stage"], now, changes)
 
     # ------------------------------------------------------------ one device's order
-    def _order(self, job: dict) -> tuple[float, int]:
+    def _order(self, job: Job) -> tuple[float, int]:
         """Where `job` stands in a device's order: when it begins (created, or start_at
         when later), then creation (the jobs table's rowid)."""
-        start = job["options"]["start_at"]
-        return (job["created"] if start is None else max(job["created"], start), job["rowid"])
+        start = job.options.start_at
+        return (job.created if start is None else max(job.created, start), job.rowid)
 
     @staticmethod
-    def _settled(job: dict, latest: dict | None, failures: int, now: float) -> bool:
+    def _settled(job: Job, latest: dict | None, failures: int, now: float) -> bool:
         """True when `job` will sign no further envelope for this device by itself: its
         latest execution is final and not about to be retried, or pending with no retry
         left should it fail (an operator's retry is never retried)."""
@@ -579,36 +498,36 @@ class RolloutEngine:
             return False
         if latest["by_operator"]:
             return True
-        opts = job["options"]
-        may_retry = opts["end_at"] is None or now < opts["end_at"]
+        opts = job.options
+        may_retry = opts.end_at is None or now < opts.end_at
         if latest["status"] in PENDING:
-            return not (may_retry and failures + 1 <= opts["retries"])
-        return not (may_retry and latest["status"] in RETRIABLE and failures <= opts["retries"])
+            return not (may_retry and failures + 1 <= opts.retries)
+        return not (may_retry and latest["status"] in RETRIABLE and failures <= opts.retries)
 
-    def _unsettled(self, job: dict, now: float, devices: Iterable[str] | None = None) -> set[str]:
+    def _unsettled(self, job: Job, now: float, devices: Iterable[str] | None = None) -> set[str]:
         """The target devices (of `devices`) `job` may still sign an envelope for."""
         targets = set(self._current_targets(job))
         if devices is not None:
             targets &= set(devices)
         if not targets:
             return set()
-        latest, failures = self._attempts(job["id"])
+        latest, failures = self._attempts(job.id)
         return {d for d in targets if not self._settled(job, latest.get(d), failures.get(d, 0), now)}
 
-    def _holds(self, job: dict, now: float, devices: Iterable[str] | None = None) -> dict[str, str]:
+    def _holds(self, job: Job, now: float, devices: Iterable[str] | None = None) -> dict[str, str]:
         """{device: the earliest job holding it} for `job`'s devices (of `devices`): ACTIVE
         jobs of the same ordered type that begin before it and may still sign for them."""
-        if job["type"] not in ORDERED_TYPES:
+        if job.type not in ORDERED_TYPES:
             return {}
         devices = None if devices is None else list(devices)
         mine = self._order(job)
-        earlier = [o for o in (self._job(j) for j in self.jobs(ACTIVE) if j != job["id"])
-                   if o["type"] == job["type"] and self._order(o) < mine
-                   and (o["options"]["start_at"] is None or o["options"]["start_at"] <= now)]
+        earlier = [o for o in (self._job(j) for j in self.jobs(ACTIVE) if j != job.id)
+                   if o.type == job.type and self._order(o) < mine
+                   and (o.options.start_at is None or o.options.start_at <= now)]
         held: dict[str, str] = {}
         for other in sorted(earlier, key=self._order):
             for d in self._unsettled(other, now, devices):
-                held.setdefault(d, other["id"])
+                held.setdefault(d, other.id)
         return held
 
     # ------------------------------------------------------------ tick
@@ -619,31 +538,31 @@ class RolloutEngine:
         # In each device's order (_order), so that an earlier job's devices are known to
         # the later jobs of its type before they queue anything (module docstring).
         jobs = sorted((self._job(j) for j in self.jobs(ACTIVE)), key=self._order)
-        kinds = [j["type"] for j in jobs]
+        kinds = [j.type for j in jobs]
         held: dict[str, dict[str, str]] = {}  # type -> {device: earliest job that may still sign for it}
         for i, job in enumerate(jobs):
-            ahead = held.setdefault(job["type"], {})
-            self._tick_job(job, now, changes, ahead if job["type"] in ORDERED_TYPES else {})
-            if job["type"] in ORDERED_TYPES and job["type"] in kinds[i + 1:]:
-                job = self._job(job["id"])
-                if job["status"] == ACTIVE and (job["options"]["start_at"] is None
-                                                or job["options"]["start_at"] <= now):
+            ahead = held.setdefault(job.type, {})
+            self._tick_job(job, now, changes, ahead if job.type in ORDERED_TYPES else {})
+            if job.type in ORDERED_TYPES and job.type in kinds[i + 1:]:
+                job = self._job(job.id)
+                if job.status == ACTIVE and (job.options.start_at is None
+                                                or job.options.start_at <= now):
                     for d in self._unsettled(job, now):
-                        ahead.setdefault(d, job["id"])
+                        ahead.setdefault(d, job.id)
         if now >= self._stuck_next:
             self._stuck_next = now + STUCK_CHECK_S
             for s in self.stuck(now=now):
-                key = (s["job"], s["device"], s["attempt"])
+                key = (s.job, s.device, s.attempt)
                 if key not in self._stuck_seen:
                     self._stuck_seen.add(key)
-                    changes.stuck.append((s["job"], s["device"], s["reason"]))
+                    changes.stuck.append((s.job, s.device, s.reason))
         return changes
 
-    def _targets(self, job: dict, now: float, changes: Changes) -> list[str]:
+    def _targets(self, job: Job, now: float, changes: Changes) -> list[str]:
         """The job's current target devices in rank order (resolving as the options say)."""
-        job_id = job["id"]
-        if job["resolved"] is None or job["options"]["continuous"]:
-            current = set(self._resolve(job["targets"]))
+        job_id = job.id
+        if job.resolved is None or job.options.continuous:
+            current = set(self._resolve(job.targets))
             with self.store.transaction() as db:
                 rows = {r[0]: r[1] for r in db.execute("SELECT device, left_at FROM job_targets WHERE job = ?",
                                                        (job_id,))}
@@ -659,19 +578,19 @@ class RolloutEngine:
                     db.execute("UPDATE job_targets SET left_at = ? WHERE job = ? AND device = ?", (now, job_id, d))
                 if gone:
                     self._remove_queued(db, job_id, REMOVED, now, "no longer targeted", changes, gone)
-                if job["resolved"] is None:
+                if job.resolved is None:
                     db.execute("UPDATE jobs SET resolved = ?, updated = ? WHERE id = ?", (now, now, job_id))
-                    job["resolved"] = now
+                    job.resolved = now
         return [r[0] for r in self.db.execute("SELECT device FROM job_targets WHERE job = ? AND left_at IS NULL "
                                               "ORDER BY rank, device", (job_id,))]
 
-    def _tick_job(self, job: dict, now: float, changes: Changes, held: dict[str, str]) -> None:
+    def _tick_job(self, job: Job, now: float, changes: Changes, held: dict[str, str]) -> None:
         """One job's step; `held`: the devices earlier jobs of its type may still sign for,
         which this one must not sign for yet."""
-        job_id, opts = job["id"], job["options"]
-        if opts["start_at"] is not None and now < opts["start_at"]:
+        job_id, opts = job.id, job.options
+        if opts.start_at is not None and now < opts.start_at:
             return
-        if opts["end_at"] is not None and now >= opts["end_at"]:
+        if opts.end_at is not None and now >= opts.end_at:
             with self.store.transaction() as db:
                 self._remove_queued(db, job_id, REMOVED, now, "job end_at passed", changes)
                 self._finish_job(db, job_id, COMPLETED, now, "end_at passed")
@@ -680,11 +599,11 @@ class RolloutEngine:
         ranked = self._targets(job, now, changes)
 
         # per-device timeouts
-        if opts["timeout_s"] is not None:
+        if opts.timeout_s is not None:
             with self.store.transaction() as db:
                 late = [r[0] for r in db.execute(
                     "SELECT device FROM executions WHERE job = ? AND status = ? AND started <= ?",
-                    (job_id, IN_PROGRESS, now - opts["timeout_s"]))]
+                    (job_id, IN_PROGRESS, now - opts.timeout_s))]
                 for d in late:
                     db.execute("UPDATE executions SET status = ?, finished = ?, updated = ?, "
                                "note = 'no final status within timeout_s' WHERE job = ? AND device = ? AND status = ?",
@@ -706,14 +625,14 @@ class RolloutEngine:
                 latest[d] = self._executions(job_id, d)[-1]
 
         # stages
-        stages, n = opts["stages"], len(ranked)
+        stages, n = opts.stages, len(ranked)
         if n == 0:
-            if not opts["continuous"]:
+            if not opts.continuous:
                 with self.store.transaction() as db:
                     self._finish_job(db, job_id, COMPLETED, now, "no target devices")
                 changes.completed.append(job_id)
             return
-        stage = min(job["stage"], len(stages) - 1)
+        stage = min(job.stage, len(stages) - 1)
         allowed = _allowed(stages, stage, n)
         covered = ranked[:allowed]
         stage_done = all(d in latest and latest[d]["status"] not in PENDING for d in covered)
@@ -723,17 +642,17 @@ class RolloutEngine:
                    if latest[d]["status"] != REMOVED]
             ok = sum(1 for d in own if latest[d]["status"] == SUCCEEDED)
             frac = ok / len(own) if own else 1.0
-            if frac + 1e-9 < opts["success_threshold"]:
+            if frac + 1e-9 < opts.success_threshold:
                 self._abort(job_id, f"stage {stage} ({stages[stage]:.0%}) succeeded on {ok} of {len(own)} devices, "
-                                    f"below success_threshold {opts['success_threshold']:.0%}", now, changes)
+                                    f"below success_threshold {opts.success_threshold:.0%}", now, changes)
                 return
             stage += 1
             self.db.execute("UPDATE jobs SET stage = ?, updated = ? WHERE id = ?", (stage, now, job_id))
             changes.advanced.append((job_id, stage))
             allowed = _allowed(stages, stage, n)
-        elif stage_done and not opts["continuous"]:
+        elif stage_done and not opts.continuous:
             # a rotation's follow-up is recorded before the job shows COMPLETED (with the outcome as reason)
-            note = self._finish_rotation(job, [latest[d] for d in ranked]) if opts.get("rotation") else None
+            note = self._finish_rotation(job, [latest[d] for d in ranked]) if opts.rotation else None
             with self.store.transaction() as db:
                 self._finish_job(db, job_id, COMPLETED, now, note)
             changes.completed.append(job_id)
@@ -744,17 +663,19 @@ class RolloutEngine:
         if not fresh:
             return
         room = len(fresh)
-        if opts["rate_per_min"] is not None:
+        if opts.rate_per_min is not None:
             started = self.db.execute("SELECT COUNT(*) FROM executions WHERE job = ? AND attempt = 1 AND queued > ?",
                                       (job_id, now - 60)).fetchone()[0]
-            room = min(room, max(0, opts["rate_per_min"] - started))
+            room = min(room, max(0, opts.rate_per_min - started))
         for d in fresh[:room]:
             self._queue(job, d, 1, stage, now, changes)
 
     # ------------------------------------------------------------ key rotation
-    def create_rotation_job(self, targets="*", job_id: str | None = None, **options) -> tuple[str, str]:
+    def create_rotation_job(self, targets="*", job_id: str | None = None, *,
+                            options: RolloutOptions | None = None) -> tuple[str, str]:
         """Make a new signing key and roll out the `keys` job ``{"add": {new kid: public}}``,
-        signed by the current fleet key. Returns (job id, new kid).
+        signed by the current fleet key. Returns (job id, new kid). `options`: how it rolls
+        out; its sign_kid and rotation are set here.
 
         When every target device SUCCEEDED, tick() rolls out the follow-up `keys` job
         ``{"remove": [old kid]}``, signed by the new key, and retires the old key. If some
@@ -764,7 +685,9 @@ class RolloutEngine:
         self.keyring.load(old.kid)  # the old key must be usable before a new one is made
         # what create_job would refuse, refused before a key is made for nothing
         self._normalize_targets(targets)
-        validate_options({**options, "sign_kid": old.kid})
+        options = RolloutOptions() if options is None else options
+        if not isinstance(options, RolloutOptions):
+            raise RolloutError(f"options must be RolloutOptions, not {options!r}")
         if job_id is not None and not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
             raise RolloutError(f"job id {job_id!r} must be 1..48 of A-Z, a-z, 0-9, '_', '.', '-'")
         active = [k.kid for k in self.keyring.list() if k.active]
@@ -774,31 +697,31 @@ class RolloutEngine:
         new = self.keyring.add_key()
         job_id = job_id or f"key-add-{new.kid[:8]}-{secrets.token_hex(2)}"
         self.create_job("keys", {"add": {new.kid: new.public_b64}}, targets, job_id=job_id,
-                        sign_kid=old.kid, rotation={"old": old.kid, "new": new.kid}, **options)
+                        options=replace(options, sign_kid=old.kid, rotation=KeyRotation(old.kid, new.kid)))
         return job_id, new.kid
 
-    def _finish_rotation(self, job: dict, latest: list[dict]) -> str:
+    def _finish_rotation(self, job: Job, latest: list[dict]) -> str:
         """What a finished rotation job leads to, as the job's reason. When every device
         applied it: the `keys` job removing the old key (one per rotation, its id derived
         from the rotation's, so a tick interrupted here and run again adds no second one),
         then the old key retired."""
-        rot = job["options"]["rotation"]
+        rot = job.options.rotation
         missing = [e["device"] for e in latest if e["status"] != SUCCEEDED]
         if missing:
             return (f"key rotation incomplete: {len(missing)} device(s) did not apply it "
-                    f"(first: {', '.join(missing[:5])}); key {rot['old']} stays active")
-        retire_id = f"key-retire-{rot['old'][:8]}-{hashlib.sha256(job['id'].encode()).hexdigest()[:4]}"
+                    f"(first: {', '.join(missing[:5])}); key {rot.old} stays active")
+        retire_id = f"key-retire-{rot.old[:8]}-{hashlib.sha256(job.id.encode()).hexdigest()[:4]}"
         exists = self.db.execute("SELECT 1 FROM jobs WHERE id = ?", (retire_id,)).fetchone()
         if not exists:
             try:
                 # the job first: should it be refused, the old key stays active and signing
-                self.create_job("keys", {"remove": [rot["old"]]}, job["targets"], job_id=retire_id,
-                                sign_kid=rot["new"])
+                self.create_job("keys", {"remove": [rot.old]}, job.targets, job_id=retire_id,
+                                options=RolloutOptions(sign_kid=rot.new))
             except RolloutError as e:
-                return f"key rotation applied everywhere, but the job removing key {rot['old']} was refused: {e}"
-        if self.keyring.get(rot["old"]).active:
-            self.keyring.store.retire_key(rot["old"])
-        return f"key rotation applied everywhere: key {rot['old']} retired, job {retire_id} removes it"
+                return f"key rotation applied everywhere, but the job removing key {rot.old} was refused: {e}"
+        if self.keyring.get(rot.old).active:
+            self.keyring.store.retire_key(rot.old)
+        return f"key rotation applied everywhere: key {rot.old} retired, job {retire_id} removes it"
 
     # ------------------------------------------------------------ USB delivery
     def usb_envelope(self, job_id: str, device: str) -> str:
@@ -809,10 +732,10 @@ class RolloutEngine:
         Stages and rate do not apply: the operator at the cable chose the boards. The
         device's status comes back through on_status like any other."""
         job = self._job(job_id)
-        if job["status"] != ACTIVE:
-            raise RolloutError(f"job {job_id} is {job['status']}: there is nothing to run")
-        if job["type"] in NETWORK_JOBS:
-            raise RolloutError(f"a {job['type']} job needs the network: it cannot run over USB")
+        if job.status != ACTIVE:
+            raise RolloutError(f"job {job_id} is {job.status}: there is nothing to run")
+        if job.type in NETWORK_JOBS:
+            raise RolloutError(f"a {job.type} job needs the network: it cannot run over USB")
         if device not in self._targets(job, self.clock(), Changes()):
             raise RolloutError(f"{device} is not a target of job {job_id}")
         latest = self._latest(job_id).get(device)
@@ -825,7 +748,7 @@ class RolloutEngine:
             raise RolloutError(f"job {job_id} waits for job {behind}, created before it, to reach {device}: "
                                f"run {behind} there first (jobs of one type run in creation order)")
         attempt = latest["attempt"] + 1 if latest else 1
-        self._queue(job, device, attempt, job["stage"], self.clock(), None)
+        self._queue(job, device, attempt, job.stage, self.clock(), None)
         return self._latest(job_id)[device]["envelope"]
 
     # ------------------------------------------------------------ device statuses
@@ -928,8 +851,8 @@ class RolloutEngine:
         if cur.rowcount != 1:
             return False
         job = self._job(e["job"])
-        job_id = job["id"]
-        if job["status"] == ACTIVE:
+        job_id = job.id
+        if job.status == ACTIVE:
             reason = self._abort_reason(job)
             if reason:
                 self._abort(job_id, reason, now, None)
@@ -955,8 +878,8 @@ class RolloutEngine:
         """CANCEL the job: QUEUED executions become CANCELED (never started); IN_PROGRESS ones
         become CANCELED too, noted as needing a `cancel` job (see cancel_envelopes)."""
         job = self._job(job_id)
-        if job["status"] != ACTIVE:
-            raise RolloutError(f"job {job_id} is {job['status']}, only an ACTIVE job can be canceled")
+        if job.status != ACTIVE:
+            raise RolloutError(f"job {job_id} is {job.status}, only an ACTIVE job can be canceled")
         now = self.clock()
         changes = Changes()
         with self.store.transaction() as db:
@@ -978,8 +901,8 @@ class RolloutEngine:
         progress when the job was canceled. Signed once and stored (calling again returns
         the same envelopes); device_queue() carries them until the device reports them final."""
         job = self._job(job_id)
-        if job["status"] != CANCELED:
-            raise RolloutError(f"job {job_id} is {job['status']}: cancel() it first")
+        if job.status != CANCELED:
+            raise RolloutError(f"job {job_id} is {job.status}: cancel() it first")
         now = self.clock()
         devices = [r[0] for r in self.db.execute(
             "SELECT DISTINCT device FROM executions WHERE job = ? AND status = ? AND started IS NOT NULL "
@@ -1000,14 +923,8 @@ class RolloutEngine:
             (job_id,))}
 
     # ------------------------------------------------------------ stuck executions, the operator's hand
-    def queued_timeout_s(self, job: dict) -> float:
-        """The job's bound on QUEUED (queued_timeout_s, else QUEUED_TIMEOUT_DEFAULT_S)."""
-        return job["options"]["queued_timeout_s"] or QUEUED_TIMEOUT_DEFAULT_S
-
-    def stuck(self, job_id: str | None = None, now: float | None = None) -> list[dict]:
-        """The QUEUED executions of ACTIVE jobs (of `job_id`) flagged stuck, each
-        ``{job, device, attempt, seq, kind, reason, queued, queued_for_s, bound_s,
-        last_report, in_queue}``. `kind`:
+    def stuck(self, job_id: str | None = None, now: float | None = None) -> list[StuckExecution]:
+        """The QUEUED executions of ACTIVE jobs (of `job_id`) flagged stuck. `kind`:
 
         - "too_large": the envelope is over the limit the device reports now (it drops
           it unread, so it never takes it), flagged at once;
@@ -1027,7 +944,7 @@ class RolloutEngine:
             q += " AND e.job = ?"
             args.append(job_id)
         rows = self.db.execute(q + " ORDER BY e.job, e.device, e.attempt", args).fetchall()
-        jobs: dict[str, dict] = {}
+        jobs: dict[str, Job] = {}
         devices: dict[str, dict] = {}
         out = []
         for job, device, attempt, seq, envelope, queued, detail_json in rows:
@@ -1036,7 +953,7 @@ class RolloutEngine:
             if device not in devices:
                 devices[device] = self.store.device(device) or {}
             info = devices[device]
-            bound = self.queued_timeout_s(jobs[job])
+            bound = jobs[job].options.queued_limit_s
             age, last = now - queued, info.get("last_seen")
             limit, source = self.job_max_bytes(device, info.get("state") or {})
             detail = _loads(detail_json)
@@ -1063,9 +980,9 @@ class RolloutEngine:
             if not in_queue and kind in ("not_taken", "offline"):
                 reason += (f"; not in its queue yet: earlier envelopes fill the {QUEUE_MAX_BYTES} bytes "
                            f"one queue carries")
-            out.append({"job": job, "device": device, "attempt": attempt, "seq": seq, "kind": kind,
-                        "reason": reason, "queued": queued, "queued_for_s": age, "bound_s": bound,
-                        "last_report": last, "in_queue": in_queue})
+            out.append(StuckExecution(job=job, device=device, attempt=attempt, seq=seq, kind=kind, reason=reason,
+                                      queued=queued, queued_for_s=age, bound_s=bound, last_report=last,
+                                      in_queue=in_queue))
         return out
 
     def retry(self, job_id: str, devices: Iterable[str] | None = None) -> Changes:
@@ -1084,13 +1001,13 @@ class RolloutEngine:
         after the retry, so that the device keeps the jobs' order."""
         job = self._job(job_id)
         now = self.clock()
-        if job["status"] in (ABORTED, CANCELED):
-            raise RolloutError(f"job {job_id} is {job['status']}: create a new job to run it again")
-        if job["options"]["end_at"] is not None and now >= job["options"]["end_at"]:
+        if job.status in (ABORTED, CANCELED):
+            raise RolloutError(f"job {job_id} is {job.status}: create a new job to run it again")
+        if job.options.end_at is not None and now >= job.options.end_at:
             raise RolloutError(f"job {job_id} ended at its end_at: create a new job to run it again")
         targets = set(self._current_targets(job))
         latest = self._latest(job_id)
-        stuck = {s["device"] for s in self.stuck(job_id, now)}
+        stuck = {s.device for s in self.stuck(job_id, now)}
         if devices is None:
             chosen = sorted(d for d in targets if d in latest and (latest[d]["status"] in FAILURES or d in stuck))
             if not chosen:
@@ -1117,12 +1034,12 @@ class RolloutEngine:
                                    f"or cancel the job")
             if e["status"] == QUEUED and d not in stuck:
                 raise RolloutError(f"job {job_id} is QUEUED on {d} and not stuck: {d} has had "
-                                   f"{_span(now - e['queued'])} of its {_span(self.queued_timeout_s(job))} "
+                                   f"{_span(now - e['queued'])} of its {_span(job.options.queued_limit_s)} "
                                    f"(queued_timeout_s) to take it")
         for d in chosen:
             self._after(job, d)  # RolloutError when a later job of the type ran there
         changes = Changes()
-        if job["status"] == COMPLETED:
+        if job.status == COMPLETED:
             self.db.execute("UPDATE jobs SET status = ?, finished = NULL, updated = ?, reason = ? WHERE id = ?",
                             (ACTIVE, now, f"reopened: retried on {len(chosen)} device(s)", job_id))
         for d in chosen:
@@ -1141,27 +1058,27 @@ class RolloutEngine:
                                            f"retry of {job_id}, which comes first"))
         return changes
 
-    def _after(self, job: dict, device: str, strict: bool = True) -> list[tuple[dict, dict]]:
+    def _after(self, job: Job, device: str, strict: bool = True) -> list[tuple[Job, dict]]:
         """The later jobs of `job`'s type whose latest execution on `device` is QUEUED (to be
         signed again after a retry of `job`), in order, with that execution; if one has run
         there: RolloutError (`strict`), else it is left out."""
-        if job["type"] not in ORDERED_TYPES:
+        if job.type not in ORDERED_TYPES:
             return []
         mine = self._order(job)
         later = [o for o in (self._job(r[0]) for r in self.db.execute(
                      "SELECT DISTINCT e.job FROM executions e JOIN jobs j ON j.id = e.job "
-                     "WHERE e.device = ? AND j.type = ? AND e.job != ?", (device, job["type"], job["id"])))
+                     "WHERE e.device = ? AND j.type = ? AND e.job != ?", (device, job.type, job.id)))
                  if self._order(o) > mine]
         out = []
         for other in sorted(later, key=self._order):
-            execs = self._executions(other["id"], device)
+            execs = self._executions(other.id, device)
             ran = [e for e in execs if e["status"] in (IN_PROGRESS, SUCCEEDED)
                    or (e["status"] in (TIMED_OUT, CANCELED, REMOVED) and e["started"] is not None)]
             if ran and not strict:
                 continue
             if ran:
-                raise RolloutError(f"job {other['id']}, which comes after {job['id']}, has already run on {device} "
-                                   f"({ran[-1]['status']}): a retry of {job['id']} would run after it and undo it")
+                raise RolloutError(f"job {other.id}, which comes after {job.id}, has already run on {device} "
+                                   f"({ran[-1]['status']}): a retry of {job.id} would run after it and undo it")
             if execs[-1]["status"] == QUEUED:
                 out.append((other, execs[-1]))
         return out
@@ -1172,8 +1089,8 @@ class RolloutEngine:
         job's stage (it does not count toward the success threshold) nor later jobs of
         its type. Refused for all when one is not QUEUED there."""
         job = self._job(job_id)
-        if job["status"] != ACTIVE:
-            raise RolloutError(f"job {job_id} is {job['status']}: only an ACTIVE job's executions can be removed")
+        if job.status != ACTIVE:
+            raise RolloutError(f"job {job_id} is {job.status}: only an ACTIVE job's executions can be removed")
         chosen = list(dict.fromkeys(devices))
         if not chosen:
             raise RolloutError("say which devices to remove the job from")
@@ -1236,7 +1153,7 @@ class RolloutEngine:
         serve publishes."""
         return self._queues()
 
-    def job_status(self, job_id: str) -> dict:
+    def job_status(self, job_id: str) -> JobStatus:
         """Everything `mpfleet job status` shows: the job, counts per state (latest attempt
         per device, and over every attempt), failures with reasons, per-device rows (each
         with its `stuck` flag or None), the executions flagged stuck (see stuck()), and
@@ -1252,40 +1169,35 @@ class RolloutEngine:
         attempts = {s: 0 for s in EXECUTION_STATES}
         for e in execs:
             attempts[e["status"]] += 1
-        rows = [{"device": e["device"], "attempt": e["attempt"], "seq": e["seq"], "status": e["status"],
-                 "stage": e["stage"], "queued": e["queued"], "started": e["started"], "finished": e["finished"],
-                 "device_attempt": e["device_attempt"], "detail": _loads(e["detail_json"]), "note": e["note"],
-                 "progress": _loads(e["progress_json"])}
-                for e in execs]
-        if job["type"] in ("ota", "app"):
-            # what each device runs by its latest report (after an update's reboot)
-            key = "fw" if job["type"] == "ota" else "app"
-            for r in rows:
-                state = (self.store.device(r["device"]) or {}).get("state") or {}
-                r["running"] = state.get(key)
-        failures = [r for r in rows if r["status"] in FAILURES]
         stuck = self.stuck(job_id)
-        flags = {(f["device"], f["attempt"]): f for f in stuck}
-        for r in rows:
-            r["stuck"] = flags.get((r["device"], r["attempt"]))
+        flags = {(f.device, f.attempt): f for f in stuck}
+        version_key = UPDATE_TYPES.get(job.type)  # what each device runs by its latest report (after a reboot)
+        rows = [ExecutionRow(device=e["device"], attempt=e["attempt"], seq=e["seq"], status=e["status"],
+                             stage=e["stage"], queued=e["queued"], started=e["started"], finished=e["finished"],
+                             device_attempt=e["device_attempt"], detail=_loads(e["detail_json"]), note=e["note"],
+                             progress=_loads(e["progress_json"]), stuck=flags.get((e["device"], e["attempt"])),
+                             running=self._running(e["device"], version_key) if version_key else None)
+                for e in execs]
         held: dict[str, str] = {}
-        if job["status"] == ACTIVE:
+        if job.status == ACTIVE:
             waiting = [d for d in targets if d not in latest or latest[d]["status"] in RETRIABLE]
             held = self._holds(job, self.clock(), waiting) if waiting else {}
-        stages = job["options"]["stages"]
-        rejects = [{"device": r[0], "ref": r[1], "detail": _loads(r[2]), "at": r[3]} for r in self.db.execute(
+        stages = job.options.stages
+        rejects = [UnattributedReject(device=r[0], ref=r[1], detail=_loads(r[2]), at=r[3]) for r in self.db.execute(
             "SELECT device, ref, detail_json, at FROM job_rejects ORDER BY at, device")]
-        controls = [{"device": r[0], "id": r[1], "type": r[2], "seq": r[3], "status": r[4]} for r in self.db.execute(
+        controls = [CancelJob(device=r[0], id=r[1], type=r[2], seq=r[3], status=r[4]) for r in self.db.execute(
             "SELECT device, control_id, type, seq, status FROM job_controls WHERE job = ? ORDER BY device", (job_id,))]
-        return {
-            "id": job_id, "type": job["type"], "params": job["params"], "targets": job["targets"],
-            "options": job["options"], "status": job["status"], "reason": job["reason"],
-            "created": job["created"], "finished": job["finished"],
-            "stage": job["stage"], "stages": stages,
-            "stage_size": _allowed(stages, min(job["stage"], len(stages) - 1), len(targets)),
-            "target_count": len(targets), "not_started": len([d for d in targets if d not in latest]),
-            "counts": counts, "attempt_counts": attempts, "failures": failures, "devices": rows,
-            "stuck": stuck, "queued_timeout_s": self.queued_timeout_s(job),
-            "held": [{"device": d, "behind": held[d]} for d in sorted(held)],
-            "cancel_jobs": controls, "unattributed_rejects": rejects,
-        }
+        return JobStatus(
+            id=job_id, type=job.type, params=job.params, targets=job.targets, options=job.options,
+            status=job.status, reason=job.reason, created=job.created, finished=job.finished, stage=job.stage,
+            stage_size=_allowed(stages, min(job.stage, len(stages) - 1), len(targets)),
+            target_count=len(targets), not_started=len([d for d in targets if d not in latest]),
+            counts=counts, attempt_counts=attempts, devices=rows, stuck=stuck,
+            held=[HeldDevice(device=d, behind=held[d]) for d in sorted(held)],
+            cancel_jobs=controls, unattributed_rejects=rejects,
+        )
+
+    def _running(self, device: str, version_key: str):
+        """The version `device` reports running (its state's `fw` or `app`), or None."""
+        state = (self.store.device(device) or {}).get("state") or {}
+        return state.get(version_key)

@@ -419,7 +419,7 @@ class Dispatcher:
         for job in changes.completed:
             self._event("completed", {"job": job})
         for job in changes.aborted:
-            self._event("aborted", {"job": job, "reason": self.engine.job_status(job)["reason"]})
+            self._event("aborted", {"job": job, "reason": self.engine.job_status(job).reason})
 
     def _sync_queues(self) -> None:
         """Publish every device queue that differs from what the broker was last given."""

@@ -22,7 +22,8 @@ from mpfleet.fleet.ingest import FrameError, ingest_frame
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import BrokerConfig
 from mpfleet.fleet.provision import register_devices
-from mpfleet.fleet.rollout import FINAL_STATES, RolloutEngine
+from mpfleet.fleet.jobs_model import FINAL_STATES
+from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.db.store import Store
 from mpfleet.usb.device import identify, read_backlog, read_config, run_envelopes, self_check, send_ack, sync_files
 from mpfleet.usb.ports import PortResult, each_port
