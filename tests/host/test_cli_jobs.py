@@ -97,26 +97,45 @@ def test_no_targets_at_all_is_a_usage_error():
         parse_targets((), None, False)
 
 
-def test_create_list_status_cancel(fleet_db):
-    made = json.loads(run(fleet_db, "job", "create", "config", "--set", "sample_interval_s=30", "--targets", "pumps",
+@pytest.fixture
+def interval_30(fleet_db):
+    """`job create --json` of a staged config job to the pumps (not rolled out: no serve)."""
+    return json.loads(run(fleet_db, "job", "create", "config", "--set", "sample_interval_s=30", "--targets", "pumps",
                           "--stages", "50%,100%", "--abort-threshold", "20%", "--timeout", "10m", "--retries", "2",
                           "--rate", "60", "--id", "interval-30", "--json").stdout)
+
+
+def test_create_records_the_job_with_its_params_targets_and_options(interval_30):
+    made = interval_30
     assert made["id"] == "interval-30" and made["status"] == "ACTIVE"
     assert made["params"] == {"set": {"sample_interval_s": 30}}
     assert made["targets"]["groups"] == ["pumps"]
     o = made["options"]
     assert (o["stages"], o["abort_threshold"], o["timeout_s"], o["retries"], o["rate_per_min"]) == \
         ([0.5, 1.0], 0.2, 600.0, 2, 60)
+
+
+def test_list_shows_the_job_as_json_and_as_a_table(fleet_db, interval_30):
     listed = json.loads(run(fleet_db, "job", "list", "--json").stdout)
     assert [j["id"] for j in listed] == ["interval-30"]
     table = run(fleet_db, "job", "list").stdout
     assert "interval-30" in table and "ACTIVE" in table
+
+
+def test_status_shows_an_active_job_and_its_stage_and_exits_0(fleet_db, interval_30):
     shown = run(fleet_db, "job", "status", "interval-30")
     assert shown.returncode == 0 and "interval-30" in shown.stdout and "stage 1/2" in shown.stdout
+
+
+def test_cancel_ends_the_job_and_status_then_exits_3(fleet_db, interval_30):
     canceled = run(fleet_db, "job", "cancel", "interval-30")
     assert "canceled job interval-30" in canceled.stdout
     after = run(fleet_db, "job", "status", "interval-30", "--json", check=False)
     assert after.returncode == 3 and json.loads(after.stdout)["status"] == "CANCELED"  # not ACTIVE/COMPLETED
+
+
+def test_cancelling_a_canceled_job_is_refused_in_one_line(fleet_db, interval_30):
+    run(fleet_db, "job", "cancel", "interval-30")
     again = run(fleet_db, "job", "cancel", "interval-30", check=False)
     assert again.returncode == 1 and again.stderr.startswith("mpfleet: ") and "only an ACTIVE job" in again.stderr
 
