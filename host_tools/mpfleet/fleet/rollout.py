@@ -197,8 +197,6 @@ class RolloutEngine:
             raise RolloutError(str(e)) from None
         spec = self._normalize_targets(targets)
         opts = RolloutOptions() if options is None else options
-        if not isinstance(opts, RolloutOptions):
-            raise RolloutError(f"options must be RolloutOptions, not {opts!r}")
         if job_id is None:
             job_id = f"j-{secrets.token_hex(5)}"
         if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
@@ -686,8 +684,6 @@ class RolloutEngine:
         # what create_job would refuse, refused before a key is made for nothing
         self._normalize_targets(targets)
         options = RolloutOptions() if options is None else options
-        if not isinstance(options, RolloutOptions):
-            raise RolloutError(f"options must be RolloutOptions, not {options!r}")
         if job_id is not None and not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
             raise RolloutError(f"job id {job_id!r} must be 1..48 of A-Z, a-z, 0-9, '_', '.', '-'")
         active = [k.kid for k in self.keyring.list() if k.active]
