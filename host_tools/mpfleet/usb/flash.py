@@ -76,6 +76,15 @@ AFTER_MODES = ("hard-reset", "soft-reset", "no-reset")
 ERASED = 0xFF
 
 _IMAGE_CHIP_ID_OFFSET = 12  # u16 in an image's extended header
+
+try:
+    from termios import error as _TermiosError  # pyserial's flush() calls tcdrain() unwrapped
+except ImportError:  # Windows: no termios
+    _TermiosError = OSError
+# What a port that went away, or a chip that said no, raises in esptool and pyserial.
+# termios.error is not an OSError: a board unplugged while esptool flushed its port
+# raised it out of the write, and the port failed as "unexpected error" without the retry.
+_LINK_ERRORS = (FatalError, SerialException, OSError, _TermiosError)
 _TROUBLESHOOTING_LINK = re.compile(r"For troubleshooting steps visit: \S+")
 
 
@@ -327,7 +336,7 @@ def _attempt(job: _PortJob, options: _Options, baud: int) -> None:
         try:
             esp = _prepare(rom, options, initial_baud, baud)
             _write(esp, job, options)
-        except (FatalError, SerialException, OSError) as e:
+        except _LINK_ERRORS as e:
             raise _WriteFailed(_write_failure(e, baud)) from None
         _reset(esp, options.after)
 
@@ -335,7 +344,7 @@ def _attempt(job: _PortJob, options: _Options, baud: int) -> None:
 def _connect(port: str, before: str, baud: int) -> ESPLoader:
     try:
         return detect_chip(port, baud=baud, connect_mode=before)
-    except (FatalError, SerialException, OSError) as e:
+    except _LINK_ERRORS as e:
         raise _PortFailure(f"no ESP bootloader answered on {port}: {_one_line(e)}") from None
 
 
@@ -345,7 +354,7 @@ def _identify(job: _PortJob, esp: ESPLoader) -> None:
         job.chip = normalize_chip(esp.CHIP_NAME)
     except ImageError:
         job.chip = esp.CHIP_NAME
-    with contextlib.suppress(FatalError, SerialException, OSError):
+    with contextlib.suppress(*_LINK_ERRORS):
         mac = esp.read_mac()
         if mac:
             job.mac = ":".join(f"{b:02x}" for b in mac)
@@ -383,12 +392,12 @@ def _reset(esp: ESPLoader, after: str) -> None:
     # On a port without DTR/RTS (a pty) esptool warns "Chip was NOT reset" and goes on.
     try:
         reset_chip(esp, after)
-    except (FatalError, SerialException, OSError) as e:
+    except _LINK_ERRORS as e:
         raise _PortFailure(f"written and verified, but the {after} failed: {_one_line(e)}") from None
 
 
 def _write_failure(error: Exception, baud: int) -> str:
-    if isinstance(error, (SerialException, OSError)):
+    if isinstance(error, (SerialException, OSError, _TermiosError)):
         return f"lost the connection while writing at {baud} baud (board unplugged?): {_one_line(error)}"
     return f"write at {baud} baud failed: {_one_line(error)}"
 
