@@ -2,7 +2,9 @@
 `mpfleet usb collect`, through the real mpremote (and ampy) serial code over
 pseudo-terminals to virtual boards running the real agent.
 
-The module shares one set of four boards: deployed first, then jobs, then samples.
+The module shares one set of four boards: deployed first, then jobs, then samples, then
+which boards a command works on (--port, --all: one rule for every command) and how a
+command ends when one board fails.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
+from serial.tools import list_ports
 
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.fleet.registry import Registry
@@ -21,8 +25,11 @@ from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.sim import VirtualBoard
 from mpfleet.sim.serial import SerialConsole
 from mpfleet.db.store import Store
-from mpfleet.usb.transport import open_link
+from mpfleet.cli import main
+from mpfleet.errors import MpfleetError
 from mpfleet.usb.field import collect
+from mpfleet.usb.ports import BadPortChoice, NoUsbPorts, UsbPort, list_usb_ports, resolve_ports
+from mpfleet.usb.transport import open_link
 
 BOARDS = 4
 
@@ -182,3 +189,122 @@ def test_usb_commands_explain_what_is_missing(bench):
     assert out.returncode == 1 and "no-such-board" in out.stderr
     out = bench.mpfleet("usb", "run", "no-such-job", "--port", bench.ports[0], check=False)
     assert out.returncode == 1 and "no-such-job" in out.stderr
+
+
+# ---------------------------------------------------------------- which boards: one rule for every command
+def attached(*ports):
+    """What pyserial's comports() reports: (device, USB location or None) per port."""
+    return [SimpleNamespace(device=device, vid=0x10C4, pid=0xEA60, serial_number=None, location=location,
+                            description="CP2102N") for device, location in ports]
+
+
+def test_attached_ports_are_listed_in_hub_order_then_by_name_and_only_with_a_usb_id(monkeypatch):
+    found = attached(("/dev/ttyUSB10", None), ("/dev/ttyUSB2", None), ("/dev/ttyUSB0", "1-1.10"),
+                     ("/dev/ttyUSB1", "1-1.2"))
+    found.append(SimpleNamespace(device="/dev/ttyS0", vid=None, pid=None, serial_number=None, location=None,
+                                 description="n/a"))
+    monkeypatch.setattr(list_ports, "comports", lambda: found)
+    assert [p.port for p in list_usb_ports()] == ["/dev/ttyUSB1", "/dev/ttyUSB0", "/dev/ttyUSB2", "/dev/ttyUSB10"]
+
+
+def usb_ports(*names):
+    return lambda: [UsbPort(name, 0x10C4, 0xEA60) for name in names]
+
+
+def test_named_ports_come_first_in_the_order_given_then_the_rest_of_all():
+    chosen = resolve_ports(["/dev/ttyUSB3", "/dev/ttyUSB1"], True,
+                           attached=usb_ports("/dev/ttyUSB0", "/dev/ttyUSB1", "/dev/ttyUSB2"))
+    assert chosen == ["/dev/ttyUSB3", "/dev/ttyUSB1", "/dev/ttyUSB0", "/dev/ttyUSB2"]
+
+
+def test_without_all_only_the_named_ports_are_used():
+    assert resolve_ports(["/dev/ttyUSB2"], False, attached=usb_ports("/dev/ttyUSB0")) == ["/dev/ttyUSB2"]
+
+
+def test_a_port_named_twice_is_a_usage_error():
+    with pytest.raises(BadPortChoice, match="^/dev/ttyUSB0 is given twice$"):
+        resolve_ports(["/dev/ttyUSB0", "/dev/ttyUSB0"], False)
+
+
+def test_two_names_of_one_device_are_a_usage_error(tmp_path):
+    link = tmp_path / "by-path-port0"
+    link.symlink_to("/dev/null")
+    with pytest.raises(BadPortChoice, match=f"^/dev/null and {link} are the same board"):
+        resolve_ports(["/dev/null", str(link)], False)
+
+
+def test_neither_port_nor_all_is_a_usage_error_naming_the_action():
+    with pytest.raises(BadPortChoice, match=r"^no boards to flash: give --port PORT \(repeatable\) or --all$"):
+        resolve_ports([], False, action="flash")
+
+
+def test_all_finding_nothing_is_an_error_unless_a_port_is_named():
+    with pytest.raises(NoUsbPorts, match="--all found no USB serial port") as caught:
+        resolve_ports([], True, attached=usb_ports())
+    assert isinstance(caught.value, MpfleetError) and not isinstance(caught.value, BadPortChoice)
+    assert resolve_ports(["/dev/ttyUSB5"], True, attached=usb_ports()) == ["/dev/ttyUSB5"]
+
+
+MANY_BOARD_COMMANDS = [["flash", "--board", "virtual", "--firmware", "firmware.bin"], ["deploy"],
+                       ["usb", "run", "some-job"], ["usb", "collect"]]
+
+
+@pytest.mark.parametrize("command", MANY_BOARD_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_every_many_board_command_refuses_no_boards_and_a_board_named_twice_alike(tmp_path, command):
+    env = {**os.environ, "MPFLEET_DB": str(tmp_path / "db"), "MPFLEET_KEYS": str(tmp_path / "keys")}
+    for ports, message in (([], "no boards to "), (["--port", "/dev/ttyUSB7"] * 2, "/dev/ttyUSB7 is given twice")):
+        proc = subprocess.run([sys.executable, "-m", "mpfleet", *command, *ports], capture_output=True, text=True,
+                              timeout=60, env=env, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """The real CLI in this process (so pyserial's enumeration can be faked): exit status, stdout, stderr."""
+    try:
+        main(list(args))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_usb_collect_with_port_and_all_takes_the_named_board_first_then_the_attached_in_hub_order(
+        bench, monkeypatch, capsys):
+    p0, p1, p2, p3 = bench.ports
+    monkeypatch.setattr(list_ports, "comports", lambda: attached((p1, "1-1.10"), (p0, "1-1.3"), (p3, None),
+                                                                 (p2, "1-1.2")))
+    monkeypatch.setenv("MPFLEET_DB", str(bench.db))
+    status, out, err = run_cli(capsys, "usb", "collect", "--port", p0, "--all", "--json", "--wait", "20")
+    assert status == 0, out + err
+    results = json.loads(out)
+    assert [r["port"] for r in results] == [p0, p2, p1, p3]  # each board once, p0 where it was named
+    assert all(r["ok"] for r in results), results
+
+
+def table_row(stdout: str, port: str) -> str:
+    """The per-board table's row for `port` (its first line)."""
+    return next(line for line in stdout.splitlines() if line.startswith(f"│ {port} "))
+
+
+def test_one_board_failing_exits_1_with_the_table_and_the_others_are_done(bench):
+    p0, p1, p2, _ = bench.ports
+    gone = "/dev/mpfleet-unplugged"
+    proc = bench.mpfleet("usb", "collect", "--port", p0, "--port", gone, "--port", p1, "--port", p2, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = {port: table_row(proc.stdout, port) for port in (p0, p1, p2, gone)}
+    assert all(rows[p].rstrip(" │").endswith("ok") for p in (p0, p1, p2)), proc.stdout
+    assert "cannot open" in rows[gone], proc.stdout
+    assert "3 of 4 board(s) collected and acknowledged" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == f"mpfleet: 1 of 4 board(s) failed: {gone}"
+    assert "Traceback" not in proc.stderr
+
+
+def test_one_board_failing_in_json_still_exits_1_and_reports_every_board(bench):
+    gone = "/dev/mpfleet-unplugged"
+    proc = bench.mpfleet("usb", "collect", "--port", gone, "--port", bench.ports[3], "--json", check=False)
+    assert proc.returncode == 1
+    lost, done = json.loads(proc.stdout)
+    assert (lost["port"], lost["ok"], done["ok"]) == (gone, False, True) and "cannot open" in lost["error"]
+    assert proc.stderr.strip() == f"mpfleet: 1 of 2 board(s) failed: {gone}"

@@ -291,3 +291,28 @@ def test_cli_input_errors_are_one_clear_line(tmp_path, firmware, args, status, m
                           timeout=60)
     assert proc.returncode == status and message.format(**paths) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def table_row(stdout: str, port: str) -> str:
+    """The per-board table's row for `port` (its first line)."""
+    return next(line for line in stdout.splitlines() if line.startswith(f"│ {port} "))
+
+
+def test_cli_with_one_board_failing_exits_1_with_the_table_and_flashes_the_others(new_board, firmware):
+    boards = [new_board(f"dev{i}") for i in range(3)]
+    with RomBootloader(boards[0]) as r0, RomBootloader(boards[1], fail_after_bytes=40_000) as unplugged, \
+            RomBootloader(boards[2]) as r2:
+        ports = [arg for r in (r0, unplugged, r2) for arg in ("--port", r.port)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "mpfleet", "flash", "--board", "virtual", "--firmware", str(firmware), *ports,
+             "--baud", str(BAUD), "--no-stub", "--before", "no-reset", "--after", "no-reset"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    row = {r.port: table_row(proc.stdout, r.port) for r in (r0, unplugged, r2)}
+    assert row[r0.port].rstrip(" │").endswith("ok") and row[r2.port].rstrip(" │").endswith("ok")
+    assert f"lost the connection while writing at {BAUD} baud" in row[unplugged.port]
+    assert "2 of 3 board(s) flashed and verified" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == f"mpfleet: 1 of 3 board(s) failed: {unplugged.port}"
+    data = firmware.read_bytes()
+    for vb in (boards[0], boards[2]):
+        assert flash_bytes(vb, 0x1000, len(data)) == data

@@ -1,12 +1,13 @@
 """`mpfleet ports`, `mpfleet deploy`, `mpfleet usb run|collect` (libraries: mpfleet.usb.field, mpfleet.usb.ports).
 
-Thin: parse, call the library on every port at once, show one line per board as it
-goes and a summary table; exit status 1 when any board failed.
+Thin: parse, resolve --port/--all (mpfleet.usb.ports.resolve_ports, the rule every
+many-board command shares, `flash` too), call the library on every port at once,
+show one line per board and step as it goes, then the per-board table
+(cli/boards_table.py); a failed board ends the command in BoardsFailed, exit 1.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 
 import click
@@ -14,42 +15,28 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.options import DB, KEYS_DIR, JSON, print_json
+from mpfleet.cli.boards_table import Column, report_boards
+from mpfleet.cli.options import DB, JSON, KEYS_DIR, print_json
 
-console = Console()
+# No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
+console = Console(emoji=False)
 
+BOARDS_HELP = """
+\b
+Boards: --port PORT names one (repeatable; a board named twice is a usage error).
+--all adds every attached USB serial port (`mpfleet ports`), in USB-location order.
+With both, the named ports come first, then the rest of --all.
 
-def usb_ports() -> list[dict]:
-    """Serial ports with a USB VID:PID (what a board on a hub looks like), sorted by location."""
-    from serial.tools import list_ports
+\b
+Exit status: 0 every board done; 1 a board failed (the table, or --json, says
+which and why: the other boards are done all the same) or the command could not
+start; 2 a usage error (no boards given, a board named twice, a bad option).
+"""
 
-    out = []
-    for p in list_ports.comports():
-        if p.vid is None:
-            continue
-        out.append({"port": p.device, "vid_pid": f"{p.vid:04x}:{p.pid:04x}", "serial": p.serial_number,
-                    "location": p.location, "description": p.description,
-                    "key": p.location or p.serial_number or p.device})
-    return sorted(out, key=lambda p: (p["location"] or "", p["port"]))
-
-
-def choose_ports(ports: tuple[str, ...], all_ports: bool) -> list[str]:
-    if ports and all_ports:
-        raise click.UsageError("give --port (repeatable) or --all, not both")
-    if all_ports:
-        found = [p["port"] for p in usb_ports()]
-        if not found:
-            raise click.ClickException("no USB serial ports found (is the hub plugged in? see `mpfleet ports`)")
-        return found
-    if not ports:
-        raise click.UsageError("which boards? give --port PORT (repeatable) or --all")
-    if len(set(ports)) != len(ports):
-        raise click.UsageError("a port is given twice")
-    return list(ports)
-
-
-PORTS = click.option("--port", "ports", multiple=True, metavar="PORT", help="A board's serial port. Repeatable.")
-ALL = click.option("--all", "all_ports", is_flag=True, help="Every attached USB serial port.")
+PORTS = click.option("--port", "ports", multiple=True, metavar="PORT",
+                     help="A board's serial port; repeat for more (with --all: these first).")
+ALL = click.option("--all", "all_ports", is_flag=True,
+                   help="Every attached USB serial port (what `mpfleet ports` lists), in USB-location order.")
 WAIT = click.option("--wait", "wait_s", type=click.FloatRange(min=1), default=15, show_default=True,
                     help="Seconds to keep interrupting a board until its REPL answers (a board in deep "
                          "sleep answers when it next wakes).")
@@ -59,60 +46,66 @@ TRANSPORT = click.option("--transport", type=click.Choice(["mpremote", "ampy"]),
                          help="REPL transport: mpremote (raw-paste mode, faster) or ampy (plain raw REPL).")
 
 
-class _Lines:
-    """One line per board and step, printed as the parallel workers report."""
+def chosen_ports(ports: tuple[str, ...], all_ports: bool, action: str) -> list[str]:
+    """--port/--all by the one rule (mpfleet.usb.ports.resolve_ports); a bad choice is a usage error."""
+    from mpfleet.usb.ports import BadPortChoice, resolve_ports
 
-    def __init__(self, quiet: bool):
+    try:
+        return resolve_ports(ports, all_ports, action=action)
+    except BadPortChoice as e:
+        raise click.UsageError(str(e)) from None
+
+
+class _Lines:
+    """One line per board and step, printed as the parallel workers report (port, done, total)."""
+
+    def __init__(self, steps: tuple[str, ...], quiet: bool):
+        self.steps = steps
         self.quiet = quiet
         self.lock = threading.Lock()
 
-    def __call__(self, port: str, what: str) -> None:
+    def __call__(self, port: str, done: int, total: int) -> None:
         if not self.quiet:
             with self.lock:
-                console.print(f"  {port}: {what}", highlight=False)
+                console.print(f"  {port}: {self.steps[done] if done < total else 'done'}", highlight=False,
+                              markup=False)
 
 
-def _summary(title: str, results, columns: list[tuple[str, callable]]) -> int:
-    table = Table(title=title)
-    table.add_column("port")
-    table.add_column("device")
-    table.add_column("result")
-    for name, _ in columns:
-        table.add_column(name)
-    for r in results:
-        table.add_row(r.port, r.device or "", Text("ok", style="green") if r.ok else Text(r.error or "failed",
-                                                                                          style="red"),
-                      *(str(fn(r)) if r.ok else "" for _, fn in columns))
-    console.print(table)
-    bad = [r for r in results if not r.ok]
-    if bad:
-        console.print(f"[red]{len(bad)} of {len(results)} boards failed[/]")
-    return 1 if bad else 0
-
-
-def _report(results, as_json: bool, title: str, columns: list[tuple[str, callable]]) -> None:
-    """JSON or the summary table; exit status 1 when any board failed."""
-    if as_json:
-        print_json([{"port": r.port, "ok": r.ok, "device": r.device, "error": r.error,
-                     "detail": {k: v for k, v in r.detail.items() if k != "frames"}} for r in results])
-        sys.exit(0 if all(r.ok for r in results) else 1)
-    sys.exit(_summary(title, results, columns))
+DEVICE = Column("device", lambda r: r.device)
 
 
 # ---------------------------------------------------------------- ports
 @click.command("ports")
 @click.option("--probe", is_flag=True, help="Ask each board's MicroPython for its version and device id "
                                             "(interrupts what it runs).")
-@PORTS
+@click.option("--port", "ports", multiple=True, metavar="PORT",
+              help="List (and probe) this port too, attached over USB or not. Repeatable.")
 @JSON
 def ports(probe, ports, as_json):
-    """Attached boards: port, VID:PID, serial number, USB location (the stable key)."""
+    """Attached boards: port, VID:PID, serial number, USB location (the stable key).
+
+    The order is the one `--all` takes everywhere: USB location in hub order (1-1.2
+    before 1-1.10), then ports without a location by name; --port ones first.
+    """
     from mpfleet.usb.device import identify
-    from mpfleet.usb.ports import PortResult, each_port
+    from mpfleet.usb.ports import PortResult, each_port, list_usb_ports
     from mpfleet.usb.transport import open_link
 
-    found = usb_ports() + [{"port": p, "vid_pid": "", "serial": None, "location": None, "description": "given",
-                            "key": p} for p in ports]
+    attached = list_usb_ports()
+    if not attached and not ports:
+        if as_json:
+            print_json([])
+        else:
+            console.print("no USB serial ports found")
+        return
+    by_name = {p.port: p for p in attached}
+    found = []
+    for name in chosen_ports(ports, True, "list"):
+        p = by_name.get(name)
+        found.append({"port": name, "vid_pid": p.vid_pid, "serial": p.serial, "location": p.location,
+                      "description": p.description, "key": p.key} if p else
+                     {"port": name, "vid_pid": "", "serial": None, "location": None, "description": "given",
+                      "key": name})
     if probe:
         def ask(port: str) -> PortResult:
             with open_link(port) as link:
@@ -125,9 +118,6 @@ def ports(probe, ports, as_json):
             p["probe_error"] = r.error
     if as_json:
         print_json(found)
-        return
-    if not found:
-        console.print("no USB serial ports found")
         return
     table = Table(title="attached boards")
     for col in ("port", "VID:PID", "serial", "location", "description") + (("MicroPython", "device id") if probe
@@ -144,7 +134,7 @@ def ports(probe, ports, as_json):
 
 
 # ---------------------------------------------------------------- deploy
-@click.command("deploy")
+@click.command("deploy", epilog=BOARDS_HELP)
 @PORTS
 @ALL
 @click.option("--board", default="esp32-devkitc", show_default=True, help="Board definition (boards/*.json).")
@@ -176,10 +166,10 @@ def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, cr
     from mpfleet.fleet.keys import KeyRing
     from mpfleet.broker.link import parse_broker_url
     from mpfleet.db.store import Store
-    from mpfleet.usb.field import DeploySettings
+    from mpfleet.usb.field import DEPLOY_STEPS, DeploySettings
     from mpfleet.usb.field import deploy as deploy_boards
 
-    chosen = choose_ports(ports, all_ports)
+    chosen = chosen_ports(ports, all_ports, "deploy to")
     load_board(board)  # an unknown board is refused before any board is touched
     settings = DeploySettings(board=board, broker=parse_broker_url(broker), wifi_ssid=wifi_ssid,
                               wifi_password=wifi_password, groups=list(groups), with_credentials=credentials,
@@ -188,10 +178,12 @@ def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, cr
     with store:
         ring = KeyRing(store, keys_dir)
         ring.fleet_key()  # no signing key: the devices could trust nothing; say so now
-        results = deploy_boards(store, ring, chosen, settings, progress=_Lines(quiet or as_json))
-    _report(results, as_json, "deploy", [("copied", lambda r: len(r.detail["written"])),
-                                         ("unchanged", lambda r: len(r.detail["skipped"])),
-                                         ("agent", lambda r: r.detail["app"])])
+        results = deploy_boards(store, ring, chosen, settings, on_progress=_Lines(DEPLOY_STEPS, quiet or as_json))
+    report_boards(console, results, title="deploy", done="deployed and checked", as_json=as_json, columns=[
+        DEVICE,
+        Column("copied", lambda r: len(r.detail["written"]) if "written" in r.detail else None, right=True),
+        Column("unchanged", lambda r: len(r.detail["skipped"]) if "skipped" in r.detail else None, right=True),
+        Column("agent", lambda r: r.detail.get("app"))])
 
 
 # ---------------------------------------------------------------- usb run / collect
@@ -206,7 +198,7 @@ def usb() -> None:
     """
 
 
-@usb.command("run")
+@usb.command("run", epilog=BOARDS_HELP)
 @click.argument("job_id", metavar="JOB")
 @PORTS
 @ALL
@@ -217,23 +209,28 @@ def usb() -> None:
 @KEYS_DIR
 @JSON
 def usb_run(job_id, ports, all_ports, transport, wait_s, quiet, db, keys_dir, as_json):
-    """Run JOB's signed envelope on every board through its REPL; record each status."""
+    """Run JOB's signed envelope on every board through its REPL; record each status.
+
+    A board whose job ends other than SUCCEEDED counts as failed (exit 1).
+    """
     from mpfleet.fleet.keys import KeyRing
     from mpfleet.fleet.registry import Registry
     from mpfleet.fleet.rollout import RolloutEngine
     from mpfleet.db.store import Store
-    from mpfleet.usb.field import run_job
+    from mpfleet.usb.field import RUN_STEPS, run_job
 
-    chosen = choose_ports(ports, all_ports)
+    chosen = chosen_ports(ports, all_ports, f"run {job_id} on")
     store = Store(db)
     with store:
         engine = RolloutEngine(store, KeyRing(store, keys_dir), Registry(store))
         engine.job_status(job_id)  # an unknown job is refused before any board is touched
-        results = run_job(engine, chosen, job_id, transport, progress=_Lines(quiet or as_json), wait_s=wait_s)
-    _report(results, as_json, f"job {job_id} over USB", [("status", lambda r: r.detail["status"])])
+        results = run_job(engine, chosen, job_id, transport, on_progress=_Lines(RUN_STEPS, quiet or as_json),
+                          wait_s=wait_s)
+    report_boards(console, results, title=f"job {job_id} over USB", done="succeeded", as_json=as_json,
+                  columns=[DEVICE, Column("status", lambda r: r.detail.get("status"))])
 
 
-@usb.command("collect")
+@usb.command("collect", epilog=BOARDS_HELP)
 @PORTS
 @ALL
 @TRANSPORT
@@ -244,12 +241,14 @@ def usb_run(job_id, ports, all_ports, transport, wait_s, quiet, db, keys_dir, as
 def usb_collect(ports, all_ports, transport, wait_s, quiet, db, as_json):
     """Pull each board's unacked samples into the database; each board then trims what was stored."""
     from mpfleet.db.store import Store
-    from mpfleet.usb.field import collect
+    from mpfleet.usb.field import COLLECT_STEPS, collect
 
-    chosen = choose_ports(ports, all_ports)
+    chosen = chosen_ports(ports, all_ports, "collect from")
     store = Store(db)
     with store:
-        results = collect(store, chosen, transport, progress=_Lines(quiet or as_json), wait_s=wait_s)
-    _report(results, as_json, "samples over USB", [("new samples", lambda r: r.detail["new"]),
-                                                   ("duplicates", lambda r: r.detail["duplicates"]),
-                                                   ("acked up to", lambda r: r.detail["acked"])])
+        results = collect(store, chosen, transport, on_progress=_Lines(COLLECT_STEPS, quiet or as_json),
+                          wait_s=wait_s)
+    report_boards(console, results, title="samples over USB", done="collected and acknowledged", as_json=as_json,
+                  columns=[DEVICE, Column("new samples", lambda r: r.detail.get("new"), right=True),
+                           Column("duplicates", lambda r: r.detail.get("duplicates"), right=True),
+                           Column("acked up to", lambda r: r.detail.get("acked"), right=True)])

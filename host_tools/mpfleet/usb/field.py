@@ -26,14 +26,24 @@ from mpfleet.fleet.jobs_model import FINAL_STATES
 from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.db.store import Store
 from mpfleet.usb.device import identify, read_backlog, read_config, run_envelopes, self_check, send_ack, sync_files
-from mpfleet.usb.ports import PortResult, each_port
+from mpfleet.usb.ports import PortResult, Progress, each_port
 from mpfleet.usb.transport import CATCH_S, LinkPool, UsbError
 
-Progress = Callable[[str, str], None]  # (port, what is happening now)
+# The steps of each command, in order: on_progress(port, done, total) counts the steps a
+# board has finished of len(steps); steps[done] is the one it is in (total: finished).
+DEPLOY_STEPS = ("connecting", "copying", "provisioning", "self-check")
+RUN_STEPS = ("connecting", "running")
+COLLECT_STEPS = ("connecting", "reading samples", "acknowledging")
+
+_Step = Callable[[str, str], None]  # (port, the step it starts, or "done")
 
 
-def _quiet(port: str, what: str) -> None:
-    pass
+def _steps(on_progress: Progress | None, steps: tuple[str, ...]) -> _Step:
+    """Inside a command, progress by step name; outside, on_progress(port, done, total)."""
+    def step(port: str, name: str) -> None:
+        if on_progress is not None:
+            on_progress(port, len(steps) if name == "done" else steps.index(name), len(steps))
+    return step
 
 
 def _phase(pool: LinkPool, ports: list[str], work: Callable[[str], PortResult],
@@ -49,7 +59,7 @@ def _phase(pool: LinkPool, ports: list[str], work: Callable[[str], PortResult],
     return out
 
 
-def _identified(pool: LinkPool, ports: list[str], failed: dict[str, PortResult], progress: Progress,
+def _identified(pool: LinkPool, ports: list[str], failed: dict[str, PortResult], progress: _Step,
                 need_id: bool = True) -> dict[str, PortResult]:
     def work(port: str) -> PortResult:
         progress(port, "connecting")
@@ -80,9 +90,11 @@ class DeploySettings:
 
 
 def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySettings,
-           progress: Progress = _quiet, files: dict[str, bytes] | None = None) -> list[PortResult]:
+           on_progress: Progress | None = None, files: dict[str, bytes] | None = None) -> list[PortResult]:
     """Copy the agent (what differs), provision each board (id, keys, Wi-Fi, broker account,
-    registry entry) and run its self-check. One result per port, in order."""
+    registry entry) and run its self-check. One result per port, in order.
+    `on_progress(port, done, total)` counts DEPLOY_STEPS."""
+    progress = _steps(on_progress, DEPLOY_STEPS)
     files = files if files is not None else firmware_tree()
     mpy = next((mpy_header(d, p)[0] for p, d in files.items() if p.endswith(".mpy")), None)
     failed: dict[str, PortResult] = {}
@@ -123,6 +135,7 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
             if check["device_id"] != r.device or check["problems"] or check["keys"] != sorted(trusted):
                 raise UsbError(f"{port}: self-check failed: {check}")
             detail = dict(r.detail, config_written=bool(written), app=check["app"])
+            progress(port, "done")
             return PortResult(port, ok=True, device=r.device, detail=detail)
 
         done = _phase(pool, list(copied), provision, failed)
@@ -148,9 +161,10 @@ def _merge_config(current: dict, device: str, s: DeploySettings, trusted: dict,
 
 # ---------------------------------------------------------------- usb run
 def run_job(engine: RolloutEngine, ports: list[str], job_id: str, transport: str = "mpremote",
-            progress: Progress = _quiet, wait_s: float = CATCH_S) -> list[PortResult]:
+            on_progress: Progress | None = None, wait_s: float = CATCH_S) -> list[PortResult]:
     """Carry `job_id`'s signed envelope to each board and record what it reports, in the
-    job's records (`mpfleet job status`)."""
+    job's records (`mpfleet job status`). `on_progress(port, done, total)` counts RUN_STEPS."""
+    progress = _steps(on_progress, RUN_STEPS)
     failed: dict[str, PortResult] = {}
     with LinkPool(transport, wait_s) as pool:
         found = _identified(pool, ports, failed, progress)
@@ -163,8 +177,9 @@ def run_job(engine: RolloutEngine, ports: list[str], job_id: str, transport: str
 
         def run(port: str) -> PortResult:
             progress(port, "running")
-            return PortResult(port, device=found[port].device,
-                              detail={"statuses": run_envelopes(pool.get(port), [envelopes[port]])})
+            statuses = run_envelopes(pool.get(port), [envelopes[port]])
+            progress(port, "done")
+            return PortResult(port, device=found[port].device, detail={"statuses": statuses})
 
         ran = _phase(pool, list(envelopes), run, failed)
     done = {}
@@ -187,9 +202,11 @@ def run_job(engine: RolloutEngine, ports: list[str], job_id: str, transport: str
 
 # ---------------------------------------------------------------- usb collect
 def collect(store: Store, ports: list[str], transport: str = "mpremote",
-            progress: Progress = _quiet, wait_s: float = CATCH_S) -> list[PortResult]:
+            on_progress: Progress | None = None, wait_s: float = CATCH_S) -> list[PortResult]:
     """Pull each board's unacked samples into SQLite, then let the board trim what was
-    stored (the same end-to-end ack as over MQTT)."""
+    stored (the same end-to-end ack as over MQTT). `on_progress(port, done, total)`
+    counts COLLECT_STEPS."""
+    progress = _steps(on_progress, COLLECT_STEPS)
     failed: dict[str, PortResult] = {}
     with LinkPool(transport, wait_s) as pool:
         found = _identified(pool, ports, failed, progress)
@@ -220,6 +237,7 @@ def collect(store: Store, ports: list[str], transport: str = "mpremote",
         def trim(port: str) -> PortResult:
             progress(port, "acknowledging")
             send_ack(pool.get(port), acks[port])
+            progress(port, "done")
             r = pulled[port]
             return PortResult(port, ok=True, device=r.device, detail=r.detail)
 
