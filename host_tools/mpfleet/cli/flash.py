@@ -3,7 +3,7 @@
 Thin: check the arguments, resolve --port/--all by the rule every many-board command
 shares (cli/usb.py chosen_ports, mpfleet.usb.ports.resolve_ports), load the firmware
 file once, flash all ports in parallel with one progress bar per board (on a terminal
-only), then the per-board table every many-board command prints (cli/boards_table.py).
+only), then the per-board table every many-board command prints (cli/render.py, report_boards).
 A failed board ends the command in BoardsFailed: exit status 1.
 """
 
@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mpfleet.cli.boards_table import Column, report_boards
+from mpfleet.cli.render import Column, report_boards
 from mpfleet.cli.options import JSON
 from mpfleet.cli.usb import ALL, BOARDS_HELP, PORTS, chosen_ports
 from mpfleet.usb.flash import AFTER_MODES, BEFORE_MODES, DEFAULT_BAUD, FirmwarePlan

@@ -3,7 +3,7 @@
 Thin: parse, resolve --port/--all (mpfleet.usb.ports.resolve_ports, the rule every
 many-board command shares, `flash` too), call the library on every port at once,
 show one line per board and step as it goes, then the per-board table
-(cli/boards_table.py); a failed board ends the command in BoardsFailed, exit 1.
+(cli/render.py, report_boards); a failed board ends the command in BoardsFailed, exit 1.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.boards_table import Column, report_boards
+from mpfleet.cli.render import Column, report_boards
 from mpfleet.cli.options import DB, JSON, KEYS_DIR, print_json
 
 # No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
