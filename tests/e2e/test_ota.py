@@ -174,7 +174,7 @@ def test_downgrade_is_accepted_when_the_job_allows_it(env):
     board = env.board(secure_version=2)
     image = env.image("v1.21.0", secure_version=1)
     job = env.job("ota", ota_params(env.images, image.id, allow_downgrade=True)[0], board)
-    assert env.run_until_final(board, job)["status"] == "SUCCEEDED"
+    assert env.run_until_final(board, job).status == "SUCCEEDED"
     assert _running(board) == "v1.21.0"
 
 
