@@ -221,5 +221,8 @@ def test_serve_says_when_the_broker_cannot_be_reached(tmp_path):
     proc = run(tmp_path, "serve", "--broker", f"mqtt://127.0.0.1:{free_port()}", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("mpfleet: cannot reach the broker at mqtt://127.0.0.1:")
+
+
+def test_serve_refuses_a_broker_url_that_is_not_mqtt_as_bad_usage(tmp_path):
     bad = run(tmp_path, "serve", "--broker", "http://example", check=False)
-    assert bad.returncode == 1 and "scheme must be mqtt:// or mqtts://" in bad.stderr
+    assert bad.returncode == 2 and "scheme must be mqtt:// or mqtts://" in bad.stderr

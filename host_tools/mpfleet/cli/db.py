@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from mpfleet.cli.options import DB, JSON, print_json
+from mpfleet.cli.options import DB, JSON
+from mpfleet.cli.render import print_json
 
 console = Console(highlight=False, soft_wrap=True)  # a problem per line, unwrapped
 

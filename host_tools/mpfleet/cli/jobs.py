@@ -1,4 +1,4 @@
-"""`mpfleet job ...` and `mpfleet serve` (libraries: mpfleet.fleet.rollout, mpfleet.fleet.serve).
+"""`mpfleet job ...`: create, watch, cancel and repair rollouts (library: mpfleet.fleet.rollout).
 
 `job` commands work on the database directly; a running `serve` notices their
 changes (SQLite's data_version) and updates the devices' queues.
@@ -7,7 +7,6 @@ changes (SQLite's data_version) and updates the devices' queues.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 
@@ -506,63 +505,3 @@ def job_cancel(job_id, db, keys_dir, as_json):
     console.print(f"canceled job {job_id}: {status.counts['CANCELED']} execution(s) canceled"
                   + (f", cancel jobs sent to {len(stops)} device(s) already running it" if stops else ""),
                   highlight=False)
-
-
-@click.command("serve")
-@click.option("--broker", envvar="MPFLEET_BROKER", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="Broker URL: mqtt://[user:pass@]host[:port], or mqtts://...?ca=ca.pem for TLS "
-                   "(env MPFLEET_BROKER).")
-@click.option("--client-id", default="mpfleet-serve", show_default=True,
-              help="MQTT client id; the session is persistent, so what devices sent while serve was down arrives. On a broker from `mpfleet broker config` the client id is the account's username (one "
-                   "connection per account: give each process its own, `broker config --host-account`).")
-@click.option("--tick", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
-              help="Seconds between rollout decisions.")
-@click.option("--quiet", is_flag=True, help="Only errors; no progress lines.")
-@DB
-@KEYS_DIR
-@IMAGES_DIR
-def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
-    """The dispatcher: roll out jobs, keep device queues, collect statuses and samples.
-
-    Runs until Ctrl-C or SIGTERM. All state is in the database, so it can be stopped
-    (or killed) and started again at any time: a rollout continues where it was and
-    no device runs a job twice."""
-    from mpfleet.broker.link import parse_broker_url
-    from mpfleet.fleet.serve import Dispatcher, ServeError
-    from pathlib import Path
-
-    from mpfleet.db.store import default_db_path
-
-    cfg = parse_broker_url(broker)
-    path = Path(db) if db else default_db_path()  # checked at start, not created before the check
-
-    def on_event(kind: str, data: dict) -> None:
-        if quiet and kind != "error":
-            return
-        stamp = time.strftime("%H:%M:%S")
-        text = " ".join(f"{k}={v}" for k, v in data.items())
-        style = {"error": "red", "aborted": "red", "completed": "green", "advanced": "cyan"}.get(kind, "")
-        console.print(f"{stamp} [{style}]{kind}[/] {text}" if style else f"{stamp} {kind} {text}", highlight=False)
-
-    def terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    dispatcher = Dispatcher(cfg, path, keys_dir=keys_dir, client_id=client_id, tick_s=tick, on_event=on_event,
-                            images_dir=images_dir)
-    dispatcher.start()
-    console.print(f"serving {path} on {cfg.url()} (Ctrl-C stops)", highlight=False)
-    try:
-        while dispatcher.running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        dispatcher.stop()
-    stats = dispatcher.stats.as_dict()
-    if not quiet:
-        console.print(f"stopped: {stats['statuses']} statuses, {stats['queue_publishes']} queue updates, "
-                      f"{stats['ingest']['samples_new']} new samples, {stats['errors']} errors", highlight=False)
-    if dispatcher.failure is not None:
-        # Stopped on its own: never end as if all were well.
-        raise ServeError(f"serve stopped: {dispatcher.failure}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import click
 
-from mpfleet.cli.render import print_json  # noqa: F401 - cli/usb.py and cli/flash.py import it from here
 from mpfleet.protocol.ids import DEVICE_ID_RULE, is_device_id
 from mpfleet.protocol.times import TimeFormatError, parse_duration, parse_time
 
@@ -23,6 +22,32 @@ IMAGES_DIR = click.option("--images-dir", type=click.Path(file_okay=False), envv
                           help="Image store: firmware images and app bundles (default ~/.mpfleet/images; "
                                "env MPFLEET_IMAGES).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+class BrokerUrl(click.ParamType):
+    """A broker URL (mpfleet.broker.link.parse_broker_url), converted to its BrokerConfig."""
+
+    name = "url"
+
+    def convert(self, value, param, ctx):
+        from mpfleet.broker.link import BrokerConfig, BrokerUrlError, parse_broker_url
+
+        if isinstance(value, BrokerConfig):
+            return value
+        try:
+            return parse_broker_url(value)
+        except BrokerUrlError as e:
+            self.fail(str(e), param, ctx)
+
+
+def broker_option(help: str = "The broker", name: str = "broker"):
+    """--broker URL, checked and converted to a BrokerConfig; env MPFLEET_BROKER."""
+    return click.option("--broker", name, type=BrokerUrl(), envvar="MPFLEET_BROKER", default="mqtt://127.0.0.1:1883",
+                        show_default=True, help=f"{help}: mqtt://[user:pass@]host[:port], or mqtts://...?ca=ca.pem "
+                                                "for TLS (env MPFLEET_BROKER).")
+
+
+BROKER = broker_option()
 
 
 class DeviceId(click.ParamType):

@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.options import DB, GROUP, KEYS_DIR
+from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, broker_option
 from mpfleet.cli.render import print_json
 
 console = Console()
@@ -51,8 +51,7 @@ def _summary(s: dict) -> Table:
               help="Number of devices (when provisioning).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Fleet directory; provisioned when it holds no fleet yet.")
-@click.option("--broker", "broker_url", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="Broker the devices upload to (written into their config when provisioning).")
+@broker_option("The broker the devices upload to (written into their config when provisioning)", "broker")
 @click.option("--awake/--sleeping", default=True, show_default=True,
               help="Awake: wake every second, upload and poll jobs every wake. "
                    "Sleeping: normal intervals on a scaled clock.")
@@ -66,8 +65,8 @@ def _summary(s: dict) -> Table:
               help="Give each device its own broker account (default: when `mpfleet broker config` has been run).")
 @DB
 @KEYS_DIR
-@click.option("--json", "as_json", is_flag=True, help="Print the final stats as JSON.")
-def sim_fleet(count: int, root: Path, broker_url: str, awake: bool, scale: float | None, duration: float | None,
+@JSON
+def sim_fleet(count: int, root: Path, broker, awake: bool, scale: float | None, duration: float | None,
               workers: int | None, prefix: str, groups: tuple[str, ...], credentials: bool | None, db: str | None,
               keys_dir: str | None, as_json: bool) -> None:
     """Run many virtual devices at once (provisioning them first if ROOT is empty).
@@ -82,7 +81,6 @@ def sim_fleet(count: int, root: Path, broker_url: str, awake: bool, scale: float
     """
     from mpfleet.broker.config import host_credentials
     from mpfleet.fleet.keys import KeyRing
-    from mpfleet.broker.link import parse_broker_url
     from mpfleet.sim.fleet import AWAKE_CONFIG, FLEET_FILE, FleetRunner, load_fleet, provision_sim_fleet
     from mpfleet.db.store import Store
 
@@ -90,7 +88,6 @@ def sim_fleet(count: int, root: Path, broker_url: str, awake: bool, scale: float
         boards = load_fleet(root)
         console.print(f"loaded {len(boards)} devices from {root}", highlight=False)
     else:
-        broker = parse_broker_url(broker_url)
         started = time.perf_counter()
         with Store(db) as store:
             ring = KeyRing(store, keys_dir)

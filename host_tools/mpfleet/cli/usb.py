@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.render import Column, report_boards
-from mpfleet.cli.options import DB, JSON, KEYS_DIR, print_json
+from mpfleet.cli.options import DB, JSON, KEYS_DIR, broker_option
+from mpfleet.cli.render import Column, print_json, report_boards
 
 # No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
 console = Console(emoji=False)
@@ -138,8 +138,7 @@ def ports(probe, ports, as_json):
 @PORTS
 @ALL
 @click.option("--board", default="esp32-devkitc", show_default=True, help="Board definition (boards/*.json).")
-@click.option("--broker", envvar="MPFLEET_BROKER", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="The broker the devices will use (host and port go into their config).")
+@broker_option("The broker the devices will use (host and port go into their config)")
 @click.option("--wifi-ssid", help="Wi-Fi network for the devices.")
 @click.option("--wifi-password", help="Its password.")
 @click.option("--group", "groups", multiple=True, help="Add the devices to this group. Repeatable.")
@@ -164,14 +163,13 @@ def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, cr
     """
     from mpfleet.boards import load_board
     from mpfleet.fleet.keys import KeyRing
-    from mpfleet.broker.link import parse_broker_url
     from mpfleet.db.store import Store
     from mpfleet.usb.field import DEPLOY_STEPS, DeploySettings
     from mpfleet.usb.field import deploy as deploy_boards
 
     chosen = chosen_ports(ports, all_ports, "deploy to")
     load_board(board)  # an unknown board is refused before any board is touched
-    settings = DeploySettings(board=board, broker=parse_broker_url(broker), wifi_ssid=wifi_ssid,
+    settings = DeploySettings(board=board, broker=broker, wifi_ssid=wifi_ssid,
                               wifi_password=wifi_password, groups=list(groups), with_credentials=credentials,
                               transport=transport, wait_s=wait_s)
     store = Store(db)
