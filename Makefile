@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mpfleet-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test stress bench demo hil check-firmware clean
+.PHONY: help install test test-fast stress bench demo hil check-firmware clean
 
 help:
 	@echo "make test    create .venv, install mpfleet, ensure mosquitto, run the test suite"
+	@echo "make test-fast  the unit tests (tests/host, tests/firmware) without the slow sweeps: under a minute"
 	@echo "make stress  the long stress runs at full count (power-cut fuzz)"
 	@echo "make bench   benchmarks: table on stdout, JSON in bench/results/"
 	@echo "make demo    the fleet demo on virtual boards"
@@ -27,6 +28,9 @@ install: $(STAMP)
 test: $(STAMP)
 	@scripts/ensure-mosquitto
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests/host tests/firmware $(PYTEST_ARGS)
 
 stress: $(STAMP)
 	@scripts/ensure-mosquitto

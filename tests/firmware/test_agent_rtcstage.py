@@ -17,6 +17,8 @@ import hashlib
 import json
 import random
 
+import pytest
+
 from conftest import firmware_files
 
 from mpfleet.protocol.codec import zigzag  # the host's, checked against the shared frame vectors
@@ -241,6 +243,7 @@ def _case(rng, i):
     return case, model
 
 
+@pytest.mark.slow
 def test_in_place_shift_and_drop_agree_with_the_model_on_generated_stages(run_firmware):
     rng = random.Random(13)
     cases, models = zip(*(_case(rng, i) for i in range(CASES)))

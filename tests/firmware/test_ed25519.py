@@ -219,6 +219,7 @@ def test_sha512_matches_fips_180_4_vectors_and_hashlib_on_random_inputs(mpy_path
     assert digests == expected
 
 
+@pytest.mark.slow
 def test_sha512_of_a_million_a_fed_in_pieces(mpy_path):
     # FIPS 180-4 long-message vector; fed as 1000 updates of 1000 bytes.
     script = """
@@ -263,11 +264,13 @@ def random_signatures():
     return cases
 
 
+@pytest.mark.slow
 def test_signatures_made_by_cryptography_verify(mpy_path, random_signatures):
     out = verify_on_device(mpy_path, random_signatures)
     assert out == "T" * len(random_signatures), [i for i, c in enumerate(out) if c != "T"]
 
 
+@pytest.mark.slow
 def test_tampered_signatures_are_rejected(mpy_path, random_signatures):
     rng = random.Random(8032)
     other = raw_public(Ed25519PrivateKey.generate())
@@ -347,6 +350,7 @@ def test_a_small_y_alias_of_a_real_key_is_rejected(mpy_path):
     assert verify_on_device(mpy_path, cases) == "F" * len(cases)
 
 
+@pytest.mark.slow
 def test_small_order_keys_and_r_are_rejected(mpy_path, valid):
     pk, msg, sig = valid
     small = small_order_encodings()

@@ -1,8 +1,11 @@
 """Every file that runs on a device compiles with mpy-cross (MicroPython syntax only)."""
 
+import pytest
+
 from mpfleet.tools.check_firmware import DEFAULT_DIRS, compile_errors
 
 
+@pytest.mark.slow
 def test_firmware_and_simulator_runtime_compile_with_mpy_cross():
     files = sorted(p for d in DEFAULT_DIRS for p in d.rglob("*.py"))
     assert files, "no firmware files found"

@@ -8,6 +8,8 @@ import ast
 import random
 import re
 
+import pytest
+
 from conftest import firmware_files, stress_count
 
 LOG_FILES = firmware_files(("lib/agent/flashlog.py",))
@@ -220,10 +222,12 @@ def _power_cut_fuzz(vb, cuts, rng, max_segments, trim):
     return st
 
 
+@pytest.mark.slow
 def test_power_cuts_during_append_and_trim_lose_no_committed_record(new_board):
     _power_cut_fuzz(new_board(), stress_count(quick=200, full=1000), random.Random(4242), 64, True)
 
 
+@pytest.mark.slow
 def test_power_cuts_during_drop_oldest_lose_only_counted_records(new_board):
     st = _power_cut_fuzz(new_board(), stress_count(quick=60, full=300), random.Random(77), 3, False)
     assert st["dropped"] > 0, "the log filled up and dropped"
@@ -290,6 +294,7 @@ def _erases(vb):
     return vb.counters()["vfs"]["erases"]
 
 
+@pytest.mark.slow
 def test_batched_appends_cost_at_most_10_erases_per_1000_samples(run_firmware, new_board):
     vb = new_board()
     per_flush = 3840 // 17  # BATCH_BYTES of 16-byte samples (1 length byte each)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def mpfleet(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "mpfleet", *map(str, args)], capture_output=True, text=True)
@@ -12,6 +14,7 @@ def mpfleet(*args, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_sim_create_put_run_and_counters(tmp_path):
     dev = tmp_path / "dev1"
     main = tmp_path / "main.py"
@@ -28,6 +31,7 @@ def test_sim_create_put_run_and_counters(tmp_path):
     assert status["device_id"] == "dev-1" and status["boot_count"] == 3
 
 
+@pytest.mark.slow
 def test_sim_run_hours_of_device_time(tmp_path):
     dev = tmp_path / "dev"
     main = tmp_path / "main.py"
@@ -55,6 +59,7 @@ def test_boards_list_json_has_the_four_boards():
     assert names == {"esp32-devkitc", "esp32-s3-devkitc", "esp32-c3-devkitm", "virtual"}
 
 
+@pytest.mark.slow
 def test_power_cut_then_power_on_resets_rtc(tmp_path):
     dev = tmp_path / "dev"
     main = tmp_path / "main.py"
@@ -72,3 +77,25 @@ def test_board_demo_shows_a_rollback_and_exits_zero():
     proc = subprocess.run([sys.executable, "-m", "mpfleet.demo.board"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rolled back" in proc.stdout
+
+
+def test_every_command_group_resolves_to_its_module_and_is_named_as_listed():
+    import click
+
+    from mpfleet.cli import COMMANDS, cli
+
+    ctx = click.Context(cli)
+    for name in cli.list_commands(ctx):
+        command = cli.get_command(ctx, name)
+        assert isinstance(command, click.Command) and command.name == name, name
+    assert cli.get_command(ctx, "no-such-command") is None
+    assert sorted(COMMANDS) == cli.list_commands(ctx)
+
+
+def test_a_command_imports_only_its_own_group():
+    code = ("import sys; from mpfleet.cli import main\n"
+            "try:\n    main(['devices', 'list', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('mpfleet.cli.', 'esptool', 'mpfleet.sim'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = proc.stdout.strip().splitlines()[-1]
+    assert "esptool" not in loaded and "mpfleet.sim" not in loaded and "mpfleet.cli.usb" not in loaded, loaded

@@ -28,11 +28,15 @@ def run(tmp_path, *args, check=True):
 
 @pytest.fixture
 def fleet_db(tmp_path):
-    """A database with a key and five registered devices (two in group pumps)."""
-    run(tmp_path, "keys", "init")
-    for i in range(1, 6):
-        extra = ["--group", "pumps"] if i <= 2 else []
-        run(tmp_path, "devices", "add", f"dev-{i}", *extra)
+    """A database with a key and five registered devices (two in group pumps), made
+    through the library: `keys init` and `devices add` have their own CLI tests."""
+    from mpfleet.fleet.registry import Registry
+
+    with Store(tmp_path / "m.db") as store:
+        KeyRing(store, tmp_path / "keys").init()
+        registry = Registry(store)
+        for i in range(1, 6):
+            registry.add(f"dev-{i}", groups=["pumps"] if i <= 2 else [])
     return tmp_path
 
 
@@ -196,6 +200,7 @@ def test_job_create_refuses_what_the_device_would_drop_or_must_refuse(fleet_db, 
     assert json.loads(run(fleet_db, "job", "list", "--json").stdout) == []
 
 
+@pytest.mark.slow
 def test_sim_fleet_provisions_like_a_real_device(tmp_path):
     run(tmp_path, "keys", "init")
     proc = subprocess.run([sys.executable, "-m", "mpfleet", "sim", "fleet", "--devices", "2", "--root",

@@ -223,6 +223,7 @@ def test_every_truncation_is_reported_or_harmless(tmp_path, original):
     assert tally["harmless"] == 0
 
 
+@pytest.mark.slow
 def test_every_structure_byte_changed_is_reported_or_harmless(tmp_path, original):
     """Each byte of the file header, every b-tree page header and cell pointer array,
     inverted in turn: the structure SQLite's quick_check is there to verify."""
@@ -232,6 +233,7 @@ def test_every_structure_byte_changed_is_reported_or_harmless(tmp_path, original
     assert_never_silent_and_wrong(tmp_path, original, cases, quick=True)
 
 
+@pytest.mark.slow
 def test_bytes_that_are_not_text_inside_rows_are_found_by_the_full_check(tmp_path, original):
     """16 bytes of 0xFF every 128 bytes of the whole file, cell contents included: the
     full check reads every row back, and no TEXT value may hold bytes that are not UTF-8."""
@@ -445,6 +447,7 @@ def test_a_failed_backup_leaves_no_file(tmp_path, original):
     assert not (tmp_path / "none.db").exists()
 
 
+@pytest.mark.slow
 def test_backup_while_another_connection_writes(tmp_path, monkeypatch):
     """Like `serve` committing while the operator backs up: the writer is never held up
     and the copy is one consistent snapshot (its rows are exactly 1..k of the writer's)."""

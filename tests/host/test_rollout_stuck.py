@@ -663,6 +663,7 @@ def mpfleet(tmp_path, *args):
                           timeout=60, env=env)
 
 
+@pytest.mark.slow
 def test_job_status_exits_4_while_an_execution_is_stuck_and_the_operator_can_act(tmp_path):
     import time
 

@@ -20,7 +20,45 @@ from mpfleet import __version__
 from mpfleet.errors import MpfleetError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Every command group, by name: (module, attribute). A group's module is imported when
+# the group is used (or `--help` lists it), so `mpfleet job list` does not pay for
+# esptool, the simulator or the USB tools at start-up.
+COMMANDS = {
+    "app": ("mpfleet.cli.app", "app"),
+    "boards": ("mpfleet.cli.boards", "boards"),
+    "broker": ("mpfleet.cli.broker", "broker"),
+    "db": ("mpfleet.cli.db", "db_group"),
+    "deploy": ("mpfleet.cli.usb", "deploy"),
+    "devices": ("mpfleet.cli.devices", "devices"),
+    "flash": ("mpfleet.cli.flash", "flash"),
+    "image": ("mpfleet.cli.images", "image"),
+    "ingest": ("mpfleet.cli.serve", "ingest"),
+    "job": ("mpfleet.cli.jobs", "job"),
+    "keys": ("mpfleet.cli.keys", "keys"),
+    "ports": ("mpfleet.cli.usb", "ports"),
+    "samples": ("mpfleet.cli.samples", "samples"),
+    "serve": ("mpfleet.cli.serve", "serve"),
+    "sim": ("mpfleet.cli.sim", "sim"),
+    "usb": ("mpfleet.cli.usb", "usb"),
+}
+
+
+class _CommandRooms(click.Group):
+    """The top-level group: commands come from COMMANDS, imported on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        import importlib
+
+        module, attribute = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=_CommandRooms, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpfleet")
 def cli() -> None:
     """mpfleet: flash, provision and command fleets of MicroPython ESP32 devices.
@@ -28,42 +66,6 @@ def cli() -> None:
     Virtual boards (`mpfleet sim ...`) run the same firmware on the real
     MicroPython unix port, so everything can be tried without hardware.
     """
-
-
-def _register_subcommands() -> None:
-    from mpfleet.cli.boards import boards
-    from mpfleet.cli.broker import broker
-    from mpfleet.cli.db import db_group
-    from mpfleet.cli.devices import devices
-    from mpfleet.cli.flash import flash
-    from mpfleet.cli.app import app
-    from mpfleet.cli.images import image
-    from mpfleet.cli.jobs import job
-    from mpfleet.cli.keys import keys
-    from mpfleet.cli.usb import deploy, ports, usb
-    from mpfleet.cli.samples import samples
-    from mpfleet.cli.serve import ingest, serve
-    from mpfleet.cli.sim import sim
-
-    cli.add_command(sim)
-    cli.add_command(keys)
-    cli.add_command(broker)
-    cli.add_command(devices)
-    cli.add_command(job)
-    cli.add_command(serve)
-    cli.add_command(image)
-    cli.add_command(app)
-    cli.add_command(flash)
-    cli.add_command(ports)
-    cli.add_command(deploy)
-    cli.add_command(usb)
-    cli.add_command(db_group)
-    cli.add_command(boards)
-    cli.add_command(samples)
-    cli.add_command(ingest)
-
-
-_register_subcommands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mpfleet.boards import list_boards, load_board
 from mpfleet.cli.options import JSON
 from mpfleet.cli.render import print_json
 
@@ -22,6 +21,8 @@ def boards() -> None:
 @JSON
 def boards_list(as_json: bool) -> None:
     """List the known boards."""
+    from mpfleet.boards import list_boards, load_board
+
     loaded = [load_board(name) for name in list_boards()]
     if as_json:
         print_json([b.to_json() for b in loaded])
@@ -39,4 +40,6 @@ def boards_list(as_json: bool) -> None:
 @click.argument("name")
 def boards_show(name: str) -> None:
     """Show one board's definition (a name from `boards list` or a path to a .json file)."""
+    from mpfleet.boards import load_board
+
     print_json(load_board(name).to_json())
