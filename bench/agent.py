@@ -27,13 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mpfleet.broker.local import LocalBroker
+from mpfleet.sim.heap import heap_needed
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent_harness import Host, make_device  # noqa: E402
-
-from mpfleet.broker.local import LocalBroker  # noqa: E402
-from mpfleet.sim.heap import heap_needed  # noqa: E402
+from agent_harness import Host, make_device  # noqa: E402 - tests/ is on the path from the line above
 
 WEAR_SAMPLES = 1000
 NAIVE_MAIN = """

@@ -22,16 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from mpfleet.sim import VirtualBoard
+from mpfleet.sim.board import micropython_executable
+from mpfleet.sim.heap import heap_needed
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey  # noqa: E402
-
-from conftest import firmware_files  # noqa: E402
-from mpfleet.sim import VirtualBoard  # noqa: E402
-from mpfleet.sim.board import micropython_executable  # noqa: E402
-from mpfleet.sim.heap import heap_needed  # noqa: E402
+from conftest import firmware_files  # noqa: E402 - tests/ is on the path from the line above
 
 N = 31
 MESSAGE_LEN = 300  # about a signed job envelope

@@ -32,17 +32,17 @@ import threading
 import time
 from pathlib import Path
 
+from mpfleet.broker.local import LocalBroker
+from mpfleet.fleet.jobs_model import ExecutionRow
+from mpfleet.fleet.serve import Dispatcher
+from mpfleet.sim.heap import heap_needed
+from mpfleet.sim.netfault import LinkCutter
+from mpfleet.fleet.updates import app_params, ota_params
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from update_site import UpdateSite  # noqa: E402
-
-from mpfleet.broker.local import LocalBroker  # noqa: E402
-from mpfleet.fleet.jobs_model import ExecutionRow  # noqa: E402
-from mpfleet.fleet.serve import Dispatcher  # noqa: E402
-from mpfleet.sim.heap import heap_needed  # noqa: E402
-from mpfleet.sim.netfault import LinkCutter  # noqa: E402
-from mpfleet.fleet.updates import app_params, ota_params  # noqa: E402
+from update_site import UpdateSite  # noqa: E402 - tests/ is on the path from the line above
 
 IMAGE_SIZE = 1 << 20
 FULL_IMAGE_SIZE = 1_400_000

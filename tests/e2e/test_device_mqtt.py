@@ -643,7 +643,7 @@ def test_tls_handshake_with_a_silent_peer_times_out(new_board):
 @pytest.fixture(scope="module")
 def amqtt_broker(tmp_path_factory):
     try:
-        import amqtt  # noqa: F401
+        import amqtt  # noqa: F401 - only whether it is installed
     except ImportError:
         pytest.skip("amqtt is not installed (optional `broker` extra): pip install amqtt")
     port = free_port()

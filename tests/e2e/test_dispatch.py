@@ -164,7 +164,10 @@ def test_failing_canary_aborts_and_later_stages_never_receive_the_job(env, dispa
 def test_good_job_reaches_every_device_stage_by_stage_within_the_rate(env):
     # The dispatcher's clock runs 20x fast so that 60 s rate windows pass in 3 s.
     t0 = time.time()
-    fast = lambda: t0 + (time.time() - t0) * 20  # noqa: E731
+
+    def fast():
+        return t0 + (time.time() - t0) * 20
+
     job = env.engine.create_job("config", {"set": {"upload_watermark": 450}}, ["awake"], job_id="good-staged",
                                 options=RolloutOptions(stages=[0.1, 0.5, 1.0], rate_per_min=12,
                                                        success_threshold=0.9))

@@ -101,7 +101,7 @@ def _running(board) -> str:
 
 
 def _otadata(board) -> list[tuple[int, str, bool]]:
-    from mpfleet.sim.board import runtime_module  # noqa: PLC0415
+    from mpfleet.sim.board import runtime_module
 
     STATE_NAMES = runtime_module("_simota").STATE_NAMES
     return [(e.seq, STATE_NAMES.get(e.state, hex(e.state)), e.valid) for e in board.ota_entries()]

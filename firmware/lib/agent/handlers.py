@@ -121,7 +121,7 @@ def run(runner, cur):
         return
     try:
         handler(runner, cur)
-    except Exception as e:  # noqa: BLE001 - no handler's failure may escape: it is the job's result
+    except Exception as e:  # no handler's failure may escape: it is the job's result
         gc.collect()
         if runner.state["cur"] is not None and runner.state["cur"]["id"] == cur["id"]:
             runner.finish(cur, FAILED, "%s: %s" % (type(e).__name__, e))

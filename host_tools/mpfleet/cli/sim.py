@@ -151,7 +151,7 @@ def sim_status(directory: Path, as_json: bool) -> None:
     if as_json:
         print_json(status)
         return
-    from mpfleet.sim.board import RESET_NAMES  # noqa: PLC0415
+    from mpfleet.sim.board import RESET_NAMES
 
     console.print(f"[bold]{vb.device_id}[/] ({vb.board['name']}) powered={vb.powered} "
                   f"boots={vb.state['boot_count']} clock={vb.clock_s:.0f}")
@@ -192,7 +192,7 @@ def sim_console(directory: Path, link: Path | None) -> None:
 
     Use it like a USB board: `mpremote connect <port> fs ls`, `mpremote connect <port> repl`.
     """
-    from mpfleet.sim.serial import serve_console  # noqa: PLC0415
+    from mpfleet.sim.serial import serve_console
 
     serve_console(directory, link=link)
 

@@ -116,7 +116,10 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
         raise SystemExit("mpfleet demo: mosquitto is not installed (apt-get install mosquitto)")
     secured = broker.kind == "mosquitto"
     started = time.perf_counter()
-    groups = lambda i, dev: ["demo", "east" if i % 2 else "west"]  # noqa: E731
+
+    def groups(i, dev):
+        return ["demo", "east" if i % 2 else "west"]
+
     if not secured:
         console.print("[yellow]mosquitto is not installed: falling back to amqtt, which is known to lose "
                       "messages when many devices connect at once (docs/dispatch.md); the rollouts may stall. "

@@ -169,7 +169,7 @@ class HeldMessages:
             msg = self._held[0]
             try:
                 self._apply(msg)
-            except Exception as e:  # noqa: BLE001 - sorted below; one message must not stop the rest
+            except Exception as e:  # sorted below; one message must not stop the rest
                 if is_damaged_database(e):
                     raise DamagedDatabaseError(f"the database {self.store.path} is damaged: {e}; "
                                                "see `mpfleet db check`") from e
@@ -198,7 +198,7 @@ class HeldMessages:
         self._note_error(reason, e)
         try:
             self.store.record_ingest_error(parsed[0] if parsed else None, reason)
-        except Exception:  # noqa: BLE001 - logged above; the message is dropped either way
+        except Exception:  # logged above; the message is dropped either way
             log.exception("recording an ingest error")
 
 
@@ -225,7 +225,7 @@ class Ingester:
         self._client = None
 
     def start(self) -> None:
-        from mpfleet.db.maint import require_sound_database  # noqa: PLC0415 - dbmaint imports store only
+        from mpfleet.db.maint import require_sound_database  # dbmaint imports store only
 
         require_sound_database(self.db_path)
         store = Store(self.db_path)  # fail here, in the caller, when the database cannot be opened
@@ -286,7 +286,7 @@ class Ingester:
                     held.forget()
                 else:
                     held.add(msg)
-        except BaseException as e:  # noqa: BLE001 - whatever ends the worker ends ingest, non-zero
+        except BaseException as e:  # whatever ends the worker ends ingest, non-zero
             self.failure = e
             log.exception("ingest stopped: %s", e)
         finally:

@@ -62,7 +62,7 @@ class ArtifactServer:
 
     def __init__(self, db_path: str | Path, images_dir: str | Path | None,
                  publish: Callable[[str, bytes], None], cache_size: int = 4):
-        from mpfleet.images.store import default_images_dir  # noqa: PLC0415
+        from mpfleet.images.store import default_images_dir
 
         self.db_path = Path(db_path)
         self.images_dir = Path(images_dir) if images_dir else default_images_dir()
@@ -140,7 +140,7 @@ class ArtifactServer:
     def _read(self, sha256: str) -> bytes:
         # The store's own read and check; the refusal goes to the device, so it
         # names the artifact, not the host's path.
-        from mpfleet.images.store import StoredImageChanged, StoredImageMissing, read_stored  # noqa: PLC0415
+        from mpfleet.images.store import StoredImageChanged, StoredImageMissing, read_stored
 
         try:
             return read_stored(self.images_dir, sha256)

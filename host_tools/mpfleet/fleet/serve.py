@@ -312,7 +312,7 @@ class Dispatcher:
     def _guarded(self, what: str, fn, *args) -> None:
         try:
             fn(*args)
-        except Exception as e:  # noqa: BLE001 - one bad message or tick must not stop the dispatcher
+        except Exception as e:  # one bad message or tick must not stop the dispatcher
             if is_damaged_database(e):
                 raise DamagedDatabaseError(f"the database {self.db_path} is damaged: {e}; "
                                            "see `mpfleet db check`") from e
@@ -332,7 +332,7 @@ class Dispatcher:
         if self.on_event is not None:
             try:
                 self.on_event(kind, data)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("on_event")
 
     # ------------------------------------------------------------ incoming
@@ -368,7 +368,7 @@ class Dispatcher:
             return
         try:
             self._artifacts.handle(parsed[0], msg.payload)
-        except Exception:  # noqa: BLE001 - paho's thread must live on; the device asks again
+        except Exception:  # paho's thread must live on; the device asks again
             log.exception("ota/get from %s", parsed[0])
 
     def _on_puback(self, mid: int) -> None:

@@ -54,7 +54,7 @@ def app_params(images: ImageStore, ref: str, chunk: int = DEFAULT_CHUNK,
 def check_targets(registry: Registry, devices: list[str], record: ImageRecord) -> None:
     """Refuse a firmware image for another chip than a target's board, or larger than
     its app slots (the device would refuse it too, after downloading its first block)."""
-    from mpfleet.boards import load_board  # noqa: PLC0415
+    from mpfleet.boards import load_board
 
     wrong = []
     for device in devices:

@@ -184,7 +184,7 @@ class ImageStore:
 
     def add_bundle(self, path: str | os.PathLike) -> tuple[ImageRecord, bool]:
         """Validate and store an app bundle (`mpfleet app bundle`); kind "app-bundle"."""
-        from mpfleet.images.appbundle import BundleError, read_bundle  # noqa: PLC0415
+        from mpfleet.images.appbundle import BundleError, read_bundle
 
         path = Path(path)
         data = _read_file(path)

@@ -48,7 +48,7 @@ from mpfleet.errors import MpfleetError
 from mpfleet.images.espimage import CHIP_IDS, build_app_image
 from mpfleet.paths import SIM_RUNTIME_DIR
 from mpfleet.sim.mpy import _simfacts as facts
-from mpfleet.sim.mpy._simfacts import (  # noqa: F401 - re-exported: callers name them from here
+from mpfleet.sim.mpy._simfacts import (  # re-exported: callers name them from here
     DEEPSLEEP_RESET,
     HARD_RESET,
     PWRON_RESET,
@@ -92,7 +92,7 @@ _compiled_runtime: dict[str, str] = {}
 def compiled_runtime() -> str | None:
     """A directory holding the device-side runtime (shims, bootloader) as .mpy,
     compiled once per content; None when it cannot be compiled (sources are used)."""
-    from mpfleet.images.firmware import FirmwareBuildError, compile_mpy  # noqa: PLC0415
+    from mpfleet.images.firmware import FirmwareBuildError, compile_mpy
 
     sources = sorted(p for p in RUNTIME_DIR.glob("*.py") if p.name != BOOT_SCRIPT.name)
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources)).hexdigest()[:16]
@@ -143,7 +143,7 @@ class _ForkedInterpreter:
     """
 
     def __init__(self, argv: list[str], env: dict[str, str]):
-        import micropython_run  # noqa: PLC0415 - only where the wheel is installed
+        import micropython_run  # only where the wheel is installed
 
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -215,7 +215,7 @@ def _can_fork_interpreter() -> bool:
     if os.environ.get("MPFLEET_MICROPYTHON") or not hasattr(os, "fork"):
         return False
     try:
-        import micropython_run  # noqa: F401,PLC0415
+        import micropython_run  # noqa: F401 - only whether the wheel is installed
     except ImportError:
         return False
     return True

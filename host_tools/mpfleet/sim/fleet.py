@@ -164,7 +164,7 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
     `broker_credentials` is (user, password) for every device, `credentials_fn(index,
     device_id)` each device's own (provision_sim_fleet gives each its broker account);
     `wifi` is {"ssid", "password"}."""
-    from mpfleet.images.firmware import firmware_tree  # noqa: PLC0415
+    from mpfleet.images.firmware import firmware_tree
 
     if count < 1:
         raise SimError("a fleet needs at least one device")
@@ -383,7 +383,7 @@ class FleetRunner:
             if record is not None and self.on_boot is not None:
                 try:
                     self.on_boot(slot.board, record)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - the hook's failure is this boot's error
                     error = f"on_boot: {type(e).__name__}: {e}"
             with self._cond:
                 self._in_flight -= 1

@@ -235,7 +235,9 @@ _ESP32_RTC_CALI = 1280  # ROM's crystal estimate is 1280 * 15625 * 80 / 40 = 40 
 
 
 def _esp32_registers(mac: bytes) -> dict[int, int]:
-    word = lambda n: _ESP32_EFUSE + 4 * n  # noqa: E731
+    def word(n: int) -> int:
+        return _ESP32_EFUSE + 4 * n
+
     return {
         _CHIP_DETECT_MAGIC_REG: 0x00F01D83,
         word(0): 0,

@@ -438,7 +438,7 @@ class SerialConsole:
             try:
                 if self._dev is not None:
                     self._stop_boot("console_closed")
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:  # noqa: BLE001 - kept unless the relay failed first
                 self.error = self.error or e
             with self._cond:
                 self._cond.notify_all()

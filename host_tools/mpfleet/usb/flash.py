@@ -192,8 +192,9 @@ def _with_otadata_erased(writes: list[tuple[int, bytes]], board: Board) -> tuple
     for offset, data in writes:
         if _covers(offset, data, otadata):
             at = otadata.offset - offset
-            data = data[:at] + erased + data[at + otadata.size:]  # noqa: PLW2901
-        out.append((offset, data))
+            out.append((offset, data[:at] + erased + data[at + otadata.size:]))
+        else:
+            out.append((offset, data))
     if not any(_covers(offset, data, otadata) for offset, data in writes):
         out.append((otadata.offset, erased))
     return tuple(out)

@@ -98,7 +98,7 @@ def sort_ports(ports: Iterable[UsbPort]) -> list[UsbPort]:
 
 def list_usb_ports() -> list[UsbPort]:
     """The attached USB serial ports, in the order every command uses (module docstring)."""
-    from serial.tools import list_ports  # noqa: PLC0415 - only commands that enumerate need it
+    from serial.tools import list_ports  # only commands that enumerate need it
 
     return sort_ports(UsbPort(p.device, p.vid, p.pid, p.serial_number, p.location, p.description)
                       for p in list_ports.comports() if p.vid is not None and p.pid is not None)

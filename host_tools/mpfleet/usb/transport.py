@@ -34,7 +34,7 @@ def catch_repl(serial, port: str, wait_s: float = CATCH_S) -> None:
     keeps printing, which stalls mpremote's input flush. Ctrl-C every 100 ms until
     ">>> " arrives catches the board at its next wake. The board is never reset:
     an EN reset would lose the samples staged in its RTC memory."""
-    import time  # noqa: PLC0415
+    import time
 
     deadline = time.monotonic() + wait_s
     seen = b""
@@ -81,8 +81,8 @@ class MpremoteLink(BoardLink):
     """mpremote's SerialTransport (raw REPL, raw-paste mode when the board offers it)."""
 
     def __init__(self, port: str, baud: int = 115200, wait_s: float = CATCH_S):
-        from mpremote.transport import TransportError  # noqa: PLC0415
-        from mpremote.transport_serial import SerialTransport  # noqa: PLC0415
+        from mpremote.transport import TransportError
+        from mpremote.transport_serial import SerialTransport
 
         self.port = port
         self._error = TransportError
@@ -125,7 +125,7 @@ class AmpyLink(BoardLink):
     """adafruit-ampy's pyboard module: plain raw REPL, no raw-paste mode."""
 
     def __init__(self, port: str, baud: int = 115200, wait_s: float = CATCH_S):
-        from ampy.pyboard import Pyboard, PyboardError  # noqa: PLC0415
+        from ampy.pyboard import Pyboard, PyboardError
 
         self.port = port
         self._error = PyboardError
@@ -162,7 +162,7 @@ class AmpyLink(BoardLink):
     def close(self) -> None:
         try:
             self._pyb.exit_raw_repl()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the port may be gone; closing is all that is left
             pass
         self._pyb.close()
 
@@ -204,7 +204,7 @@ class LinkPool:
         for link in self.links.values():
             try:
                 link.close()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - one link that fails to close must not keep the others open
                 pass
         self.links.clear()
 

@@ -8,6 +8,6 @@ _runtime = os.getenv("MPFLEET_SIM_RUNTIME")
 if _runtime:
     sys.path.insert(0, _runtime)
 
-import _simstart  # noqa: E402
+import _simstart  # noqa: E402 - from the runtime directory put first on the path above
 
 _simstart.main()

@@ -179,12 +179,12 @@ def start(devdir, interactive):
         hw.halt(_simfacts.EXIT_PANIC, detail="image %s crashes at boot" % app["version"])
 
     # The port's built-in modules: import them before / is replaced by LittleFS.
-    import dht  # noqa: F401
-    import esp32  # noqa: F401
-    import machine  # noqa: F401
-    import network  # noqa: F401
-    import socket  # noqa: F401
-    import time  # noqa: F401
+    import dht  # noqa: F401 - imported before / is replaced
+    import esp32  # noqa: F401 - imported before / is replaced
+    import machine  # noqa: F401 - imported before / is replaced
+    import network  # noqa: F401 - imported before / is replaced
+    import socket  # noqa: F401 - imported before / is replaced
+    import time  # noqa: F401 - imported before / is replaced
 
     _mount_filesystem()
     sys.path[:] = ["", ".frozen", "/lib"]
