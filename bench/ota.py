@@ -226,7 +226,7 @@ def ram(env: Env) -> list[dict]:
         params = _params(env, kind, record)
         env.job(kind, params, board.device_id)
         time.sleep(0.5)  # serve publishes the device's queue
-        need = heap_needed(board, lambda rec: done in rec.output and "Traceback" not in rec.output,
+        need = heap_needed(board, lambda rec: done in rec.output and "Traceback" not in rec.output,  # noqa: B023 - called before heap_needed returns
                            low=32 * 1024, high=256 * 1024, resolution=1024)
         rows.append({"case": f"ram {kind} job wake", "heap_needed_KiB": round(need / 1024, 1) if need else None,
                      "budget_KiB": 128, "fits": bool(need and need <= 128 * 1024)})

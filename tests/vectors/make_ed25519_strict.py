@@ -235,7 +235,7 @@ def vectors():
     r = scalar("mixed-key")
     for want, name in ((True, "mixed-order-key-k-multiple-of-8"), (False, "mixed-order-key-k-not-multiple-of-8")):
         seq = first_seq(lambda s: (challenge(encode(mul(r, BASE)), mixed_enc,
-                                             envelope_message(mixed_enc, name, s)) % 8 == 0) == want)
+                                             envelope_message(mixed_enc, name, s)) % 8 == 0) == want)  # noqa: B023 - first_seq calls it at once
         m = envelope_message(mixed_enc, name, seq)
         vec(name, mixed_enc, m, sign_with(key.a, mixed_enc, r, m), want,
             "A = [a]B + T8 (a torsion component, not small-order); R = [r]B, S = r + k a: "
@@ -250,14 +250,14 @@ def vectors():
         r = scalar(tag)
         r_enc = encode(mul(r, BASE))
         name = f"{tag}-forged-r-times-b"
-        seq = first_seq(lambda s: challenge(r_enc, a_enc, envelope_message(a_enc, name, s)) % n == 0)
+        seq = first_seq(lambda s: challenge(r_enc, a_enc, envelope_message(a_enc, name, s)) % n == 0)  # noqa: B023 - first_seq calls it at once
         m = envelope_message(a_enc, name, seq)
         vec(name, a_enc, m, r_enc + r.to_bytes(32, "little"), False,
             f"small-order A (order {n}, {form}); R = [r]B, S = r with n | k: OpenSSL accepts, "
             "anyone can sign for this key", forged=True)
         # (2) R = A (canonical), S = 0: [0]B = A + [k]A holds once n | k + 1.
         name = f"{tag}-forged-s-zero"
-        seq = first_seq(lambda s: (challenge(encode(a_pt), a_enc, envelope_message(a_enc, name, s)) + 1) % n == 0)
+        seq = first_seq(lambda s: (challenge(encode(a_pt), a_enc, envelope_message(a_enc, name, s)) + 1) % n == 0)  # noqa: B023 - first_seq calls it at once
         m = envelope_message(a_enc, name, seq)
         vec(name, a_enc, m, encode(a_pt) + bytes(32), False,
             f"small-order A (order {n}, {form}); R = A, S = 0 with n | k + 1: OpenSSL accepts", forged=True)
@@ -276,7 +276,7 @@ def vectors():
     # the 8 canonical ones and refuses the variants, as the device refuses all.
     for index, (enc, pt, form) in enumerate(small_order_encodings()):
         name = f"small-order-r-{index}-order-{order(pt)}"
-        seq = first_seq(lambda s: add(pt, mul(challenge(enc, mixed_enc, envelope_message(mixed_enc, name, s)), T8))
+        seq = first_seq(lambda s: add(pt, mul(challenge(enc, mixed_enc, envelope_message(mixed_enc, name, s)), T8))  # noqa: B023 - first_seq calls it at once
                         == IDENTITY)
         m = envelope_message(mixed_enc, name, seq)
         sig_r = enc + (challenge(enc, mixed_enc, m) * key.a % L).to_bytes(32, "little")
