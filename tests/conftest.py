@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,35 @@ def mosquitto():
         yield broker
 
 
+# The agent's job tests (tests/e2e/test_agent_jobs.py, test_agent_promises.py).
+# agent_harness imports this module, so it is imported where it is used.
+@pytest.fixture
+def host(mosquitto, tmp_path):
+    """A host ingesting from `mosquitto` into a fresh database."""
+    from agent_harness import Host
+
+    h = Host(mosquitto, tmp_path / "host.db").start()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def desk_factory(mosquitto):
+    """Factory: a JobDesk (signs and publishes jobs) for a device id, closed afterwards."""
+    from agent_harness import JobDesk
+
+    desks = []
+
+    def make(device_id, key=None):
+        d = JobDesk(mosquitto, device_id, key)
+        desks.append(d)
+        return d
+
+    yield make
+    for d in desks:
+        d.close()
+
+
 def firmware_files(only: tuple[str, ...] | None = None, compiled: bool = True) -> dict[str, bytes]:
     """The firmware tree as {device path: bytes}, for VirtualBoard.fs_put: lib/ as
     .mpy, as a deploy puts it (see mpfleet.images.firmware).
@@ -70,6 +100,19 @@ def firmware_files(only: tuple[str, ...] | None = None, compiled: bool = True) -
     from mpfleet.images.firmware import firmware_tree
 
     return firmware_tree(compiled=compiled, only=only)
+
+
+@pytest.fixture(scope="module")
+def mpy_path(tmp_path_factory) -> Path:
+    """A directory holding agent/{__init__,sha512,ed25519}.mpy as a deploy compiles them
+    (tests/firmware/test_ed25519.py, test_signature_agreement.py)."""
+    root = tmp_path_factory.mktemp("ed25519-mpy")
+    files = firmware_files(only=("lib/agent/__init__.py", "lib/agent/sha512.py", "lib/agent/ed25519.py"))
+    for device_path, data in files.items():
+        target = root / device_path.removeprefix("/lib/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root
 
 
 # What every unit script starts with: case(name, fn) runs one case and prints

@@ -5,32 +5,10 @@ import json
 import random
 import time
 
-import pytest
-from agent_harness import Host, JobDesk, make_device
+from agent_harness import make_device
 from conftest import stress_count
 
 from mpfleet.protocol.signing import SigningKey, b64url, b64url_decode
-
-
-@pytest.fixture
-def host(mosquitto, tmp_path):
-    h = Host(mosquitto, tmp_path / "host.db").start()
-    yield h
-    h.close()
-
-
-@pytest.fixture
-def desk_factory(mosquitto):
-    desks = []
-
-    def make(device_id, key=None):
-        d = JobDesk(mosquitto, device_id, key)
-        desks.append(d)
-        return d
-
-    yield make
-    for d in desks:
-        d.close()
 
 
 def _device(tmp_path, mosquitto, desk_factory, name="dev", **overrides):
@@ -151,7 +129,7 @@ def test_fuzzed_envelopes_never_crash_the_agent_or_run_anything(tmp_path, mosqui
     _, base = desk.job("config", {"set": {"sample_interval_s": 5}}, job_id="base")
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.=+/{}\"[],: \x00\xff"
     envelopes = []
-    for i in range(count):
+    for _ in range(count):
         kind = rng.random()
         if kind < 0.3:
             s = list(base)

@@ -6,7 +6,7 @@ tests/e2e/test_promise_fuzz.py; these name each hole that was found."""
 import json
 import time
 
-from test_agent_jobs import _config, _device, _settle, _wakes, desk_factory, host  # noqa: F401 - fixtures
+from test_agent_jobs import _device, _settle, _wakes
 
 from mpfleet.protocol.signing import SigningKey, b64url
 

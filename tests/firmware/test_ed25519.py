@@ -110,18 +110,6 @@ for line in open(sys.argv[2]):
 """
 
 
-@pytest.fixture(scope="module")
-def mpy_path(tmp_path_factory) -> Path:
-    """A directory holding agent/{__init__,sha512,ed25519}.mpy as a deploy compiles them."""
-    root = tmp_path_factory.mktemp("ed25519-mpy")
-    files = firmware_files(only=("lib/agent/__init__.py", "lib/agent/sha512.py", "lib/agent/ed25519.py"))
-    for device_path, data in files.items():
-        target = root / device_path.removeprefix("/lib/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return root
-
-
 def run_micropython(mpy_path: Path, script: str, lines: list[str]) -> str:
     """Run script on the unix port at the 128 KiB heap over the given input lines."""
     (mpy_path / "script.py").write_text(script)

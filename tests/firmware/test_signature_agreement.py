@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mpfleet.protocol.signing import SigningError, b64url, kid_of, open_envelope, verify_strict
-from test_ed25519 import mpy_path, verify_on_device  # noqa: F401 (mpy_path is a fixture)
+from test_ed25519 import verify_on_device
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "vectors" / "ed25519_strict.json"
 VECTORS = json.loads(VECTORS_PATH.read_text())["vectors"]
