@@ -228,8 +228,8 @@ def hostile(tmp: Path, broker) -> dict:
 
 
 def run() -> dict:
-    with tempfile.TemporaryDirectory(prefix="mpfleet-bench-") as tmp, LocalBroker() as broker:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="mpfleet-bench-") as tmp_name, LocalBroker() as broker:
+        tmp = Path(tmp_name)
         rows = [wear(tmp, broker.port), wire(tmp, broker, 10), wire(tmp, broker, 30), ram(tmp, broker),
                 job_ram(tmp, broker), wake(tmp, broker.port), hostile(tmp, broker)]
     return {"name": "agent", "rows": rows}

@@ -133,8 +133,8 @@ def _heap(tmp: Path, case) -> int | None:
 
 def run() -> dict:
     cases = _cases(N)
-    with tempfile.TemporaryDirectory(prefix="mpfleet-ed25519-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="mpfleet-ed25519-") as tmp_name:
+        tmp = Path(tmp_name)
         mp = _unix_port(tmp, cases)
         host_us = _cryptography_us(cases)
         need = _heap(tmp, cases[0])

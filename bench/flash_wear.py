@@ -96,8 +96,8 @@ def _measure(tmp: Path, name: str, main: str, samples: int) -> dict:
 def run(samples: int = SAMPLES, long_samples: int = 20000) -> dict:
     full = 3840 // (1 + len(RECORD))  # flashlog.BATCH_BYTES worth of records
     half = 1800 // (1 + len(RECORD))
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         rows = [
             _measure(tmp, "flashlog, full batches", LOG_WAKE % (full, samples, RECORD), samples),
             _measure(tmp, "flashlog, half batches", LOG_WAKE % (half, samples, RECORD), samples),
@@ -115,7 +115,10 @@ def _table(result: dict) -> str:
     heads = ("variant", "samples", "wakes", "erases", "erases/1000 samples", "programmed B / sample B")
     rows = [[str(r[c]) for c in cols] for r in result["rows"]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [line(heads), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out.append(f"naive / flashlog erases: {result['ratio']}x  (records of {len(RECORD)} B, "
                f"4 KiB LittleFS blocks, one append per simulated wake)")

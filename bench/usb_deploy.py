@@ -39,7 +39,7 @@ class Site:
         self.ring.init()
         self.files = firmware_tree()
         self.consoles = []
-        for i in range(count):
+        for _ in range(count):
             vb = VirtualBoard.create(root / f"b{len(self.consoles)}")
             vb.power_on()
             self.consoles.append(SerialConsole(vb))

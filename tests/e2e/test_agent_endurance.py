@@ -90,7 +90,7 @@ def test_power_cuts_anywhere_lose_no_sample_committed_to_flash(mosquitto, tmp_pa
     assert len(seqs) == len(set(seqs))
     missing = committed - set(seqs)
     assert not missing, f"{len(missing)} samples committed to flash never reached SQLite: {sorted(missing)[:10]}"
-    for _, seq, t, values in rows:
+    for _, seq, _t, values in rows:
         if all(v is None for v in values):
             assert seq not in committed, f"seq {seq} was flushed but arrived as lost"
             continue

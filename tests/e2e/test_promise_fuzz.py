@@ -477,7 +477,7 @@ class Fuzz:
                                f"but it ended {first or 'nowhere'}")
         new_statuses = [s for s in new_statuses if not (isinstance(s, dict) and _again(s))]
         order = []
-        for (kid, seq), ids in must.items():
+        for (_kid, seq), ids in must.items():
             ran = [j for j in ids if any(s.get("status") in ("SUCCEEDED", "FAILED") for s in by_id.get(j, []))]
             if len(ran) != 1:
                 detail = {j: [s.get("status") + ":" + str(s.get("detail"))[:60] for s in by_id.get(j, [])]

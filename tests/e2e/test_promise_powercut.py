@@ -143,7 +143,7 @@ class Sweep:
         out = []
         for seq, (type_, params, job_id) in enumerate(self.kind.jobs, start=1):
             if type_ == "exec":
-                params = {"code": trace_code(job_id)}
+                params = {"code": trace_code(job_id)}  # noqa: PLW2901 - an exec job's code is its trace line
             out.append({"id": job_id, "seq": seq, "type": type_, "params": params or {},
                         "targets": [device_id], "iat": int(clock_s) - 60})
         return out

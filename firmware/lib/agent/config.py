@@ -235,7 +235,7 @@ def change_problem(key):
                 % head)
     section = None if "." not in key else head
     name = key if section is None else key[len(head) + 1:]
-    for s, k, check, default in SCHEMA:
+    for s, k, _check, _default in SCHEMA:
         if section is None and (k == name and s is None or s == name):
             return None
         if section is not None and s == section and k == name:

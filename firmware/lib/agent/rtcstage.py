@@ -223,7 +223,7 @@ class Stage:
             return False
         self._last_t = self.base_t
         try:
-            for seq, t, values in self.samples():
+            for _seq, t, values in self.samples():
                 self._last_t = t
                 for i in range(len(values)):
                     if values[i] is not None:

@@ -542,11 +542,11 @@ class RolloutEngine:
             ahead = held.setdefault(job.type, {})
             self._tick_job(job, now, changes, ahead if job.type in ORDERED_TYPES else {})
             if job.type in ORDERED_TYPES and job.type in kinds[i + 1:]:
-                job = self._job(job.id)
-                if job.status == ACTIVE and (job.options.start_at is None
-                                                or job.options.start_at <= now):
-                    for d in self._unsettled(job, now):
-                        ahead.setdefault(d, job.id)
+                ticked = self._job(job.id)  # as the tick left it
+                if ticked.status == ACTIVE and (ticked.options.start_at is None
+                                                   or ticked.options.start_at <= now):
+                    for d in self._unsettled(ticked, now):
+                        ahead.setdefault(d, ticked.id)
         if now >= self._stuck_next:
             self._stuck_next = now + STUCK_CHECK_S
             for s in self.stuck(now=now):
