@@ -127,7 +127,8 @@ def run(devices: int = DEVICES) -> dict:
                 k: fleet[k] for k in ("boots", "boots_per_s", "mean_boot_s", "exit_reasons", "stopped", "errors")},
             "ratio": round(boots / max(ok, 1), 3),
             "ratio_label": "device wakes per execution (ideal 1.0: each device ran the job on its first wake)",
-            "job_over_cycle": round(job_s / cycle_s, 2), "target_met": ok == devices and job_s <= TARGET_S, "rows": rows}
+            "job_over_cycle": round(job_s / cycle_s, 2), "target_met": ok == devices and job_s <= TARGET_S,
+            "rows": rows}
 
 
 if __name__ == "__main__":

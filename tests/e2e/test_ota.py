@@ -142,14 +142,16 @@ def _truncated(env) -> tuple[dict, str]:
 
 
 REFUSALS = {
-    "bad-sha": (lambda env: (dict(ota_params(env.images, env.image("v1.32.0", secure_version=2).id)[0], sha256="ab" * 32),
+    "bad-sha": (lambda env: (dict(ota_params(env.images, env.image("v1.32.0", secure_version=2).id)[0],
+                                  sha256="ab" * 32),
                              "SHA-256 of the written image"), "FAILED"),
     "wrong-chip": (lambda env: (ota_params(env.images, env.image("v1.33.0", chip="esp32s3", secure_version=2).id)[0],
                                 "the image is for chip id 9, this chip is 0"), "REJECTED"),
     "truncated": (_truncated, "FAILED"),
     "downgrade": (lambda env: (ota_params(env.images, env.image("v1.20.0", secure_version=1).id)[0],
                                "secure_version 1 is below the running 2"), "REJECTED"),
-    "slot-too-small": (lambda env: (dict(ota_params(env.images, env.image("v1.34.0", secure_version=2).id)[0], size=2_000_000),
+    "slot-too-small": (lambda env: (dict(ota_params(env.images, env.image("v1.34.0", secure_version=2).id)[0],
+                                         size=2_000_000),
                                     "does not fit the 1572864-byte slot ota_1"), "REJECTED"),
 }
 
@@ -333,7 +335,8 @@ def test_power_cuts_during_updates_always_leave_a_bootable_device_and_one_true_s
         rec = board.boot()
         assert rec.exit_reason != "no_bootable_image"
         finals = {s["status"] for s in env.log.of(job) if s["status"] in FINAL}
-        assert finals == {row.status}, f"round {round_} (cut at {cut_at}): device sent {finals}, host holds {row.status}"
+        assert finals == {row.status}, \
+            f"round {round_} (cut at {cut_at}): device sent {finals}, host holds {row.status}"
         if kind == "ota":
             want = record.version if row.status == "SUCCEEDED" else before_fw
             assert _running(board) == want, f"round {round_}: {row}"

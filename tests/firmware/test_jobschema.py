@@ -76,7 +76,8 @@ REFUSED = [
     ("keys removing nine", "keys", {"remove": [KID] * 9}, "at most 8 keys"),
     ("keys removing a short kid", "keys", {"remove": [KID[:15]]}, "remove must list kids of 16 hex digits"),
     ("keys removing a number", "keys", {"remove": [5]}, "remove must list kids of 16 hex digits"),
-    ("keys adding a key under another kid", "keys", {"add": {OTHER_KID: KEY}}, f"kid {OTHER_KID} does not name its key"),
+    ("keys adding a key under another kid", "keys", {"add": {OTHER_KID: KEY}},
+     f"kid {OTHER_KID} does not name its key"),
     ("keys adding a key in standard base64", "keys", {"add": {KID: KEY + "+"}}, f"key {KID} is not base64url"),
     ("keys adding a 31-byte key", "keys", {"add": {KID: b64url(b"\x01" * 31)}}, f"key {KID} is not 32 bytes"),
     ("keys adding a key that is not text", "keys", {"add": {KID: 5}},
@@ -114,7 +115,8 @@ ACCEPTED = [
 ]
 
 DEVICE = "from agent import jobschema\n" + "".join(
-    f"case({name!r}, lambda: jobschema.problem({kind!r}, {params!r}))\n" for name, kind, params, *_ in REFUSED + ACCEPTED)
+    f"case({name!r}, lambda: jobschema.problem({kind!r}, {params!r}))\n"
+    for name, kind, params, *_ in REFUSED + ACCEPTED)
 
 
 @pytest.fixture(scope="module")

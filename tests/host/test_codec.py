@@ -100,8 +100,9 @@ print(n, len(enc.finish()))
     assert first == "True False True", "a seq gap must not be written into the frame"
     count, size = map(int, second.split())
     assert size <= 40
-    frame = decode_frame(bytes.fromhex(_micropython(source.replace(
-        "print(n, len(enc.finish()))", "import binascii; print(binascii.hexlify(enc.finish()).decode())")).split("\n")[1]))
+    hexed = _micropython(source.replace(
+        "print(n, len(enc.finish()))", "import binascii; print(binascii.hexlify(enc.finish()).decode())"))
+    frame = decode_frame(bytes.fromhex(hexed.split("\n")[1]))
     assert frame.count == count and frame.samples[-1][0] == 10 + count - 1
 
 

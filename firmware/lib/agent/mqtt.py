@@ -70,8 +70,8 @@ _RETAIN = const(0x01)
 _SUBACK_FAILURE = const(0x80)
 
 _PROTOCOL_LEVEL = const(4)  # 3.1.1
-_MAX_REMAINING = const(268435455)
-_SMALL_PUBLISH = const(160)  # whole packets up to this size are sent in one write  # 4-byte varint limit (section 2.2.3)
+_MAX_REMAINING = const(268435455)  # 4-byte varint limit (section 2.2.3)
+_SMALL_PUBLISH = const(160)  # whole packets up to this size are sent in one write
 _SCRATCH = const(64)
 _UNDELIVERED = const(0x01)  # _step's answer for a PUBLISH that did not reach the callback (no packet type)
 

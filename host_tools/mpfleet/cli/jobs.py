@@ -245,12 +245,14 @@ def job() -> None:
 @click.option("--abort-threshold", help="Abort when this share of finished executions failed, e.g. 20%.")
 @click.option("--abort-min", type=click.IntRange(min=1), help="...counted only after this many finished (default 1).")
 @click.option("--timeout", type=DURATION, help="A device in progress longer than this is TIMED_OUT (e.g. 10m).")
-@click.option("--queued-timeout", type=DURATION, help="A device that has not taken the job this long after it was queued is "
-                                       "flagged stuck in `job status` (default 2h; keep it above a few of the "
-                                       "devices' connect intervals, sample_interval_s x upload_every_wakes).")
+@click.option("--queued-timeout", type=DURATION,
+              help="A device that has not taken the job this long after it was queued is "
+                   "flagged stuck in `job status` (default 2h; keep it above a few of the "
+                   "devices' connect intervals, sample_interval_s x upload_every_wakes).")
 @click.option("--retries", type=click.IntRange(0, 100), help="Retries of FAILED or TIMED_OUT executions (default 0).")
 @click.option("--start", "start_at", type=POINT_IN_TIME, help="Not before: +10m, an ISO time or Unix seconds.")
-@click.option("--end", "end_at", type=POINT_IN_TIME, help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
+@click.option("--end", "end_at", type=POINT_IN_TIME,
+              help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
 @click.option("--continuous", is_flag=True, help="Devices that join the targets later get the job too.")
 @click.option("--image", "image_ref", metavar="ID",
               help="ota jobs: the firmware image (id from `mpfleet image list`, or a file to add).")

@@ -23,7 +23,8 @@ def _stats_line(s: dict) -> Text:
     return Text(f"{s['elapsed_s']:7.1f}s  boots {s['boots']:6d}  {s['boots_per_s']:7.2f}/s  "
                 f"per device {s['boots_per_device_min']}-{s['boots_per_device_max']}  "
                 f"running {s['running']}/{s['devices']}  in flight {s['in_flight']}  "
-                f"stopped {len(s['stopped'])}  looping {len(s['looping'])}  {reasons}", no_wrap=True, overflow="ellipsis")
+                f"stopped {len(s['stopped'])}  looping {len(s['looping'])}  {reasons}",
+                no_wrap=True, overflow="ellipsis")
 
 
 def _summary(s: dict) -> Table:
@@ -60,7 +61,8 @@ def _summary(s: dict) -> Table:
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: Ctrl-C).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Boots at a time.")
 @click.option("--prefix", default="sim", show_default=True, help="Device id prefix (when provisioning).")
-@click.option("--group", "groups", type=GROUP, multiple=True, help="Group of every device (when provisioning). Repeatable.")
+@click.option("--group", "groups", type=GROUP, multiple=True,
+              help="Group of every device (when provisioning). Repeatable.")
 @click.option("--credentials/--no-credentials", default=None,
               help="Give each device its own broker account (default: when `mpfleet broker config` has been run).")
 @DB

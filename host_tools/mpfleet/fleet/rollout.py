@@ -841,8 +841,8 @@ class RolloutEngine:
                  e["id"], QUEUED, IN_PROGRESS))
             return cur.rowcount == 1
         cur = self.db.execute(
-            "UPDATE executions SET status = ?, finished = ?, updated = ?, device_attempt = COALESCE(?, device_attempt), "
-            "detail_json = ? WHERE id = ? AND status IN (?, ?)",
+            "UPDATE executions SET status = ?, finished = ?, updated = ?, "
+            "device_attempt = COALESCE(?, device_attempt), detail_json = ? WHERE id = ? AND status IN (?, ?)",
             (status, now, now, dev_attempt, json.dumps(detail), e["id"], QUEUED, IN_PROGRESS))
         if cur.rowcount != 1:
             return False
