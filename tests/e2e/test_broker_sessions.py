@@ -256,7 +256,7 @@ def test_generated_mosquitto_conf_binds_client_ids_and_persists(tmp_path):
         log.close()
         try:
             wait_for_port("127.0.0.1", port)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever failed, the broker is killed and its log shown
             proc.kill()
             proc.wait()
             raise AssertionError((tmp_path / "mosquitto.log").read_text(errors="replace")[-2000:]) from None

@@ -668,7 +668,7 @@ def amqtt_broker(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_port("127.0.0.1", port, 15)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever failed, the broker is killed and its stderr shown
         proc.kill()
         err = proc.communicate()[1].decode(errors="replace")[-1500:]
         pytest.fail(f"amqtt broker did not start:\n{err}")

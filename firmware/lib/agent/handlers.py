@@ -196,7 +196,7 @@ def run_exec(runner, cur):
         size[0] += len(text)
 
     try:
-        exec(code, {"print": bounded_print, "__name__": "__job__"})
+        exec(code, {"print": bounded_print, "__name__": "__job__"})  # noqa: S102 - the exec job, a signed snippet run only where exec_allowed (set over USB)
     except Exception as e:  # noqa: BLE001 - the snippet's failure is the job's result
         runner.finish(cur, FAILED, {"error": "%s: %s" % (type(e).__name__, e), "output": "".join(out)})
         return

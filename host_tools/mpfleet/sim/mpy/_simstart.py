@@ -141,7 +141,7 @@ def _leave_budget(hw):
         except MemoryError:
             size //= 2
     hw.ballast = ballast
-    reserve = None
+    del reserve
     gc.collect()
     hw.heap_base = gc.mem_alloc()
     import micropython
