@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mpfleet-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast stress bench demo hil check-firmware clean
+.PHONY: help install lint test test-fast stress bench demo hil check-firmware clean
 
 help:
-	@echo "make test    create .venv, install mpfleet, ensure mosquitto, run the test suite"
+	@echo "make test    create .venv, install mpfleet, ensure mosquitto, lint, run the test suite"
+	@echo "make lint    ruff check of the Python code (rules in pyproject.toml)"
 	@echo "make test-fast  the unit tests (tests/host, tests/firmware) without the slow sweeps: under a minute"
 	@echo "make stress  the long stress runs at full count (power-cut fuzz)"
 	@echo "make bench   benchmarks: table on stdout, JSON in bench/results/"
@@ -25,7 +26,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check host_tools tests bench firmware
+
+test: $(STAMP) lint
 	@scripts/ensure-mosquitto
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
