@@ -77,23 +77,25 @@ def _decode_point(s):
     return x, y
 
 
+def _double(X, Y, Z):
+    """Doubling (dbl-2008-hwcd) of (X:Y:Z): the doubled X, Y, Z, and e, h whose product
+    is the doubled T, for the caller to compute only when an addition follows."""
+    p = _P
+    a = X * X % p
+    b = Y * Y % p
+    h = a + b
+    e = h - (X + Y) * (X + Y) % p
+    g = a - b
+    f = 2 * Z * Z % p + g
+    return e * f % p, g * h % p, f * g % p, e, h
+
+
 def _small_order(x, y):
     """True if [8](x, y) is the identity (three doublings, projective)."""
-    p = _P
-    X = x
-    Y = y
-    Z = 1
+    X, Y, Z = x, y, 1
     for _ in range(3):
-        a = X * X % p
-        b = Y * Y % p
-        h = a + b
-        e = h - (X + Y) * (X + Y) % p
-        g = a - b
-        f = 2 * Z * Z % p + g
-        X = e * f % p
-        Y = g * h % p
-        Z = f * g % p
-    return X % p == 0
+        X, Y, Z, _e, _h = _double(X, Y, Z)
+    return X % _P == 0
 
 
 def _naf(k, out):
@@ -194,16 +196,7 @@ def verify(public_key, message, signature):
     T = 0
     i = top - 1
     while i >= 0:
-        # Doubling (dbl-2008-hwcd); T is only needed when an addition follows.
-        a = X * X % p
-        b = Y * Y % p
-        hh = a + b
-        e = hh - (X + Y) * (X + Y) % p
-        g = a - b
-        f = 2 * Z * Z % p + g
-        X = e * f % p
-        Y = g * hh % p
-        Z = f * g % p
+        X, Y, Z, e, hh = _double(X, Y, Z)  # T = e * hh, needed only when an addition follows
         ds = naf_s[i] - _NAF_BIAS
         dk = naf_k[i] - _NAF_BIAS
         if ds or dk:

@@ -23,6 +23,15 @@ def _registry(db: str | None):
     return store, Registry(store)
 
 
+def _show_change(device: dict, as_json: bool) -> None:
+    """A device as `devices add` or `devices tag` left it."""
+    if as_json:
+        print_json(device)
+        return
+    click.echo(f"{device['id']}: board {device['board'] or '(unknown)'}, "
+               f"groups {', '.join(device['groups']) or '(none)'}")
+
+
 def _cell(value) -> str:
     return "" if value is None else str(value)
 
@@ -108,11 +117,7 @@ def devices_tag(device_id: str, add: tuple[str, ...], remove: tuple[str, ...], d
         raise click.UsageError("give --add GROUP and/or --remove GROUP")
     store, registry = _registry(db)
     with store:
-        d = registry.tag(device_id, add=add, remove=remove)
-    if as_json:
-        print_json(d)
-        return
-    click.echo(f"{d['id']}: groups {', '.join(d['groups']) or '(none)'}")
+        _show_change(registry.tag(device_id, add=add, remove=remove), as_json)
 
 
 @devices.command("add")
@@ -129,8 +134,4 @@ def devices_add(device_id: str, board: str | None, groups: tuple[str, ...], db: 
     board_name = load_board(board).name if board else None
     store, registry = _registry(db)
     with store:
-        d = registry.add(device_id, board=board_name, groups=groups)
-    if as_json:
-        print_json(d)
-        return
-    click.echo(f"{d['id']}: board {d['board'] or '(unknown)'}, groups {', '.join(d['groups']) or '(none)'}")
+        _show_change(registry.add(device_id, board=board_name, groups=groups), as_json)

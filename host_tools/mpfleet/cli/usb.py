@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.options import DB, JSON, KEYS_DIR, broker_option
+from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, broker_option
 from mpfleet.cli.render import Column, print_json, report_boards
 
 # No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
@@ -44,6 +44,11 @@ QUIET = click.option("--quiet", is_flag=True, help="No progress lines.")
 TRANSPORT = click.option("--transport", type=click.Choice(["mpremote", "ampy"]), default="mpremote",
                          show_default=True,
                          help="REPL transport: mpremote (raw-paste mode, faster) or ampy (plain raw REPL).")
+
+
+def link_options(command):
+    """--transport, --wait and --quiet: how a field command talks to each board."""
+    return TRANSPORT(WAIT(QUIET(command)))
 
 
 def chosen_ports(ports: tuple[str, ...], all_ports: bool, action: str) -> list[str]:
@@ -141,12 +146,10 @@ def ports(probe, ports, as_json):
 @broker_option("The broker the devices will use (host and port go into their config)")
 @click.option("--wifi-ssid", help="Wi-Fi network for the devices.")
 @click.option("--wifi-password", help="Its password.")
-@click.option("--group", "groups", multiple=True, help="Add the devices to this group. Repeatable.")
+@click.option("--group", "groups", type=GROUP, multiple=True, help="Add the devices to this group. Repeatable.")
 @click.option("--credentials", is_flag=True,
               help="Give each device its own broker account (mpfleet broker config writes the broker's files).")
-@TRANSPORT
-@WAIT
-@QUIET
+@link_options
 @DB
 @KEYS_DIR
 @JSON
@@ -200,9 +203,7 @@ def usb() -> None:
 @click.argument("job_id", metavar="JOB")
 @PORTS
 @ALL
-@TRANSPORT
-@WAIT
-@QUIET
+@link_options
 @DB
 @KEYS_DIR
 @JSON
@@ -231,9 +232,7 @@ def usb_run(job_id, ports, all_ports, transport, wait_s, quiet, db, keys_dir, as
 @usb.command("collect", epilog=BOARDS_HELP)
 @PORTS
 @ALL
-@TRANSPORT
-@WAIT
-@QUIET
+@link_options
 @DB
 @JSON
 def usb_collect(ports, all_ports, transport, wait_s, quiet, db, as_json):
