@@ -122,16 +122,7 @@ def _naf(k, out):
 def _odd_multiples(x, y):
     """[1P, 3P, ..., 15P] of affine P, each cached as (Y+X, Y-X, 2dT, 2Z)."""
     p = _P
-    # 2P from affine P (dbl-2008-hwcd with Z = 1).
-    a = x * x % p
-    b = y * y % p
-    h = a + b
-    e = h - (x + y) * (x + y) % p
-    g = a - b
-    f = 2 + g
-    X2 = e * f % p
-    Y2 = g * h % p
-    Z2 = f * g % p
+    X2, Y2, Z2, e, h = _double(x, y, 1)  # 2P
     T2 = e * h % p
     table = [None] * _TABLE
     X = x
