@@ -90,6 +90,21 @@ def _double(X, Y, Z):
     return e * f % p, g * h % p, f * g % p, e, h
 
 
+def _add_cached(X, Y, Z, T, q):
+    """(X:Y:Z:T) + Q (add-2008-hwcd-3), Q cached as (Y+X, Y-X, 2dT, 2Z)."""
+    p = _P
+    ypx, ymx, t2d, z2 = q
+    a = (Y - X) * ymx % p
+    b = (Y + X) * ypx % p
+    c = T * t2d % p
+    dd = Z * z2 % p
+    e = b - a
+    f = dd - c
+    g = dd + c
+    h = b + a
+    return e * f % p, g * h % p, f * g % p, e * h % p
+
+
 def _small_order(x, y):
     """True if [8](x, y) is the identity (three doublings, projective)."""
     X, Y, Z = x, y, 1
@@ -122,8 +137,8 @@ def _naf(k, out):
 def _odd_multiples(x, y):
     """[1P, 3P, ..., 15P] of affine P, each cached as (Y+X, Y-X, 2dT, 2Z)."""
     p = _P
-    X2, Y2, Z2, e, h = _double(x, y, 1)  # 2P
-    T2 = e * h % p
+    X2, Y2, Z2, e, h = _double(x, y, 1)
+    two_p = ((Y2 + X2) % p, (Y2 - X2) % p, _D2 * (e * h % p) % p, (Z2 + Z2) % p)
     table = [None] * _TABLE
     X = x
     Y = y
@@ -135,19 +150,7 @@ def _odd_multiples(x, y):
         i += 1
         if i == _TABLE:
             return table
-        # (X, Y, Z, T) += 2P (add-2008-hwcd-3)
-        a = (Y - X) * (Y2 - X2) % p
-        b = (Y + X) * (Y2 + X2) % p
-        c = T * _D2 % p * T2 % p
-        dd = 2 * Z * Z2 % p
-        e = b - a
-        f = dd - c
-        g = dd + c
-        h = b + a
-        X = e * f % p
-        Y = g * h % p
-        Z = f * g % p
-        T = e * h % p
+        X, Y, Z, T = _add_cached(X, Y, Z, T, two_p)  # += 2P
 
 
 def verify(public_key, message, signature):
@@ -196,24 +199,11 @@ def verify(public_key, message, signature):
                 if digit == 0:
                     continue
                 if digit > 0:
-                    ypx, ymx, t2d, z2 = table[digit >> 1]
+                    X, Y, Z, T = _add_cached(X, Y, Z, T, table[digit >> 1])
                 else:
                     # Adding -Q: swap Y+X with Y-X and negate T.
-                    ymx, ypx, t2d, z2 = table[(-digit) >> 1]
-                    t2d = -t2d
-                # add-2008-hwcd-3 with the cached point
-                a = (Y - X) * ymx % p
-                b = (Y + X) * ypx % p
-                c = T * t2d % p
-                dd = Z * z2 % p
-                e = b - a
-                f = dd - c
-                g = dd + c
-                hh = b + a
-                X = e * f % p
-                Y = g * hh % p
-                Z = f * g % p
-                T = e * hh % p
+                    ypx, ymx, t2d, z2 = table[(-digit) >> 1]
+                    X, Y, Z, T = _add_cached(X, Y, Z, T, (ymx, ypx, -t2d, z2))
         i -= 1
     rx, ry = r_pt
     return (X - rx * Z) % p == 0 and (Y - ry * Z) % p == 0
