@@ -50,7 +50,7 @@ import binascii
 
 from micropython import const
 
-from agent.varint import put_uvarint, uvlen, zigzag
+from agent.varint import missing_bits, put_uvarint, uvlen, zigzag
 
 MAGIC = const(0xB1)
 FLAG_OLDEST = const(0x01)
@@ -152,10 +152,7 @@ class FrameEncoder:
             return False
         scales = self._scales
         prev = self._prev
-        missing = 0
-        for i in range(len(scales)):
-            if values[i] is None:
-                missing |= 1 << i
+        missing = missing_bits(values)
         if missing and not self._flags & FLAG_MISSING:
             if self._count:
                 return False  # this frame has no bitmaps: the next one will

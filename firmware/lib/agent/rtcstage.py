@@ -48,7 +48,7 @@ import struct
 
 import machine
 
-from agent.varint import get_uvarint, put_uvarint, unzigzag, zigzag
+from agent.varint import get_uvarint, missing_bits, put_uvarint, unzigzag, zigzag
 
 _MAGIC = b"MS"
 _VERSION = 1
@@ -170,10 +170,7 @@ class Stage:
             self._last_t = t
             for i in range(_MAX_CHANNELS):
                 self._last_values[i] = 0
-        missing = 0
-        for i in range(nchan):
-            if values[i] is None:
-                missing |= 1 << i
+        missing = missing_bits(values)
         buf[pos] = missing
         pos = put_uvarint(buf, pos + 1, zigzag(t - self._last_t))
         self._last_t = t

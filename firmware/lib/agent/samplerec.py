@@ -11,16 +11,12 @@
 
 import struct
 
-from agent.varint import get_uvarint, put_uvarint, unzigzag, zigzag
+from agent.varint import get_uvarint, missing_bits, put_uvarint, unzigzag, zigzag
 
 
 def encode(t, values, buf):
     """Write the record into `buf` (bytearray); returns its length."""
-    missing = 0
-    for i in range(len(values)):
-        if values[i] is None:
-            missing |= 1 << i
-    buf[0] = missing
+    buf[0] = missing_bits(values)
     buf[1] = len(values)
     struct.pack_into("<I", buf, 2, t & 0xFFFFFFFF)
     pos = 6

@@ -1,11 +1,20 @@
-# Variable-length integers shared by the sample formats (RTC stage, flash
-# log records, the sample frame).
+# Variable-length integers, and the missing-channel bitmap, shared by the sample
+# formats (RTC stage, flash log records, the sample frame).
 #
 # uvarint: LEB128, 7 bits per byte, least significant group first, the high
 # bit set on every byte but the last. zigzag maps signed to unsigned so that
 # small magnitudes stay short: n >= 0 -> 2n, n < 0 -> -2n - 1.
 
 _MAX_SHIFT = 63
+
+
+def missing_bits(values):
+    """The missing-channel bitmap of a sample: bit i set when values[i] is None."""
+    bits = 0
+    for i in range(len(values)):
+        if values[i] is None:
+            bits |= 1 << i
+    return bits
 
 
 def zigzag(n):
