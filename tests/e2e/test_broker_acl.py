@@ -118,15 +118,23 @@ def clients(setup):
         c.close()
 
 
-def test_files(setup):
+def test_config_gives_every_device_and_the_host_an_account(setup):
     store, files, _ = setup
     assert files.devices == ["dev-a", "dev-b"] and set(files.new) == {"dev-a", "dev-b", HOST_ENTRY}
+
+
+def test_password_file_holds_hashes_only_readable_by_its_owner(setup):
+    store, files, _ = setup
     passwd = files.passwd.read_text()
     for creds in (credentials_for(store, "dev-a"), credentials_for(store, "dev-b"), host_credentials(store)):
         assert len(creds["password"]) == 24
         assert creds["password"] not in passwd  # hashes only
         assert f"{creds['username']}:$" in passwd
     assert stat.S_IMODE(files.passwd.stat().st_mode) == 0o600
+
+
+def test_acl_names_each_device_topics_and_the_broker_refuses_anonymous_clients(setup):
+    _, files, _ = setup
     assert "user dev-a\ntopic read mpf/v1/dev-a/jobs\n" in files.acl.read_text()
     assert "allow_anonymous false" in files.conf.read_text()
 

@@ -92,20 +92,28 @@ def test_a_stored_image_changed_on_disk_is_not_served(images, tmp_path):
         images.read(record.id)
 
 
-def test_cli(tmp_path):
+@pytest.fixture
+def image_cli(tmp_path):
+    """`mpfleet image ...` on a fresh database and store."""
     env = dict(os.environ, MPFLEET_DB=str(tmp_path / "m.db"), MPFLEET_IMAGES=str(tmp_path / "images"))
-    f = tmp_path / "fw.bin"
-    f.write_bytes(build_app_image("esp32", "v1.26.0", secure_version=1))
 
     def mpfleet(*args):
         return subprocess.run([sys.executable, "-m", "mpfleet", "image", *args], capture_output=True, text=True,
                               timeout=60, env=env)
+    return mpfleet
 
-    added = json.loads(mpfleet("add", str(f), "--json").stdout)
+
+def test_cli_adds_lists_and_shows_an_image_by_a_prefix_of_its_id(tmp_path, image_cli):
+    f = tmp_path / "fw.bin"
+    f.write_bytes(build_app_image("esp32", "v1.26.0", secure_version=1))
+    added = json.loads(image_cli("add", str(f), "--json").stdout)
     assert added["new"] and added["version"] == "v1.26.0"
-    assert added["id"] in mpfleet("list").stdout
-    assert json.loads(mpfleet("show", added["id"][:8], "--json").stdout)["sha256"] == added["sha256"]
+    assert added["id"] in image_cli("list").stdout
+    assert json.loads(image_cli("show", added["id"][:8], "--json").stdout)["sha256"] == added["sha256"]
+
+
+def test_cli_refuses_a_file_that_is_no_image_in_one_line(tmp_path, image_cli):
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"hello")
-    refused = mpfleet("add", str(bad))
+    refused = image_cli("add", str(bad))
     assert refused.returncode == 1 and refused.stderr.startswith("mpfleet: bad.bin: neither an app image")
