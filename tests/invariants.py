@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 FINAL = ("SUCCEEDED", "FAILED", "REJECTED")
@@ -336,3 +337,18 @@ def check_all(run: Run, hostlog: HostLog, store, device_id: str, runnable: dict[
     out += check_samples(run, store, device_id, dropped=int(dropped.get("dropped") or 0))
     out += check_erases(run, erase_bound)
     return out
+
+
+@contextmanager
+def watched_host(broker, root, name: str):
+    """A promise test's host side: an ingesting Host on `root`/host.db and a HostLog of
+    every status and state, both named for the test (`name`) and closed after it."""
+    from agent_harness import Host
+
+    host = Host(broker, root / "host.db", client_id=f"ingest-{name}").start()
+    log = HostLog(broker, client_id=f"hostlog-{name}")
+    try:
+        yield host, log
+    finally:
+        log.close()
+        host.close()

@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from agent_harness import Host, make_device
+from agent_harness import make_device
 from conftest import STRESS, stress_count
 from invariants import (
-    HostLog,
     Run,
     check_crashes,
     check_erases,
@@ -45,6 +44,7 @@ from invariants import (
     check_statuses,
     read_files,
     trace_code,
+    watched_host,
 )
 
 from mpfleet.protocol.signing import SigningKey, b64url, b64url_decode
@@ -79,11 +79,8 @@ ERASE_PER_JOB = 3
 @pytest.fixture(scope="module")
 def world(mosquitto, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    host = Host(mosquitto, root / "host.db", client_id="ingest-fuzz").start()
-    log = HostLog(mosquitto, client_id="hostlog-fuzz")
-    yield mosquitto, host, log, root
-    log.close()
-    host.close()
+    with watched_host(mosquitto, root, "fuzz") as (host, log):
+        yield mosquitto, host, log, root
 
 
 # What the oracle expects of an envelope.

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from agent_harness import Host, make_device
+from agent_harness import make_device
 from conftest import STRESS
-from invariants import HostLog, Run, check_all, read_files, trace_code
+from invariants import Run, watched_host, check_all, read_files, trace_code
 
 from mpfleet.protocol.signing import SigningKey
 from mpfleet.sim import VirtualBoard
@@ -53,11 +53,8 @@ LIFE_WAKES = 8  # wakes a job may take from the queue to its reported end
 @pytest.fixture(scope="module")
 def world(mosquitto, tmp_path_factory):
     root = tmp_path_factory.mktemp("powercut")
-    host = Host(mosquitto, root / "host.db", client_id="ingest-powercut").start()
-    log = HostLog(mosquitto, client_id="hostlog-powercut")
-    yield mosquitto, host, log, root
-    log.close()
-    host.close()
+    with watched_host(mosquitto, root, "powercut") as (host, log):
+        yield mosquitto, host, log, root
 
 
 @dataclass
