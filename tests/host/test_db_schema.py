@@ -358,3 +358,17 @@ def test_a_file_from_a_newer_mpfleet_is_refused_and_left_alone(tmp_path):
                                          rf"{schema.SCHEMA_VERSION + 1}, .* made by a newer mpfleet"):
         Store(path)
     assert shape(path) == before and user_version(path) == schema.SCHEMA_VERSION + 1
+
+
+# ---------------------------------------------------------------- migration 2
+def test_a_version_1_file_gains_strangers_dispatchers_and_the_reported_time_and_keeps_its_devices(tmp_path, fresh):
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    schema.apply(db, schema.MIGRATIONS[:1])
+    db.execute("INSERT INTO devices (id, first_seen, last_seen) VALUES ('dev-1', 1.0, 2.0)")
+    db.close()
+    assert user_version(path) == 1
+    with Store(path) as store:
+        assert store.device_ids() == ["dev-1"]
+        assert store.db.execute("SELECT reported_at FROM devices").fetchone() == (None,)
+    assert shape(path) == fresh and user_version(path) == schema.SCHEMA_VERSION

@@ -205,11 +205,42 @@ def _adopt_unversioned(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE executions ADD COLUMN {name} {decl}")
 
 
+def _fleet_membership_and_liveness(db: sqlite3.Connection) -> None:
+    """Migration 2: a device joins the fleet only by provisioning or an explicit accept,
+    so a device id seen on the broker that is not registered waits in `strangers`
+    (`mpfleet devices pending`, `devices accept`); `devices.reported_at` is the device's
+    own time of its last report (its `time` field), beside `last_seen`, the time the
+    host received it; `dispatchers` holds each running `serve`'s heartbeat, so a
+    command that waits on the dispatcher can tell when none is running."""
+    db.execute("ALTER TABLE devices ADD COLUMN reported_at REAL")
+    for statement in _MEMBERSHIP_TABLES:
+        db.execute(statement)
+
+
+_MEMBERSHIP_TABLES = (  # migration 2: mpfleet.db.store (strangers), mpfleet.fleet.serve (dispatchers)
+    """CREATE TABLE IF NOT EXISTS strangers (
+    id          TEXT PRIMARY KEY,
+    first_seen  REAL NOT NULL,
+    last_seen   REAL NOT NULL,
+    times       INTEGER NOT NULL DEFAULT 1,
+    state_json  TEXT
+) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS dispatchers (
+    name        TEXT PRIMARY KEY,
+    pid         INTEGER NOT NULL,
+    host        TEXT NOT NULL,
+    started     REAL NOT NULL,
+    beat        REAL NOT NULL
+) WITHOUT ROWID""",
+)
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[i] takes a file from user_version i to i + 1 (module docstring). Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     _adopt_unversioned,
+    _fleet_membership_and_liveness,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -217,7 +248,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # db/maint.py looks for to tell an mpfleet database from another application's.
 TABLES = ("devices", "samples", "acks", "ingest_errors", "quarantine", "keys", "device_credentials",
           "jobs", "job_targets", "executions", "job_controls", "job_rejects",
-          "queue_published", "images")
+          "queue_published", "images", "strangers", "dispatchers")
 
 
 class SchemaError(MpfleetError):
