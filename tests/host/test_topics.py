@@ -1,7 +1,10 @@
 """Topic names (mpfleet.protocol.topics): mpf/v1/<device id>/<leaf>, read back only
 for a valid device id under the root."""
 
-from mpfleet.protocol.topics import DEVICE_READS, DEVICE_WRITES, device_from_topic, topic
+import pytest
+
+from mpfleet.protocol.topics import (DEVICE_READS, DEVICE_WRITES, TopicRootError, check_topic_root,
+                                     device_from_topic, topic)
 
 
 def test_a_topic_is_the_root_the_device_and_the_leaf():
@@ -30,3 +33,16 @@ def test_a_topic_without_a_leaf_is_not_ours():
 
 def test_every_leaf_has_one_direction():
     assert not set(DEVICE_READS) & set(DEVICE_WRITES)
+
+
+# ---------------------------------------------------------------- the topic root
+@pytest.mark.parametrize("root", ["mpf/v1", "acme", "acme/site-7/mpf_v1", "a/b/c/d/e/f/g/h"])
+def test_a_topic_root_of_plain_levels_is_valid(root):
+    assert check_topic_root(root) == root
+
+
+@pytest.mark.parametrize("root", ["", "/mpf", "mpf/", "mpf//v1", "mpf/+", "mpf/#", "$SYS", "mpf v1",
+                                  "a/b/c/d/e/f/g/h/i", "x" * 65, "mpf/v1\n", "ü"])
+def test_a_topic_root_with_wildcards_empty_levels_or_odd_characters_is_refused(root):
+    with pytest.raises(TopicRootError, match="topic root .* is not valid"):
+        check_topic_root(root)

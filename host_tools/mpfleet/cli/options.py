@@ -50,6 +50,26 @@ def broker_option(help: str = "The broker", name: str = "broker"):
 BROKER = broker_option()
 
 
+class TopicRoot(click.ParamType):
+    """A topic root (mpfleet.protocol.topics.check_topic_root): where a fleet's topics live."""
+
+    name = "root"
+
+    def convert(self, value, param, ctx):
+        from mpfleet.protocol.topics import TopicRootError, check_topic_root
+
+        try:
+            return check_topic_root(value)
+        except TopicRootError as e:
+            self.fail(str(e), param, ctx)
+
+
+TOPIC_ROOT = click.option("--topic-root", type=TopicRoot(), envvar="MPFLEET_TOPIC_ROOT", default="mpf/v1",
+                          show_default=True,
+                          help="Where this fleet's topics live on the broker: <root>/<device-id>/<leaf> "
+                               "(env MPFLEET_TOPIC_ROOT). Two fleets on one broker use two roots.")
+
+
 class DeviceId(click.ParamType):
     """A device id: 1..64 of a-z, 0-9, _ and - (docs/protocol.md)."""
 
