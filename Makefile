@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make test    create .venv, install mpfleet, ensure mosquitto, lint, run the test suite"
 	@echo "make lint    ruff check of the Python code (rules in pyproject.toml)"
-	@echo "make test-fast  the unit tests (tests/host, tests/firmware) without the slow sweeps: under a minute"
+	@echo "make test-fast  the unit tests (tests/host, tests/firmware) and the docs parse checks, without the slow sweeps: under a minute"
 	@echo "make stress  the long stress runs at full count (power-cut fuzz)"
 	@echo "make bench   benchmarks: table on stdout, JSON in bench/results/"
 	@echo "make demo    the fleet demo on virtual boards"
@@ -34,7 +34,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests/host tests/firmware $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" tests/host tests/firmware tests/docs $(PYTEST_ARGS)
 
 stress: $(STAMP)
 	@scripts/ensure-mosquitto
