@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, broker_option
+from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, BrokerUrl
 from mpfleet.cli.render import Column, print_json, report_boards
 
 # No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
@@ -139,13 +139,23 @@ def ports(probe, ports, as_json):
 
 
 # ---------------------------------------------------------------- deploy
+# Deploy's own --broker, without the default of options.broker_option: a redeploy without
+# --broker keeps each board's broker, it never resets it to 127.0.0.1.
+DEPLOY_BROKER = click.option(
+    "--broker", type=BrokerUrl(), envvar="MPFLEET_BROKER", default=None,
+    help="The broker the boards will use: mqtt://[user:pass@]host[:port] or mqtts://... (host, port, TLS and "
+         "the URL's user and password go into their config; env MPFLEET_BROKER). Not given: each board keeps "
+         "the broker its /config.json has, and a board without one fails.")
+
+
 @click.command("deploy", epilog=BOARDS_HELP)
 @PORTS
 @ALL
 @click.option("--board", default="esp32-devkitc", show_default=True, help="Board definition (boards/*.json).")
-@broker_option("The broker the devices will use (host and port go into their config)")
-@click.option("--wifi-ssid", help="Wi-Fi network for the devices.")
-@click.option("--wifi-password", help="Its password.")
+@DEPLOY_BROKER
+@click.option("--wifi-ssid", help="Wi-Fi network for the devices (not given: each keeps its own).")
+@click.option("--wifi-password", help="Its password (not given: a board already on that network keeps its own; "
+                                      "a new network without one is open).")
 @click.option("--group", "groups", type=GROUP, multiple=True, help="Add the devices to this group. Repeatable.")
 @click.option("--credentials", is_flag=True,
               help="Give each device its own broker account (mpfleet broker config writes the broker's files).")
@@ -155,14 +165,20 @@ def ports(probe, ports, as_json):
 @JSON
 def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, credentials, transport, wait_s, quiet,
            db, keys_dir, as_json):
-    """Copy the agent to every board (only what changed), provision it and check it.
+    """Make every board run the agent as deployed, provision it and check it.
 
     \b
-    Per board: compile firmware/lib with mpy-cross for the board's .mpy version, copy the
-    files whose SHA-256 on the board differs, write /config.json (device id = the MAC,
-    or the one it already has; trusted keys; Wi-Fi; broker; its own broker account with
-    --credentials), register it in the database, then run the agent's self-check.
+    Per board: compile firmware/lib with mpy-cross for the board's .mpy version; copy the
+    files whose SHA-256 on the board differs; remove what the tree no longer has (in
+    /lib/agent, the other form of a root file such as /appslot.py, and the A/B app slots
+    /app.json and /apps, so the board boots the agent just deployed); write /config.json
+    (device id = the MAC, or the one it already has; trusted keys; what was given of
+    Wi-Fi, broker and groups; its own broker account with --credentials) keeping every
+    other setting the board has, its broker and Wi-Fi included; register it in the
+    database; soft-reset it and check that each agent module it imports is the file
+    deployed (path and SHA-256).
       mpfleet deploy --all --wifi-ssid site --wifi-password ... --broker mqtt://10.0.0.2
+      mpfleet deploy --all          # a redeploy: each board keeps its broker and Wi-Fi
     """
     from mpfleet.boards import load_board
     from mpfleet.fleet.keys import KeyRing
@@ -171,6 +187,9 @@ def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, cr
     from mpfleet.usb.field import deploy as deploy_boards
 
     chosen = chosen_ports(ports, all_ports, "deploy to")
+    if credentials and broker is not None and broker.user:
+        raise click.UsageError("give the broker account either in --broker's URL (user:pass@) or with "
+                               "--credentials (one account per device), not both")
     load_board(board)  # an unknown board is refused before any board is touched
     settings = DeploySettings(board=board, broker=broker, wifi_ssid=wifi_ssid,
                               wifi_password=wifi_password, groups=list(groups), with_credentials=credentials,
@@ -183,7 +202,9 @@ def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, cr
     report_boards(console, results, title="deploy", done="deployed and checked", as_json=as_json, columns=[
         DEVICE,
         Column("copied", lambda r: len(r.detail["written"]) if "written" in r.detail else None, right=True),
+        Column("removed", lambda r: len(r.detail["removed"]) if "removed" in r.detail else None, right=True),
         Column("unchanged", lambda r: len(r.detail["skipped"]) if "skipped" in r.detail else None, right=True),
+        Column("broker", lambda r: r.detail.get("broker")),
         Column("agent", lambda r: r.detail.get("app"))])
 
 

@@ -24,6 +24,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from mpfleet.usb.transport import EXEC_TIMEOUT_S, BoardLink, UsbError
 
@@ -147,20 +148,233 @@ def sync_files(link: BoardLink, files: dict[str, bytes]) -> tuple[list[str], lis
     return todo, [p for p in sorted(files) if p not in todo]
 
 
-# ---------------------------------------------------------------- the agent
-SELF_CHECK = """
-import json, machine
-from agent import config, wake
-_mac = ''.join('%02x' % b for b in machine.unique_id())
-_cfg, _problems = config.load(_mac)
-print(json.dumps({'device_id': _cfg['device_id'], 'problems': _problems, 'app': wake.AGENT_VERSION,
-                  'keys': sorted(_cfg['trusted_keys']), 'broker': _cfg['broker']['host']}))
+# ---------------------------------------------------------------- the agent's tree: what is stale
+# What deploy owns on a board, and so may remove (docs/usb.md, "What deploy removes"):
+#   - every package folder the tree ships under /lib (/lib/agent): whatever is in it
+#     and not in the tree goes, a .py beside a shipped .mpy included (MicroPython's
+#     import takes X.py before X.mpy in the same folder);
+#   - the other form of each root file the tree ships: /appslot.py beside
+#     /appslot.mpy, /boot.mpy and /main.mpy beside boot.py and main.py;
+#   - the A/B app slots (APP_SLOT_PATHS): deploy installs the agent in /lib and the
+#     board must boot what was deployed, so the slot selection and the slots'
+#     older code go.
+# Never anything else: /config.json, /config.good.json, /security.json,
+# /jobs.json, /last_crash.txt, the flash log in /log and every file of the user's.
+APP_SLOT_PATHS = ("/app.json", "/app.json.tmp")
+APP_SLOTS_DIR = "/apps"
+RUN_AT_BOOT = ("/boot.py", "/main.py")  # run as files by the port, never imported
+
+LISTING = """
+import os, json
+def _walk(d, out):
+    try:
+        entries = list(os.ilistdir(d))
+    except OSError:
+        return
+    out['dirs'].append(d)
+    for e in entries:
+        p = d + '/' + e[0]
+        if e[1] == 0x4000:
+            _walk(p, out)
+        else:
+            out['files'].append(p)
+def _listing(dirs, paths):
+    out = {'files': [], 'dirs': [], 'present': []}
+    for d in dirs:
+        _walk(d, out)
+    for p in paths:
+        try:
+            os.stat(p)
+            out['present'].append(p)
+        except OSError:
+            pass
+    print(json.dumps(out))
+"""
+
+REMOVE = """
+import os, json
+def _remove(files, dirs):
+    failed = []
+    for p in files:
+        try:
+            os.remove(p)
+        except OSError as e:
+            failed.append('%s: %s' % (p, e))
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError as e:
+            failed.append('%s: %s' % (d, e))
+    print(json.dumps({'failed': failed}))
 """
 
 
-def self_check(link: BoardLink) -> dict:
-    """The agent imports, and loads the config it was given without problems."""
-    return _json_line(link, link.exec(SELF_CHECK), "self-check")
+@dataclass
+class StalePlan:
+    """What deploy removes from a board: files first, then the folders they emptied (deepest first)."""
+
+    files: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+
+
+def owned_dirs(files: Iterable[str]) -> list[str]:
+    """The package folders the tree ships under /lib (/lib/agent): deploy owns what is in them."""
+    return sorted({"/lib/" + p.split("/")[2] for p in files if p.startswith("/lib/") and p.count("/") > 2})
+
+
+def counterparts(files: Iterable[str]) -> list[str]:
+    """The other form (.py or .mpy) of each root file the tree ships, when the tree lacks it."""
+    shipped = set(files)
+    out = set()
+    for p in shipped:
+        if p.count("/") == 1:
+            stem, _, ext = p.rpartition(".")
+            other = f"{stem}.{'mpy' if ext == 'py' else 'py'}"
+            if ext in ("py", "mpy") and other not in shipped:
+                out.add(other)
+    return sorted(out)
+
+
+def stale_plan(files: dict[str, bytes], listing: dict) -> StalePlan:
+    """From a board's listing (`_listing`), what the tree no longer has (see above)."""
+    shipped = set(files)
+    needed_dirs = {p[:i] for p in shipped for i in range(len(p)) if p[i] == "/" and i > 0}
+    owned = owned_dirs(files)
+    plan = StalePlan()
+    for p in listing["files"]:
+        in_slots = p.startswith(APP_SLOTS_DIR + "/")
+        if in_slots or (p not in shipped and any(p.startswith(d + "/") for d in owned)):
+            plan.files.append(p)
+    plan.files += [p for p in listing["present"] if p not in shipped]
+    for d in listing["dirs"]:
+        if d == APP_SLOTS_DIR or d.startswith(APP_SLOTS_DIR + "/") or \
+                (d not in needed_dirs and any(d.startswith(o + "/") for o in owned)):
+            plan.dirs.append(d)
+    plan.files.sort()
+    plan.dirs.sort(key=lambda d: (-d.count("/"), d))
+    return plan
+
+
+@dataclass
+class SyncReport:
+    """What deploy did to a board's files: copied (SHA-256 differed), removed (stale), unchanged."""
+
+    written: list[str]
+    removed: list[str]
+    skipped: list[str]
+    removed_dirs: list[str] = field(default_factory=list)
+
+
+def sync_tree(link: BoardLink, files: dict[str, bytes]) -> SyncReport:
+    """Make the board hold `files` as the tree it deploys: write what differs, then remove
+    what is stale (stale_plan). Written first, so a board unplugged halfway still has
+    every file it had or got."""
+    written, skipped = sync_files(link, files)
+    listing = _json_line(link, link.exec(_call(LISTING, "_listing", owned_dirs(files) + [APP_SLOTS_DIR],
+                                               counterparts(files) + list(APP_SLOT_PATHS))), "listing")
+    plan = stale_plan(files, listing)
+    if plan.files or plan.dirs:
+        answer = _json_line(link, link.exec(_call(REMOVE, "_remove", plan.files, plan.dirs)), "remove")
+        if answer["failed"]:
+            raise UsbError(f"{link.port}: could not remove stale files: {'; '.join(answer['failed'])}")
+    return SyncReport(written, plan.files, skipped, plan.dirs)
+
+
+# ---------------------------------------------------------------- the agent
+SELF_CHECK = """
+import sys, os, json, gc, machine, hashlib, binascii
+def _h(p):
+    try:
+        f = open(p, 'rb')
+    except OSError:
+        return None
+    h = hashlib.sha256()
+    b = bytearray(512)
+    while True:
+        n = f.readinto(b)
+        if not n:
+            break
+        h.update(memoryview(b)[:n])
+    f.close()
+    return binascii.hexlify(h.digest()).decode()
+def _unload(names):
+    for n in [n for n in sys.modules if n in names or n == 'agent' or n.startswith('agent.')]:
+        del sys.modules[n]
+    gc.collect()
+def _self_check(modules, files):
+    from agent import config, wake
+    mac = ''.join('%02x' % b for b in machine.unique_id())
+    cfg, problems = config.load(mac)
+    out = {'device_id': cfg['device_id'], 'problems': problems, 'app': wake.AGENT_VERSION,
+           'keys': sorted(cfg['trusted_keys']), 'broker': cfg['broker']['host'], 'path': sys.path[:],
+           'running': {}, 'files': {}}
+    cfg = config = wake = None
+    _unload(modules)
+    cwd = os.getcwd().rstrip('/')
+    for name in modules:
+        try:
+            __import__(name)
+            f = getattr(sys.modules[name], '__file__', None)
+            if f is None:
+                out['running'][name] = [None, 'has no __file__']
+            else:
+                f = f if f.startswith('/') else cwd + '/' + f
+                out['running'][name] = [f, _h(f)]
+        except Exception as e:
+            out['running'][name] = [None, '%s: %s' % (type(e).__name__, e)]
+        _unload(modules)
+    for p in files:
+        out['files'][p] = _h(p)
+    print(json.dumps(out))
+"""
+
+
+def module_name(path: str) -> str | None:
+    """The module a deployed file is imported as: /lib/agent/wake.mpy -> agent.wake,
+    /lib/agent/__init__.mpy -> agent, /appslot.mpy -> appslot; None for boot.py and main.py,
+    which the port runs as files."""
+    if path in RUN_AT_BOOT or not path.endswith((".py", ".mpy")):
+        return None
+    rel = path[len("/lib/"):] if path.startswith("/lib/") else path[1:]
+    parts = rel.rsplit(".", 1)[0].split("/")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) or None
+
+
+def self_check(link: BoardLink, files: dict[str, bytes]) -> dict:
+    """After a soft reset (boot.py runs, as at every boot, and picks the sys.path a wake
+    has): the agent imports and loads its config; every deployed module is imported in
+    turn and reported with the file it was loaded from and that file's SHA-256, and so
+    are the files the port runs (boot.py, main.py). `running_code_problems` compares."""
+    link.soft_reset()
+    modules = sorted({m for p in files if (m := module_name(p))})
+    run = sorted(p for p in files if p in RUN_AT_BOOT)
+    return _json_line(link, link.exec(_call(SELF_CHECK, "_self_check", modules, run), timeout=AGENT_CALL_TIMEOUT_S),
+                      "self-check")
+
+
+def running_code_problems(check: dict, files: dict[str, bytes]) -> list[str]:
+    """Each way the code the board runs is not the code deployed, one phrase each."""
+    problems = []
+    deployed = {m: p for p in files if (m := module_name(p))}
+    for name, path in sorted(deployed.items()):
+        got = check["running"].get(name)
+        if got is None:
+            problems.append(f"{name} was not checked")
+            continue
+        loaded, digest = got
+        if loaded is None:
+            problems.append(f"{name} does not import: {digest}")
+        elif loaded != path:
+            problems.append(f"{name} runs from {loaded}, not the deployed {path} (an earlier entry of sys.path "
+                            f"{check.get('path')} holds another copy)")
+        elif digest != hashlib.sha256(files[path]).hexdigest():
+            problems.append(f"{path} on the board is not the file deployed (SHA-256 {str(digest)[:12]}...)")
+    for path, digest in sorted(check["files"].items()):
+        if digest != hashlib.sha256(files[path]).hexdigest():
+            problems.append(f"{path} on the board is not the file deployed" if digest else f"{path} is missing")
+    return problems
 
 
 AGENT_USB = "from agent import usb"

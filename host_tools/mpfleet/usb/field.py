@@ -25,7 +25,8 @@ from mpfleet.fleet.provision import register_devices
 from mpfleet.fleet.jobs_model import FINAL_STATES
 from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.db.store import Store
-from mpfleet.usb.device import identify, read_backlog, read_config, run_envelopes, self_check, send_ack, sync_files
+from mpfleet.usb.device import (identify, read_backlog, read_config, run_envelopes, running_code_problems, self_check,
+                               send_ack, sync_files, sync_tree)
 from mpfleet.usb.ports import PortResult, Progress, each_port
 from mpfleet.usb.transport import CATCH_S, LinkPool, UsbError
 
@@ -79,8 +80,11 @@ def _results(ports: list[str], ok: dict[str, PortResult], failed: dict[str, Port
 # ---------------------------------------------------------------- deploy
 @dataclass
 class DeploySettings:
+    """What a deploy sets on every board; None (and no groups) keeps what the board's
+    /config.json has (docs/usb.md, "What a redeploy keeps")."""
+
     board: str
-    broker: BrokerConfig
+    broker: BrokerConfig | None = None  # None: each board keeps its broker; a board without one fails
     wifi_ssid: str | None = None
     wifi_password: str | None = None
     groups: list[str] = field(default_factory=list)
@@ -89,15 +93,21 @@ class DeploySettings:
     wait_s: float = CATCH_S
 
 
+class NoBroker(UsbError):
+    """Deploy was given no --broker and the board's config names none either."""
+
+
 def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySettings,
            on_progress: Progress | None = None, files: dict[str, bytes] | None = None) -> list[PortResult]:
-    """Copy the agent (what differs), provision each board (id, keys, Wi-Fi, broker account,
-    registry entry) and run its self-check. One result per port, in order.
+    """Make each board hold the agent as deployed (copy what differs, remove what is stale,
+    usb/device.sync_tree), provision it (id, keys, Wi-Fi, broker account, registry entry)
+    and check that the code it runs is the code deployed. One result per port, in order.
     `on_progress(port, done, total)` counts DEPLOY_STEPS."""
     progress = _steps(on_progress, DEPLOY_STEPS)
     files = files if files is not None else firmware_tree()
     mpy = next((mpy_header(d, p)[0] for p, d in files.items() if p.endswith(".mpy")), None)
     failed: dict[str, PortResult] = {}
+    configs: dict[str, dict] = {}  # kept out of the results: they hold passwords
     with LinkPool(settings.transport, settings.wait_s) as pool:
         found = _identified(pool, ports, failed, progress, need_id=False)
 
@@ -107,10 +117,17 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
                 raise UsbError(f"{port}: the board's MicroPython {info['release']} loads .mpy version "
                                f"{info['mpy'] & 0xFF}, this mpfleet compiles version {mpy}: flash MicroPython "
                                f"1.22 or later first (mpfleet flash)")
+            current = read_config(pool.get(port))
+            if settings.broker is None and not (current.get("broker") or {}).get("host"):
+                raise NoBroker(f"{port}: the board's /config.json names no broker and no --broker was given: "
+                               f"give --broker mqtt://HOST[:PORT] (nothing was changed on the board)")
+            configs[port] = current
             progress(port, "copying")
-            written, skipped = sync_files(pool.get(port), files)
+            sync = sync_tree(pool.get(port), files)
             device = info["device_id"] or info["mac"]
-            return PortResult(port, device=device, detail={**info, "written": written, "skipped": skipped})
+            return PortResult(port, device=device, detail={**info, "written": sync.written, "removed": sync.removed,
+                                                           "removed_dirs": sync.removed_dirs,
+                                                           "skipped": sync.skipped})
 
         copied = _phase(pool, ports, copy, failed)
         devices = [r.device for r in copied.values()]
@@ -124,17 +141,20 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
             r = copied[port]
             progress(port, "provisioning")
             link = pool.get(port)
-            cfg = _merge_config(read_config(link), r.device, settings, trusted, creds.get(r.device))
+            cfg = _merge_config(configs[port], r.device, settings, trusted, creds.get(r.device))
             # The security settings too: on the device they change only over USB
             # (exec permission) or through keys jobs, never by a config job.
             security = {"trusted_keys": cfg["trusted_keys"], "exec_allowed": cfg.get("exec_allowed") is True}
             written, _ = sync_files(link, {"/config.json": json.dumps(cfg, sort_keys=True).encode(),
                                            "/security.json": json.dumps(security, sort_keys=True).encode()})
             progress(port, "self-check")
-            check = self_check(link)
-            if check["device_id"] != r.device or check["problems"] or check["keys"] != sorted(trusted):
-                raise UsbError(f"{port}: self-check failed: {check}")
-            detail = dict(r.detail, config_written=bool(written), app=check["app"])
+            check = self_check(link, files)
+            problems = _check_problems(check, r.device, trusted, files)
+            if problems:
+                raise UsbError(f"{port}: self-check failed: {'; '.join(problems)}")
+            detail = dict(r.detail, config_written=bool(written), app=check["app"],
+                          running={name: loaded for name, (loaded, _) in check["running"].items()},
+                          broker=f"{cfg['broker']['host']}:{cfg['broker'].get('port', 1883)}")
             progress(port, "done")
             return PortResult(port, ok=True, device=r.device, detail=detail)
 
@@ -142,17 +162,42 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
     return _results(ports, done, failed)
 
 
+def _check_problems(check: dict, device: str, trusted: dict, files: dict[str, bytes]) -> list[str]:
+    """Why a board's self-check failed: the config it loads, then the code it runs."""
+    problems = [f"config {p}" for p in check["problems"]]
+    if check["device_id"] != device:
+        problems.append(f"the agent loads device id {check['device_id']!r}, deploy wrote {device!r}")
+    if check["keys"] != sorted(trusted):
+        problems.append(f"the agent trusts keys {check['keys']}, deploy wrote {sorted(trusted)}")
+    return problems + running_code_problems(check, files)
+
+
 def _merge_config(current: dict, device: str, s: DeploySettings, trusted: dict,
                   creds: tuple[str, str] | None) -> dict:
-    """The board's config with the provisioning keys set; its other settings are kept."""
+    """The board's config with what this deploy sets; everything else it has is kept.
+
+    The broker: host, port and TLS from s.broker when given (its user and password
+    too, when the URL has them), else the board's own; a provisioned account
+    (`creds`) replaces the user and password. Wi-Fi: a new SSID takes s.wifi_password
+    ("" for an open network); the same SSID, or none given, keeps the board's password
+    unless s.wifi_password is given."""
     cfg = dict(current)
     cfg["device_id"] = device
     cfg["trusted_keys"] = dict(trusted)
     if s.groups:
         cfg["groups"] = sorted(set(cfg.get("groups") or []) | set(s.groups))
-    if s.wifi_ssid is not None:
-        cfg["wifi"] = {**(cfg.get("wifi") or {}), "ssid": s.wifi_ssid, "password": s.wifi_password or ""}
-    broker = {**(cfg.get("broker") or {}), "host": s.broker.host, "port": s.broker.port}
+    wifi = dict(cfg.get("wifi") or {})
+    if s.wifi_ssid is not None and s.wifi_ssid != wifi.get("ssid"):
+        wifi.update(ssid=s.wifi_ssid, password=s.wifi_password or "")
+    elif s.wifi_password is not None:
+        wifi["password"] = s.wifi_password
+    if wifi:
+        cfg["wifi"] = wifi
+    broker = dict(cfg.get("broker") or {})
+    if s.broker is not None:
+        broker.update(host=s.broker.host, port=s.broker.port, tls=s.broker.tls)
+        if s.broker.user:
+            broker.update(user=s.broker.user, password=s.broker.password)
     if creds:
         broker["user"], broker["password"] = creds
     cfg["broker"] = broker

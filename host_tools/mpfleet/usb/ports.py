@@ -153,6 +153,11 @@ class PortResult:
         return dataclasses.asdict(self)
 
 
+def one_line(reason: str) -> str:
+    """A failed board's reason as one line of the table (a tool's message may hold newlines)."""
+    return " ".join(reason.split())
+
+
 def each_port(ports: Iterable[str], work: Callable[[str], PortResult]) -> list[PortResult]:
     """work(port) on every port at once, one thread each; results in the ports' order.
     An exception is that port's failed result: one board never stops the others."""
@@ -160,11 +165,14 @@ def each_port(ports: Iterable[str], work: Callable[[str], PortResult]) -> list[P
 
     def guarded(port: str) -> PortResult:
         try:
-            return work(port)
+            result = work(port)
         except MpfleetError as e:
-            return PortResult(port, error=str(e))
+            return PortResult(port, error=one_line(str(e)))
         except Exception as e:  # noqa: BLE001 - one board must never stop the others
-            return PortResult(port, error=f"{type(e).__name__}: {e}")
+            return PortResult(port, error=one_line(f"{type(e).__name__}: {e}"))
+        if result.error is not None:
+            result.error = one_line(result.error)
+        return result
 
     if not ports:
         return []

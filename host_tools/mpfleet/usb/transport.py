@@ -61,6 +61,11 @@ class BoardLink:
     def write_file(self, path: str, data: bytes) -> None:
         raise NotImplementedError
 
+    def soft_reset(self) -> None:
+        """Ctrl-D in the raw REPL: the board soft-reboots, runs boot.py (not main.py, as in
+        raw mode) and is back in the raw REPL, with nothing of the old session imported."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -113,6 +118,12 @@ class MpremoteLink(BoardLink):
         except (self._error, OSError) as e:
             raise UsbError(f"{self.port}: writing {path} failed: {e}") from None
 
+    def soft_reset(self) -> None:
+        try:
+            self._t.enter_raw_repl(soft_reset=True)
+        except (self._error, OSError) as e:
+            raise UsbError(f"{self.port}: no raw REPL after a soft reset: {e}") from None
+
     def close(self) -> None:
         try:
             self._t.exit_raw_repl()
@@ -158,6 +169,12 @@ class AmpyLink(BoardLink):
         for i in range(0, len(data), WRITE_CHUNK):
             self.exec(f"f.write({data[i:i + WRITE_CHUNK]!r})")
         self.exec("f.close()")
+
+    def soft_reset(self) -> None:
+        try:
+            self._pyb.enter_raw_repl()  # ampy's always ends in a soft reset
+        except (self._error, OSError) as e:
+            raise UsbError(f"{self.port}: no raw REPL after a soft reset: {e}") from None
 
     def close(self) -> None:
         try:
