@@ -151,7 +151,8 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
             check = self_check(link, files)
             problems = _check_problems(check, r.device, trusted, files)
             if problems:
-                raise UsbError(f"{port}: self-check failed: {'; '.join(problems)}")
+                more = f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
+                raise UsbError(f"{port}: self-check failed: {'; '.join(problems[:_SHOWN])}{more}")
             detail = dict(r.detail, config_written=bool(written), app=check["app"],
                           running={name: loaded for name, (loaded, _) in check["running"].items()},
                           broker=f"{cfg['broker']['host']}:{cfg['broker'].get('port', 1883)}")
@@ -160,6 +161,9 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
 
         done = _phase(pool, list(copied), provision, failed)
     return _results(ports, done, failed)
+
+
+_SHOWN = 3  # problems named in a failed self-check's one line
 
 
 def _check_problems(check: dict, device: str, trusted: dict, files: dict[str, bytes]) -> list[str]:
