@@ -45,8 +45,11 @@ def test_flash(laptop):
 
 
 def test_deploy_and_self_check(laptop):
+    # A fresh board has no broker in its config, so deploy needs one (MPFLEET_BROKER if set); the board
+    # need not reach it: the job below runs over USB.
+    broker = os.environ.get("MPFLEET_BROKER") or "mqtt://192.168.4.1"
     out = laptop("deploy", "--port", PORT, "--board", BOARD, "--wifi-ssid", "hil", "--wifi-password", "hil",
-                 "--json", "--wait", "90")
+                 "--broker", broker, "--json", "--wait", "90")
     assert out.returncode == 0, out.stdout + out.stderr
     (result,) = json.loads(out.stdout)
     assert result["ok"] and result["device"], result
