@@ -30,7 +30,7 @@ import machine
 from micropython import const
 
 from agent import ota
-from agent.otastream import Refused
+from agent.otastream import Canceled, Refused
 
 _HEAD = const(9)
 _IO = const(1024)
@@ -210,6 +210,12 @@ def run(runner, cur):
                 sink.close()
                 ota.stalled(runner, cur, start, _size(path))
                 return
+            except Canceled as e:
+                sink.close()
+                detail = ota.canceled_detail(e, _size(path), size)
+                _remove_tree(path)
+                runner.finish(cur, "FAILED", detail)
+                return
             except Refused as e:
                 sink.close()
                 runner.finish(cur, "FAILED", "the host refused the download: %s" % e)
@@ -225,6 +231,11 @@ def run(runner, cur):
         runner.finish(cur, "FAILED", problem)
         return
     _remove_tree(path)
+    stop = ota.still_wanted(runner, cur, rx)
+    if stop is not None:
+        _remove_tree("/apps/" + slot)
+        runner.finish(cur, "FAILED", stop)
+        return
     switch(runner, cur)
 
 

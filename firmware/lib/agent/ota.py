@@ -7,6 +7,9 @@
 #             (block-aligned: the blocks above it are erased again on resume)
 #   (checks)  size, chip, secure_version, SHA-256 read back from flash;
 #             failure: REJECTED/FAILED, set_boot never called
+#   (confirm) right before set_boot the device asks the host for one chunk
+#             more: a job canceled meanwhile is refused as canceled, and the
+#             job ends FAILED {"stopped": "canceled"} with set_boot never called
 #   switch    saved, then set_boot(); a reset here finds the old image running
 #             and simply switches again
 #   rebooting saved after set_boot(), then machine.reset() (never deep sleep:
@@ -20,6 +23,13 @@
 # old image reports FAILED with the reason. SUCCEEDED is only ever sent by the
 # new image, after its self-test, so the host never sees it for a device that
 # is not running that image.
+#
+# Cancel: the host refuses the chunks of a canceled execution as "canceled"
+# (agent.otastream.Canceled). Seen during the download or at the confirm, the
+# job ends there, FAILED with {"stopped": "canceled", ...}: the other slot
+# holds a partial or unused image and the bootloader is never told to boot it.
+# After set_boot the cancel is too late: the device finishes and reports what
+# its trial boot decides.
 
 import gc
 import json
@@ -29,7 +39,7 @@ import machine
 from micropython import const
 
 from agent import otacheck
-from agent.otastream import Puller, Refused, check_chunk_size
+from agent.otastream import Canceled, Puller, Refused, check_chunk_size
 
 _BLOCK = const(4096)
 _PERSIST = const(65536)
@@ -89,6 +99,29 @@ def stream_params(p):
     if not isinstance(window, int) or not 2 <= window <= 64:
         raise ValueError("params.window must be 2..64")
     return size, sha, chunk, window
+
+
+def canceled_detail(e, at, size):
+    """The FAILED detail of an update the host refused as canceled (the host keeps
+    the execution CANCELED and notes that the device stopped)."""
+    return {"stopped": "canceled", "reason": str(e), "at": at, "size": size}
+
+
+def still_wanted(runner, cur, rx):
+    """Right before the point of no return, ask the host once more (Puller.confirm):
+    None to go on, or the FAILED detail of a job canceled meanwhile. A host that
+    cannot be reached, or no longer serves the artifact, does not stop an update
+    that is downloaded and checked: only a cancel does."""
+    size, _, chunk, window = stream_params(cur["params"])
+    ctx = runner.ctx
+    puller = Puller(ctx.device_id, cur["id"], size, chunk, window, ctx.cfg["broker"]["timeout_ms"], 1, rx)
+    try:
+        puller.confirm(runner.client, ctx.feed, ctx.on_message)
+    except Canceled as e:
+        return canceled_detail(e, size, size)
+    except (Refused, OSError) as e:
+        print("ota: the host did not confirm (%s); going on" % e)
+    return None
 
 
 def download(runner, cur, sink, offset, saved, rx, end=None, persist=_PERSIST):
@@ -206,6 +239,9 @@ def run(runner, cur):
         except OSError:
             stalled(runner, cur, start, data["at"])
             return
+        except Canceled as e:
+            runner.finish(cur, "FAILED", canceled_detail(e, data["at"], size))
+            return
         except Refused as e:
             runner.finish(cur, "FAILED", "the host refused the download: %s" % e)
             return
@@ -217,6 +253,10 @@ def run(runner, cur):
         return
     if got != version:
         runner.finish(cur, "FAILED", "the image says version %s, the job asked for %s" % (got, version))
+        return
+    stop = still_wanted(runner, cur, rx)
+    if stop is not None:
+        runner.finish(cur, "FAILED", stop)
         return
     switch(runner, cur, target)
 

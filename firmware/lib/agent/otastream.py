@@ -3,7 +3,11 @@
 #
 #   device -> mpf/v1/<id>/ota/get   {"job": id, "offset": o, "len": chunk, "count": n}   QoS 0
 #   host   -> mpf/v1/<id>/ota/data  u32 offset, u32 artifact size (LE), then the bytes  QoS 0
-#                                   offset 0xFFFFFFFF: the host refuses; a UTF-8 reason follows
+#                                   offset 0xFFFFFFFF: the host refuses; the second u32 says
+#                                   why (0 refused, 1 canceled), a UTF-8 reason follows
+#
+# A refusal of kind 1 means the operator canceled the job on this device while it
+# was downloading: the Puller raises Canceled, and the job ends before set_boot.
 #
 # The device asks ahead: `window` chunks at first, then half a window more each
 # time half of what it asked for has arrived, so the pipe never runs dry while
@@ -22,10 +26,15 @@ from micropython import const
 
 _HEADER = const(8)
 _REFUSED = const(0xFFFFFFFF)
+_KIND_CANCELED = const(1)
 
 
 class Refused(Exception):
     """The host cannot serve this artifact (unknown job, missing image, size mismatch)."""
+
+
+class Canceled(Refused):
+    """The host refuses because the job was canceled on this device: stop, switch nothing."""
 
 
 def _u32(b, i):
@@ -61,6 +70,7 @@ class Puller:
         self._high = 0     # end of everything asked so far
         self._sink = None
         self._error = None
+        self._canceled = False
         self._other = None
         self._subscribed = None  # the client that is subscribed to ota/data
 
@@ -74,6 +84,7 @@ class Puller:
         off = _u32(msg, 0)
         if off == _REFUSED:
             self._error = bytes(msg[_HEADER:]).decode()
+            self._canceled = _u32(msg, 4) == _KIND_CANCELED
             return
         total = _u32(msg, 4)
         if total != self.size:
@@ -99,11 +110,13 @@ class Puller:
 
     def pull(self, client, offset, sink, feed=None, other=None, until=None):
         """Fetch [offset, until or size) into sink(offset, mv), in order. Returns the offset
-        reached. Raises Refused when the host refuses, OSError when the link fails."""
+        reached. Raises Refused when the host refuses (Canceled when the job was
+        canceled), OSError when the link fails."""
         end = self.size if until is None else min(until, self.size)
         self.offset = offset
         self._sink = sink
         self._error = None
+        self._canceled = False
         self._other = other
         client.set_callback(self._on_message)
         client.set_rx_buffer(self.rx)
@@ -124,7 +137,7 @@ class Puller:
                 before = self.offset
                 client.wait_msg(self.timeout_ms)
                 if self._error is not None:
-                    raise Refused(self._error)
+                    raise (Canceled if self._canceled else Refused)(self._error)
                 if self.offset != before:
                     silences = 0
                     last = time.ticks_ms()
@@ -140,3 +153,15 @@ class Puller:
             client.set_rx_buffer(None)
             self._sink = None
         return self.offset
+
+    def confirm(self, client, feed=None, other=None):
+        """Ask the host for the artifact's last chunk once more, right before the point
+        of no return (set_boot, an app slot switch): raises Canceled if the job was
+        canceled meanwhile, Refused if the host no longer serves it, OSError if the
+        link fails. The chunk itself is discarded."""
+        last = (self.size - 1) // self.chunk * self.chunk
+        self.pull(client, last, _discard, feed, other)
+
+
+def _discard(off, mv):
+    pass

@@ -5,13 +5,17 @@ docs/protocol.md):
 
     device -> mpf/v1/<id>/ota/get   {"job": id, "offset": o, "len": chunk, "count": n}
     host   -> mpf/v1/<id>/ota/data  u32 offset, u32 artifact size (little-endian), bytes
-                                    offset 0xFFFFFFFF: refused, a UTF-8 reason follows
+                                    offset 0xFFFFFFFF: refused; the second u32 is the kind
+                                    (0 refused, 1 canceled), a UTF-8 reason follows
 
 Both QoS 0: the device asks again from its own offset when an answer does not come,
 so nothing here keeps per-device state. Requests are handled in paho's network thread
 (not the dispatcher's worker, which may be busy with a tick), with a read-only SQLite
 connection of their own: a device may fetch the artifact of an `ota` or `app` job that
-has an execution for it; the artifact is read once from the image store, checked
+has an execution for it, unless the job was canceled or the device's execution was
+canceled or removed: then every request is refused as *canceled* (kind 1), and the
+device stops before its point of no return (set_boot, the app slot switch) and
+reports that it stopped (docs/ota.md, "Cancel"). The artifact is read once from the image store, checked
 against its SHA-256, and kept for the next requests (a few, least recently used first
 out).
 """
@@ -34,6 +38,7 @@ from mpfleet.protocol.topics import topic
 log = logging.getLogger("mpfleet.ota")
 
 REFUSED = 0xFFFFFFFF
+KIND_REFUSED, KIND_CANCELED = 0, 1  # the second header word of a refusal
 HEADER = struct.Struct("<II")
 MAX_CHUNK = 16384
 MAX_COUNT = 64
@@ -55,6 +60,14 @@ class StreamStats:
 
 class Refusal(MpfleetError):
     """A request this host will not serve; the reason goes back to the device."""
+
+    kind = KIND_REFUSED
+
+
+class Canceled(Refusal):
+    """The job was canceled on this device: the device stops its download (kind 1)."""
+
+    kind = KIND_CANCELED
 
 
 class ArtifactServer:
@@ -99,7 +112,7 @@ class ArtifactServer:
             with self.stats.lock:
                 self.stats.refused += 1
             log.warning("ota/get from %s refused: %s", device, e)
-            self.publish(out, HEADER.pack(REFUSED, 0) + str(e).encode()[:200])
+            self.publish(out, HEADER.pack(REFUSED, e.kind) + str(e).encode()[:200])
             return
         size = len(artifact)
         sent = chunks = 0
@@ -120,9 +133,14 @@ class ArtifactServer:
             raise Refusal(f"no job {job_id}")
         if row[0] not in ARTIFACT_JOBS:
             raise Refusal(f"job {job_id} is a {row[0]} job, which has nothing to download")
-        if db.execute("SELECT 1 FROM executions WHERE job = ? AND device = ? LIMIT 1",
-                      (job_id, device)).fetchone() is None:
+        latest = db.execute("SELECT e.status, j.status FROM executions e JOIN jobs j ON j.id = e.job "
+                            "WHERE e.job = ? AND e.device = ? ORDER BY e.attempt DESC LIMIT 1",
+                            (job_id, device)).fetchone()
+        if latest is None:
             raise Refusal(f"job {job_id} is not for {device}")
+        if latest[1] == "CANCELED" or latest[0] in ("CANCELED", "REMOVED"):
+            what = "canceled" if latest[1] == "CANCELED" or latest[0] == "CANCELED" else "removed"
+            raise Canceled(f"canceled: job {job_id} was {what} on {device} by the operator; stop before switching")
         if cached is not None:
             self._cache.move_to_end(job_id)
             return cached
