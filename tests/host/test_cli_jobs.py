@@ -126,9 +126,9 @@ def test_list_shows_the_job_as_json_and_as_a_table(fleet_db, interval_30):
     assert "interval-30" in table and "ACTIVE" in table
 
 
-def test_status_shows_an_active_job_and_its_stage_and_exits_0(fleet_db, interval_30):
-    shown = run(fleet_db, "job", "status", "interval-30")
-    assert shown.returncode == 0 and "interval-30" in shown.stdout and "stage 1/2" in shown.stdout
+def test_status_shows_an_active_job_and_its_stage_and_exits_6_while_it_runs(fleet_db, interval_30):
+    shown = run(fleet_db, "job", "status", "interval-30", check=False)
+    assert shown.returncode == 6 and "interval-30" in shown.stdout and "stage 1/2" in shown.stdout
 
 
 def test_cancel_ends_the_job_and_status_then_exits_3(fleet_db, interval_30):
@@ -177,7 +177,9 @@ def test_keys_rotate_records_a_rollout_signed_by_the_old_key(fleet_db):
     old = json.loads(run(fleet_db, "keys", "list", "--json").stdout)[0]["kid"]
     made = json.loads(run(fleet_db, "keys", "rotate", "--targets", "pumps", "--json").stdout)
     assert made["signed_by"] == old
-    status = json.loads(run(fleet_db, "job", "status", made["job"], "--json").stdout)
+    shown = run(fleet_db, "job", "status", made["job"], "--json", check=False)
+    assert shown.returncode == 6  # ACTIVE: still running
+    status = json.loads(shown.stdout)
     assert status["type"] == "keys" and status["params"] == {"add": {made["new_kid"]: made["public_b64"]}}
     assert status["options"]["sign_kid"] == old
     assert status["options"]["rotation"] == {"old": old, "new": made["new_kid"]}
@@ -188,8 +190,8 @@ def test_keys_rotate_records_a_rollout_signed_by_the_old_key(fleet_db):
 
 def test_job_create_refuses_what_the_device_would_drop_or_must_refuse(fleet_db, tmp_path):
     big = tmp_path / "big.json"
-    big.write_text(json.dumps({"set": {"name": "x" * 21_000}}))  # a 21 KB config job
-    proc = run(fleet_db, "job", "create", "config", "--params", f"@{big}", "--targets", "dev-1", check=False)
+    big.write_text(json.dumps({"code": "x = 1\n" * 3_500}))  # a 21 KB exec job
+    proc = run(fleet_db, "job", "create", "exec", "--params", f"@{big}", "--targets", "dev-1", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("mpfleet: job too large: its signed envelope would be ")

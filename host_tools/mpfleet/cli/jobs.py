@@ -11,6 +11,7 @@ import sys
 import time
 
 import click
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -18,16 +19,55 @@ from rich.text import Text
 
 from mpfleet.cli.options import DB, DEVICE_ID, DURATION, IMAGES_DIR, KEYS_DIR, JSON, POINT_IN_TIME
 from mpfleet.cli.render import ago, print_json
+from mpfleet.errors import MpfleetError
 from mpfleet.fleet.registry import split_names
-from mpfleet.fleet.jobs_model import ExecutionRow, JobStatus, RolloutOptions
+from mpfleet.fleet.jobs_model import (OUTCOME_EXIT, RATE_MAX_PER_MIN, Devices, ExecutionRow, JobStatus, RolloutOptions,
+                                     stage_text)
 
 
 console = Console()
 
-# `mpfleet job status` exit codes (docs/dispatch.md): 0 ACTIVE or COMPLETED with nothing
-# stuck, 1 an error (an unknown job...), 2 bad usage (click), then:
-EXIT_ENDED = 3   # the job is ABORTED or CANCELED
-EXIT_STUCK = 4   # the job is ACTIVE and at least one execution is flagged stuck
+# `mpfleet job status` exit codes (docs/dispatch.md; jobs_model.OUTCOME_EXIT): 0 every
+# target SUCCEEDED, 1 an error (an unknown job...), 2 bad usage (click), then:
+EXIT_ENDED = OUTCOME_EXIT["canceled"]      # 3: the job is ABORTED or CANCELED
+EXIT_STUCK = OUTCOME_EXIT["stuck"]         # 4: ACTIVE, at least one execution flagged stuck
+EXIT_FAILURES = OUTCOME_EXIT["failures"]   # 5: COMPLETED, some target did not succeed (or there was none)
+EXIT_RUNNING = OUTCOME_EXIT["running"]     # 6: ACTIVE, still running, nothing stuck
+QUERY_CHARS = "<>=!~ "                     # in a --targets name: a query typed into the wrong option
+
+
+class JobId(click.ParamType):
+    """A job id; its shell completion lists the database's job ids (read-only: a missing
+    database completes nothing and is never created)."""
+
+    name = "job"
+
+    def shell_complete(self, ctx, param, incomplete):
+        import os
+        import sqlite3
+
+        from click.shell_completion import CompletionItem
+
+        path = ctx.params.get("db") or os.environ.get("MPFLEET_DB")
+        if not path:
+            from mpfleet.db.store import default_db_path
+
+            path = str(default_db_path())
+        if not os.path.isfile(path):
+            return []
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+            try:
+                rows = db.execute("SELECT id, type, status FROM jobs ORDER BY created DESC LIMIT 1000").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return []
+        rows = [r for r in rows if r[0].startswith(incomplete)]
+        return [CompletionItem(r[0], help=f"{r[1]} {r[2]}") for r in rows]
+
+
+JOB_ID = JobId()
 
 
 STATE_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "REJECTED": "red", "TIMED_OUT": "red",
@@ -58,6 +98,44 @@ def parse_fraction(text: str, what: str) -> float:
         raise click.BadParameter(f"{text!r}: write percentages with % (e.g. {t}%), fractions as 0..1",
                                  param_hint=what)
     return value
+
+
+def parse_stages(text: str) -> list:
+    """--stages: cumulative stage sizes, comma separated; a bare integer is a number of
+    devices (`1`: one canary device), `N%` a share of the targets; the last must be 100%.
+    `1,10%,100%` -> [Devices(1), 0.1, 1.0]."""
+    out: list = []
+    for raw in text.split(","):
+        t = raw.strip()
+        if t.endswith("%"):
+            try:
+                pct = float(t[:-1])
+            except ValueError:
+                pct = None
+            if pct is None or pct != pct or pct in (float("inf"), float("-inf")):
+                raise click.BadParameter(f"{raw!r} is not a percentage such as 10%", param_hint="--stages")
+            if not 0 < pct <= 100:
+                raise click.BadParameter(f"{raw!r}: a stage's share must be more than 0% and at most 100%",
+                                         param_hint="--stages")
+            out.append(pct / 100)
+            continue
+        try:
+            n = int(t)
+        except ValueError:
+            hint = f" (write a share as {float(t) * 100:g}%)" if _is_decimal(t) else ""
+            raise click.BadParameter(f"{raw!r} is not a device count (1, 5) or a share (10%){hint}",
+                                     param_hint="--stages") from None
+        if n < 1:
+            raise click.BadParameter(f"{raw!r}: a stage covers at least 1 device", param_hint="--stages")
+        out.append(Devices(n))
+    return out
+
+
+def _is_decimal(t: str) -> bool:
+    try:
+        return 0 < float(t) <= 1
+    except ValueError:
+        return False
 
 
 def parse_params(params: str | None, sets: tuple[str, ...], unsets: tuple[str, ...]) -> dict:
@@ -93,6 +171,10 @@ def parse_params(params: str | None, sets: tuple[str, ...], unsets: tuple[str, .
 
 def parse_targets(targets: tuple[str, ...], query: str | None, all_devices: bool):
     names = split_names(targets)
+    for name in names:
+        if any(c in name for c in QUERY_CHARS):
+            raise click.BadParameter(f"{name!r} is not a device id or group name; it looks like a query: "
+                                     f"--query {name!r}", param_hint="--targets")
     if all_devices:
         names.append("*")
     if not names and not query:
@@ -116,13 +198,9 @@ def _split_names(engine, spec):
 
 
 # ---------------------------------------------------------------- rendering
-def _pct(x: float) -> str:
-    return f"{x * 100:g}%"
-
-
 def _stage_text(s: JobStatus) -> str:
     stage = min(s.stage, len(s.stages) - 1)
-    return f"{stage + 1}/{len(s.stages)} ({_pct(s.stages[stage])}, {s.stage_size} devices)"
+    return f"{stage + 1}/{len(s.stages)} ({stage_text(s.stages[stage])}, {s.stage_size} devices)"
 
 
 def _failure_reason(row: ExecutionRow) -> str:
@@ -145,6 +223,43 @@ def _progress_text(row: ExecutionRow) -> str:
     return f"{p['bytes'] / p['total']:.0%} ({p['bytes'] // 1024} of {p['total'] // 1024} KiB)"
 
 
+KEY_COLUMNS = ("id", "device", "status")  # never cut at 80 columns: ids are what the operator types next
+
+
+def _columns(table: Table, cols, rows_of: dict[str, list[str]] | None = None) -> None:
+    """Add `cols` to `table`: key columns (KEY_COLUMNS) neither wrap nor shrink below
+    their longest value (`rows_of[col]`); the others fold."""
+    for col in cols:
+        if col in KEY_COLUMNS:
+            longest = max((len(v) for v in (rows_of or {}).get(col, [])), default=len(col))
+            table.add_column(col, no_wrap=True, min_width=max(longest, len(col)))
+        else:
+            table.add_column(col, overflow="fold")
+
+
+RESULT_TYPES = ("diag", "upload", "sample")  # jobs whose SUCCEEDED detail is the result the operator asked for
+
+
+def _result_text(detail) -> str:
+    """A device's result readably: `key=value` pairs (nested objects as JSON)."""
+    if isinstance(detail, dict):
+        return ", ".join(f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v)}" for k, v in detail.items())
+    return "" if detail is None else str(detail)
+
+
+def _results_table(s: JobStatus) -> Table | None:
+    done = [r for r in _latest_rows(s) if r.status == "SUCCEEDED"]
+    if s.type not in RESULT_TYPES or not done:
+        return None
+    table = Table(title=f"results ({s.type})", title_justify="left")
+    _columns(table, ("device", "result"), {"device": [r.device for r in done[:30]]})
+    for row in done[:30]:
+        table.add_row(row.device, _result_text(row.detail))
+    if len(done) > 30:
+        table.caption = f"... {len(done) - 30} more (--json shows all)"
+    return table
+
+
 def _update_table(s: JobStatus) -> Table:
     """Per device: state, download progress, and the version it reports running."""
     latest: dict[str, ExecutionRow] = {}
@@ -152,9 +267,10 @@ def _update_table(s: JobStatus) -> Table:
         latest[row.device] = row  # ordered by attempt: the last one wins
     want = s.params.get("version")
     table = Table(title=f"devices (target version {want})", title_justify="left")
-    for col in ("device", "status", "progress", "running"):
-        table.add_column(col)
-    for row in list(latest.values())[:30]:
+    shown = list(latest.values())[:30]
+    _columns(table, ("device", "status", "progress", "running"),
+             {"device": [r.device for r in shown], "status": [r.status for r in shown]})
+    for row in shown:
         running = row.running or ""
         table.add_row(row.device, Text(row.status, style=STATE_STYLE.get(row.status, "")),
                       _progress_text(row), Text(running, style="green" if running == want else ""))
@@ -163,14 +279,23 @@ def _update_table(s: JobStatus) -> Table:
     return table
 
 
-def status_view(s: JobStatus) -> Group:
+OUTCOME_STYLE = {"succeeded": "green", "failures": "red", "empty": "red", "aborted": "red", "canceled": "magenta",
+                 "stuck": "red", "running": "cyan"}
+
+
+def status_view(s: JobStatus, idle: str | None = None) -> Group:
+    """What `job status` shows; `idle`: the hint that no dispatcher is running."""
     head = Text()
     head.append(f"job {s.id}  ", style="bold")
     head.append(s.status, style=STATE_STYLE.get(s.status, ""))
+    if s.status != "ACTIVE":
+        head.append(f": {s.outcome_text}", style=OUTCOME_STYLE.get(s.outcome, ""))
     head.append(f"  type {s.type}  stage {_stage_text(s)}  targets {s.target_count} "
                 f"(not started {s.not_started})")
     if s.reason:
         head.append(f"\n{s.reason}", style="red" if s.status == "ABORTED" else "")
+    if idle and s.status == "ACTIVE":
+        head.append(f"\n{idle}", style="yellow")
     counts = Table(box=None, show_header=True, pad_edge=False)
     shown = [k for k, v in s.counts.items() if v or k in ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED")]
     for k in shown:
@@ -179,8 +304,8 @@ def status_view(s: JobStatus) -> Group:
     parts = [head, counts]
     if s.failures:
         fails = Table(title="failures", title_justify="left")
-        for col in ("device", "attempt", "status", "reason"):
-            fails.add_column(col)
+        _columns(fails, ("device", "attempt", "status", "reason"),
+                 {"device": [r.device for r in s.failures[:20]], "status": [r.status for r in s.failures[:20]]})
         for row in s.failures[:20]:
             fails.add_row(row.device, str(row.attempt), row.status, _failure_reason(row)[:100])
         if len(s.failures) > 20:
@@ -188,12 +313,24 @@ def status_view(s: JobStatus) -> Group:
         parts.append(fails)
     if s.type in ("ota", "app") and s.devices:
         parts.append(_update_table(s))
+    results = _results_table(s)
+    if results is not None:
+        parts.append(results)
+    canceled = [r for r in _latest_rows(s) if r.note and "canceled while in progress" in r.note]
+    if canceled:
+        notes = Table(title="canceled while running", title_justify="left")
+        _columns(notes, ("device", "status", "what happened"),
+                 {"device": [r.device for r in canceled[:20]], "status": [r.status for r in canceled[:20]]})
+        for row in canceled[:20]:
+            notes.add_row(row.device, Text(row.status, style=STATE_STYLE.get(row.status, "")),
+                          row.note.split("; then: ", 1)[1] if "; then: " in row.note
+                          else "told to stop; not reported since (it may still finish)")
+        parts.append(notes)
     if s.stuck:
         stuck = Table(title=f"stuck: {len(s.stuck)} execution(s) not taken "
                             f"(mpfleet job retry|remove {s.id} --device ID)", title_justify="left",
                       title_style="red")
-        for col in ("device", "attempt", "queued", "reason"):
-            stuck.add_column(col)
+        _columns(stuck, ("device", "attempt", "queued", "reason"), {"device": [f.device for f in s.stuck[:20]]})
         for flag in s.stuck[:20]:
             stuck.add_row(flag.device, str(flag.attempt), ago(flag.queued), flag.reason)
         if len(s.stuck) > 20:
@@ -235,12 +372,16 @@ def job() -> None:
               help="config jobs: set a dotted key (VALUE is JSON, else text). Repeatable.")
 @click.option("--unset", "unsets", multiple=True, metavar="KEY", help="config jobs: remove a dotted key. Repeatable.")
 @click.option("--targets", multiple=True, metavar="IDS|GROUPS",
-              help="Device ids and/or group names, comma separated. Repeatable.")
+              help="Device ids and/or group names, comma separated. Repeatable. Each must select a device "
+                   "(see --allow-empty); a filter such as 'fw<v1.25' goes in --query.")
 @click.option("--query", help="Only devices whose reported state matches, e.g. 'fw<v1.25.0,group=pumps'.")
 @click.option("--all", "all_devices", is_flag=True, help="Every registered device.")
 @click.option("--id", "job_id", help="Job id (default: j-<random>).")
-@click.option("--rate", type=click.IntRange(min=1), help="At most this many devices started per minute.")
-@click.option("--stages", help="Cumulative stage sizes, e.g. 5%,25%,100% (default: one stage).")
+@click.option("--rate", type=click.IntRange(1, RATE_MAX_PER_MIN),
+              help=f"At most this many devices started per minute (1..{RATE_MAX_PER_MIN:,}).")
+@click.option("--stages", help="Cumulative stage sizes: a bare integer is a number of devices, N% a share of the "
+                               "targets, ending at 100%; e.g. 1,10%,100% (one canary, then 10%, then all). "
+                               "Default: one stage.")
 @click.option("--success-threshold", help="A stage must reach this success rate to advance (default 100%).")
 @click.option("--abort-threshold", help="Abort when this share of finished executions failed, e.g. 20%.")
 @click.option("--abort-min", type=click.IntRange(min=1), help="...counted only after this many finished (default 1).")
@@ -254,6 +395,9 @@ def job() -> None:
 @click.option("--end", "end_at", type=POINT_IN_TIME,
               help="Stop starting devices after: +2h, an ISO time or Unix seconds.")
 @click.option("--continuous", is_flag=True, help="Devices that join the targets later get the job too.")
+@click.option("--allow-empty", is_flag=True,
+              help="With --continuous or --start: accept targets that select no device yet (a group that devices "
+                   "join later). Without it, a name or query that matches nothing is refused.")
 @click.option("--image", "image_ref", metavar="ID",
               help="ota jobs: the firmware image (id from `mpfleet image list`, or a file to add).")
 @click.option("--bundle", "bundle_ref", metavar="ID",
@@ -266,8 +410,8 @@ def job() -> None:
 @IMAGES_DIR
 @JSON
 def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id, rate, stages, success_threshold,
-               abort_threshold, abort_min, timeout, queued_timeout, retries, start_at, end_at, continuous, image_ref,
-               bundle_ref, allow_downgrade, chunk, window, db, keys_dir, images_dir, as_json):
+               abort_threshold, abort_min, timeout, queued_timeout, retries, start_at, end_at, continuous, allow_empty,
+               image_ref, bundle_ref, allow_downgrade, chunk, window, db, keys_dir, images_dir, as_json):
     """Record a rollout of a TYPE job (config, reboot, upload, diag, sample, exec, ota, app, keys).
 
     \b
@@ -282,10 +426,23 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
 
     Jobs of one type (config, keys, ota, app, exec) run on a device in the order they
     were created (or start, with --start): a device in a later stage of an earlier job
-    of the type gets this one only after that one."""
+    of the type gets this one only after that one.
+
+    Also refused: targets that select no device (a mistyped group, a query that matches
+    nothing) unless --allow-empty with --continuous or --start; a --targets name that is
+    a query ('fw<v1.25': use --query); stages that shrink once resolved (5,10% of 20
+    devices is 5, then 2); an --end already past (+2h is two hours from now, 2h two
+    hours ago); a config value the device's schema refuses (--set
+    sample_interval_s=fast)."""
+    if allow_empty and not (continuous or start_at is not None):
+        raise click.UsageError("--allow-empty is for a job that waits for devices: add --continuous (devices "
+                               "that join later get it) or --start (targets are resolved then)")
+    if end_at is not None and end_at <= time.time():
+        raise click.BadParameter(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(end_at))} is already past "
+                                 f"(a time from now is written +2h)", param_hint="--end")
     options = {
         "rate_per_min": rate,
-        "stages": [parse_fraction(x, "--stages") for x in stages.split(",")] if stages else None,
+        "stages": parse_stages(stages) if stages else None,
         "success_threshold": parse_fraction(success_threshold, "--success-threshold") if success_threshold else None,
         "abort_threshold": parse_fraction(abort_threshold, "--abort-threshold") if abort_threshold else None,
         "abort_min_finished": abort_min,
@@ -297,6 +454,10 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
         "continuous": continuous or None,
     }
     job_params = parse_params(params, sets, unsets)
+    if type_ == "config":
+        from mpfleet.fleet.configschema import check_config_values
+
+        check_config_values(job_params)
     spec = parse_targets(targets, query, all_devices)
     if (image_ref or allow_downgrade) and type_ != "ota":
         raise click.UsageError("--image and --allow-downgrade are for ota jobs")
@@ -309,17 +470,44 @@ def job_create(type_, params, sets, unsets, targets, query, all_devices, job_id,
     store, engine = _engine(db, keys_dir)
     with store:
         engine.keyring.fleet_key()  # fail now, not in serve, when there is no key
+        unmatched = engine.unmatched_targets(_split_names(engine, spec))
+        if unmatched and not allow_empty:
+            raise TargetsError(f"targets match no device: {'; '.join(unmatched)}"
+                               + (" (a job waiting for devices to join: --continuous --allow-empty)"
+                                  if not continuous else " (to wait for devices to join: --allow-empty)"))
         if type_ in ("ota", "app"):
             job_params.update(_update_params(store, engine, type_, image_ref or bundle_ref, allow_downgrade, chunk,
                                              window, images_dir, spec))
         new_id = engine.create_job(type_, job_params, _split_names(engine, spec), job_id=job_id,
                                    options=RolloutOptions.from_json(options))  # None: the default
         status = engine.job_status(new_id)
+        idle = _no_dispatcher(store)
     if as_json:
-        print_json(status.to_json())
+        print_json(_status_json(status))
         return
     console.print(f"created job [bold]{new_id}[/] ({type_}); `mpfleet serve` rolls it out. "
                   f"Watch it: mpfleet job status {new_id} --watch", highlight=False)
+    if idle:
+        console.print(idle, style="yellow", highlight=False)
+
+
+class TargetsError(MpfleetError):
+    """`job create`'s targets select no device."""
+
+
+def _no_dispatcher(store) -> str | None:
+    """The hint that nothing will move, when no `mpfleet serve` heartbeats on this database."""
+    from mpfleet.fleet.dispatchers import running
+
+    if running(store):
+        return None
+    return f"no `mpfleet serve` is running on {store.path}; nothing will move until one runs (mpfleet serve)"
+
+
+def _status_json(status: JobStatus) -> dict:
+    """`--json` of a job: JobStatus.to_json() plus what it came to (outcome, exit code)."""
+    return {**status.to_json(), "outcome": status.outcome, "succeeded_targets": status.succeeded_targets,
+            "exit_code": OUTCOME_EXIT[status.outcome]}
 
 
 def _update_params(store, engine, type_, ref, allow_downgrade, chunk, window, images_dir, spec) -> dict:
@@ -353,27 +541,37 @@ def job_list(status, db, keys_dir, as_json):
         rows = [engine.job_status(j) for j in engine.jobs(status.upper() if status else None)]
     if as_json:
         shown = ("id", "type", "status", "stage", "stages", "target_count", "counts", "created", "finished", "reason")
-        print_json([{**{k: j[k] for k in shown}, "stuck": len(j["stuck"])} for j in (r.to_json() for r in rows)])
+        print_json([{**{k: j[k] for k in shown}, "stuck": len(j["stuck"]), "outcome": r.outcome}
+                    for r, j in ((r, r.to_json()) for r in rows)])
         return
     if not rows:
         console.print("no jobs yet: mpfleet job create --help")
         return
-    table = Table(title="jobs")
-    for col in ("id", "type", "status", "stage", "targets", "ok", "failed", "pending", "stuck", "created"):
-        table.add_column(col, no_wrap=col in ("id", "status"))
-    for r in rows:
+    table = Table(title="jobs", box=box.SIMPLE_HEAD, pad_edge=False)
+    states = [_list_state(r) for r in rows]
+    _columns(table, ("id", "type", "status", "stage", "ok/failed/pending", "stuck", "created"),
+             {"id": [r.id for r in rows], "status": [t for t, _ in states]})
+    for r, (state, style) in zip(rows, states):
         c = r.counts
         failed = c["FAILED"] + c["REJECTED"] + c["TIMED_OUT"]
         stage = min(r.stage, len(r.stages) - 1)
-        table.add_row(r.id, r.type, Text(r.status, style=STATE_STYLE.get(r.status, "")),
-                      f"{stage + 1}/{len(r.stages)}", str(r.target_count), str(c["SUCCEEDED"]), str(failed),
-                      str(c["QUEUED"] + c["IN_PROGRESS"] + r.not_started),
+        table.add_row(r.id, r.type, Text(state, style=style), f"{stage + 1}/{len(r.stages)}",
+                      f"{c['SUCCEEDED']}/{failed}/{c['QUEUED'] + c['IN_PROGRESS'] + r.not_started} "
+                      f"of {r.target_count}",
                       Text(str(len(r.stuck)), style="red" if r.stuck else ""), ago(r.created))
     console.print(table)
 
 
+def _list_state(r: JobStatus) -> tuple[str, str]:
+    """A job's state in `job list`: a COMPLETED job where some target did not succeed
+    reads `COMPLETED, failures` (or `COMPLETED, empty`), never as plain success."""
+    if r.outcome in ("failures", "empty"):
+        return f"{r.status}, {r.outcome}", "red"
+    return r.status, STATE_STYLE.get(r.status, "")
+
+
 @job.command("status")
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", type=JOB_ID)
 @click.option("--watch", is_flag=True, help="Refresh until the job is no longer ACTIVE.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
 @DB
@@ -382,46 +580,60 @@ def job_list(status, db, keys_dir, as_json):
 def job_status(job_id, watch, interval, db, keys_dir, as_json):
     """Counts per state, the current stage, failures with their reasons, stuck executions.
 
-    An execution is flagged stuck when it is QUEUED longer than the job's
+    \b
+      mpfleet job status j-1a2b3c
+      mpfleet job status j-1a2b3c --watch && echo "rolled out everywhere"
+
+    A COMPLETED job ran to its end; whether it succeeded is its outcome, shown beside
+    it ("every target SUCCEEDED (5)", "3 of 5 targets did not succeed") and in the exit
+    status. An execution is flagged stuck when it is QUEUED longer than the job's
     --queued-timeout (default 2h) or its envelope is over the limit its device reports;
     the flag changes nothing (a device that wakes late still takes the job): act with
-    `mpfleet job retry` or `mpfleet job remove`.
+    `mpfleet job retry` or `mpfleet job remove`. With no `mpfleet serve` running on
+    the database, it says so: nothing moves without one.
 
     \b
     Exit status (with --watch: once the job is no longer ACTIVE):
-      0  ACTIVE or COMPLETED, nothing stuck
+      0  COMPLETED and every target SUCCEEDED
       1  an error (e.g. no such job)
       3  ABORTED or CANCELED
-      4  ACTIVE, with at least one execution flagged stuck"""
+      4  ACTIVE, with at least one execution flagged stuck
+      5  COMPLETED, but some target did not succeed (FAILED, REJECTED, TIMED_OUT,
+         REMOVED, CANCELED, never reached) or there was no target
+      6  ACTIVE, still running"""
     store, engine = _engine(db, keys_dir)
     with store:
         status = engine.job_status(job_id)
+        idle = _no_dispatcher(store) if status.status == "ACTIVE" else None
         if watch and not as_json:
-            with Live(status_view(status), console=console, refresh_per_second=4) as live:
+            if idle:
+                console.print(idle, style="yellow", highlight=False)
+            with Live(status_view(status, idle), console=console, refresh_per_second=4) as live:
                 while status.status == "ACTIVE":
                     time.sleep(interval)
                     status = engine.job_status(job_id)
-                    live.update(status_view(status))
+                    idle = _no_dispatcher(store)
+                    live.update(status_view(status, idle))
         elif watch:
+            if idle:
+                print(f"mpfleet: {idle}", file=sys.stderr)
             while status.status == "ACTIVE":
                 time.sleep(interval)
                 status = engine.job_status(job_id)
     if as_json:
-        print_json(status.to_json())
+        print_json(_status_json(status))
     elif not watch:
-        console.print(status_view(status))
+        console.print(status_view(status, idle))
     sys.exit(status_exit_code(status))
 
 
 def status_exit_code(status: JobStatus) -> int:
-    """`job status`'s exit code for a job_status() record (EXIT_* above)."""
-    if status.status not in ("ACTIVE", "COMPLETED"):
-        return EXIT_ENDED
-    return EXIT_STUCK if status.status == "ACTIVE" and status.stuck else 0
+    """`job status`'s exit code for a job_status() record (jobs_model.OUTCOME_EXIT)."""
+    return OUTCOME_EXIT[status.outcome]
 
 
 @job.command("retry")
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", type=JOB_ID)
 @click.option("--device", "devices", type=DEVICE_ID, multiple=True, metavar="ID",
               help="Retry on this device (repeatable). Default: every device whose latest execution FAILED, "
                    "was REJECTED or TIMED_OUT, or is stuck.")
@@ -461,7 +673,7 @@ def job_retry(job_id, devices, db, keys_dir, as_json):
 
 
 @job.command("remove")
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", type=JOB_ID)
 @click.option("--device", "devices", type=DEVICE_ID, multiple=True, required=True, metavar="ID",
               help="Remove JOB's QUEUED execution on this device (repeatable).")
 @DB
@@ -489,21 +701,74 @@ def job_remove(job_id, devices, db, keys_dir, as_json):
 
 
 @job.command("cancel")
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", type=JOB_ID)
+@click.option("--device", "devices", type=DEVICE_ID, multiple=True, metavar="ID",
+              help="Cancel JOB on this device only (repeatable); the rest of the rollout goes on.")
 @DB
 @KEYS_DIR
 @JSON
-def job_cancel(job_id, db, keys_dir, as_json):
-    """Cancel JOB: devices that have not started it lose it from their queue; devices
-    running it get a signed `cancel` job."""
+def job_cancel(job_id, devices, db, keys_dir, as_json):
+    """Cancel JOB (or, with --device, its execution on some devices).
+
+    \b
+      mpfleet job cancel j-1a2b3c
+      mpfleet job cancel j-1a2b3c --device pump-07
+
+    Devices that have not started it lose it from their queue: stopped. Devices running
+    it get a signed `cancel` job, and an update's download is refused as canceled: a
+    device still downloading (ota, app) stops before its point of no return (set_boot,
+    the app slot switch) and reports that it stopped. One that is past it, or a job
+    that cannot be stopped midway (config, reboot, ...), may still finish: if its
+    device then reports SUCCEEDED, `job status` shows SUCCEEDED, noted that the cancel
+    came too late. Refused for a device whose execution already ended (or that the job
+    has not reached yet) and for a job that is not ACTIVE."""
     store, engine = _engine(db, keys_dir)
     with store:
-        engine.cancel(job_id, reason="canceled by the operator")
+        before = {r.device: r for r in _latest_rows(engine.job_status(job_id))}
+        if devices:
+            engine.cancel_devices(job_id, list(devices))
+        else:
+            engine.cancel(job_id, reason="canceled by the operator")
         stops = engine.cancel_envelopes(job_id)
         status = engine.job_status(job_id)
+    summary = cancel_summary(status, before, list(devices) or None)
     if as_json:
-        print_json(status.to_json())
+        print_json({"job": job_id, **summary, "status": _status_json(status)})
         return
-    console.print(f"canceled job {job_id}: {status.counts['CANCELED']} execution(s) canceled"
-                  + (f", cancel jobs sent to {len(stops)} device(s) already running it" if stops else ""),
+    what = f"job {job_id} on {len(devices)} device(s)" if devices else f"job {job_id}"
+    parts = [f"{len(summary['stopped'])} stopped before they started"]
+    if summary["stopping"]:
+        parts.append(f"{len(summary['stopping'])} downloading, told to stop before switching")
+    if summary["may_finish"]:
+        parts.append(f"{len(summary['may_finish'])} already past the point of no return or not stoppable midway: "
+                     f"they may still finish ({', '.join(summary['may_finish'][:5])}"
+                     f"{' ...' if len(summary['may_finish']) > 5 else ''})")
+    console.print(f"canceled {what}: " + "; ".join(parts)
+                  + (f". Cancel jobs wait for {len(stops)} device(s) that were running it; "
+                     f"`mpfleet job status {job_id}` shows what each reports" if stops else ""),
                   highlight=False)
+
+
+def _latest_rows(status: JobStatus) -> list[ExecutionRow]:
+    latest: dict[str, ExecutionRow] = {}
+    for row in status.devices:
+        latest[row.device] = row  # ordered by attempt: the last one wins
+    return list(latest.values())
+
+
+def cancel_summary(status: JobStatus, before: dict[str, ExecutionRow], devices: list[str] | None) -> dict:
+    """What a cancel did, from the executions before it: {"stopped": never started,
+    "stopping": updates still downloading (their chunks are refused), "may_finish":
+    running past their point of no return (download complete) or a job type that
+    cannot be stopped midway}, device ids each."""
+    out: dict[str, list[str]] = {"stopped": [], "stopping": [], "may_finish": []}
+    for d, row in sorted(before.items()):
+        if devices is not None and d not in devices:
+            continue
+        if row.status == "QUEUED":
+            out["stopped"].append(d)
+        elif row.status == "IN_PROGRESS":
+            p = row.progress if isinstance(row.progress, dict) else {}
+            downloading = status.type in ("ota", "app") and not (p.get("total") and p.get("bytes", 0) >= p["total"])
+            out["stopping" if downloading else "may_finish"].append(d)
+    return out

@@ -6,6 +6,8 @@ SQLite, signing, targeting): these records are what its callers hold (the CLI, s
 the demo, the USB tools, the benchmarks), and they need no database, key or registry to
 be built, checked or read. Imports only `mpfleet.errors` and `mpfleet.protocol`.
 
+- `Devices`: a stage given as a number of devices (`--stages 1,10%,100%`: one device,
+  then 10 %, then all); `stage_sizes()` resolves a job's stages against its targets.
 - `RolloutOptions`: every rollout option with its default and its check, in one place
   (the engine's rules for them: rollout.py's docstring). Made by the caller; a bad value
   is refused when the object is made, naming the option (`RolloutError`).
@@ -42,12 +44,26 @@ FINAL_STATES = (SUCCEEDED, FAILED, REJECTED)  # what a device reports last
 ACTIVE, COMPLETED, ABORTED = "ACTIVE", "COMPLETED", "ABORTED"
 JOB_STATES = (ACTIVE, COMPLETED, ABORTED, CANCELED)
 
+# What a job came to (JobStatus.outcome): a COMPLETED job ran to its end, which is
+# not the same as succeeding; `mpfleet job status` exits with OUTCOME_EXIT[outcome].
+OUTCOMES = ("succeeded", "failures", "empty", "aborted", "canceled", "running", "stuck")
+OUTCOME_EXIT = {"succeeded": 0, "aborted": 3, "canceled": 3, "stuck": 4, "failures": 5, "empty": 5, "running": 6}
+
+# The note an execution canceled while IN_PROGRESS carries until its device reports
+# (RolloutEngine.cancel): what the device says next decides what is recorded.
+CANCELED_RUNNING = "canceled while in progress"
+
 UPDATE_TYPES = {"ota": "fw", "app": "app"}  # job type -> the state key a device reports its version in
 
 # A QUEUED execution older than this is flagged stuck (option queued_timeout_s).
 # Devices connect every sample_interval_s x upload_every_wakes (60 s x 30 = 30 min by
 # default) or sooner when a job asks: two hours is four such intervals.
 QUEUED_TIMEOUT_DEFAULT_S = 7200.0
+
+
+# The highest rate_per_min a job takes: 100,000 devices started a minute (AWS IoT Jobs
+# allows 1,000); more is a typo, and a rate that high is no limit at all.
+RATE_MAX_PER_MIN = 100_000
 
 
 class RolloutError(MpfleetError):
@@ -69,6 +85,74 @@ def _number(name: str, value, lo: float | None = None, hi: float | None = None, 
 
 
 @dataclass(frozen=True)
+class Devices:
+    """A stage that covers this many devices (at most all targets), not a fraction of
+    them. In `options_json` and `--json`: ``{"devices": n}``; a bare number there is
+    a fraction (1 is 100 %)."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        _number("stages: a device count", self.n, 1, integer=True)
+
+    def to_json(self) -> dict:
+        return {"devices": self.n}
+
+    def __str__(self) -> str:
+        return f"{self.n} device{'s' if self.n != 1 else ''}"
+
+
+def stage_text(stage) -> str:
+    """A stage for people: '10%' or '1 device'."""
+    return str(stage) if isinstance(stage, Devices) else f"{stage * 100:g}%"
+
+
+def stage_sizes(stages, n: int) -> list[int]:
+    """How many of n ranked targets each stage covers, cumulatively: a fraction covers
+    ceil(f x n) (at least one), a Devices stage min(count, n); never fewer than an
+    earlier stage covers (a count that the targets outgrew stays where it was)."""
+    out: list[int] = []
+    for stage in stages:
+        if n <= 0:
+            size = 0
+        elif isinstance(stage, Devices):
+            size = min(n, stage.n)
+        else:
+            size = min(n, max(1, math.ceil(stage * n - 1e-9)))
+        out.append(max(size, out[-1]) if out else size)
+    return out
+
+
+def check_stage_growth(stages, n: int) -> None:
+    """RolloutError when a stage would cover fewer of the n targets than an earlier one
+    (a device count before a fraction that the targets make smaller: `5,10%` of 20
+    devices is 5, then 2). Equal sizes are fine: a stage that adds nobody passes at once."""
+    if n <= 0:
+        return
+    best, at = 0, -1
+    for i, stage in enumerate(stages):
+        size = stage_sizes([stage], n)[0]
+        if size < best:
+            raise RolloutError(
+                f"stages must grow: of the {n} target device(s), stage {i + 1} ({stage_text(stage)}) covers "
+                f"{size}, fewer than stage {at + 1} ({stage_text(stages[at])}) with {best}")
+        if size > best:
+            best, at = size, i
+
+
+def _stage(i: int, value):
+    """A stage as given (a fraction, Devices, or {"devices": n} from JSON), checked."""
+    if isinstance(value, Devices):
+        return value
+    if isinstance(value, Mapping):
+        if set(value) != {"devices"}:
+            raise RolloutError(f"stages[{i}] must be a fraction or {{'devices': n}}, not {dict(value)!r}")
+        return Devices(value["devices"])
+    _number(f"stages[{i}]", value, 0, 1, lo_open=True)
+    return float(value)
+
+
+@dataclass(frozen=True)
 class KeyRotation:
     """The key rotation a `keys` job carries out (RolloutEngine.create_rotation_job):
     when every target applied it, the `old` key is removed from the devices and retired."""
@@ -86,7 +170,7 @@ class RolloutOptions:
     RolloutError names the first bad option. Times are Unix seconds, durations seconds."""
 
     rate_per_min: int | None = None          # devices started (first attempts) in any 60 s; None: no limit
-    stages: tuple[float, ...] = (1.0,)       # cumulative fractions of the targets, increasing, ending at 1.0
+    stages: tuple = (1.0,)                   # cumulative: fractions of the targets or Devices(n), ending at 1.0
     success_threshold: float = 1.0           # a stage advances when this share of its devices SUCCEEDED
     abort_threshold: float | None = None     # abort when this share of finished executions failed
     abort_min_finished: int = 1              # ... once at least this many finished
@@ -101,18 +185,23 @@ class RolloutOptions:
 
     def __post_init__(self) -> None:
         if self.rate_per_min is not None:
-            _number("rate_per_min", self.rate_per_min, 1, integer=True)
+            _number("rate_per_min", self.rate_per_min, 1, RATE_MAX_PER_MIN, integer=True)
         stages = self.stages
         if not isinstance(stages, (list, tuple)) or not stages:
             raise RolloutError(f"stages must be a non-empty list of fractions such as [0.05, 0.25, 1.0], "
                                f"not {stages!r}")
-        for i, f in enumerate(stages):
-            _number(f"stages[{i}]", f, 0, 1, lo_open=True)
-            if i and f <= stages[i - 1]:
-                raise RolloutError(f"stages must increase: stages[{i}] = {f} is not above {stages[i - 1]}")
+        stages = [_stage(i, f) for i, f in enumerate(stages)]
+        # fractions increase among themselves, counts among themselves; how a count
+        # and a fraction compare depends on the targets (check_stage_growth)
+        for kind in (float, Devices):
+            mine = [(i, f) for i, f in enumerate(stages) if isinstance(f, kind)]
+            for (_, a), (i, b) in zip(mine, mine[1:]):
+                if (b.n <= a.n) if kind is Devices else (b <= a):
+                    raise RolloutError(f"stages must increase: stages[{i}] = {stage_text(b)} is not above "
+                                       f"{stage_text(a)}")
         if stages[-1] != 1:
-            raise RolloutError(f"stages must end at 1.0 (the whole target set), not {stages[-1]}")
-        object.__setattr__(self, "stages", tuple(float(f) for f in stages))  # frozen: set once, here
+            raise RolloutError(f"stages must end at 1.0 (100%, the whole target set), not {stage_text(stages[-1])}")
+        object.__setattr__(self, "stages", tuple(stages))  # frozen: set once, here
         _number("success_threshold", self.success_threshold, 0, 1)
         if self.abort_threshold is not None:
             _number("abort_threshold", self.abort_threshold, 0, 1, lo_open=True)
@@ -154,7 +243,7 @@ class RolloutOptions:
     def to_json(self) -> dict:
         """Every option, by name: what a job's `options_json` holds and `--json` shows."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["stages"] = list(self.stages)
+        out["stages"] = [f.to_json() if isinstance(f, Devices) else f for f in self.stages]
         out["rotation"] = self.rotation.to_json() if self.rotation is not None else None
         return out
 
@@ -302,14 +391,46 @@ class JobStatus:
     held: list[HeldDevice]
     cancel_jobs: list[CancelJob]
     unattributed_rejects: list[UnattributedReject]
+    succeeded_targets: int = 0        # current targets whose latest execution SUCCEEDED
     failures: list[ExecutionRow] = field(init=False)  # the FAILED, REJECTED and TIMED_OUT of `devices`
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "failures", [r for r in self.devices if r.status in FAILURES])
 
     @property
-    def stages(self) -> tuple[float, ...]:
+    def stages(self) -> tuple:
         return self.options.stages
+
+    @property
+    def outcome(self) -> str:
+        """One of OUTCOMES: "succeeded" only for a COMPLETED job whose every target
+        SUCCEEDED; "failures" for a COMPLETED job where some did not (FAILED, REJECTED,
+        TIMED_OUT, REMOVED, CANCELED or never reached), "empty" for one that had no
+        target; "aborted", "canceled"; "stuck" or "running" while ACTIVE."""
+        if self.status == ABORTED:
+            return "aborted"
+        if self.status == CANCELED:
+            return "canceled"
+        if self.status == ACTIVE:
+            return "stuck" if self.stuck else "running"
+        if self.target_count == 0:
+            return "empty"
+        return "succeeded" if self.succeeded_targets == self.target_count else "failures"
+
+    @property
+    def outcome_text(self) -> str:
+        """The outcome for people, e.g. 'every target SUCCEEDED (5)' or '3 of 5 targets
+        did not succeed'."""
+        o, n = self.outcome, self.target_count
+        if o == "succeeded":
+            return f"every target SUCCEEDED ({n})"
+        if o == "empty":
+            return "no target devices: nothing ran"
+        if o == "failures" or (o in ("aborted", "canceled") and n):
+            return f"{n - self.succeeded_targets} of {n} targets did not succeed"
+        if o == "stuck":
+            return f"running; {len(self.stuck)} execution(s) stuck"
+        return "running" if o == "running" else o
 
     @property
     def queued_timeout_s(self) -> float:
@@ -322,7 +443,7 @@ class JobStatus:
             "id": self.id, "type": self.type, "params": self.params, "targets": self.targets,
             "options": self.options.to_json(), "status": self.status, "reason": self.reason,
             "created": self.created, "finished": self.finished,
-            "stage": self.stage, "stages": list(self.stages), "stage_size": self.stage_size,
+            "stage": self.stage, "stages": self.options.to_json()["stages"], "stage_size": self.stage_size,
             "target_count": self.target_count, "not_started": self.not_started,
             "counts": dict(self.counts), "attempt_counts": dict(self.attempt_counts),
             "failures": [r.to_json(running) for r in self.failures],

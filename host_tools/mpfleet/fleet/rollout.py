@@ -72,11 +72,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from mpfleet.fleet.jobs_model import (ABORTED, ACTIVE, CANCELED, COMPLETED, COUNTED, DEVICE_STATES, EXECUTION_STATES,
-                                     FAILURES, IN_PROGRESS, PENDING, QUEUED, REJECTED, REMOVED, RETRIABLE,
-                                     SUCCEEDED, TIMED_OUT, UPDATE_TYPES, CancelJob, ExecutionRow, HeldDevice, Job,
-                                     JobStatus, KeyRotation, RolloutError, RolloutOptions, StuckExecution,
-                                     UnattributedReject)
+from mpfleet.fleet.jobs_model import (ABORTED, ACTIVE, CANCELED, CANCELED_RUNNING, COMPLETED, COUNTED, DEVICE_STATES,
+                                     EXECUTION_STATES, FAILURES, IN_PROGRESS, PENDING, QUEUED, REJECTED,
+                                     REMOVED, RETRIABLE, SUCCEEDED, TIMED_OUT, UPDATE_TYPES, CancelJob, ExecutionRow,
+                                     HeldDevice, Job, JobStatus, KeyRotation, RolloutError, RolloutOptions,
+                                     StuckExecution, UnattributedReject, check_stage_growth, stage_sizes, stage_text)
 from mpfleet.fleet.keys import (JOB_MAX_BYTES_DEFAULT, MAX_TRUSTED_KEYS, KeyRing, KeyringError, check_config_params,
                           check_keys_params, envelope_bytes)
 from mpfleet.fleet.registry import QueryError, Registry, parse_query
@@ -121,11 +121,12 @@ def _rank(job_id: str, device: str) -> str:
     return hashlib.sha256(f"{job_id}\0{device}".encode()).hexdigest()
 
 
-def _allowed(stages: list[float], stage: int, n: int) -> int:
-    """How many of the n ranked targets stages 0..stage cover (at least one)."""
+def _allowed(stages, stage: int, n: int) -> int:
+    """How many of the n ranked targets stages 0..stage cover (at least one):
+    jobs_model.stage_sizes (a fraction or a device count, never fewer than before)."""
     if n <= 0 or stage < 0:
         return 0
-    return min(n, max(1, math.ceil(stages[stage] * n - 1e-9)))
+    return stage_sizes(stages[:stage + 1], n)[stage]
 
 
 def _span(seconds: float) -> str:
@@ -138,6 +139,15 @@ def _span(seconds: float) -> str:
     if s < 172800:
         return f"{s // 3600} h {s % 3600 // 60} min" if s % 3600 >= 60 else f"{s // 3600} h"
     return f"{s // 86400} d {s % 86400 // 3600} h" if s % 86400 >= 3600 else f"{s // 86400} d"
+
+
+_THEN = "; then: "  # what a device reported after a cancel, appended to CANCELED_RUNNING's note
+
+
+def _awaits_word(e: dict) -> bool:
+    """An execution canceled while in progress whose device has not reported since."""
+    note = e["note"] or ""
+    return e["status"] == CANCELED and note.startswith(CANCELED_RUNNING) and _THEN not in note
 
 
 def envelope_digest(envelope: str) -> str:
@@ -207,6 +217,7 @@ class RolloutEngine:
         except (TypeError, ValueError) as e:
             raise RolloutError(f"params must be JSON: {e}") from None
         job = Job(job_id, type, params, spec, opts, created=now, updated=now)
+        check_stage_growth(opts.stages, len(self._resolve(spec)))
         self._check_size(job, now)
         with self.store.transaction() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
@@ -295,6 +306,28 @@ class RolloutEngine:
     def resolve_targets(self, targets) -> list[str]:
         """The registered devices `targets` (as create_job takes them) select now."""
         return self._resolve(self._normalize_targets(targets))
+
+    def unmatched_targets(self, targets) -> list[str]:
+        """What in `targets` (as create_job takes them) selects no registered device now,
+        one phrase each: a name that is neither a device id nor a group any device is in,
+        a query that matches none of the devices it narrows; [] when every part matches."""
+        spec = self._normalize_targets(targets)
+        devices = self.registry.list()
+        groups = {g for d in devices for g in d["groups"]}
+        out = [f"{g!r} is neither a registered device id nor a group any device is in"
+               for g in spec["groups"] if g not in groups]
+        if spec["query"]:
+            narrowed = self._resolve({**spec, "query": None}) if (spec["ids"] or spec["groups"]) \
+                else [d["id"] for d in devices]
+            if narrowed and not self._resolve(spec):
+                out.append(f"the query {spec['query']!r} matches none of the {len(narrowed)} device(s) it was "
+                           f"tried on")
+            elif not narrowed and not out:
+                out.append(f"the query {spec['query']!r} has no device to match: the registry is empty")
+        if not out and not self._resolve(spec):
+            out.append("'*' selects no device: the registry is empty" if spec["all"]
+                       else "the targets select no device")
+        return out
 
     def _resolve(self, spec: dict) -> list[str]:
         match = parse_query(spec["query"], now=self.clock) if spec.get("query") else None
@@ -439,6 +472,22 @@ class RolloutEngine:
     def _finish_job(self, db, job_id: str, status: str, now: float, reason: str | None) -> None:
         db.execute("UPDATE jobs SET status = ?, finished = ?, updated = ?, reason = ? WHERE id = ? AND status = ?",
                    (status, now, now, reason, job_id, ACTIVE))
+
+    def _outcome(self, job_id: str, targets: list[str], latest: dict | None = None) -> str:
+        """What a finished job came to, as its reason: 'every target SUCCEEDED (5)' or
+        '3 of 5 targets did not succeed: FAILED 2, never reached 1'."""
+        latest = self._latest(job_id) if latest is None else latest
+        if not targets:
+            return "no target devices"
+        missed: dict[str, int] = {}
+        for d in targets:
+            st = latest[d]["status"] if d in latest else "never reached"
+            if st != SUCCEEDED:
+                missed[st] = missed.get(st, 0) + 1
+        if not missed:
+            return f"every target SUCCEEDED ({len(targets)})"
+        return (f"{sum(missed.values())} of {len(targets)} targets did not succeed: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(missed.items())))
 
     def _abort_reason(self, job: Job) -> str | None:
         opts = job.options
@@ -637,12 +686,13 @@ class RolloutEngine:
         if stage_done and stage < len(stages) - 1:
             # a device the operator removed (remove()) is out of the count
             own = [d for d in ranked[_allowed(stages, stage - 1, n) if stage else 0:allowed]
-                   if latest[d]["status"] != REMOVED]
+                   if latest[d]["status"] not in (REMOVED, CANCELED)]
             ok = sum(1 for d in own if latest[d]["status"] == SUCCEEDED)
             frac = ok / len(own) if own else 1.0
             if frac + 1e-9 < opts.success_threshold:
-                self._abort(job_id, f"stage {stage} ({stages[stage]:.0%}) succeeded on {ok} of {len(own)} devices, "
-                                    f"below success_threshold {opts.success_threshold:.0%}", now, changes)
+                self._abort(job_id, f"stage {stage} ({stage_text(stages[stage])}) succeeded on {ok} of "
+                                    f"{len(own)} devices, below success_threshold {opts.success_threshold:.0%}",
+                            now, changes)
                 return
             stage += 1
             self.db.execute("UPDATE jobs SET stage = ?, updated = ? WHERE id = ?", (stage, now, job_id))
@@ -652,7 +702,7 @@ class RolloutEngine:
             # a rotation's follow-up is recorded before the job shows COMPLETED (with the outcome as reason)
             note = self._finish_rotation(job, [latest[d] for d in ranked]) if opts.rotation else None
             with self.store.transaction() as db:
-                self._finish_job(db, job_id, COMPLETED, now, note)
+                self._finish_job(db, job_id, COMPLETED, now, note or self._outcome(job_id, ranked, latest))
             changes.completed.append(job_id)
             return
 
@@ -817,6 +867,8 @@ class RolloutEngine:
         IN_PROGRESS may have been lost): the UPDATE takes it only from a pending state,
         so a repeat, which the device sends for a job it still sees in its retained
         queue, changes nothing, and neither does a different final word later."""
+        if e["status"] == CANCELED and status != IN_PROGRESS and _awaits_word(e):
+            return self._after_cancel(e, status, detail, dev_attempt, now)
         if e["status"] not in PENDING:
             # final is final; a device's final word on an attempt the host gave up on (timed out,
             # canceled, removed) is kept as a note for the operator, and changes nothing else
@@ -857,6 +909,41 @@ class RolloutEngine:
                 self._retry_if_allowed(job, e, now, None)
         return True
 
+    def _after_cancel(self, e: dict, status: str, detail, dev_attempt: int | None, now: float) -> bool:
+        """The device's first final word on an execution canceled while it ran: the record
+        says what happened. SUCCEEDED: it was past its point of no return (an update
+        after set_boot, a config applied), so it is SUCCEEDED, noted that the cancel came
+        too late. Anything else: it stays CANCELED, with the device's detail and a note
+        saying whether it stopped for the cancel (an update refused as canceled before
+        set_boot) or ended otherwise."""
+        if status == SUCCEEDED:
+            note = (f"{e['note']}{_THEN}SUCCEEDED: the cancel came too late, the device was past its point of "
+                    f"no return")
+            cur = self.db.execute(
+                "UPDATE executions SET status = ?, finished = ?, updated = ?, detail_json = ?, note = ?, "
+                "device_attempt = COALESCE(?, device_attempt) WHERE id = ? AND status = ? AND note = ?",
+                (SUCCEEDED, now, now, json.dumps(detail), note, dev_attempt, e["id"], CANCELED, e["note"]))
+        else:
+            stopped = isinstance(detail, dict) and detail.get("stopped") == "canceled"
+            if stopped:
+                at, size = detail.get("at"), detail.get("size")
+                where = f" at byte {at} of {size}" if isinstance(at, int) and isinstance(size, int) else ""
+                word = f"the device stopped{where}, before its point of no return"
+            else:
+                word = f"the device reported {status}"
+            cur = self.db.execute(
+                "UPDATE executions SET updated = ?, detail_json = ?, note = ? WHERE id = ? AND status = ? AND note = ?",
+                (now, json.dumps(detail if detail is not None else {"status": status}), f"{e['note']}{_THEN}{word}",
+                 e["id"], CANCELED, e["note"]))
+        if cur.rowcount != 1:
+            return False
+        job = self._job(e["job"])
+        if job.status == ACTIVE and status == SUCCEEDED:
+            reason = self._abort_reason(job)
+            if reason:
+                self._abort(job.id, reason, now, None)
+        return True
+
     def _control_status(self, device: str, control_id: str, seq, status: str, detail, now: float) -> bool | None:
         """None if this is no control job's status, else whether it changed anything."""
         row = self.db.execute("SELECT job, type, status FROM job_controls WHERE device = ? AND control_id = ? "
@@ -871,47 +958,86 @@ class RolloutEngine:
 
     # ------------------------------------------------------------ cancel
     def cancel(self, job_id: str, reason: str = "canceled") -> Changes:
-        """CANCEL the job: QUEUED executions become CANCELED (never started); IN_PROGRESS ones
-        become CANCELED too, noted as needing a `cancel` job (see cancel_envelopes)."""
+        """CANCEL the job: QUEUED executions become CANCELED (never started); IN_PROGRESS
+        ones become CANCELED too, noted CANCELED_RUNNING: their device is told to stop
+        (a `cancel` job, see cancel_envelopes, and the artifact server refuses an
+        update's chunks as canceled), and what it reports next decides the record
+        (_apply_status): SUCCEEDED if it was past its point of no return, else CANCELED
+        with its word that it stopped."""
         job = self._job(job_id)
         if job.status != ACTIVE:
             raise RolloutError(f"job {job_id} is {job.status}, only an ACTIVE job can be canceled")
         now = self.clock()
         changes = Changes()
         with self.store.transaction() as db:
-            self._remove_queued(db, job_id, CANCELED, now, "job canceled before the device started it", changes)
-            running = [r[0] for r in db.execute("SELECT device FROM executions WHERE job = ? AND status = ?",
-                                                (job_id, IN_PROGRESS))]
-            for d in running:
-                db.execute("UPDATE executions SET status = ?, finished = ?, updated = ?, note = ? "
-                           "WHERE job = ? AND device = ? AND status = ?",
-                           (CANCELED, now, now, "canceled while in progress: send a cancel job (cancel_envelopes)",
-                            job_id, d, IN_PROGRESS))
-                changes.devices.add(d)
+            self._cancel_executions(db, job_id, None, now, changes)
             db.execute("UPDATE jobs SET status = ?, finished = ?, updated = ?, reason = ? WHERE id = ?",
                        (CANCELED, now, now, reason, job_id))
         return changes
 
-    def cancel_envelopes(self, job_id: str) -> dict[str, str]:
-        """{device: envelope} of signed `cancel` jobs for every device whose execution was in
-        progress when the job was canceled. Signed once and stored (calling again returns
-        the same envelopes); device_queue() carries them until the device reports them final."""
+    def cancel_devices(self, job_id: str, devices: Iterable[str]) -> Changes:
+        """Cancel `job_id` on `devices` only (the operator's per-execution cancel); the rest
+        of the rollout goes on. A QUEUED execution becomes CANCELED and leaves the
+        queue; an IN_PROGRESS one as in cancel(), its device told to stop. A canceled
+        device does not count toward its stage's success threshold. Refused for all when
+        one has no execution of the job yet or its latest already ended."""
         job = self._job(job_id)
-        if job.status != CANCELED:
-            raise RolloutError(f"job {job_id} is {job.status}: cancel() it first")
+        if job.status != ACTIVE:
+            raise RolloutError(f"job {job_id} is {job.status}: only an ACTIVE job's executions can be canceled")
+        chosen = list(dict.fromkeys(devices))
+        if not chosen:
+            raise RolloutError("say which devices to cancel the job on")
+        latest = self._latest(job_id)
+        targets = set(self._current_targets(job))
+        for d in chosen:
+            e = latest.get(d)
+            if e is None:
+                where = "is not a target of" if d not in targets else "has not been sent to"
+                raise RolloutError(f"{d} {where} job {job_id}: there is nothing to cancel there"
+                                   + (" yet (`mpfleet job cancel` cancels the whole job)" if d in targets else ""))
+            if e["status"] not in PENDING:
+                raise RolloutError(f"job {job_id} already ended on {d}: {e['status']}")
         now = self.clock()
-        devices = [r[0] for r in self.db.execute(
-            "SELECT DISTINCT device FROM executions WHERE job = ? AND status = ? AND started IS NOT NULL "
-            "ORDER BY device", (job_id, CANCELED))]
-        control_id = f"cancel-{job_id}"
-        for d in devices:
-            if self.db.execute("SELECT 1 FROM job_controls WHERE job = ? AND device = ? AND type = 'cancel'",
-                               (job_id, d)).fetchone():
+        changes = Changes()
+        with self.store.transaction() as db:
+            self._cancel_executions(db, job_id, chosen, now, changes)
+        return changes
+
+    def _cancel_executions(self, db, job_id: str, devices: list[str] | None, now: float, changes: Changes) -> None:
+        self._remove_queued(db, job_id, CANCELED, now, "canceled before the device started it", changes, devices)
+        running = [r[0] for r in db.execute("SELECT device FROM executions WHERE job = ? AND status = ?",
+                                            (job_id, IN_PROGRESS))]
+        for d in running:
+            if devices is not None and d not in devices:
                 continue
+            db.execute("UPDATE executions SET status = ?, finished = ?, updated = ?, note = ? "
+                       "WHERE job = ? AND device = ? AND status = ?",
+                       (CANCELED, now, now, f"{CANCELED_RUNNING}: the device is told to stop (a cancel job; an "
+                                            f"update's download is refused); it may still finish if past its "
+                                            f"point of no return", job_id, d, IN_PROGRESS))
+            changes.devices.add(d)
+
+    def cancel_envelopes(self, job_id: str) -> dict[str, str]:
+        """{device: envelope} of signed `cancel` jobs for every device whose execution was
+        canceled while in progress (a canceled job, or cancel_devices()). Signed once per
+        such execution and stored (calling again returns the same envelopes);
+        device_queue() carries them until the device reports them final."""
+        job = self._job(job_id)
+        now = self.clock()
+        rows = self.db.execute(
+            "SELECT device, MAX(finished) FROM executions WHERE job = ? AND status = ? AND started IS NOT NULL "
+            "AND note LIKE ? GROUP BY device ORDER BY device", (job_id, CANCELED, f"{CANCELED_RUNNING}%")).fetchall()
+        control_id = f"cancel-{job_id}"
+        for d, canceled_at in rows:
+            old = self.db.execute("SELECT status, created FROM job_controls WHERE job = ? AND device = ? "
+                                  "AND type = 'cancel'", (job_id, d)).fetchone()
+            if old is not None and (old[0] == QUEUED or old[1] >= canceled_at):
+                continue  # this cancel's job exists already
             signed, envelope = self.keyring.sign({"id": control_id, "type": "cancel", "targets": [d],
                                                   "params": {"job": job_id}, "iat": int(now)},
                                                  kid=self._signing_kid(job))
-            self.db.execute("INSERT OR IGNORE INTO job_controls (job, device, control_id, type, seq, envelope, "
+            # one row per (job, device): a later cancel (of a retried attempt) replaces a finished one
+            self.db.execute("INSERT OR REPLACE INTO job_controls (job, device, control_id, type, seq, envelope, "
                             "status, created) VALUES (?, ?, ?, 'cancel', ?, ?, ?, ?)",
                             (job_id, d, control_id, signed["seq"], envelope, QUEUED, now))
         return {r[0]: r[1] for r in self.db.execute(
@@ -1028,6 +1154,9 @@ class RolloutEngine:
             if e["status"] == IN_PROGRESS:
                 raise RolloutError(f"job {job_id} is IN_PROGRESS on {d}: wait for its final status or its timeout, "
                                    f"or cancel the job")
+            if _awaits_word(e):
+                raise RolloutError(f"job {job_id} was canceled on {d} while in progress and {d} has not reported "
+                                   f"since: it may still finish; retry once `job status {job_id}` shows its word")
             if e["status"] == QUEUED and d not in stuck:
                 raise RolloutError(f"job {job_id} is QUEUED on {d} and not stuck: {d} has had "
                                    f"{_span(now - e['queued'])} of its {_span(job.options.queued_limit_s)} "
@@ -1179,6 +1308,7 @@ class RolloutEngine:
             waiting = [d for d in targets if d not in latest or latest[d]["status"] in RETRIABLE]
             held = self._holds(job, self.clock(), waiting) if waiting else {}
         stages = job.options.stages
+        succeeded = sum(1 for d in targets if d in latest and latest[d]["status"] == SUCCEEDED)
         rejects = [UnattributedReject(device=r[0], ref=r[1], detail=_loads(r[2]), at=r[3]) for r in self.db.execute(
             "SELECT device, ref, detail_json, at FROM job_rejects ORDER BY at, device")]
         controls = [CancelJob(device=r[0], id=r[1], type=r[2], seq=r[3], status=r[4]) for r in self.db.execute(
@@ -1190,7 +1320,7 @@ class RolloutEngine:
             target_count=len(targets), not_started=len([d for d in targets if d not in latest]),
             counts=counts, attempt_counts=attempts, devices=rows, stuck=stuck,
             held=[HeldDevice(device=d, behind=held[d]) for d in sorted(held)],
-            cancel_jobs=controls, unattributed_rejects=rejects,
+            cancel_jobs=controls, unattributed_rejects=rejects, succeeded_targets=succeeded,
         )
 
     def _running(self, device: str, version_key: str):
