@@ -410,5 +410,5 @@ def test_cli_creates_update_jobs_and_explains_what_is_missing(env):
     created = json.loads(out.stdout)
     assert created["params"]["version"] == "v1.70.0" and created["params"]["size"] == fw.stat().st_size
     out = mpfleet("job", "status", created["id"], *common)
-    assert out.returncode == 0 and "target version v1.70.0" in out.stdout, out.stdout
+    assert out.returncode == 6 and "target version v1.70.0" in out.stdout, out.stdout
     assert mpfleet("job", "cancel", created["id"], *common).returncode == 0

@@ -691,7 +691,7 @@ def test_job_status_exits_4_while_an_execution_is_stuck_and_the_operator_can_act
     assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] == ["dev-2"]
     after = json.loads(mpfleet(tmp_path, "job", "status", "look", "--json").stdout)
     assert after["stuck"] == [] and after["counts"]["QUEUED"] == 1 and after["counts"]["REMOVED"] == 1
-    assert mpfleet(tmp_path, "job", "status", "look").returncode == 0
+    assert mpfleet(tmp_path, "job", "status", "look").returncode == 6  # still running
 
     again = mpfleet(tmp_path, "job", "remove", "look", "--device", "dev-2")
     assert again.returncode == 1 and again.stderr.strip() == "mpfleet: job look already ended on dev-2: REMOVED"
