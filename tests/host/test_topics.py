@@ -46,3 +46,25 @@ def test_a_topic_root_of_plain_levels_is_valid(root):
 def test_a_topic_root_with_wildcards_empty_levels_or_odd_characters_is_refused(root):
     with pytest.raises(TopicRootError, match="topic root .* is not valid"):
         check_topic_root(root)
+
+
+def test_the_device_and_the_host_agree_on_every_topic_root():
+    """firmware/lib/agent/config.py's check of broker.topic_root and the host's
+    check_topic_root accept exactly the same roots (generated, and the edges)."""
+    import random
+
+    from mpfleet.fleet.configschema import firmware_config
+    from mpfleet.protocol.topics import TopicRootError, check_topic_root
+
+    device_check = dict(((s, k), c) for s, k, c, _ in firmware_config().SCHEMA)[("broker", "topic_root")]
+    rng = random.Random(7)
+    alphabet = "aZ09_-/ +#.é"
+    cases = ["mpf/v1", "a", "a" * 64, "a" * 65, "/a", "a/", "a//b", "/".join("a" * 8), "/".join("a" * 9),
+             "site-A/mpf_2", "", "a/+/b", "a/#", 7, None, ["mpf"]]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12))) for _ in range(3000)]
+    for root in cases:
+        try:
+            host = check_topic_root(root) == root
+        except TopicRootError:
+            host = False
+        assert device_check(root) is host, root

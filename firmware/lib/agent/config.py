@@ -94,6 +94,26 @@ def _host_name(v):
     return isinstance(v, str) and 1 <= len(v) <= 253
 
 
+_ROOT_CHARS = _ID_CHARS + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _is_topic_root(v):
+    # 1 to 8 levels of A-Z, a-z, 0-9, _ and - joined by "/", at most 64 characters
+    # (the host's mpfleet.protocol.topics.check_topic_root: one rule on both sides).
+    if not isinstance(v, str) or not 1 <= len(v) <= 64:
+        return False
+    levels = v.split("/")
+    if len(levels) > 8:
+        return False
+    for level in levels:
+        if not level:
+            return False
+        for c in level:
+            if c not in _ROOT_CHARS:
+                return False
+    return True
+
+
 def _opt_str_upto(n):
     def check(v):
         return v is None or (isinstance(v, str) and len(v) <= n)
@@ -136,6 +156,9 @@ SCHEMA = (
     ("broker", "tls", _is_bool, False),
     ("broker", "keepalive_s", _int_in(0, 65535), 60),
     ("broker", "timeout_ms", _int_in(100, 60000), 5000),
+    # Where this fleet's topics live (<root>/<device-id>/<leaf>): fleets that share one
+    # broker use different roots and never see each other's devices.
+    ("broker", "topic_root", _is_topic_root, "mpf/v1"),
     # How long a connected wake waits for its retained job queue after subscribing.
     ("broker", "queue_wait_ms", _int_in(10, 10000), 100),
     ("limits", "log_max_bytes", _int_in(8192, 4 * 1024 * 1024), 256 * 1024),

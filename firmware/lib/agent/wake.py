@@ -72,6 +72,8 @@ class Wake:
         from agent import config
 
         self.cfg, self.problems = config.load(self.mac_id)
+        from agent import topics
+        topics.set_root(self.cfg["broker"]["topic_root"])
         # The schema's code is needed again only by a config job: its memory goes
         # to the rest of the wake. What the wake still needs of it, it keeps.
         self.config_files = (config.CONFIG_PATH, config.GOOD_PATH)
