@@ -4,6 +4,7 @@ changed; a query language selects devices by reported state (for `devices list -
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -62,20 +63,47 @@ def test_a_provisioned_device_is_listed_before_it_ever_reports(registry):
 
 
 def test_adding_a_known_device_again_adds_groups_and_keeps_its_state(store, registry):
-    report_state(store, "pump-1")
     registry.add("pump-1", board="esp32-devkitc", groups=["pumps"])
+    report_state(store, "pump-1")
     registry.add("pump-1", groups=["north"])
     d = registry.get("pump-1")
     assert d["groups"] == ["north", "pumps"] and d["board"] == "esp32-devkitc"
     assert d["state"]["fw"] == "v1.24.0" and d["last_seen"] is not None
 
 
-def test_a_device_first_appears_when_its_state_is_ingested(store, registry):
+def test_a_state_from_a_device_nobody_provisioned_makes_it_pending_not_a_member(store, registry):
     report_state(store, "a1b2c3")
-    (d,) = registry.list()
-    assert d["id"] == "a1b2c3" and d["groups"] == []
+    report_state(store, "a1b2c3", backlog=241)
+    assert registry.list() == [] and not store.is_member("a1b2c3")
+    (p,) = registry.pending()
+    assert p["id"] == "a1b2c3" and p["times"] == 2 and p["state"]["backlog"] == 241
+
+
+def test_accepting_a_pending_device_keeps_what_it_reported_and_ends_its_pending(store, registry):
+    report_state(store, "a1b2c3", board="virtual")
+    (d,) = registry.accept(["a1b2c3"], groups=["pumps"])
+    assert d["id"] == "a1b2c3" and d["groups"] == ["pumps"] and d["board"] == "virtual"
     assert (d["state"]["fw"], d["state"]["slot"], d["state"]["backlog"], d["state"]["dropped"]) == \
         ("v1.24.0", "ota_1", 240, 7)
+    assert d["last_seen"] is None and registry.pending() == []
+    report_state(store, "a1b2c3", backlog=3)
+    assert registry.get("a1b2c3")["state"]["backlog"] == 3 and registry.get("a1b2c3")["last_seen"] is not None
+
+
+def test_accept_is_all_or_nothing_and_only_for_pending_devices(store, registry):
+    report_state(store, "a1")
+    registry.add("m1")
+    with pytest.raises(UnknownDeviceError, match="no pending device never-seen .*nothing was accepted"):
+        registry.accept(["a1", "never-seen"])
+    with pytest.raises(RegistryError, match="m1 is already in the fleet"):
+        registry.accept(["a1", "m1"])
+    assert [p["id"] for p in registry.pending()] == ["a1"] and not store.is_member("a1")
+
+
+def test_provisioning_a_pending_device_makes_it_a_member(store, registry):
+    report_state(store, "a1")
+    registry.add("a1", groups=["pumps"])
+    assert registry.pending() == [] and store.is_member("a1")
 
 
 def test_tag_adds_and_removes_groups(registry):
@@ -211,14 +239,16 @@ def test_cli_add_tag_list_show_round_trip(tmp_path):
     assert [d["id"] for d in json.loads(mpfleet("devices", "list", "--group", "pumps", "--db", db,
                                                  "--json").stdout)] == ["pump-2"]
     shown = json.loads(mpfleet("devices", "show", "pump-1", "--db", db, "--json").stdout)
-    assert shown == listed[0]
+    assert shown.pop("executions") == [] and shown == listed[0]
 
 
 def test_cli_shows_the_state_a_device_reported(tmp_path):
     db = tmp_path / "fleet.db"
     with Store(db) as store:
-        report_state(store, "a1b2c3", fw="v1.24.0", backlog=240)
-        report_state(store, "d2", fw="v1.25.0", backlog=3)
+        Registry(store).add("a1b2c3")
+        Registry(store).add("d2")
+        report_state(store, "a1b2c3", fw="v1.24.0", backlog=240, time=int(time.time()) - 5)
+        report_state(store, "d2", fw="v1.25.0", backlog=3, time=int(time.time()) - 5)
     table = mpfleet("devices", "list", "--db", db).stdout
     row = next(line for line in table.splitlines() if "a1b2c3" in line)
     for cell in ("v1.24.0", "ota_1", "240", "7", "s ago"):
@@ -227,8 +257,61 @@ def test_cli_shows_the_state_a_device_reported(tmp_path):
                                "--json").stdout)
     assert [d["id"] for d in where] == ["a1b2c3"]
     shown = json.loads(mpfleet("devices", "show", "a1b2c3", "--db", db, "--json").stdout)
-    assert shown["state"] == dict(AGENT_STATE, device="a1b2c3")
+    assert shown["state"] == dict(AGENT_STATE, device="a1b2c3", time=shown["state"]["time"])
     assert "heap_free" in mpfleet("devices", "show", "a1b2c3", "--db", db).stdout
+    shown_d2 = json.loads(mpfleet("devices", "show", "d2", "--db", db, "--json").stdout)
+    assert shown_d2["stale"] is False and shown_d2["reported_at"] == pytest.approx(time.time() - 5, abs=60)
+
+
+def test_cli_marks_a_device_whose_last_report_is_older_than_two_upload_intervals_stale(tmp_path):
+    db = tmp_path / "fleet.db"
+    with Store(db) as store:
+        for device in ("fresh", "late", "never"):
+            Registry(store).add(device)
+        # every 60 s x 10 wakes = 10 min between reports: stale after 20 min
+        cadence = {"sample_interval_s": 60, "upload_every_wakes": 10}
+        report_state(store, "fresh", time=int(time.time()) - 19 * 60, **cadence)
+        report_state(store, "late", time=int(time.time()) - 21 * 60, **cadence)
+    listed = {d["id"]: d for d in json.loads(mpfleet("devices", "list", "--db", db, "--json").stdout)}
+    assert (listed["fresh"]["stale"], listed["late"]["stale"], listed["never"]["stale"]) == (False, True, None)
+    assert listed["late"]["expected_interval_s"] == 600
+    table = mpfleet("devices", "list", "--db", db).stdout
+    assert "(stale)" in next(line for line in table.splitlines() if "late" in line)
+    assert "(stale)" not in next(line for line in table.splitlines() if "fresh" in line)
+
+
+def test_a_retained_state_replayed_after_a_restart_does_not_make_a_dead_device_look_alive(store, registry):
+    registry.add("d1")
+    old = int(time.time()) - 3 * 86400  # the device died three days ago; its retained state stays on the broker
+    state = dict(AGENT_STATE, device="d1", time=old)
+    handle_state(store, "d1", json.dumps(state).encode(), publish=lambda *a, **k: None, live=False)
+    d = registry.get("d1")
+    assert d["last_seen"] is None and d["reported_at"] == old
+    assert [x["id"] for x in registry.list(where="last_seen>2d")] == ["d1"]
+    assert registry.list(where="received<1h") == []
+
+
+def test_a_device_clock_ahead_of_the_host_never_makes_its_report_newer_than_now(store, registry):
+    registry.add("d1")
+    state = dict(AGENT_STATE, device="d1", time=int(time.time()) + 10 * 86400)
+    handle_state(store, "d1", json.dumps(state).encode(), publish=lambda *a, **k: None)
+    assert registry.get("d1")["reported_at"] <= time.time()
+
+
+def test_cli_pending_and_accept(tmp_path):
+    db = tmp_path / "fleet.db"
+    with Store(db) as store:
+        report_state(store, "other-1", board="virtual")
+    assert "no pending devices" not in mpfleet("devices", "list", "--db", db).stdout
+    assert "1 device(s) seen on the broker are not in the fleet" in mpfleet("devices", "list", "--db", db).stdout
+    pending = json.loads(mpfleet("devices", "pending", "--db", db, "--json").stdout)
+    assert [p["id"] for p in pending["pending"]] == ["other-1"]
+    bad = mpfleet("devices", "accept", "nobody", "--db", db, check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("mpfleet: no pending device nobody (pending: other-1")
+    mpfleet("devices", "accept", "other-1", "--group", "lab", "--db", db)
+    assert mpfleet("devices", "pending", "--db", db).stdout == "no pending devices\n"
+    (d,) = json.loads(mpfleet("devices", "list", "--db", db, "--json").stdout)
+    assert (d["id"], d["groups"], d["board"]) == ("other-1", ["lab"], "virtual")
 
 
 def test_cli_json_output_is_stable(tmp_path):
@@ -237,7 +320,8 @@ def test_cli_json_output_is_stable(tmp_path):
     first = mpfleet("devices", "list", "--db", db, "--json").stdout
     assert first == mpfleet("devices", "list", "--db", db, "--json").stdout
     (d,) = json.loads(first)
-    assert list(d) == sorted(d) == ["board", "first_seen", "groups", "id", "last_seen", "state"]
+    assert list(d) == sorted(d) == ["board", "expected_interval_s", "first_seen", "groups", "id", "last_seen",
+                                    "reported_at", "stale", "state"]
     assert d["groups"] == ["a", "b"] and d["last_seen"] is None and d["state"] is None
 
 

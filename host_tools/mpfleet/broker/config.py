@@ -1,8 +1,9 @@
 """Per-device broker credentials, a mosquitto password file + ACL, and the
 mosquitto configuration that binds client ids to them and persists sessions.
 
-Transport security (docs/protocol.md): device X may only use ``mpf/v1/X/...``,
-and only in the direction the protocol gives each topic:
+Transport security (docs/protocol.md): device X may only use ``mpf/v1/X/...``
+(``<root>/X/...`` with another topic root), and only in the direction the protocol
+gives each topic:
 
     device reads   mpf/v1/X/jobs, mpf/v1/X/samples/ack, mpf/v1/X/ota/data
     device writes  mpf/v1/X/state, mpf/v1/X/jobs/status, mpf/v1/X/samples, mpf/v1/X/ota/get
@@ -71,7 +72,7 @@ from mpfleet.broker.local import TUNING_LINES, find_mosquitto, persistence_lines
 from mpfleet.errors import MpfleetError
 from mpfleet.db.store import Store
 from mpfleet.protocol.ids import DEVICE_ID_RULE, is_device_id
-from mpfleet.protocol.topics import DEVICE_READS, DEVICE_WRITES, TOPIC_ROOT, topic
+from mpfleet.protocol.topics import DEVICE_READS, DEVICE_WRITES, TOPIC_ROOT, check_topic_root, everything, topic
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 DEFAULT_HOST_USER = "mpfleet-host"
@@ -212,16 +213,18 @@ def _private(db_path: Path) -> None:
 
 
 # ------------------------------------------------------------ files
-def acl_text(devices: list[str], host_user: str = DEFAULT_HOST_USER, accounts: list[str] | None = None) -> str:
+def acl_text(devices: list[str], host_user: str = DEFAULT_HOST_USER, accounts: list[str] | None = None,
+             root: str = TOPIC_ROOT) -> str:
+    check_topic_root(root)
     lines = ["# mosquitto ACL written by `mpfleet broker config`; regenerate rather than edit.",
-             f"# Device X (username X) may use only {topic('X', '...')}, in the protocol's directions."]
+             f"# Device X (username X) may use only {topic('X', '...', root)}, in the protocol's directions."]
     for host in [host_user, *sorted(accounts or ())]:
-        lines += ["", f"user {host}", f"topic readwrite {TOPIC_ROOT}/#"]
+        lines += ["", f"user {host}", f"topic readwrite {everything(root)}"]
     for device in sorted(devices):
         check_device_id(device)
         lines += ["", f"user {device}"]
-        lines += [f"topic read {topic(device, leaf)}" for leaf in DEVICE_READS]
-        lines += [f"topic write {topic(device, leaf)}" for leaf in DEVICE_WRITES]
+        lines += [f"topic read {topic(device, leaf, root)}" for leaf in DEVICE_READS]
+        lines += [f"topic write {topic(device, leaf, root)}" for leaf in DEVICE_WRITES]
     return "\n".join(lines) + "\n"
 
 
@@ -304,13 +307,14 @@ def _write_private(path: Path, text: str) -> None:
 def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None = None,
              host_user: str = DEFAULT_HOST_USER, rotate: bool = False, registry: bool = True,
              accounts: list[str] | None = None, listen: str = DEFAULT_LISTEN,
-             data_dir: str | os.PathLike | None = None) -> BrokerFiles:
+             data_dir: str | os.PathLike | None = None, root: str = TOPIC_ROOT) -> BrokerFiles:
     """Credentials for every device and host account, then `passwd`, `acl` and
     `mosquitto.conf` (listening on `listen`, persisting in `data_dir`, default
     `out_dir`/data) in `out_dir`.
 
-    The devices are those named, those in the registry (`registry=True`) and those
-    that already have credentials (so a run for one new device does not lock the
+    The ACL confines every account to the topic root `root`. The devices are those
+    named, those in the registry (`registry=True`: members only, never a stranger
+    merely seen on the broker) and those that already have credentials (so a run for one new device does not lock the
     others out); likewise the further host accounts are those in `accounts` and
     those made before. New ones get credentials; existing ones keep theirs unless
     `rotate`: then the named devices and accounts get new ones, or, when none are
@@ -320,6 +324,7 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     named = [check_device_id(d) for d in devices or ()]
     named_accounts = [check_username(a) for a in accounts or ()]
     parse_listen(listen)
+    check_topic_root(root)
     skipped = []
     everyone = set(named)
     if registry:
@@ -351,7 +356,7 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     entries += [(c["username"], c["password"]) for c in (store.credentials(d) for d in ordered)]
     passwd = write_passwd(out / "passwd", entries)
     acl = out / "acl"
-    _write_private(acl, acl_text(ordered, host_user, extra))
+    _write_private(acl, acl_text(ordered, host_user, extra, root))
     conf = out / "mosquitto.conf"
     _write_private(conf, conf_text(passwd, acl, data, listen))
     return BrokerFiles(out, passwd, acl, conf, host_user, ordered, fresh, skipped, extra, data.resolve())

@@ -4,11 +4,27 @@
 Broker URL: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (TLS,
 default port 8883; ``?ca=/path/ca.pem`` names a CA file, ``?insecure=1`` skips
 certificate checks for lab brokers).
+
+Client ids (`default_client_id`): two host processes with one client id on one broker
+throw each other off, in turn, for as long as both run (MQTT 3.1.1 section 3.1.4: the
+broker disconnects the existing client). So no process uses a fixed default: serve's is
+stable per fleet and host (its persistent session must survive a restart, and one
+database has one serve), every other one unique per process with a clean session (a
+random id with a persistent session would leave a session queueing on the broker at
+each run).
+
+Connection outcomes are logged (`connect`): a lost connection with its reason code at
+WARNING, each failed retry at WARNING, the reconnect at INFO; paho retries on its own,
+every RECONNECT_MIN_S doubling to RECONNECT_MAX_S.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
+import secrets
 import socket
 import ssl
 import threading
@@ -20,6 +36,9 @@ import paho.mqtt.client as mqtt
 from mpfleet.errors import MpfleetError
 
 log = logging.getLogger("mpfleet.mqtt")
+
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
 
 
 class BrokerUrlError(MpfleetError):
@@ -70,6 +89,19 @@ def parse_broker_url(url: str) -> BrokerConfig:
     )
 
 
+def _host_part() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:24] or "host"
+
+
+def default_client_id(kind: str, stable_for: str | None = None) -> str:
+    """`mpfleet-<kind>-<host>-<8 hex of stable_for>`, the same at every run for the same
+    `stable_for` (serve: its database and topic root), or, without it,
+    `mpfleet-<kind>-<host>-<pid>-<6 random hex>`, unique per process."""
+    if stable_for is not None:
+        return f"mpfleet-{kind}-{_host_part()}-{hashlib.sha256(stable_for.encode()).hexdigest()[:8]}"
+    return f"mpfleet-{kind}-{_host_part()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def make_client(cfg: BrokerConfig, client_id: str, clean_session: bool = True) -> mqtt.Client:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                          protocol=mqtt.MQTTv311)
@@ -83,6 +115,7 @@ def make_client(cfg: BrokerConfig, client_id: str, clean_session: bool = True) -
         client.tls_set_context(context)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
+    client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
     client.on_socket_open = _no_delay
     return client
 
@@ -97,27 +130,52 @@ def _no_delay(client, userdata, sock) -> None:
 
 
 def connect(client: mqtt.Client, cfg: BrokerConfig, timeout_s: float = 10.0, keepalive_s: int = 30,
-            on_connected=None) -> None:
+            on_connected=None, name: str = "mpfleet", stopping=lambda: False) -> None:
     """Connect and start the network loop; raise MqttLinkError with the cause on failure.
 
     `on_connected(client)` runs after every successful (re)connect: subscribe there.
     A client with a persistent session whose broker has no session for it is
     warned about: what was published to it while it was away is not waiting.
+    After the first connect, every disconnect, failed retry and reconnect is logged
+    (as `name`, with the client id); `stopping()` true means a disconnect was asked for.
     """
     done = threading.Event()
     result: dict = {}
     persistent = not getattr(client, "_clean_session", True)
+    who = f"{name} (client id {client._client_id.decode(errors='replace')})"
 
     def on_connect(c, userdata, flags, reason_code, properties=None):
+        first = not done.is_set()
         result["rc"] = reason_code
-        if not reason_code.is_failure and persistent and not flags.session_present:
+        if reason_code.is_failure:
+            if not first:
+                log.warning("%s: the broker at %s refused the reconnect: %s; retrying (every %d to %d s)",
+                            who, cfg.url(), reason_code, RECONNECT_MIN_S, RECONNECT_MAX_S)
+            done.set()
+            return
+        if not first:
+            log.info("%s: reconnected to the broker at %s (session %s)", who, cfg.url(),
+                     "resumed" if flags.session_present else "new")
+        if persistent and not flags.session_present:
             log.warning("the broker at %s has no session for this client: messages sent to it while it was "
                         "away are not waiting (devices report finished jobs again at their next wake)", cfg.url())
-        if not reason_code.is_failure and on_connected is not None:
+        if on_connected is not None:
             on_connected(c)
         done.set()
 
+    def on_disconnect(c, userdata, flags, reason_code, properties=None):
+        if done.is_set() and not stopping():
+            log.warning("%s: lost the connection to the broker at %s (reason: %s); reconnecting (every %d to %d s)",
+                        who, cfg.url(), reason_code, RECONNECT_MIN_S, RECONNECT_MAX_S)
+
+    def on_connect_fail(c, userdata):
+        if done.is_set() and not stopping():
+            log.warning("%s: reconnecting to the broker at %s failed (unreachable); retrying (every %d to %d s)",
+                        who, cfg.url(), RECONNECT_MIN_S, RECONNECT_MAX_S)
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_connect_fail = on_connect_fail
     try:
         client.connect(cfg.host, cfg.port, keepalive=keepalive_s)
     except OSError as e:

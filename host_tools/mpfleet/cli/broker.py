@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from mpfleet.cli.options import DB, DEVICE_ID, JSON
+from mpfleet.cli.options import DB, DEVICE_ID, JSON, TOPIC_ROOT
 from mpfleet.cli.render import print_json
 
 console = Console()
@@ -50,7 +50,7 @@ def broker() -> None:
 @click.option("--device", "devices", type=DEVICE_ID, multiple=True,
               help="Device id (repeatable); devices in the registry and those with credentials are included too.")
 @click.option("--host-user", default="mpfleet-host", show_default=True,
-              help="The host account serve connects with: reads and writes mpf/v1/#.")
+              help="The host account serve connects with: reads and writes everything under the topic root.")
 @click.option("--host-account", "accounts", type=_Account(), multiple=True,
               help="A further host account (repeatable), e.g. mpfleet-ingest: one per host process that runs "
                    "alongside serve, since each account holds one connection. Kept on later runs.")
@@ -62,12 +62,14 @@ def broker() -> None:
               help="New passwords for the --device devices and --host-account accounts "
                    "(every device and host account when none given).")
 @click.option("--no-registry", is_flag=True, help="Leave out registry devices that have no credentials yet.")
+@TOPIC_ROOT
 @DB
 @JSON
 def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accounts: tuple[str, ...], listen: str,
-                  data_dir: str | None, rotate: bool, no_registry: bool, db: str | None, as_json: bool) -> None:
-    """Write a mosquitto password file, an ACL confining device X to mpf/v1/X/...,
-    and a mosquitto.conf that uses them.
+                  data_dir: str | None, rotate: bool, no_registry: bool, topic_root: str, db: str | None,
+                  as_json: bool) -> None:
+    """Write a mosquitto password file, an ACL confining device X to ROOT/X/...
+    (ROOT: --topic-root, mpf/v1), and a mosquitto.conf that uses them.
 
     \b
     Passwords are stored in the database for provisioning; the password file
@@ -75,15 +77,19 @@ def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accoun
     client id to its account (use_username_as_clientid) and persists sessions
     and retained messages in the data dir: run mosquitto with it, or merge it
     into the broker's configuration (its comments say how), and restart it.
+    Accounts go to the fleet's members only (provisioned or accepted), never to
+    a device merely seen on the broker (`mpfleet devices pending`).
     """
     from mpfleet.broker.config import generate
     from mpfleet.db.store import Store
 
     with Store(db) as store:
         result = generate(store, out_dir, list(devices), host_user=host_user, rotate=rotate,
-                          registry=not no_registry, accounts=list(accounts), listen=listen, data_dir=data_dir)
+                          registry=not no_registry, accounts=list(accounts), listen=listen, data_dir=data_dir,
+                          root=topic_root)
     if as_json:
-        print_json({"out": str(result.out_dir), "passwd": str(result.passwd), "acl": str(result.acl),
+        print_json({"topic_root": topic_root, "out": str(result.out_dir), "passwd": str(result.passwd),
+                    "acl": str(result.acl),
                     "conf": str(result.conf), "data_dir": str(result.data_dir), "listen": listen,
                     "host_user": result.host_user, "host_accounts": result.host_accounts,
                     "devices": result.devices, "new_credentials": result.new, "skipped": result.skipped,

@@ -15,13 +15,18 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from mpfleet.cli.options import BROKER, DB, IMAGES_DIR, KEYS_DIR
+from mpfleet.cli.options import BROKER, DB, IMAGES_DIR, KEYS_DIR, TOPIC_ROOT
 
 console = Console()
 
-_CLIENT_ID_HELP = ("MQTT client id; the session is persistent, so what devices sent while this was down arrives. "
-                   "On a broker from `mpfleet broker config` the client id is the account's username (one "
-                   "connection per account: give each process its own, `broker config --host-account`).")
+_SERVE_CLIENT_ID_HELP = (
+    "MQTT client id (default mpfleet-serve-<host>-<8 hex of the database path and topic root>: the same at "
+    "every restart, different for every fleet). The session is persistent, so what devices sent while serve "
+    "was down arrives. On a broker from `mpfleet broker config` the client id is the account's username (one "
+    "connection per account: give each process its own, `broker config --host-account`).")
+_INGEST_CLIENT_ID_HELP = (
+    "MQTT client id (default: one unique to this process, with a clean session; a given id keeps a persistent "
+    "session, so what devices sent while ingest was down arrives).")
 
 
 def _database(db: str | None) -> Path:
@@ -50,19 +55,24 @@ def _run_until_stopped(worker, every_s: float, report=None) -> None:
 
 @click.command("serve")
 @BROKER
-@click.option("--client-id", default="mpfleet-serve", show_default=True, help=_CLIENT_ID_HELP)
+@TOPIC_ROOT
+@click.option("--client-id", help=_SERVE_CLIENT_ID_HELP)
 @click.option("--tick", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
               help="Seconds between rollout decisions.")
 @click.option("--quiet", is_flag=True, help="Only errors; no progress lines.")
 @DB
 @KEYS_DIR
 @IMAGES_DIR
-def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
+def serve(broker, topic_root, client_id, tick, quiet, db, keys_dir, images_dir):
     """The dispatcher: roll out jobs, keep device queues, collect statuses and samples.
 
     Runs until Ctrl-C or SIGTERM. All state is in the database, so it can be stopped
     (or killed) and started again at any time: a rollout continues where it was and
-    no device runs a job twice. Exit 1 when it stopped on its own (see the last line)."""
+    no device runs a job twice. Exit 1 when it stopped on its own (see the last line).
+
+    Only devices in this fleet (provisioned, or accepted with `mpfleet devices accept`)
+    are served; others seen under the topic root are listed by `mpfleet devices pending`.
+    Cancels and lost or regained broker connections are logged on stderr."""
     from mpfleet.fleet.serve import Dispatcher, ServeError
 
     path = _database(db)
@@ -76,9 +86,11 @@ def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
         console.print(f"{stamp} [{style}]{kind}[/] {text}" if style else f"{stamp} {kind} {text}", highlight=False)
 
     dispatcher = Dispatcher(broker, path, keys_dir=keys_dir, client_id=client_id, tick_s=tick, on_event=on_event,
-                            images_dir=images_dir)
+                            images_dir=images_dir, root=topic_root)
     dispatcher.start()
-    console.print(f"serving {path} on {broker.url()} (Ctrl-C stops)", highlight=False)
+    # click.echo, not rich: a line rich wraps at 80 columns would cut the client id in two
+    click.echo(f"serving {path} on {broker.url()}, topics {topic_root}/..., client id {dispatcher.client_id} "
+               "(Ctrl-C stops)")
     _run_until_stopped(dispatcher, 0.5)
     stats = dispatcher.stats.as_dict()
     if not quiet:
@@ -90,26 +102,29 @@ def serve(broker, client_id, tick, quiet, db, keys_dir, images_dir):
 
 @click.command("ingest")
 @BROKER
+@TOPIC_ROOT
 @DB
-@click.option("--client-id", default="mpfleet-ingest", show_default=True, help=_CLIENT_ID_HELP)
-def ingest(broker, db: str | None, client_id: str) -> None:
+@click.option("--client-id", help=_INGEST_CLIENT_ID_HELP)
+def ingest(broker, topic_root: str, db: str | None, client_id: str | None) -> None:
     """Store the devices' samples in the database and ack them, until Ctrl-C or SIGTERM.
 
     The samples half of `serve`, for a host that only collects data. Exit 1 when it
-    stopped on its own (see the last line)."""
+    stopped on its own (see the last line). Only devices in this fleet are stored and
+    acked; others are counted (`strangers`, `mpfleet devices pending`)."""
     from mpfleet.errors import MpfleetError
     from mpfleet.fleet.ingest import Ingester
 
     path = _database(db)
-    ingester = Ingester(broker, path, client_id=client_id)
+    ingester = Ingester(broker, path, client_id=client_id, root=topic_root)
     ingester.start()
-    console.print(f"ingesting from {broker.url()} into {path} (Ctrl-C stops)")
+    click.echo(f"ingesting {topic_root}/... from {broker.url()} into {path}, client id {ingester.client_id} "
+               "(Ctrl-C stops)")
 
     def report() -> None:
         stats = ingester.stats.as_dict()
         console.print(f"frames {stats['frames']}  new samples {stats['samples_new']}  "
                       f"duplicates {stats['duplicates']}  corrupt {stats['corrupt']}  "
-                      f"quarantined {stats['quarantined']}  "
+                      f"quarantined {stats['quarantined']}  strangers {stats['strangers']}  "
                       f"waiting for the database {ingester.messages.as_dict()['held']}", highlight=False)
 
     _run_until_stopped(ingester, 5, report)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, BrokerUrl
+from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, BrokerUrl, TopicRoot
 from mpfleet.cli.render import Column, print_json, report_boards
 
 # No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
@@ -148,11 +148,18 @@ DEPLOY_BROKER = click.option(
          "the broker its /config.json has, and a board without one fails.")
 
 
+DEPLOY_TOPIC_ROOT = click.option(
+    "--topic-root", type=TopicRoot(), envvar="MPFLEET_TOPIC_ROOT", default=None,
+    help="Where the fleet's topics live on the broker (config broker.topic_root; env MPFLEET_TOPIC_ROOT). "
+         "Not given: each board keeps its own (mpf/v1 unless set).")
+
+
 @click.command("deploy", epilog=BOARDS_HELP)
 @PORTS
 @ALL
 @click.option("--board", default="esp32-devkitc", show_default=True, help="Board definition (boards/*.json).")
 @DEPLOY_BROKER
+@DEPLOY_TOPIC_ROOT
 @click.option("--wifi-ssid", help="Wi-Fi network for the devices (not given: each keeps its own).")
 @click.option("--wifi-password", help="Its password (not given: a board already on that network keeps its own; "
                                       "a new network without one is open).")
@@ -163,8 +170,8 @@ DEPLOY_BROKER = click.option(
 @DB
 @KEYS_DIR
 @JSON
-def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, credentials, transport, wait_s, quiet,
-           db, keys_dir, as_json):
+def deploy(ports, all_ports, board, broker, topic_root, wifi_ssid, wifi_password, groups, credentials, transport,
+           wait_s, quiet, db, keys_dir, as_json):
     """Make every board run the agent as deployed, provision it and check it.
 
     \b
@@ -191,7 +198,7 @@ def deploy(ports, all_ports, board, broker, wifi_ssid, wifi_password, groups, cr
         raise click.UsageError("give the broker account either in --broker's URL (user:pass@) or with "
                                "--credentials (one account per device), not both")
     load_board(board)  # an unknown board is refused before any board is touched
-    settings = DeploySettings(board=board, broker=broker, wifi_ssid=wifi_ssid,
+    settings = DeploySettings(board=board, broker=broker, topic_root=topic_root, wifi_ssid=wifi_ssid,
                               wifi_password=wifi_password, groups=list(groups), with_credentials=credentials,
                               transport=transport, wait_s=wait_s)
     store = Store(db)

@@ -86,7 +86,18 @@ class Store:
         self.db.execute("COMMIT")
 
     # ------------------------------------------------------------ devices
+    _DEVICE_COLS = "id, board, groups_json, first_seen, last_seen, state_json, reported_at"
+
+    @staticmethod
+    def _device_row(r) -> dict:
+        return {"id": r[0], "board": r[1], "groups": json.loads(r[2]), "first_seen": r[3],
+                "last_seen": r[4], "state": json.loads(r[5]) if r[5] else None, "reported_at": r[6]}
+
     def touch_device(self, device: str, board: str | None = None, state: dict | None = None) -> None:
+        """Register `device` if it is not yet, and record that it was seen now (with its
+        board and state, when given). For tests and tools that make a device out of
+        nothing; what arrives from the broker goes through `report_device`, which never
+        registers anyone."""
         now = time.time()
         self.db.execute(
             "INSERT INTO devices (id, board, first_seen, last_seen, state_json) VALUES (?, ?, ?, ?, ?) "
@@ -96,26 +107,94 @@ class Store:
             (device, board, now, now, json.dumps(state) if state is not None else None),
         )
 
+    def is_member(self, device: str) -> bool:
+        """Whether `device` is in this fleet (registered by provisioning or accepted)."""
+        return self.db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is not None
+
+    def report_device(self, device: str, *, live: bool, board: str | None = None, state: dict | None = None,
+                      reported_at: float | None = None) -> bool:
+        """Record what a member device reported; False (and nothing written) for a device
+        that is not a member. `live`: the message was sent to us now, not a retained copy
+        replayed on subscribe, so it moves `last_seen` (the host's receive time);
+        `reported_at` (the device's own time of the report) only ever moves forward."""
+        now = time.time()
+        cur = self.db.execute(
+            "UPDATE devices SET last_seen = CASE WHEN ? THEN ? ELSE last_seen END, "
+            "board = COALESCE(?, board), state_json = COALESCE(?, state_json), "
+            "reported_at = CASE WHEN ? IS NULL THEN reported_at "
+            "WHEN reported_at IS NULL OR reported_at < ? THEN ? ELSE reported_at END WHERE id = ?",
+            (1 if live else 0, now, board, json.dumps(state) if state is not None else None,
+             reported_at, reported_at, reported_at, device))
+        return cur.rowcount == 1
+
     def device(self, device: str) -> dict | None:
-        row = self.db.execute("SELECT id, board, groups_json, first_seen, last_seen, state_json FROM devices "
-                              "WHERE id = ?", (device,)).fetchone()
-        if row is None:
-            return None
-        return {"id": row[0], "board": row[1], "groups": json.loads(row[2]), "first_seen": row[3],
-                "last_seen": row[4], "state": json.loads(row[5]) if row[5] else None}
+        row = self.db.execute(f"SELECT {self._DEVICE_COLS} FROM devices WHERE id = ?", (device,)).fetchone()
+        return None if row is None else self._device_row(row)
 
     # Registry (mpfleet.fleet.registry) additions: list, provision, set board/groups.
     def devices(self) -> list[dict]:
         """Every device record (as `device()` returns them), ordered by id."""
-        rows = self.db.execute("SELECT id, board, groups_json, first_seen, last_seen, state_json FROM devices "
-                               "ORDER BY id")
-        return [{"id": r[0], "board": r[1], "groups": json.loads(r[2]), "first_seen": r[3],
-                 "last_seen": r[4], "state": json.loads(r[5]) if r[5] else None} for r in rows]
+        return [self._device_row(r) for r in self.db.execute(f"SELECT {self._DEVICE_COLS} FROM devices ORDER BY id")]
 
-    def add_device(self, device: str, board: str | None = None, groups: Iterable[str] = ()) -> bool:
-        """Insert a device not seen yet (last_seen stays NULL); False if it already exists."""
-        cur = self.db.execute("INSERT OR IGNORE INTO devices (id, board, groups_json, first_seen) VALUES (?, ?, ?, ?)",
-                              (device, board, json.dumps(list(groups)), time.time()))
+    # ------------------------------------------------------------ strangers
+    # Device ids seen on the broker that are not members (docs/security.md, "A shared
+    # broker"). Bounded: at most STRANGERS_MAX rows are kept; a message from a further
+    # new id is only counted, in the one row STRANGERS_OVERFLOW ('@' is never a device id).
+    STRANGERS_MAX = 1000
+    STRANGERS_OVERFLOW = "@overflow"
+    STRANGER_STATE_MAX = 4096  # bytes of a stranger's last state kept; a larger one is noted by its size
+
+    def note_stranger(self, device: str, state: dict | None = None) -> bool:
+        """Count one message from `device`, not a member (its last state kept, when given);
+        False when the table was full and it was only counted in the overflow row."""
+        now = time.time()
+        text = None
+        if state is not None:
+            text = json.dumps(state)
+            if len(text) > self.STRANGER_STATE_MAX:
+                text = json.dumps({"state_too_large": len(text)})
+        with self.transaction() as db:
+            if db.execute("UPDATE strangers SET times = times + 1, last_seen = ?, "
+                          "state_json = COALESCE(?, state_json) WHERE id = ?", (now, text, device)).rowcount:
+                return True
+            held = db.execute("SELECT COUNT(*) FROM strangers WHERE id != ?", (self.STRANGERS_OVERFLOW,)).fetchone()[0]
+            if held >= self.STRANGERS_MAX:
+                db.execute("INSERT INTO strangers (id, first_seen, last_seen, times) VALUES (?, ?, ?, 1) "
+                           "ON CONFLICT(id) DO UPDATE SET times = times + 1, last_seen = excluded.last_seen",
+                           (self.STRANGERS_OVERFLOW, now, now))
+                return False
+            db.execute("INSERT INTO strangers (id, first_seen, last_seen, times, state_json) VALUES (?, ?, ?, 1, ?)",
+                       (device, now, now, text))
+        return True
+
+    def strangers(self) -> list[dict]:
+        """The strangers kept, most recently seen first; the overflow row is not among them
+        (see `strangers_dropped`)."""
+        rows = self.db.execute("SELECT id FROM strangers WHERE id != ? ORDER BY last_seen DESC, id",
+                               (self.STRANGERS_OVERFLOW,)).fetchall()
+        return [self.stranger(r[0]) for r in rows]
+
+    def strangers_dropped(self) -> int:
+        """Messages from further new ids, counted but not kept (the table was full)."""
+        row = self.db.execute("SELECT times FROM strangers WHERE id = ?", (self.STRANGERS_OVERFLOW,)).fetchone()
+        return row[0] if row else 0
+
+    def stranger(self, device: str) -> dict | None:
+        r = self.db.execute("SELECT id, first_seen, last_seen, times, state_json FROM strangers WHERE id = ?",
+                            (device,)).fetchone()
+        return None if r is None else {"id": r[0], "first_seen": r[1], "last_seen": r[2], "times": r[3],
+                                       "state": json.loads(r[4]) if r[4] else None}
+
+    def forget_stranger(self, device: str) -> None:
+        self.db.execute("DELETE FROM strangers WHERE id = ?", (device,))
+
+    def add_device(self, device: str, board: str | None = None, groups: Iterable[str] = (),
+                   state: dict | None = None) -> bool:
+        """Insert a device not seen yet (last_seen stays NULL; `state`: what it reported
+        before it joined, if anything); False if it already exists."""
+        cur = self.db.execute("INSERT OR IGNORE INTO devices (id, board, groups_json, first_seen, state_json) "
+                              "VALUES (?, ?, ?, ?, ?)", (device, board, json.dumps(list(groups)), time.time(),
+                                                         json.dumps(state) if state is not None else None))
         return cur.rowcount == 1
 
     def set_device(self, device: str, board: str | None = None, groups: Iterable[str] | None = None) -> None:

@@ -13,6 +13,18 @@ no rows.
 same with its own connection); the logic itself is `ingest_frame`, which needs
 only a Store, and `HeldMessages`, which both use to acknowledge a message only
 after it is committed.
+
+Members only (docs/security.md, "A shared broker"). A device is in the fleet when it
+was provisioned or accepted (`Store.is_member`); anything else seen under the topic
+root is a stranger: its messages are counted in the bounded `strangers` table
+(`mpfleet devices pending`), and nothing of it is stored, acked or answered. Only
+topics under this fleet's root are read at all.
+
+Liveness. A `state` carries the device's own time (`time`, once its clock is set):
+that is its report time, `devices.reported_at`. `last_seen` is when the host
+received a message, and only a live one: a retained state replayed on subscribe
+(paho's `msg.retain`) was sent who knows when, so it updates the state and
+`reported_at` but not `last_seen`.
 """
 
 from __future__ import annotations
@@ -23,11 +35,12 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mpfleet.protocol.codec import FrameError, decode_frame
-from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, make_client
-from mpfleet.protocol.topics import device_from_topic, topic
+from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, default_client_id, make_client
+from mpfleet.protocol.topics import TOPIC_ROOT, device_from_topic, topic
 from mpfleet.db.store import DamagedDatabaseError, Store, is_damaged_database, is_storage_error
 
 log = logging.getLogger("mpfleet.fleet.ingest")
@@ -54,11 +67,12 @@ class IngestStats:
         self.duplicates = 0
         self.corrupt = 0
         self.quarantined = 0
+        self.strangers = 0  # frames from devices not in the fleet: counted, never stored or acked
         self.lock = threading.Lock()
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "samples_new": self.samples_new, "duplicates": self.duplicates,
-                "corrupt": self.corrupt, "quarantined": self.quarantined}
+                "corrupt": self.corrupt, "quarantined": self.quarantined, "strangers": self.strangers}
 
 
 class Quarantined(Exception):
@@ -142,8 +156,9 @@ class HeldMessages:
     Every message type is applied idempotently, so a redelivery after a crash or a
     reconnect changes nothing."""
 
-    def __init__(self, store: Store, apply, ack, note_error, stats: MessageStats):
+    def __init__(self, store: Store, apply, ack, note_error, stats: MessageStats, root: str = TOPIC_ROOT):
         self.store = store
+        self.root = root
         self._apply, self._ack, self._note_error, self.stats = apply, ack, note_error, stats
         self._held: deque = deque()
         self._retry_at = 0.0
@@ -191,7 +206,7 @@ class HeldMessages:
             self.stats.held = 0
 
     def _drop(self, msg, e: Exception) -> None:
-        parsed = device_from_topic(msg.topic)
+        parsed = device_from_topic(msg.topic, self.root)
         reason = f"{msg.topic}: dropped, {type(e).__name__}: {e}"[:500]
         with self.stats.lock:
             self.stats.dropped += 1
@@ -209,12 +224,21 @@ class Ingester:
     database connection (sqlite3 objects are per-thread) and applies them through
     HeldMessages. If the worker cannot go on (a damaged database) it stops, and
     `failure` says why: `mpfleet ingest` then exits non-zero instead of living on
-    storing nothing."""
+    storing nothing.
 
-    def __init__(self, broker: BrokerConfig, db_path, client_id: str = "mpfleet-ingest"):
+    `client_id` None: one unique to this process, with a clean session (devices send
+    again what was not acked, and their state is retained); a given one keeps a
+    persistent session. `member(store, device)` decides who is in the fleet (default:
+    registered, `Store.is_member`)."""
+
+    def __init__(self, broker: BrokerConfig, db_path, client_id: str | None = None, root: str = TOPIC_ROOT,
+                 member: Callable[[Store, str], bool] | None = None):
         self.broker = broker
         self.db_path = db_path
-        self.client_id = client_id
+        self.persistent = client_id is not None
+        self.client_id = client_id if client_id is not None else default_client_id("ingest")
+        self.root = root
+        self.member = member
         self.stats = IngestStats()
         self.messages = MessageStats()
         self.failure: BaseException | None = None
@@ -232,14 +256,15 @@ class Ingester:
         store.close()
         self._stop.clear()  # a stopped ingester can be started again
         self.failure = None
-        self._client = make_client(self.broker, self.client_id, clean_session=False)
+        self._client = make_client(self.broker, self.client_id, clean_session=not self.persistent)
         self._client.manual_ack_set(True)
         self._client.on_message = lambda c, u, msg: self._inbox.put(("msg", msg))
         self._subscribed = threading.Event()
         self._client.on_subscribe = lambda *args: self._subscribed.set()
         self._thread = threading.Thread(target=self._run, name="mpfleet-ingest", daemon=True)
         self._thread.start()
-        connect(self._client, self.broker, on_connected=self._subscribe)
+        connect(self._client, self.broker, on_connected=self._subscribe, name="ingest",
+                stopping=self._stop.is_set)
         # Return only once the broker has the subscription: a frame published
         # after start() returns is then sure to be delivered.
         if not self._subscribed.wait(10):
@@ -248,7 +273,7 @@ class Ingester:
 
     def _subscribe(self, client) -> None:
         self._inbox.put(("connected", None))
-        client.subscribe([(topic("+", "samples"), 1), (topic("+", "state"), 1)])
+        client.subscribe([(topic("+", "samples", self.root), 1), (topic("+", "state", self.root), 1)])
 
     @property
     def running(self) -> bool:
@@ -274,7 +299,7 @@ class Ingester:
     def _run(self) -> None:
         store = Store(self.db_path)
         held = HeldMessages(store, lambda msg: self._on_message(store, msg), self._ack, self._note_error,
-                            self.messages)
+                            self.messages, self.root)
         try:
             while not self._stop.is_set():
                 held.apply()
@@ -302,19 +327,45 @@ class Ingester:
             log.error("%s", text)
 
     def _on_message(self, store: Store, msg) -> None:
-        parsed = device_from_topic(msg.topic)
+        parsed = device_from_topic(msg.topic, self.root)
         if parsed is None:
             return
         device, leaf = parsed
+        member = registered if self.member is None else self.member
         if leaf == "samples":
-            handle_samples(store, device, msg.payload, self._client.publish, self.stats)
+            handle_samples(store, device, msg.payload, self._client.publish, self.stats, root=self.root,
+                           member=member)
         elif leaf == "state" and msg.payload:
-            handle_state(store, device, msg.payload, self._client.publish)
+            handle_state(store, device, msg.payload, self._client.publish, live=not msg.retain, root=self.root,
+                         member=member)
 
 
-def handle_samples(store: Store, device: str, payload: bytes, publish, stats: IngestStats) -> IngestResult | None:
-    """Store one `samples` frame and publish the ack (after the commit); a corrupt frame is
-    counted, logged and recorded, never fatal. `publish(topic, payload, qos=, retain=)`."""
+def registered(store: Store, device: str) -> bool:
+    """The default membership rule: the device was provisioned or accepted."""
+    return store.is_member(device)
+
+
+def report_time(state: dict, now: float, live: bool) -> float | None:
+    """When the device made this report: its own `time` once its clock is set (never
+    later than `now`: a clock ahead would make it look fresh for ever), else `now` for a
+    live message, else unknown (None: a retained state from a device without a clock)."""
+    t = state.get("time")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t >= CLOCK_SET_AFTER:
+        return min(float(t), now)
+    return now if live else None
+
+
+def handle_samples(store: Store, device: str, payload: bytes, publish, stats: IngestStats, root: str = TOPIC_ROOT,
+                   member: Callable[[Store, str], bool] = registered) -> IngestResult | None:
+    """Store one `samples` frame of a member and publish the ack (after the commit); a
+    corrupt frame is counted, logged and recorded, never fatal; a stranger's frame is
+    only counted (Store.note_stranger): not stored, not acked.
+    `publish(topic, payload, qos=, retain=)`."""
+    if not member(store, device):
+        with stats.lock:
+            stats.strangers += 1
+        store.note_stranger(device)
+        return None
     try:
         result = ingest_frame(store, device, payload)
     except Quarantined as e:
@@ -334,33 +385,42 @@ def handle_samples(store: Store, device: str, payload: bytes, publish, stats: In
         stats.frames += 1
         stats.samples_new += result.new
         stats.duplicates += result.duplicates
-    store.touch_device(device)
+    store.report_device(device, live=True)
     # Only now, after the commit, may the device forget these samples.
     # The host's clock rides along: a device whose RTC restarted at power
     # loss sets its clock from it until it has better time.
     ack = {"upto": result.ack, "time": int(time.time())}
-    publish(topic(device, "samples/ack"), json.dumps(ack), qos=1, retain=True)
+    publish(topic(device, "samples/ack", root), json.dumps(ack), qos=1, retain=True)
     return result
 
 
-def handle_state(store: Store, device: str, payload: bytes, publish) -> dict | None:
-    """Record a device's `state` report in the registry (a device first seen this way is
-    registered); answer a device whose clock is unset with the host's time."""
+def handle_state(store: Store, device: str, payload: bytes, publish, live: bool = True, root: str = TOPIC_ROOT,
+                 member: Callable[[Store, str], bool] = registered) -> dict | None:
+    """Record a member's `state` report (report_time, and last_seen when `live`); answer
+    a device whose clock is unset with the host's time. A stranger's state is kept in
+    the strangers table (Store.note_stranger) and not answered."""
     try:
         state = json.loads(payload)
         if not isinstance(state, dict):
             raise ValueError("not an object")
     except ValueError as e:
-        store.record_ingest_error(device, f"unreadable state: {e}")
+        if member(store, device):
+            store.record_ingest_error(device, f"unreadable state: {e}")
+        else:
+            store.note_stranger(device)
+        return None
+    if not member(store, device):
+        store.note_stranger(device, state)
         return None
     board = state.get("board")
     if not (isinstance(board, str) and 0 < len(board) <= 64):
         board = None  # a board is a board definition's name; anything else is not taken as one
-    store.touch_device(device, board=board, state=state)
+    store.report_device(device, live=live, board=board, state=state,
+                        reported_at=report_time(state, time.time(), live))
     device_time = state.get("time")
     if isinstance(device_time, (int, float)) and device_time < CLOCK_SET_AFTER:
         # The device lost its clock with its power: answer at once with the
         # host's time (and the current ack) so its samples get real times.
         ack = {"upto": store.ack_point(device), "time": int(time.time())}
-        publish(topic(device, "samples/ack"), json.dumps(ack), qos=1, retain=True)
+        publish(topic(device, "samples/ack", root), json.dumps(ack), qos=1, retain=True)
     return state

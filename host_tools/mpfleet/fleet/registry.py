@@ -1,17 +1,22 @@
 """The device registry: which devices the host knows, their groups, and what they last reported.
 
 Which room: host library (the CLI is mpfleet.cli.devices; `job create --targets` uses
-`parse_query`). Rows live in the Store's `devices` table. A device appears in two ways:
+`parse_query`). Rows live in the Store's `devices` table. A device joins the fleet in
+two ways only, so that a broker shared with other fleets never adds anyone:
 
-- provisioned: `Registry.add` (from `mpfleet devices add`, or the provisioning flow),
-  before it has ever connected, so `last_seen` is None;
-- first report: ingest stores every retained `state` message (and touches the device on
-  each sample frame) through `Store.touch_device`, so a device nobody provisioned here
-  still shows up with its board, versions, slot and backlog.
+- provisioned: `Registry.add` (from `mpfleet devices add`, `deploy`, `sim fleet`: the
+  provisioning flow), before it has ever connected, so `last_seen` is None;
+- accepted: `Registry.accept` (`mpfleet devices accept ID`), a device id seen on the
+  broker that nobody provisioned here. Until then it is a stranger (`pending()`, the
+  `strangers` table): counted, its last state kept, never targeted, given an account,
+  stored or acked.
 
-A device record is a dict: ``{"id", "board", "groups", "first_seen", "last_seen", "state"}``
-with times in seconds since 1970 and ``state`` the last `state` payload (docs/protocol.md,
-"State") or None.
+A device record is a dict: ``{"id", "board", "groups", "first_seen", "last_seen",
+"reported_at", "state"}`` with times in seconds since 1970 and ``state`` the last
+`state` payload (docs/protocol.md, "State") or None. ``last_seen`` is when the host
+last received a live message from it; ``reported_at`` the device's own time of its
+last report (fleet/ingest.py, "Liveness"). `liveness()` says whether that report is
+stale: older than STALE_AFTER_INTERVALS of the device's expected upload interval.
 
 Query language (``parse_query``), conditions joined by commas, all of which must hold::
 
@@ -19,7 +24,9 @@ Query language (``parse_query``), conditions joined by commas, all of which must
     board=virtual   id!=dev-7   slot=ota_1  text: equal / not equal
     group=pumps  group!=canary              membership in the device's groups
     backlog>100  dropped>0  rssi<-80        numbers from the reported state
-    last_seen<2h  last_seen>=1d             age of the last report (protocol.times, unit required)
+    last_seen<2h  last_seen>=1d             age of the device's last report (its own time,
+                                            last_report()); protocol.times, unit required
+    received<10m                            age of the host's last receipt of a live message
 
 A device lacking the field a condition looks at (never reported, no `fw` yet) does not
 match that condition, whatever the operator.
@@ -60,6 +67,49 @@ def check_name(value: str, what: str = "device id") -> str:
     return value
 
 
+# The firmware's defaults (firmware/lib/agent/config.py), for a device whose state does
+# not say how often it reports: it uploads every upload_every_wakes wakes of
+# sample_interval_s each.
+DEFAULT_SAMPLE_INTERVAL_S = 60
+DEFAULT_UPLOAD_EVERY_WAKES = 30
+# A report is stale when older than this many expected intervals: one missed upload
+# (a failed connection, then the agent's backoff) is not yet alarming, two are.
+STALE_AFTER_INTERVALS = 2
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9
+
+
+def expected_interval_s(device: Device) -> float:
+    """Seconds between the device's reports: its state's `sample_interval_s` x
+    `upload_every_wakes` (each taken from the firmware's defaults when the state
+    does not carry it)."""
+    state = device.get("state") or {}
+    interval = state.get("sample_interval_s")
+    every = state.get("upload_every_wakes")
+    return (float(interval) if _positive(interval) else DEFAULT_SAMPLE_INTERVAL_S) * \
+        (float(every) if _positive(every) else DEFAULT_UPLOAD_EVERY_WAKES)
+
+
+def last_report(device: Device) -> float | None:
+    """When the device last reported, by its own clock (`reported_at`); for a record
+    made before that was kept, the host's receipt time; None if it never reported."""
+    at = device.get("reported_at")
+    return at if at is not None else device.get("last_seen")
+
+
+def liveness(device: Device, now: float | None = None) -> dict:
+    """{"reported_at", "expected_interval_s", "stale"}: stale is True when the last
+    report is older than STALE_AFTER_INTERVALS expected intervals, None when the
+    device never reported."""
+    now = time.time() if now is None else now
+    at = last_report(device)
+    interval = expected_interval_s(device)
+    return {"reported_at": at, "expected_interval_s": interval,
+            "stale": None if at is None else now - at > STALE_AFTER_INTERVALS * interval}
+
+
 def split_names(lists: Iterable[str]) -> list[str]:
     """The names in comma-separated lists of device ids and group names ("pump-07,pumps",
     "*"), in order, each stripped, empty ones dropped (`--targets` on the command line)."""
@@ -86,7 +136,39 @@ class Registry:
                 current = self.store.device(device_id)
                 self.store.set_device(device_id, board=board,
                                       groups=sorted(set(current["groups"]) | set(groups)))
+            self.store.forget_stranger(device_id)  # provisioned: a member now
         return self.get(device_id)
+
+    def pending(self) -> list[dict]:
+        """The strangers: device ids seen on the broker that are not in the fleet, most
+        recently seen first, each {"id", "first_seen", "last_seen", "times", "state"}."""
+        return self.store.strangers()
+
+    def accept(self, device_ids: Iterable[str], groups: Iterable[str] = ()) -> list[Device]:
+        """Make the strangers `device_ids` members (each one's last state and board kept),
+        all or none; from their next report on they are stored, acked and targetable.
+        Only a pending device can be accepted: one never seen is provisioned (`add`), one
+        already a member is refused."""
+        device_ids = list(dict.fromkeys(check_name(d) for d in device_ids))
+        groups = sorted({check_name(g, "group name") for g in groups})
+        with self.store.transaction():
+            for device_id in device_ids:
+                if self.store.device(device_id) is not None:
+                    raise RegistryError(f"{device_id} is already in the fleet (nothing was accepted)")
+                stranger = self.store.stranger(device_id)
+                if stranger is None:
+                    pending = [s["id"] for s in self.store.strangers()[:10]]
+                    raise UnknownDeviceError(
+                        f"no pending device {device_id} (pending: {', '.join(pending) or 'none'}; nothing was "
+                        f"accepted); to register a device that has not been seen, use `mpfleet devices add`")
+                state = stranger["state"] if isinstance(stranger["state"], dict) else None
+                board = (state or {}).get("board")
+                board = board if isinstance(board, str) and 0 < len(board) <= 64 else None
+                # what it reported while pending is kept; it was not received from a
+                # member, so last_seen and reported_at wait for its next report
+                self.store.add_device(device_id, board=board, groups=groups, state=state)
+                self.store.forget_stranger(device_id)
+        return [self.get(d) for d in device_ids]
 
     def get(self, device_id: str) -> Device:
         device = self.store.device(device_id)
@@ -142,7 +224,7 @@ _VERSION_RE = re.compile(r"v?(\d+(?:\.\d+)*)(?:-(.+))?\Z")
 _VERSION_FIELDS = ("fw", "app")
 _TEXT_FIELDS = ("id", "board", "slot")
 _NUMBER_FIELDS = ("backlog", "staged", "dropped", "heap_free", "fs_free", "wakes", "rssi", "reset_cause")
-_AGE_FIELDS = ("last_seen", "first_seen")
+_AGE_FIELDS = ("last_seen", "first_seen", "received")
 FIELDS = (*_VERSION_FIELDS, *_TEXT_FIELDS, "group", *_NUMBER_FIELDS, *_AGE_FIELDS)
 
 _ORDER = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
@@ -235,7 +317,10 @@ def _condition(expr: str, now: Callable[[], float]) -> Predicate:
             raise bad(str(e)) from None
 
         def age_test(device: Device) -> bool:
-            at = device.get(field)
+            # last_seen is what the operator means by it: when the device last reported
+            # (its own time); received is the host's receipt of a live message
+            at = last_report(device) if field == "last_seen" else device.get(
+                "last_seen" if field == "received" else field)
             return at is not None and compare(now() - at, want_s)
         return age_test
 

@@ -31,6 +31,20 @@ connection commits.
 - answers the devices' OTA chunk requests (`ota/get`, otaserve.py) from the
   image store.
 
+A fleet on a shared broker. Only topics under the fleet's root (`root`, `--topic-root`)
+are subscribed; within it only members count (ingest.py, "Members only"): a stranger's
+state, samples and job statuses are counted in `strangers` and nothing is queued,
+stored, acked or answered for it (the rollout engine targets registered devices only).
+The client id is `mpfleet-serve-<host>-<8 hex of the database path and root>` unless
+given: the same at each restart, so the persistent session is found again, and
+different for every fleet, so two serves on one broker never throw each other off.
+
+What an operator needs in the log (stderr, mpfleet.fleet.serve and mpfleet.mqtt): each
+cancel as serve carries it out (INFO), each lost connection with its reason code, each
+failed retry (WARNING) and the reconnect (INFO). Every BEAT_EVERY_S the worker writes
+its heartbeat (fleet/dispatchers.py), removed again when it stops, so `job status
+--watch` can tell whether any dispatcher is running.
+
 Threads: paho's network thread only moves messages into an inbox; one worker
 thread owns the database connection and does everything else, so SQLite objects
 never cross threads. The one exception is `ota/get`: answered in paho's thread
@@ -55,10 +69,12 @@ from pathlib import Path
 
 from mpfleet.db.maint import require_sound_database
 from mpfleet.errors import MpfleetError
-from mpfleet.fleet.ingest import HeldMessages, IngestStats, MessageStats, handle_samples, handle_state
+from mpfleet.fleet import dispatchers
+from mpfleet.fleet.ingest import (HeldMessages, IngestStats, MessageStats, handle_samples, handle_state,
+                                  registered)
 from mpfleet.fleet.keys import KeyRing
-from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, make_client
-from mpfleet.protocol.topics import device_from_topic, topic
+from mpfleet.broker.link import BrokerConfig, MqttLinkError, connect, default_client_id, make_client
+from mpfleet.protocol.topics import TOPIC_ROOT, device_from_topic, reroot, topic
 from mpfleet.fleet.otaserve import ArtifactServer, StreamStats
 from mpfleet.fleet.registry import Registry
 from mpfleet.fleet.rollout import Changes, RolloutEngine, encode_queue
@@ -157,15 +173,20 @@ class Dispatcher:
     job progress: "queued", "advanced", "completed", "aborted", "timed_out", "stuck", "error"."""
 
     def __init__(self, broker: BrokerConfig, db_path: str | os.PathLike, keys_dir: str | os.PathLike | None = None,
-                 client_id: str = "mpfleet-serve", tick_s: float = 0.25,
+                 client_id: str | None = None, tick_s: float = 0.25,
                  on_event: Callable[[str, dict], None] | None = None, clock: Callable[[], float] = time.time,
-                 images_dir: str | os.PathLike | None = None):
+                 images_dir: str | os.PathLike | None = None, root: str = TOPIC_ROOT,
+                 member: Callable[[Store, str], bool] = registered):
         if tick_s <= 0:
             raise ServeError("tick must be positive")
         self.broker = broker
         self.db_path = Path(db_path)
         self.keys_dir = keys_dir
-        self.client_id = client_id
+        self.root = root
+        self.member = member
+        self.client_id = client_id if client_id is not None else default_client_id(
+            "serve", stable_for=f"{self.db_path.resolve()}|{root}")
+        self.name = dispatchers.default_name()  # this serve's heartbeat row
         self.tick_s = tick_s
         self.on_event = on_event
         self.clock = clock
@@ -185,6 +206,8 @@ class Dispatcher:
         self._dirty = True
         self._last_resync = 0.0
         self._error_seen: set[str] = set()
+        self._last_beat = 0.0
+        self._canceled_seen: set[str] | None = None  # jobs canceled before this serve started are not logged
 
     # ------------------------------------------------------------ control
     def start(self) -> "Dispatcher":
@@ -201,24 +224,24 @@ class Dispatcher:
             client = make_client(self.broker, self.client_id, clean_session=False)
             client.manual_ack_set(True)
             client.on_message = lambda c, u, msg: self._inbox.put(("msg", msg))
-            artifacts = ArtifactServer(self.db_path, self.images_dir, lambda t, payload: client.publish(t, payload))
+            artifacts = ArtifactServer(self.db_path, self.images_dir,
+                                       lambda t, payload: client.publish(reroot(t, self.root), payload))
             artifacts.stats = self.stats.ota
             self._artifacts = artifacts
             # OTA chunk requests are answered at once in paho's network thread.
-            client.message_callback_add(topic("+", "ota/get"), lambda c, u, msg: self._on_ota_get(msg))
+            client.message_callback_add(topic("+", "ota/get", self.root), lambda c, u, msg: self._on_ota_get(msg))
             client.on_publish = lambda c, u, mid, rc=None, props=None: self._inbox.put(("puback", mid))
             subscribed = threading.Event()
             client.on_subscribe = lambda *args: subscribed.set()
-            client.on_disconnect = lambda *args: None if self._stop.is_set() else log.warning(
-                "disconnected from the broker at %s; reconnecting", self.broker.url())
             self._client = client
+            root = self.root
 
             def on_connected(c):
                 self._inbox.put(("connected", None))
-                c.subscribe([(topic("+", "jobs/status"), 1), (topic("+", "state"), 1), (topic("+", "samples"), 1),
-                             (topic("+", "ota/get"), 0)])
+                c.subscribe([(topic("+", "jobs/status", root), 1), (topic("+", "state", root), 1),
+                             (topic("+", "samples", root), 1), (topic("+", "ota/get", root), 0)])
 
-            connect(client, self.broker, on_connected=on_connected)
+            connect(client, self.broker, on_connected=on_connected, name="serve", stopping=self._stop.is_set)
             if not subscribed.wait(10):
                 raise MqttLinkError(f"the broker at {self.broker.url()} did not confirm the subscriptions")
         except BaseException:
@@ -263,7 +286,11 @@ class Dispatcher:
             self.engine = RolloutEngine(self.store, KeyRing(self.store, self.keys_dir), Registry(self.store),
                                         clock=self.clock)
             self._sent = dict(self.store.db.execute("SELECT device, digest FROM queue_published"))
-            self._held = HeldMessages(self.store, self._on_message, self._ack, self._note_error, self.stats.messages)
+            self._held = HeldMessages(self.store, self._on_message, self._ack, self._note_error, self.stats.messages,
+                                      self.root)
+            self._canceled_seen = {job for (job,) in self.store.db.execute(
+                "SELECT id FROM jobs WHERE status = 'CANCELED'")}
+            self._beat()
         except BaseException as e:  # noqa: BLE001 - reported by start()
             self._fatal = e
             self._ready.set()
@@ -275,6 +302,8 @@ class Dispatcher:
                 self._drain()
                 self._guarded("tick", self._tick)
                 self._guarded("queue sync", self._sync_queues)
+                if time.monotonic() - self._last_beat >= dispatchers.BEAT_EVERY_S:
+                    self._guarded("heartbeat", self._beat)
                 with self.stats.lock:
                     self.stats.worker_cpu_s = time.thread_time()
         except BaseException as e:  # noqa: BLE001 - whatever ends the worker ends serve, non-zero
@@ -285,7 +314,16 @@ class Dispatcher:
             log.error("%s", e if isinstance(e, DamagedDatabaseError) else traceback.format_exc())
             self._event("error", {"error": f"{type(e).__name__}: {e}"})
         finally:
+            try:
+                dispatchers.stopped(self.store, self.name)
+            except Exception:  # noqa: BLE001 - a damaged database: the row goes stale on its own
+                log.warning("could not remove this dispatcher's heartbeat (%s); it goes stale in %.0f s",
+                            self.name, dispatchers.STALE_AFTER_S)
             self.store.close()
+
+    def _beat(self) -> None:
+        self._last_beat = time.monotonic()
+        dispatchers.beat(self.store, self.name)
 
     def _drain(self) -> None:
         """Handle inbox items for up to one tick (at most BATCH of them)."""
@@ -337,11 +375,13 @@ class Dispatcher:
 
     # ------------------------------------------------------------ incoming
     def _on_message(self, msg) -> None:
-        parsed = device_from_topic(msg.topic)
+        parsed = device_from_topic(msg.topic, self.root)
         if parsed is None:
             return
         device, leaf = parsed
-        if leaf == "jobs/status":
+        if leaf == "jobs/status" and not self.member(self.store, device):
+            self.store.note_stranger(device)  # a stranger's status never reaches the engine
+        elif leaf == "jobs/status":
             with self.stats.lock:
                 self.stats.statuses += 1
             try:
@@ -358,12 +398,14 @@ class Dispatcher:
                 self.stats.states += 1
             if msg.retain and not msg.payload:
                 return  # a cleared retained state
-            handle_state(self.store, device, msg.payload, self._client.publish)
+            handle_state(self.store, device, msg.payload, self._client.publish, live=not msg.retain,
+                         root=self.root, member=self.member)
         elif leaf == "samples":
-            handle_samples(self.store, device, msg.payload, self._client.publish, self.stats.ingest)
+            handle_samples(self.store, device, msg.payload, self._client.publish, self.stats.ingest,
+                           root=self.root, member=self.member)
 
     def _on_ota_get(self, msg) -> None:
-        parsed = device_from_topic(msg.topic)
+        parsed = device_from_topic(msg.topic, self.root)
         if parsed is None:
             return
         try:
@@ -429,6 +471,7 @@ class Dispatcher:
         now = time.monotonic()
         if version != self._data_version:  # another process committed (a job created, canceled...)
             self._data_version, self._dirty = version, True
+            self._note_cancels()
         if not self._dirty and now - self._last_resync < RESYNC_EVERY_S:
             return
         self._dirty, self._last_resync = False, now
@@ -439,11 +482,29 @@ class Dispatcher:
             digest = queue_digest(payload)
             if self._sent.get(device) == digest:
                 continue
-            info = self._client.publish(topic(device, "jobs"), payload, qos=1, retain=True)
+            info = self._client.publish(topic(device, "jobs", self.root), payload, qos=1, retain=True)
             self._sent[device] = digest
             self._in_flight[info.mid] = (device, digest)
             with self.stats.lock:
                 self.stats.queue_publishes += 1
+
+    def _note_cancels(self) -> None:
+        """Log each job canceled since this serve started, once, as serve carries the cancel
+        out (the queues published next leave it out; devices running it get a cancel job)."""
+        if self._canceled_seen is None:
+            return
+        db = self.store.db
+        for job, reason in db.execute("SELECT id, reason FROM jobs WHERE status = 'CANCELED'").fetchall():
+            if job in self._canceled_seen:
+                continue
+            self._canceled_seen.add(job)
+            unstarted, started = db.execute(
+                "SELECT COALESCE(SUM(started IS NULL AND status = 'CANCELED'), 0), "
+                "COALESCE(SUM(started IS NOT NULL AND status IN ('CANCELED', 'IN_PROGRESS')), 0) "
+                "FROM executions WHERE job = ?", (job,)).fetchone()
+            log.info("job %s canceled (%s): taking it off the queues of %d device(s) that had not started it; "
+                     "%d device(s) running it get a cancel job", job, reason or "no reason given", unstarted, started)
+            self._event("canceled", {"job": job, "unstarted": unstarted, "running": started})
 
     # ------------------------------------------------------------ waiting (tests, demo)
     def wait_for(self, predicate: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> bool:

@@ -1,10 +1,14 @@
 """Topic names (docs/protocol.md, "Topics"): the host's one owner, as
 firmware/lib/agent/topics.py is the device's.
 
-    mpf/v1/<device-id>/<leaf>
+    <root>/<device-id>/<leaf>          root: TOPIC_ROOT ("mpf/v1") unless configured
 
 Each leaf has one direction; the broker's ACL (mpfleet.broker.config) grants a device
 exactly these, and host accounts everything under the root.
+
+The root is configurable (`--topic-root`, the device's config `broker.topic_root`), so
+that fleets sharing one broker never see each other's devices: every function here
+takes it as `root=` (default TOPIC_ROOT), and a topic under another root is not ours.
 """
 
 from __future__ import annotations
@@ -36,14 +40,28 @@ DEVICE_READS = ("jobs", "samples/ack", "ota/data")            # host -> device
 DEVICE_WRITES = ("state", "jobs/status", "samples", "ota/get")  # device -> host
 
 
-def topic(device: str, leaf: str) -> str:
-    """The topic of `device`'s `leaf`; `device` may be the MQTT wildcard "+"."""
-    return f"{TOPIC_ROOT}/{device}/{leaf}"
+def topic(device: str, leaf: str, root: str = TOPIC_ROOT) -> str:
+    """The topic of `device`'s `leaf` under `root`; `device` may be the MQTT wildcard "+"."""
+    return f"{root}/{device}/{leaf}"
 
 
-def device_from_topic(name: str) -> tuple[str, str] | None:
-    """(device id, leaf) of an mpfleet topic, or None for anything else."""
-    parts = name.split("/", 3)
-    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT or not DEVICE_ID_RE.match(parts[2]):
+def everything(root: str = TOPIC_ROOT) -> str:
+    """The filter of every topic under `root` (a host account's ACL line)."""
+    return f"{root}/#"
+
+
+def device_from_topic(name: str, root: str = TOPIC_ROOT) -> tuple[str, str] | None:
+    """(device id, leaf) of an mpfleet topic under `root`, or None for anything else."""
+    if not name.startswith(root + "/"):
         return None
-    return parts[2], parts[3]
+    parts = name[len(root) + 1:].split("/", 1)
+    if len(parts) != 2 or not parts[1] or not DEVICE_ID_RE.match(parts[0]):
+        return None
+    return parts[0], parts[1]
+
+
+def reroot(name: str, root: str) -> str:
+    """A topic under TOPIC_ROOT moved under `root` (for code that names topics with the
+    default root); any other topic unchanged."""
+    parsed = device_from_topic(name)
+    return name if parsed is None or root == TOPIC_ROOT else topic(parsed[0], parsed[1], root)

@@ -85,6 +85,7 @@ class DeploySettings:
 
     board: str
     broker: BrokerConfig | None = None  # None: each board keeps its broker; a board without one fails
+    topic_root: str | None = None  # None: each board keeps its broker.topic_root
     wifi_ssid: str | None = None
     wifi_password: str | None = None
     groups: list[str] = field(default_factory=list)
@@ -202,6 +203,8 @@ def _merge_config(current: dict, device: str, s: DeploySettings, trusted: dict,
         broker.update(host=s.broker.host, port=s.broker.port, tls=s.broker.tls)
         if s.broker.user:
             broker.update(user=s.broker.user, password=s.broker.password)
+    if s.topic_root is not None:
+        broker["topic_root"] = s.topic_root
     if creds:
         broker["user"], broker["password"] = creds
     cfg["broker"] = broker

@@ -1,0 +1,25 @@
+"""What deploy writes of the topic root (usb/field.py, _merge_config): --topic-root sets
+the board's broker.topic_root; without it a redeploy keeps the one the board has."""
+
+from __future__ import annotations
+
+from mpfleet.broker.link import parse_broker_url
+from mpfleet.usb.field import DeploySettings, _merge_config
+
+BOARD = {"device_id": "pump-1", "broker": {"host": "10.0.0.2", "port": 1883, "topic_root": "site-a/mpf"},
+         "wifi": {"ssid": "site", "password": "pw"}}
+
+
+def test_a_redeploy_without_topic_root_keeps_the_boards_own():
+    cfg = _merge_config(BOARD, "pump-1", DeploySettings(board="virtual"), {}, None)
+    assert cfg["broker"]["topic_root"] == "site-a/mpf"
+    moved = _merge_config(BOARD, "pump-1", DeploySettings(board="virtual", broker=parse_broker_url("mqtt://10.0.0.9")),
+                          {}, None)
+    assert moved["broker"]["topic_root"] == "site-a/mpf" and moved["broker"]["host"] == "10.0.0.9"
+
+
+def test_topic_root_given_is_written_and_a_board_without_one_gets_none():
+    cfg = _merge_config(BOARD, "pump-1", DeploySettings(board="virtual", topic_root="site-b"), {}, None)
+    assert cfg["broker"]["topic_root"] == "site-b"
+    bare = {"device_id": "pump-2", "broker": {"host": "10.0.0.2"}}
+    assert "topic_root" not in _merge_config(bare, "pump-2", DeploySettings(board="virtual"), {}, None)["broker"]
