@@ -63,11 +63,22 @@ def last_state(vb: VirtualBoard, store: Store) -> dict | None:
     return dev["state"] if dev else None
 
 
+def provisioned_on_sight(store: Store, device: str) -> bool:
+    """The membership rule of these tests: every device a test makes is one it
+    provisioned, so the first message of an unknown id registers it (as
+    `mpfleet devices add` would have). Fleet isolation itself is tested in
+    tests/host/test_strangers.py and tests/e2e/test_shared_broker.py."""
+    if not store.is_member(device):
+        store.add_device(device)
+    return True
+
+
 class Host:
     """The ingest side: an Ingester on the broker and a Store to read."""
 
     def __init__(self, broker, db_path: Path, client_id: str = "ingest-test"):
-        self.ingester = Ingester(parse_broker_url(broker.url), db_path, client_id=client_id)
+        self.ingester = Ingester(parse_broker_url(broker.url), db_path, client_id=client_id,
+                                 member=provisioned_on_sight)
         self.db_path = db_path
         self.store = Store(db_path)
 

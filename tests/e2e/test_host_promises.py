@@ -278,6 +278,7 @@ def test_hostile_messages_on_a_devices_own_topics_are_recorded_and_stop_nothing(
 def test_an_absurd_first_seq_does_not_move_the_ack(tmp_path, mosquitto):
     """The frame that once moved a device's ack from 4 to 4,294,967,256."""
     host = Host(tmp_path, mosquitto)
+    host.store.add_device("seq-0001")  # provisioned: only members are stored
     dev = Device(mosquitto, "seq-0001")
     with Ingester(host.cfg, host.db, client_id="ingest-seq"):
         dev.publish("samples", encode_frame("seq-0001", 1, NOW, [0], [(NOW + i, (i,)) for i in range(4)]))
@@ -296,6 +297,8 @@ def test_mpfleet_ingest_goes_on_storing_after_a_frame_whose_time_overflows(tmp_p
     """The ingest process itself, as a user runs it."""
     db = tmp_path / "ingest.db"
     env = dict(os.environ, MPFLEET_HOME=str(tmp_path))
+    subprocess.run([sys.executable, "-m", "mpfleet", "devices", "add", "ovf-0001", "--db", str(db)], check=True,
+                   env=env, capture_output=True)
     proc = subprocess.Popen([sys.executable, "-m", "mpfleet", "ingest", "--broker", mosquitto.url, "--db", str(db),
                              "--client-id", "ingest-cli"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
@@ -318,6 +321,7 @@ def test_mpfleet_ingest_goes_on_storing_after_a_frame_whose_time_overflows(tmp_p
 
 def test_serve_stops_with_a_failure_on_a_damaged_database_rather_than_living_on(tmp_path, mosquitto):
     host = Host(tmp_path, mosquitto)
+    host.store.add_device("dmg-0001")
     dev = Device(mosquitto, "dmg-0001")
     with Dispatcher(host.cfg, host.db, keys_dir=host.keys, tick_s=0.05, client_id="serve-dmg") as d:
         dev.publish("samples", encode_frame("dmg-0001", 1, NOW, [0], [(NOW + i, (i,)) for i in range(50)]))

@@ -67,6 +67,8 @@ def test_ingester_acks_only_after_commit_and_counts_corrupt_frames(mosquitto, tm
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     pub.connect(mosquitto.host, mosquitto.port)
     pub.loop_start()
+    with Store(db) as s:
+        s.add_device("ing-1")  # provisioned: only members are stored and acked
     with Ingester(parse_broker_url(mosquitto.url), db, client_id="ingest-unit") as ing:
         bad = bytearray(frame("ing-1", 1, 5))
         bad[-1] ^= 0xFF
