@@ -6,7 +6,8 @@ The only room that imports click. One module per command group (`devices.py`, `j
 May import every room of the package.
 
 Every expected failure is an `MpfleetError`, printed once as `mpfleet: <message>`
-with exit status 1; usage errors exit with 2 (click's convention). A damaged database
+with exit status 1 (or the error's own `exit_code`: 2 for a config file that cannot be
+used); usage errors exit with 2 (click's convention). A damaged database
 (SQLite's DatabaseError, from any command) is one line naming the file, exit 1.
 """
 
@@ -27,6 +28,7 @@ COMMANDS = {
     "app": ("mpfleet.cli.app", "app"),
     "boards": ("mpfleet.cli.boards", "boards"),
     "broker": ("mpfleet.cli.broker", "broker"),
+    "config": ("mpfleet.cli.config", "config"),
     "db": ("mpfleet.cli.db", "db_group"),
     "deploy": ("mpfleet.cli.usb", "deploy"),
     "devices": ("mpfleet.cli.devices", "devices"),
@@ -60,12 +62,21 @@ class _CommandRooms(click.Group):
 
 @click.group(cls=_CommandRooms, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpfleet")
-def cli() -> None:
+@click.option("--profile", envvar="MPFLEET_PROFILE", metavar="NAME",
+              help="Use the config file's [profile.NAME] (env MPFLEET_PROFILE; docs/cli.md).")
+@click.pass_context
+def cli(ctx: click.Context, profile: str | None) -> None:
     """mpfleet: flash, provision and command fleets of MicroPython ESP32 devices.
 
     Virtual boards (`mpfleet sim ...`) run the same firmware on the real
     MicroPython unix port, so everything can be tried without hardware.
+    Defaults come from ~/.config/mpfleet/config.toml (`mpfleet config show`).
     """
+    from mpfleet.cli import settings
+
+    source = ctx.get_parameter_source("profile")
+    where = settings.FROM_FLAG if source is click.core.ParameterSource.COMMANDLINE else settings.FROM_ENV
+    settings.remember(ctx, settings.load_settings(profile, where if profile else None))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         if damage_reason(e.__cause__ or e.__context__) is not None and "mpfleet db check" not in message:
             message += f"; {restore_hint(_database_named_in(argv))}"
         click.echo(f"mpfleet: {message}", err=True)
-        sys.exit(1)
+        sys.exit(getattr(e, "exit_code", 1))  # 1, or 2 for a usage error such as a bad config file
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:

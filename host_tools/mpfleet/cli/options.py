@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import click
 
+from mpfleet.cli.settings import BUILT_IN_BROKER, BUILT_IN_TOPIC_ROOT, configured
 from mpfleet.protocol.ids import DEVICE_ID_RULE, is_device_id
 from mpfleet.protocol.times import TimeFormatError, parse_duration, parse_time
 
-DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB",
-                  help="SQLite database (default ~/.mpfleet/mpfleet.db; env MPFLEET_DB).")
+# Each setting's default is the config file's (cli/settings.py: the selected profile, then
+# [default]); click puts the flag and then its environment variable above it.
+DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB", default=configured("db"),
+                  show_default="~/.mpfleet/mpfleet.db",
+                  help="SQLite database (env MPFLEET_DB, config key db).")
 KEYS_DIR = click.option("--keys-dir", type=click.Path(file_okay=False), envvar="MPFLEET_KEYS",
-                        help="Private key directory (default ~/.mpfleet/keys; env MPFLEET_KEYS).")
+                        default=configured("keys_dir"), show_default="~/.mpfleet/keys",
+                        help="Private key directory (env MPFLEET_KEYS, config key keys_dir).")
 IMAGES_DIR = click.option("--images-dir", type=click.Path(file_okay=False), envvar="MPFLEET_IMAGES",
-                          help="Image store: firmware images and app bundles (default ~/.mpfleet/images; "
-                               "env MPFLEET_IMAGES).")
+                          default=configured("images_dir"), show_default="~/.mpfleet/images",
+                          help="Image store: firmware images and app bundles (env MPFLEET_IMAGES, "
+                               "config key images_dir).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
@@ -42,9 +48,10 @@ class BrokerUrl(click.ParamType):
 
 def broker_option(help: str = "The broker", name: str = "broker"):
     """--broker URL, checked and converted to a BrokerConfig; env MPFLEET_BROKER."""
-    return click.option("--broker", name, type=BrokerUrl(), envvar="MPFLEET_BROKER", default="mqtt://127.0.0.1:1883",
-                        show_default=True, help=f"{help}: mqtt://[user:pass@]host[:port], or mqtts://...?ca=ca.pem "
-                                                "for TLS (env MPFLEET_BROKER).")
+    return click.option("--broker", name, type=BrokerUrl(), envvar="MPFLEET_BROKER",
+                        default=configured("broker", BUILT_IN_BROKER), show_default=BUILT_IN_BROKER,
+                        help=f"{help}: mqtt://[user:pass@]host[:port], or mqtts://...?ca=ca.pem "
+                             "for TLS (env MPFLEET_BROKER, config key broker).")
 
 
 BROKER = broker_option()
@@ -64,10 +71,11 @@ class TopicRoot(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-TOPIC_ROOT = click.option("--topic-root", type=TopicRoot(), envvar="MPFLEET_TOPIC_ROOT", default="mpf/v1",
-                          show_default=True,
+TOPIC_ROOT = click.option("--topic-root", type=TopicRoot(), envvar="MPFLEET_TOPIC_ROOT",
+                          default=configured("topic_root", BUILT_IN_TOPIC_ROOT), show_default=BUILT_IN_TOPIC_ROOT,
                           help="Where this fleet's topics live on the broker: <root>/<device-id>/<leaf> "
-                               "(env MPFLEET_TOPIC_ROOT). Two fleets on one broker use two roots.")
+                               "(env MPFLEET_TOPIC_ROOT, config key topic_root). Two fleets on one broker use "
+                               "two roots.")
 
 
 class DeviceId(click.ParamType):
