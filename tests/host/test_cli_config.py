@@ -1,6 +1,8 @@
 """The config file and its profiles, through the real `mpfleet` command (docs/cli.md):
 flag > MPFLEET_* variable > selected profile > [default] > built-in, and one `mpfleet:`
-line (exit 2) for a file that cannot be used."""
+line (exit 2) for a file that cannot be used. And every command takes its settings the
+same way, read from the real click tree, so a command added later with its own --broker
+that forgets the variable or the config file fails here."""
 
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+
+from mpfleet.cli import cli
+from mpfleet.cli.settings import ENV_VARS, FLAGS
 
 SETTING_VARS = ("MPFLEET_DB", "MPFLEET_KEYS", "MPFLEET_IMAGES", "MPFLEET_BROKER", "MPFLEET_TOPIC_ROOT",
                 "MPFLEET_PROFILE", "MPFLEET_HOME")
@@ -180,3 +186,59 @@ def test_an_unknown_profile_is_one_line_naming_the_known_ones(home):
 def test_an_unknown_profile_from_the_environment_is_refused_too(home):
     proc = mpfleet(home, "devices", "list", MPFLEET_PROFILE="prod")
     assert proc.returncode == 2 and proc.stderr.startswith("mpfleet: no profile 'prod'")
+
+
+# ------------------------------------------------ every command takes its settings alike
+
+def commands():
+    """(command path, click command) of every command under `mpfleet`, groups included."""
+    def walk(command, path, ctx):
+        yield path, command
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                yield from walk(sub, (*path, name), click.Context(sub, parent=ctx, info_name=name))
+
+    return list(walk(cli, (), click.Context(cli, info_name="mpfleet")))
+
+
+def setting_options():
+    """(command path, setting key, option) of every shared-setting flag in the tree."""
+    by_flag = {flag: key for key, flag in FLAGS.items()}
+    found = []
+    for path, command in commands():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                for opt in param.opts:
+                    if opt in by_flag:
+                        found.append((" ".join(path), by_flag[opt], param))
+    return found
+
+
+# deploy's --broker and --topic-root have no default on purpose (a redeploy without one keeps
+# each board's own), but they should still take the config file's when it names one:
+# default=configured("broker") in cli/usb.py (owned elsewhere).
+_DEFAULT_NOT_FROM_CONFIG = {("deploy", "broker"), ("deploy", "topic_root")}
+
+
+def _ids(rows):
+    return [f"{path} {FLAGS[key]}" for path, key, _ in rows]
+
+
+def test_the_tree_has_the_shared_setting_flags():
+    keys = {key for _, key, _ in setting_options()}
+    assert keys == set(ENV_VARS), "a setting no command takes"
+
+
+@pytest.mark.parametrize("path, key, option", setting_options(), ids=_ids(setting_options()))
+def test_every_setting_flag_reads_its_environment_variable(path, key, option):
+    assert option.envvar == ENV_VARS[key], f"mpfleet {path} {FLAGS[key]} ignores {ENV_VARS[key]}"
+
+
+@pytest.mark.parametrize("path, key, option", [
+    pytest.param(path, key, option, marks=pytest.mark.xfail(strict=True, reason="cli/usb.py: no config default"))
+    if (path, key) in _DEFAULT_NOT_FROM_CONFIG else (path, key, option)
+    for path, key, option in setting_options()], ids=_ids(setting_options()))
+def test_every_setting_flag_defaults_to_the_config_file(path, key, option):
+    assert callable(option.default) and option.default.__name__ == f"configured_{key}", \
+        f"mpfleet {path} {FLAGS[key]} does not take the config file's {key}"
