@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from mpfleet.db.store import Store
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.mark.parametrize("broker, devices", [("mosquitto", 20)])
@@ -22,6 +25,7 @@ def test_demo_runs_to_a_passing_summary(tmp_path, broker, devices):
         rows = store.db.execute("SELECT job, status, COUNT(*) FROM executions GROUP BY job, status").fetchall()
         jobs = dict(store.db.execute("SELECT id, status FROM jobs").fetchall())
     assert jobs == {"bad-interval": "ABORTED", "wake-budget-15s": "COMPLETED", "app-0.2.0": "COMPLETED"}
+    assert "three staged rollouts" in README.read_text()  # what the README says the demo does, it does
     counts = {(job, status): n for job, status, n in rows}
     assert counts[("wake-budget-15s", "SUCCEEDED")] == devices
     assert counts[("app-0.2.0", "SUCCEEDED")] == devices

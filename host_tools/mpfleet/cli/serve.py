@@ -36,6 +36,19 @@ def _database(db: str | None) -> Path:
     return Path(db) if db else default_db_path()
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """The library's log (mpfleet.*: cancels carried out, connections lost and regained,
+    messages dropped) on stderr with the time: INFO and up, WARNING and up with --quiet."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("mpfleet")
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
 def _run_until_stopped(worker, every_s: float, report=None) -> None:
     """Wait while `worker` runs; SIGTERM and Ctrl-C stop it; `report()` every `every_s`."""
     def terminate(signum, frame):
@@ -76,9 +89,10 @@ def serve(broker, topic_root, client_id, tick, quiet, db, keys_dir, images_dir):
     from mpfleet.fleet.serve import Dispatcher, ServeError
 
     path = _database(db)
+    _log_to_stderr(quiet)
 
     def on_event(kind: str, data: dict) -> None:
-        if quiet and kind != "error":
+        if (quiet and kind != "error") or kind == "canceled":  # a cancel is logged in full (stderr)
             return
         stamp = time.strftime("%H:%M:%S")
         text = " ".join(f"{k}={v}" for k, v in data.items())
@@ -115,6 +129,7 @@ def ingest(broker, topic_root: str, db: str | None, client_id: str | None) -> No
     from mpfleet.fleet.ingest import Ingester
 
     path = _database(db)
+    _log_to_stderr(False)
     ingester = Ingester(broker, path, client_id=client_id, root=topic_root)
     ingester.start()
     click.echo(f"ingesting {topic_root}/... from {broker.url()} into {path}, client id {ingester.client_id} "
