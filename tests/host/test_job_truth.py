@@ -377,3 +377,41 @@ def test_job_ids_complete_from_the_database_read_only(fleet, eng, tmp_path):
     env["MPFLEET_DB"] = str(missing)
     out = subprocess.run([sys.executable, "-m", "mpfleet"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "" and not missing.exists(), out
+
+
+# ---------------------------------------------------------------- per-device history
+def show(capsys, fleet, *args) -> tuple[int, str, str]:
+    """`mpfleet devices show ARGS --db ...` in process (it takes no --keys-dir)."""
+    code = 0
+    try:
+        main(["devices", "show", *map(str, args), "--db", str(fleet / "m.db")])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_devices_show_lists_every_execution_with_attempts_and_reasons(capsys, fleet, eng):
+    eng.engine.create_job("config", {"set": {"upload_watermark": 450}}, ["dev-01"], job_id="wm-450",
+                          options=RolloutOptions(retries=1))
+    eng.engine.tick()
+    eng.report("wm-450", "dev-01", "FAILED", detail={"reason": "flash full"})
+    eng.engine.tick()  # the retry is queued as attempt 2
+    eng.report("wm-450", "dev-01", "SUCCEEDED")
+    eng.engine.create_job("reboot", {}, ["dev-01", "dev-02"], job_id="boot-1")
+    eng.engine.tick()
+    eng.engine.cancel("boot-1")
+    code, out, _ = show(capsys, fleet, "dev-01", "--json")
+    assert code == 0
+    runs = [(e["job"], e["type"], e["attempt"], e["status"]) for e in json.loads(out)["executions"]]
+    assert runs == [("boot-1", "reboot", 1, "CANCELED"), ("wm-450", "config", 2, "SUCCEEDED"),
+                    ("wm-450", "config", 1, "FAILED")]
+    failed = json.loads(out)["executions"][2]
+    assert "flash full" in failed["reason"] and failed["detail"] == {"reason": "flash full"}
+    code, out, _ = show(capsys, fleet, "dev-01")
+    table = out[out.index("job history"):]
+    assert "3 of 3" in table and "flash full" in table and table.index("boot-1") < table.index("wm-450")
+    code, out, _ = show(capsys, fleet, "dev-01", "--history", "1")
+    assert "1 of 3" in out and "wm-450" not in out[out.index("job history"):]
+    code, out, _ = show(capsys, fleet, "dev-03")
+    assert "no job executions" in out

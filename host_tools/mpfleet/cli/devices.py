@@ -142,8 +142,7 @@ def devices_show(device_id: str, history_limit: int, db: str | None, as_json: bo
     for col in ("job", "type", "attempt", "status", "when", "reason"):
         runs.add_column(col, no_wrap=col not in ("reason",))
     for e in history:
-        runs.add_row(e.job, e.type, str(e.attempt), e.status, f"{utc_time(e.when)} ({ago(e.when, now)})",
-                     e.reason or "")
+        runs.add_row(e.job, e.type, str(e.attempt), e.status, ago(e.when, now), e.reason or "")
     console.print(runs)
 
 
