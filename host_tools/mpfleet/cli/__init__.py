@@ -100,20 +100,43 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as e:
         # A damaged database reaches any command as SQLite's DatabaseError: say so once,
-        # here, rather than in every command (issue 13). Anything else is a bug.
+        # here, rather than in every command (issue 13). So do a database the command may
+        # not write and a file the system refused. Anything else is a bug.
         from mpfleet.db.maint import damage_reason, restore_hint
 
         reason = damage_reason(e)
-        if reason is None:
+        if reason is not None:
+            path = _database_named_in(argv)
+            click.echo(f"mpfleet: the database {path} is damaged ({reason}); {restore_hint(path)}", err=True)
+            sys.exit(1)
+        message = _storage_refusal(e, argv)
+        if message is None:
             raise
-        path = _database_named_in(argv)
-        click.echo(f"mpfleet: the database {path} is damaged ({reason}); {restore_hint(path)}", err=True)
+        click.echo(f"mpfleet: {message}", err=True)
         sys.exit(1)
 
 
+def _storage_refusal(e: Exception, argv: list[str] | None) -> str | None:
+    """One line for a database SQLite may not write, or a file the system refused; None
+    for anything else (a bug, which keeps its traceback)."""
+    import sqlite3
+
+    if isinstance(e, sqlite3.OperationalError):
+        text = str(e)
+        if "readonly" in text or "unable to open" in text or "disk I/O" in text or "locked" in text:
+            path = _database_named_in(argv)
+            return (f"cannot write the database {path}: {text} (the file and its directory must be writable: "
+                    "SQLite keeps its -wal and -shm files beside it)")
+        return None
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"cannot use {e.filename}: {e.strerror}"
+    return None
+
+
 def _database_named_in(argv: list[str] | None):
-    """The database the failed command used: the last --db given, else $MPFLEET_DB or the
-    default (every command takes its database as --db, cli_options.DB)."""
+    """The database the failed command used: the last --db given, else $MPFLEET_DB, the
+    config file's db, or the default (every command takes its database as --db, cli_options.DB)."""
+    import os
     from pathlib import Path
 
     from mpfleet.db.store import default_db_path
@@ -127,5 +150,31 @@ def _database_named_in(argv: list[str] | None):
             given = args[i + 1]
         elif arg.startswith("--db="):
             given = arg[len("--db="):]
-    return Path(given) if given else default_db_path()
+    if given:
+        return Path(given)
+    if not os.environ.get("MPFLEET_DB"):
+        configured = _configured_db(args)
+        if configured:
+            return Path(configured)
+    return default_db_path()
+
+
+def _configured_db(args: list[str]) -> str | None:
+    """The config file's db for the profile of `args` (--profile NAME, else $MPFLEET_PROFILE)."""
+    from mpfleet.cli.settings import load_settings
+
+    profile = None
+    for i, arg in enumerate(args):
+        if arg == "--profile" and i + 1 < len(args):
+            profile = args[i + 1]
+            break
+        if arg.startswith("--profile="):
+            profile = arg[len("--profile="):]
+            break
+        if not arg.startswith("-"):
+            break  # the command: --profile comes before it
+    try:
+        return load_settings(profile).lookup("db")[0]
+    except MpfleetError:
+        return None
 

@@ -8,18 +8,18 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mpfleet.cli.options import DB, KEYS_DIR, JSON
+from mpfleet.cli.options import DB, JSON, KEYS_DIR, open_store
 from mpfleet.cli.render import print_json, utc_time
 from mpfleet.fleet.registry import split_names
 
 console = Console()
 
 
-def _ring(db: str | None, keys_dir: str | None):
+def _ring(db: str | None, keys_dir: str | None, *, create: bool = False):
+    """The database and the key ring; only `keys init` may make a new database."""
     from mpfleet.fleet.keys import KeyRing
-    from mpfleet.db.store import Store
 
-    store = Store(db)
+    store = open_store(db, create=create)
     return store, KeyRing(store, keys_dir)
 
 
@@ -45,7 +45,7 @@ def keys() -> None:
 @JSON
 def keys_init(force: bool, keys_dir: str | None, db: str | None, as_json: bool) -> None:
     """Create the first signing key and print it in the devices' `trusted_keys` form."""
-    store, ring = _ring(db, keys_dir)
+    store, ring = _ring(db, keys_dir, create=True)
     with store:
         info = ring.init(force=force)
     trusted = {info.kid: info.public_b64}

@@ -9,9 +9,12 @@ Output helpers are in `mpfleet.cli.render`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from mpfleet.cli.settings import BUILT_IN_BROKER, BUILT_IN_TOPIC_ROOT, configured
+from mpfleet.errors import MpfleetError
 from mpfleet.protocol.ids import DEVICE_ID_RULE, is_device_id
 from mpfleet.protocol.times import TimeFormatError, parse_duration, parse_time
 
@@ -27,6 +30,37 @@ IMAGES_DIR = click.option("--images-dir", type=click.Path(file_okay=False), envv
                           default=configured("images_dir"), show_default="~/.mpfleet/images",
                           help="Image store: firmware images and app bundles (env MPFLEET_IMAGES, "
                                "config key images_dir).")
+
+
+class NoDatabaseError(MpfleetError):
+    """The database a command should read does not exist (a mistyped --db, MPFLEET_DB or profile)."""
+
+
+def database_path(db: str | None) -> Path:
+    """The file a command's --db names: the option's value, else the library's default."""
+    from mpfleet.db.store import default_db_path
+
+    return Path(db) if db else default_db_path()
+
+
+def open_store(db: str | None, *, create: bool = False):
+    """The Store of the database `db` names (cli boundary for mpfleet.db.store.Store).
+
+    Only a command that registers something (keys init, devices add, sim fleet...) passes
+    `create=True`: any other command refuses a missing file instead of leaving an empty
+    database wherever a mistyped --db pointed."""
+    from mpfleet.db.store import Store
+
+    path = database_path(db)
+    if path.is_dir():
+        raise NoDatabaseError(f"{path} is a directory, not a database file (--db names the file)")
+    if not create and not path.exists():
+        raise NoDatabaseError(f"no database at {path} (check --db, MPFLEET_DB or the config file's db: "
+                              "`mpfleet config show` says which is used; `mpfleet keys init` or "
+                              "`mpfleet devices add` make a new one)")
+    return Store(path)
+
+
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 

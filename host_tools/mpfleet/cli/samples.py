@@ -6,8 +6,7 @@ import sys
 
 import click
 
-from mpfleet.cli.options import DB, DEVICE_ID, POINT_IN_TIME
-
+from mpfleet.cli.options import DB, DEVICE_ID, POINT_IN_TIME, open_store
 
 
 @click.group()
@@ -27,9 +26,8 @@ def samples_export(device: str | None, since: float | None, until: float | None,
                    db: str | None) -> None:
     """Export stored samples as CSV or JSON Lines, ordered by device and seq."""
     from mpfleet.fleet.export import export_samples, export_samples_to_file
-    from mpfleet.db.store import Store
 
-    with Store(db) as store:
+    with open_store(db) as store:
         if output:
             count = export_samples_to_file(store, output, fmt, device, since, until)
             click.echo(f"{count} samples written to {output}", err=True)

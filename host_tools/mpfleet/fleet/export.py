@@ -63,11 +63,19 @@ def export_samples_to_file(store: Store, path: str | os.PathLike, fmt: str, devi
     not at all: written beside it as a temporary file, renamed over it once complete, so
     an export that fails (ExportError: none match) leaves `path` as it was."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".part")
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise ExportError(f"cannot write {target}: there is no directory {folder}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".part")
+    except OSError as e:
+        raise ExportError(f"cannot write {target}: {e.strerror} (in {folder})") from None
     try:
         with os.fdopen(fd, "w", newline="") as out:
             count = export_samples(store, out, fmt, device, since, until)
         os.replace(tmp, target)
+    except OSError as e:  # a full disk, or `path` an existing directory
+        raise ExportError(f"cannot write {target}: {e.strerror}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
