@@ -1,6 +1,18 @@
 """Exporting stored samples as CSV or JSON Lines, to a stream or to a file.
 
 Times are seconds since 1970 (the CLI reads them with mpfleet.protocol.times).
+
+A sample's values are its device's channels in order, one per configured sensor
+(firmware/lib/agent/sensors.py). The CSV names its value columns after the sensors
+(`adc0`, `mcu_temp`...), found per device, first that fits the device's channel count:
+
+1. the `channels` the device last reported in its state (its config's sensors now);
+2. the sensors of its board definition (boards/<board>.json), in their order;
+3. `ch0`, `ch1`... when neither is known or fits.
+
+With several devices the columns are every device's names in order of first
+appearance; a row leaves the columns of other devices' sensors empty. JSON Lines
+keeps the `values` list as stored.
 """
 
 from __future__ import annotations
@@ -44,17 +56,67 @@ def export_samples(store: Store, out: TextIO, fmt: str, device: str | None = Non
         raise ExportError(f"no samples from {what}{window} in {store.path}")
     count = 0
     if fmt == "csv":
-        width = len(first[3])
+        names = {dev: channel_names(store, dev, width) for dev, width in _widths(store, device, since, until)}
+        columns = list(dict.fromkeys(name for dev_names in names.values() for name in dev_names))
+        where = {name: i for i, name in enumerate(columns)}
         writer = csv.writer(out)
-        writer.writerow(["device", "seq", "time", "t"] + [f"ch{i}" for i in range(width)])
+        writer.writerow(_FIXED_COLUMNS + columns)
         for dev, seq, t, values in _chain(first, rows):
-            writer.writerow([dev, seq, _iso(t), t] + ["" if v is None else v for v in values])
+            cells = [""] * len(columns)
+            for name, v in zip(names[dev], values):
+                cells[where[name]] = "" if v is None else v
+            writer.writerow([dev, seq, _iso(t), t] + cells)
             count += 1
     else:
         for dev, seq, t, values in _chain(first, rows):
             out.write(json.dumps({"device": dev, "seq": seq, "time": _iso(t), "t": t, "values": values}) + "\n")
             count += 1
     return count
+
+
+_FIXED_COLUMNS = ["device", "seq", "time", "t"]
+
+
+def channel_names(store: Store, device: str, width: int) -> list[str]:
+    """The names of `device`'s `width` channels (the module docstring says where from)."""
+    record = store.device(device) or {}
+    reported = (record.get("state") or {}).get("channels")
+    names = None
+    if isinstance(reported, list) and len(reported) == width and all(isinstance(n, str) and n for n in reported):
+        names = list(reported)
+    elif record.get("board"):
+        names = _board_sensor_names(record["board"], width)
+    if names is None or len(set(names)) != width:
+        return [f"ch{i}" for i in range(width)]
+    # A sensor named like a fixed column keeps its own column.
+    return [f"sensor_{n}" if n in _FIXED_COLUMNS else n for n in names]
+
+
+def _board_sensor_names(board: str, width: int) -> list[str] | None:
+    from mpfleet.boards import BoardError, load_board
+
+    try:
+        sensors = load_board(board).sensors
+    except BoardError:
+        return None  # a board this host has no definition of
+    return [s.name for s in sensors] if len(sensors) == width else None
+
+
+def _widths(store: Store, device: str | None, since: float | None, until: float | None):
+    """(device, most channels in one of its samples) for every device the export covers:
+    the same filter as Store.samples, in one aggregate query."""
+    query = "SELECT device, MAX(json_array_length(values_json)) FROM samples WHERE 1=1"
+    args: list = []
+    if device:
+        query += " AND device = ?"
+        args.append(device)
+    if since is not None:
+        query += " AND t >= ?"
+        args.append(int(since))
+    if until is not None:
+        query += " AND t < ?"
+        args.append(int(until))
+    return store.db.execute(query + " GROUP BY device ORDER BY device", args).fetchall()
 
 
 def export_samples_to_file(store: Store, path: str | os.PathLike, fmt: str, device: str | None = None,
