@@ -149,3 +149,150 @@ def test_export_into_a_read_only_directory_is_one_line(tmp_path, database, read_
     proc = mpfleet(tmp_path, "samples", "export", "--db", database, "-o", folder / "out.csv")
     assert_one_line_error(proc, f"cannot write {folder / 'out.csv'}")
     assert list(folder.iterdir()) == []
+
+
+# ------------------------------------------------------------ every command, bad input
+
+def all_commands():
+    """(command path, click command) of every command (not group) under `mpfleet`."""
+    import click
+
+    from mpfleet.cli import cli
+
+    def walk(command, path, ctx):
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                yield from walk(sub, (*path, name), click.Context(sub, parent=ctx, info_name=name))
+        else:
+            yield path, command
+
+    return list(walk(cli, (), click.Context(cli, info_name="mpfleet")))
+
+
+def _garbage_cases():
+    """(command path, option flag, bad value kind) for every option whose type checks its text."""
+    import click
+
+    cases = []
+    for path, command in all_commands():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.is_flag or param.type is click.STRING:
+                continue
+            kind = "garbage"
+            if isinstance(param.type, click.Path):
+                if not param.type.dir_okay:
+                    kind = "a directory"
+                elif not param.type.file_okay:
+                    kind = "a file"
+                elif param.type.exists:
+                    kind = "a missing path"
+                else:
+                    continue  # any text names a path
+            cases.append(pytest.param(path, param.opts[0], kind, id=f"{' '.join(path)} {param.opts[0]} {kind}"))
+    return cases
+
+
+GARBAGE = "#not valid@ \u00e9"
+
+
+@pytest.mark.parametrize("path, flag, kind", _garbage_cases())
+def test_every_checked_option_refuses_a_bad_value_before_the_command_runs(tmp_path, monkeypatch, path, flag, kind):
+    """Parsed by click itself (make_context parses without running the command): the value
+    is refused with a usage error that names the option, so the command body never sees it."""
+    import click
+
+    from mpfleet.cli import cli
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    (tmp_path / "a-file").write_text("x")
+    value = {"garbage": GARBAGE, "a directory": str(tmp_path), "a file": str(tmp_path / "a-file"),
+             "a missing path": str(tmp_path / "missing")}[kind]
+    ctx = click.Context(cli, info_name="mpfleet")
+    command = cli
+    for name in path:
+        command = command.get_command(ctx, name)
+        ctx = click.Context(command, parent=ctx, info_name=name)
+    with pytest.raises(click.UsageError) as refused:
+        command.make_context(path[-1], [flag, value], parent=ctx.parent)
+    message = refused.value.format_message()
+    assert flag in message or "'" + flag.lstrip("-") in message, message
+    assert "\n" not in message.strip()
+
+
+def _filled_args(command, tmp_path: Path) -> list[str]:
+    """Plausible values for a command's required arguments and options, so that a bad --db
+    is what the command trips on (not a missing argument)."""
+    import click
+
+    args: list[str] = []
+    for param in command.params:
+        if not param.required or param.name == "db":
+            continue
+        type_name = type(param.type).__name__
+        if isinstance(param.type, click.Path):
+            value = str(tmp_path / f"given-{param.name}")
+        elif type_name in ("DeviceId", "GroupName"):
+            value = "dev-1"
+        elif type_name == "JobId":
+            value = "j-1"
+        elif isinstance(param.type, click.Choice):
+            value = str(param.type.choices[0])
+        else:
+            value = "reboot" if param.name == "type_" else "x"
+        args += [param.opts[0], value] if isinstance(param, click.Option) else [value]
+    return args
+
+
+# Commands whose answer to a bad database is not an error line: config show only reports
+# the settings; db check's report is its output, with exit codes of its own (below).
+_NOT_AN_ERROR_LINE = {("config", "show"), ("db", "check")}
+
+
+def _db_commands():
+    return [pytest.param(path, command, id=" ".join(path)) for path, command in all_commands()
+            if any(p.name == "db" for p in command.params) and path not in _NOT_AN_ERROR_LINE]
+
+
+def assert_clean_failure(proc):
+    """Non-zero, no traceback, and either one `mpfleet:` line or click's usage error."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, "no message on stderr"
+    if lines[0].startswith("mpfleet: "):
+        assert len(lines) == 1, proc.stderr
+    else:
+        assert [line for line in lines if line.startswith("Error: ")], proc.stderr
+        assert all(line.startswith(("Usage: ", "Try ", "Error: ")) for line in lines), proc.stderr
+
+
+@pytest.mark.parametrize("path, command", _db_commands())
+def test_every_command_given_a_database_under_a_file_fails_cleanly(tmp_path, path, command):
+    """--db FILE/m.db: a database that can be neither read nor made."""
+    (tmp_path / "a-file").write_text("not a directory")
+    proc = mpfleet(tmp_path, *path, "--db", tmp_path / "a-file" / "m.db", *_filled_args(command, tmp_path),
+                   timeout=60)
+    assert_clean_failure(proc)
+
+
+@pytest.mark.parametrize("path, command", _db_commands())
+def test_every_command_given_a_damaged_database_fails_cleanly(tmp_path, path, command):
+    """--db naming a file that is not a database."""
+    bogus = tmp_path / "bogus.db"
+    bogus.write_bytes(b"this is not an SQLite database, not even close" * 100)
+    proc = mpfleet(tmp_path, *path, "--db", bogus, *_filled_args(command, tmp_path), timeout=60)
+    assert_clean_failure(proc)
+
+
+def test_db_check_reports_a_database_under_a_file_as_unreadable(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    proc = mpfleet(tmp_path, "db", "check", "--db", tmp_path / "a-file" / "m.db")
+    assert proc.returncode == 4 and "not checked" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_db_check_reports_a_file_that_is_no_database_as_damaged(tmp_path):
+    bogus = tmp_path / "bogus.db"
+    bogus.write_bytes(b"this is not an SQLite database, not even close" * 100)
+    proc = mpfleet(tmp_path, "db", "check", "--db", bogus)
+    assert proc.returncode == 3 and "DAMAGED" in proc.stdout and "Traceback" not in proc.stderr
