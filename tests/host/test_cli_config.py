@@ -242,3 +242,53 @@ def test_every_setting_flag_reads_its_environment_variable(path, key, option):
 def test_every_setting_flag_defaults_to_the_config_file(path, key, option):
     assert callable(option.default) and option.default.__name__ == f"configured_{key}", \
         f"mpfleet {path} {FLAGS[key]} does not take the config file's {key}"
+
+
+# ------------------------------------------------ shell completion reads the same database
+
+def complete(home: Path, words: str, **env_vars) -> list[str]:
+    """What bash completion offers for the last word of `words` (click's _MPFLEET_COMPLETE)."""
+    parts = words.split(" ")
+    proc = mpfleet(home, _MPFLEET_COMPLETE="bash_complete", COMP_WORDS=words, COMP_CWORD=str(len(parts) - 1),
+                   **env_vars)
+    assert proc.returncode == 0, proc.stderr
+    return [line.split(",", 1)[1] for line in proc.stdout.splitlines() if line]
+
+
+@pytest.fixture
+def fleet(home):
+    from mpfleet.db.store import Store
+    from mpfleet.fleet.registry import Registry
+
+    db = home / "fleet.db"
+    with Store(db) as store:
+        registry = Registry(store)
+        registry.add("pump-7", groups=["pumps", "north"])
+        registry.add("pump-8", groups=["pumps"])
+        registry.add("valve-1")
+    return db
+
+
+def test_device_ids_complete_from_the_database(home, fleet):
+    assert complete(home, f"mpfleet devices show --db {fleet} pu") == ["pump-7", "pump-8"]
+
+
+def test_group_names_complete_from_the_database(home, fleet):
+    assert complete(home, f"mpfleet devices list --db {fleet} --group ") == ["north", "pumps"]
+
+
+def test_completion_reads_the_profile_database(home, fleet):
+    write_config(home, f'[profile.lab]\ndb = "{fleet}"\n')
+    assert complete(home, "mpfleet --profile lab devices show v") == ["valve-1"]
+    assert complete(home, "mpfleet devices show v", MPFLEET_PROFILE="lab") == ["valve-1"]
+
+
+def test_completion_without_a_database_offers_nothing_and_creates_none(home):
+    missing = home / "none.db"
+    assert complete(home, f"mpfleet devices show --db {missing} p") == []
+    assert not missing.exists()
+
+
+def test_completion_with_a_bad_config_file_offers_nothing(home, fleet):
+    write_config(home, "[default\n")
+    assert complete(home, "mpfleet devices show p") == []

@@ -112,8 +112,38 @@ TOPIC_ROOT = click.option("--topic-root", type=TopicRoot(), envvar="MPFLEET_TOPI
                                "two roots.")
 
 
+def completion_rows(ctx: click.Context, query: str) -> list[tuple]:
+    """The rows of `query` in the database this command line names, for shell completion:
+    --db as typed so far, else $MPFLEET_DB, the config file's db (for --profile as typed,
+    else $MPFLEET_PROFILE), else the default. Opened read-only, so completion never
+    creates or changes a database; any failure completes nothing."""
+    import os
+    import sqlite3
+
+    from mpfleet.cli.settings import load_settings
+
+    db = ctx.params.get("db") or os.environ.get("MPFLEET_DB")
+    if not db:
+        try:
+            db = load_settings(ctx.find_root().params.get("profile")).lookup("db")[0]
+        except MpfleetError:
+            return []
+    path = database_path(db)
+    if not path.is_file():
+        return []
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return connection.execute(query).fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return []
+
+
 class DeviceId(click.ParamType):
-    """A device id: 1..64 of a-z, 0-9, _ and - (docs/protocol.md)."""
+    """A device id: 1..64 of a-z, 0-9, _ and - (docs/protocol.md). Completes the
+    registry's device ids."""
 
     name = "device id"
 
@@ -122,11 +152,35 @@ class DeviceId(click.ParamType):
             self.fail(f"{value!r} is not a valid {self.name} ({DEVICE_ID_RULE})", param, ctx)
         return value
 
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        rows = completion_rows(ctx, "SELECT id, board FROM devices ORDER BY id LIMIT 5000")
+        return [CompletionItem(device, help=board or None) for device, board in rows if device.startswith(incomplete)]
+
 
 class GroupName(DeviceId):
-    """A group name: the device id rule, so groups travel in topics and config files unquoted."""
+    """A group name: the device id rule, so groups travel in topics and config files unquoted.
+    Completes the groups the registry's devices are in."""
 
     name = "group name"
+
+    def shell_complete(self, ctx, param, incomplete):
+        import json
+
+        from click.shell_completion import CompletionItem
+
+        counts: dict[str, int] = {}
+        for (groups_json,) in completion_rows(ctx, "SELECT groups_json FROM devices"):
+            try:
+                groups = json.loads(groups_json)
+            except ValueError:
+                continue
+            for group in groups if isinstance(groups, list) else ():
+                if isinstance(group, str):
+                    counts[group] = counts.get(group, 0) + 1
+        return [CompletionItem(group, help=f"{n} device(s)") for group, n in sorted(counts.items())
+                if group.startswith(incomplete)]
 
 
 class Query(click.ParamType):

@@ -190,7 +190,13 @@ def configured(key: str, built_in: str | None = None):
     `built_in` (None: the library's own default, which also honours $MPFLEET_HOME)."""
 
     def default():
-        value, _ = current().lookup(key)
+        try:
+            value, _ = current().lookup(key)
+        except ConfigError:
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.resilient_parsing:
+                return built_in  # shell completion: a bad file completes from the built-in default
+            raise
         return value if value is not None else built_in
 
     default.__name__ = f"configured_{key}"
