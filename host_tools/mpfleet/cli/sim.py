@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -111,42 +112,68 @@ def sim_power_cut(directory: Path, after_ops: int | None) -> None:
 @sim.command("run")
 @_DIR
 @click.option("--boots", type=click.IntRange(min=1), help="Stop after this many boots.")
-@click.option("--hours", type=float, help="Stop when this much device time has passed.")
-@click.option("--scale", type=float, default=None,
-              help="Device seconds per real second while asleep (0: no real waiting).")
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True),
+              help="Stop when this much device time (awake and asleep) has passed.")
+@click.option("--scale", type=click.FloatRange(min=0), default=None,
+              help="Device seconds per real second of a sleep (default 0: sleeps take no real time).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per boot.")
 @click.option("--output/--no-output", default=True, help="Show what the device printed.")
+@click.option("--progress/--no-progress", default=None,
+              help="One line per boot on stderr while it runs: device time reached, real time taken "
+                   "(default: with --json; otherwise each boot's line is shown as it ends).")
 def sim_run(directory: Path, boots: int | None, hours: float | None, scale: float | None, as_json: bool,
-            output: bool) -> None:
-    """Run the board through boots and deep sleeps (powering it on if needed)."""
+            output: bool, progress: bool | None) -> None:
+    """Run the board through boots and deep sleeps (powering it on if needed).
+
+    Device time is virtual: a deep sleep or a sleep inside a wake takes no real
+    time unless --scale asks for real-time pacing. Waits on the network (a broker,
+    the host's ack) are real.
+    """
     vb = VirtualBoard(directory)
     if not vb.powered:
         vb.power_on()
-    until = vb.clock_s + hours * 3600 if hours else None
-    if boots is None and until is None:
+    if boots is None and hours is None:
         boots = 1
-    records = vb.run(boots=boots, until_clock_s=until, real_time_scale=scale)
+    if progress is None:
+        progress = as_json
+    started = time.monotonic()
+
+    def report(rec, device_s: float) -> None:
+        click.echo(f"boot {rec.index}: {rec.exit_reason}, awake {(rec.awake_ms or 0) / 1000:.1f} s, "
+                   f"device time {_duration(device_s)}"
+                   + (f" of {_duration(hours * 3600)}" if hours else "")
+                   + f", {time.monotonic() - started:.1f} s real", err=True)
+
+    def show(rec, device_s: float) -> None:
+        if progress:
+            report(rec, device_s)
+        if as_json:
+            return
+        if output and rec.output.strip():
+            console.print(rec.output.rstrip(), markup=False, highlight=False)
+        console.print(f"[dim]boot {rec.index}: {rec.reset_cause_name} slot={rec.running_slot} "
+                      f"version={rec.firmware_version} -> {rec.exit_reason}"
+                      + (f" {rec.sleep_ms} ms" if rec.sleep_ms else "")
+                      + (f" ({rec.detail})" if rec.detail else "") + "[/]")
+
+    records = vb.run(boots=boots, hours=hours, real_time_scale=scale, progress=show)
     if as_json:
         print_json([r.to_json() for r in records])
-        return
-    for r in records:
-        if output and r.output.strip():
-            console.print(r.output.rstrip(), markup=False, highlight=False)
-        console.print(f"[dim]boot {r.index}: {r.reset_cause_name} slot={r.running_slot} "
-                      f"version={r.firmware_version} -> {r.exit_reason}"
-                      + (f" {r.sleep_ms} ms" if r.sleep_ms else "")
-                      + (f" ({r.detail})" if r.detail else "") + "[/]")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 @sim.command("status")
 @_DIR
 @click.option("--json", "as_json", is_flag=True)
 def sim_status(directory: Path, as_json: bool) -> None:
-    """Power, clock, otadata entries and the last boots."""
+    """Power, clock, otadata (the slot that boots, each slot's state) and the last boots."""
     vb = VirtualBoard(directory)
-    entries = [{"sector": e.sector, "seq": e.seq, "state": e.state, "valid": e.valid} for e in vb.ota_entries()]
+    otadata = vb.otadata()
     status = {"device_id": vb.device_id, "board": vb.board["name"], "powered": vb.powered,
-              "clock_s": vb.clock_s, "boot_count": vb.state["boot_count"], "otadata": entries,
+              "clock_s": vb.clock_s, "boot_count": vb.state["boot_count"], "otadata": otadata,
               "last_boots": vb.boot_records()[-5:]}
     if as_json:
         print_json(status)
@@ -154,7 +181,16 @@ def sim_status(directory: Path, as_json: bool) -> None:
     from mpfleet.sim.board import RESET_NAMES
 
     console.print(f"[bold]{vb.device_id}[/] ({vb.board['name']}) powered={vb.powered} "
-                  f"boots={vb.state['boot_count']} clock={vb.clock_s:.0f}")
+                  f"boots={vb.state['boot_count']} clock={vb.clock_s:.0f}", highlight=False)
+    console.print(f"otadata: boots {otadata['boots']}", highlight=False)
+    slots = Table(title="otadata")
+    for col in ("slot", "state", "entry (sector, seq)"):
+        slots.add_column(col)
+    for slot in otadata["slots"]:
+        held = [f"{e['sector']}, {e['seq']}" for e in otadata["entries"] if e["slot"] == slot["slot"]]
+        slots.add_row(slot["slot"] + (" (boots)" if slot["slot"] == otadata["boots"] else ""), slot["state"],
+                      "; ".join(held) or "-")
+    console.print(slots)
     table = Table(title="last boots")
     for col in ("boot", "reset cause", "slot", "version", "exit", "detail"):
         table.add_column(col)

@@ -412,6 +412,28 @@ class VirtualBoard:
         finally:
             flash.close()
 
+    def otadata(self) -> dict:
+        """What otadata says, as `sim status` shows it: the slot it selects at the next
+        reset that reads it (esp32.Partition(BOOT)'s rule: the valid entry with the
+        highest seq, else the first slot), each entry, and each app slot's state (that
+        of the valid entry selecting it, "none" when no entry does)."""
+        _simota = runtime_module("_simota")
+        slots = self.app_slots()
+        entries = self.ota_entries()
+        active = _simota.active_entry(entries)
+        boots = slots[0] if active is None else slots[active.slot(len(slots))]
+        slot_state = {name: "none" for name in slots}
+        for e in sorted((e for e in entries if e.valid), key=lambda e: e.seq):
+            slot_state[slots[e.slot(len(slots))]] = _simota.STATE_NAMES.get(e.state, hex(e.state))
+        return {
+            "boots": boots,
+            "slots": [{"slot": name, "state": slot_state[name]} for name in slots],
+            "entries": [{"sector": e.sector, "seq": e.seq if e.valid else None,
+                         "state": _simota.STATE_NAMES.get(e.state, hex(e.state)) if e.valid else None,
+                         "valid": e.valid, "slot": slots[e.slot(len(slots))] if e.valid else None}
+                        for e in entries],
+        }
+
     # ------------------------------------------------------------------ settings
     def save(self) -> None:
         _write_json(self.path / "settings.json", self.settings)
@@ -485,8 +507,10 @@ class VirtualBoard:
         self.save()
 
     # ------------------------------------------------------------------ boots
-    def prepare_boot(self, mode: str = "run") -> dict:
-        """Write boot.json for the next boot and reset the per-boot files."""
+    def prepare_boot(self, mode: str = "run", clock_scale: float = 1) -> dict:
+        """Write boot.json for the next boot and reset the per-boot files
+        (`clock_scale`: device seconds per real second of a sleep inside the
+        wake; 0 skips them)."""
         if not self.state["powered"]:
             raise SimError(f"{self.device_id}: the board has no power (power_on() it first)")
         nxt = self.state["next"]
@@ -499,6 +523,7 @@ class VirtualBoard:
             "seed": self.state.get("seed", 1),
             "wifi": self.settings.get("wifi", {}),
             "mode": mode,
+            "clock_scale": clock_scale,
             "heap_budget": self.heap_budget(),
             "boot_count": self.state["boot_count"] + 1,
         }
@@ -619,9 +644,12 @@ class VirtualBoard:
             f.write(output)
         return rec
 
-    def boot(self, mode: str = "run") -> BootRecord:
-        """Run one boot, headless, to its end; returns what happened."""
-        boot = self.prepare_boot(mode)
+    def boot(self, mode: str = "run", clock_scale: float | None = None) -> BootRecord:
+        """Run one boot, headless, to its end; returns what happened. Sleeps inside
+        the wake follow `clock_scale` (default the board's, 0: skipped)."""
+        if clock_scale is None:
+            clock_scale = self.settings.get("clock_scale", 0)
+        boot = self.prepare_boot(mode, clock_scale)
         started = time.monotonic()
         if _can_fork_interpreter():
             argv = ["micropython"] + self.command()[1:]
@@ -730,20 +758,32 @@ class VirtualBoard:
         return [n for n in text.split("\n") if n]
 
     def run(self, boots: int | None = None, until_clock_s: float | None = None,
-            stop=None, real_time_scale: float | None = None) -> list[BootRecord]:
+            stop=None, real_time_scale: float | None = None, hours: float | None = None,
+            progress=None) -> list[BootRecord]:
         """Boot again and again, through sleeps and resets, until a stop condition.
 
-        Deep sleep advances the device clock by the requested time at once, or
-        after sleep/scale real seconds when a clock scale is set. Stops after
-        `boots` boots, when the device clock passes `until_clock_s`, when
+        Device time is virtual: deep sleep advances the device clock by the
+        requested time at once, and sleeps inside a wake are skipped, unless a
+        clock scale is set (then a sleep takes sleep/scale real seconds). Stops
+        after `boots` boots, when the device clock passes `until_clock_s`, when
+        `hours` of device time have passed (sleeps and awake time summed, so a
+        host that sets the device's clock does not move the end), when
         `stop(record)` is true, or when the chip halts for good (power cut,
-        stuck at the REPL, no bootable image, hang).
+        stuck at the REPL, no bootable image, hang). `progress(record, device_s)`
+        is called after each boot with the device seconds passed so far.
         """
         scale = self.settings.get("clock_scale", 0) if real_time_scale is None else real_time_scale
         records: list[BootRecord] = []
+        device_s = 0.0
         while boots is None or len(records) < boots:
-            rec = self.boot()
+            rec = self.boot(clock_scale=scale)
             records.append(rec)
+            slept_ms = rec.sleep_ms or 0 if rec.exit_reason == facts.EXIT_DEEPSLEEP else 0
+            device_s += ((rec.awake_ms or 0) + slept_ms) / 1000
+            if progress is not None:
+                progress(rec, device_s)
+            if hours is not None and device_s >= hours * 3600:
+                break
             if rec.exit_reason in STOPPING_REASONS or (stop is not None and stop(rec)):
                 break
             if until_clock_s is not None and self.clock_s >= until_clock_s:

@@ -376,7 +376,7 @@ class FleetRunner:
             started = time.monotonic()
             record, error = None, None
             try:
-                record = slot.board.boot()
+                record = slot.board.boot(clock_scale=self.clock_scale)
             except Exception as e:  # noqa: BLE001 - one board's failure must not stop the fleet
                 error = f"{type(e).__name__}: {e}"
             ended = time.monotonic()

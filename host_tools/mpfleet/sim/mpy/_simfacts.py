@@ -76,7 +76,8 @@ WDT_FILE = "wdt"
 # deep-sleep wake or soft reset boots, else null), clock_s (the RTC clock at
 # boot), cut_after_ops (flash operation count at which power is cut, or null),
 # seed (of the torn write), wifi (the radio's world), mode ("run", "soft",
-# "soft-raw", "exec"), heap_budget (bytes left to the firmware), boot_count,
+# "soft-raw", "exec"), clock_scale (device seconds per real second of a sleep
+# inside the wake; 0 skips them; absent: real time), heap_budget (bytes left to the firmware), boot_count,
 # and for mode "exec" stage_dir (the host directory mounted at /.host).
 # exit.json: reason, running_slot, firmware_version, clock_s, awake_ms,
 # heap_live, alloc_bytes, wdt_armed, and per reason sleep_ms or detail.

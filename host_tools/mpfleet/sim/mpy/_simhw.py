@@ -29,6 +29,7 @@ import _simfacts
 from _simflash import NorFlash
 
 hw = None
+_TICKS_MAX = utime.ticks_add(0, -1)
 
 
 def _load_json(path):
@@ -60,6 +61,13 @@ class Hardware:
         self.wdt_timeout_ms = None
         self._start_ticks = utime.ticks_ms()
         self.clock_at_boot_s = self.boot["clock_s"]
+        # Sleeps inside a wake (time.sleep*, machine.lightsleep) pass on the
+        # device's clock at this many device seconds per real second; 0 skips
+        # them (the device's ticks and RTC jump ahead, no real time passes).
+        # Waits on sockets stay real: a broker answers in real time.
+        self.sleep_scale = self.boot.get("clock_scale", 1)
+        self.skipped_us = 0
+        self._fed_at_ms = 0
         self.heap_base = 0
         self.alloc_base = 0
         self.ballast = None
@@ -70,7 +78,28 @@ class Hardware:
 
     # --- clock -----------------------------------------------------------
     def awake_ms(self):
-        return utime.ticks_diff(utime.ticks_ms(), self._start_ticks)
+        return utime.ticks_diff(utime.ticks_ms(), self._start_ticks) + self.skipped_us // 1000
+
+    def ticks_ms(self):
+        # The period is a power of two (ticks_add(0, -1) is its largest value).
+        return (utime.ticks_ms() + self.skipped_us // 1000) & _TICKS_MAX
+
+    def ticks_us(self):
+        return (utime.ticks_us() + self.skipped_us) & _TICKS_MAX
+
+    def sleep_us(self, us):
+        """A sleep inside a wake, paced by sleep_scale (0: skipped). An armed
+        watchdog left unfed through it resets the chip, as in real time."""
+        us = int(us)
+        if us <= 0:
+            return
+        real_us = int(us / self.sleep_scale) if self.sleep_scale else 0
+        if real_us:
+            utime.sleep_us(real_us)
+        self.skipped_us += us - real_us
+        if self.wdt_timeout_ms and _simfacts.watchdog_expired(self.wdt_timeout_ms,
+                                                              self.awake_ms() - self._fed_at_ms):
+            self.halt(_simfacts.EXIT_WDT, detail="watchdog unfed through a sleep")
 
     def clock_s(self):
         """The RTC's time: seconds since 1970 (kept over deep sleep and resets)."""
@@ -101,6 +130,7 @@ class Hardware:
         self.feed_wdt()
 
     def feed_wdt(self):
+        self._fed_at_ms = self.awake_ms()
         self._wdt_feeds += 1
         struct.pack_into(_simfacts.WDT_FMT, self._wdt_buf, 0, self.wdt_timeout_ms or 0, self._wdt_feeds)
         self._wdt_file.seek(0)

@@ -75,7 +75,8 @@ def deepsleep(time_ms=0):
 
 
 def lightsleep(time_ms=0):
-    utime.sleep_ms(int(time_ms))
+    # Paced by the boot's clock scale like time.sleep (skipped in a headless run).
+    _hw().sleep_us(int(time_ms) * 1000)
 
 
 def reset():
@@ -236,7 +237,7 @@ class RTC:
         hw = _hw()
         if dt is None:
             t = hw.clock_s()
-            y, mo, d, h, mi, s, wd, _ = utime.gmtime(int(t))
+            y, mo, d, h, mi, s, wd = utime.gmtime(int(t))[:7]  # the unix port gives 9 fields, the ESP32 8
             return (y, mo, d, wd, h, mi, s, int((t % 1) * 1000000))
         y, mo, d, _wd, h, mi, s = dt[:7]
         us = dt[7] if len(dt) > 7 else 0

@@ -48,7 +48,7 @@ def _resolve(st):
     if st["started"] is None:
         return st["status"]
     wifi = _wifi()
-    elapsed = utime.ticks_diff(utime.ticks_ms(), st["started"])
+    elapsed = utime.ticks_diff(_simhw.hw.ticks_ms(), st["started"])
     delay = wifi.get("connect_ms", 50)
     if elapsed < delay:
         return STAT_CONNECTING
@@ -89,7 +89,7 @@ class WLAN:
             raise OSError("Wifi Not Started")
         st["ssid"] = ssid
         st["key"] = key
-        st["started"] = utime.ticks_ms()
+        st["started"] = _simhw.hw.ticks_ms()
 
     def disconnect(self):
         st = _state()

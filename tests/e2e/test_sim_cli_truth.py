@@ -1,0 +1,141 @@
+"""`mpfleet sim ...` tells the truth and is usable: device time is virtual (sleeps take
+no real time), `run --hours` runs the hours whatever the host does to the clock and
+reports progress, status shows otadata, bad input is one `mpfleet:` line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mpfleet.images.espimage import build_app_image
+from mpfleet.sim.board import VirtualBoard, runtime_module
+
+SETTING_VARS = ("MPFLEET_DB", "MPFLEET_KEYS", "MPFLEET_IMAGES", "MPFLEET_BROKER", "MPFLEET_TOPIC_ROOT",
+                "MPFLEET_PROFILE", "MPFLEET_HOME")
+
+
+def mpfleet(tmp_path: Path, *args, timeout: float = 120):
+    """`mpfleet ARGS` with a HOME, config directory and database of the test's own."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARS}
+    env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"),
+               XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")))
+    return subprocess.run([sys.executable, "-m", "mpfleet", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("mpfleet: ") and proc.stderr.count("\n") == 1, proc.stderr
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+
+
+def board_with_main(tmp_path: Path, source: str, name: str = "dev") -> Path:
+    board = tmp_path / name
+    assert mpfleet(tmp_path, "sim", "create", board, "--device-id", "dev-1").returncode == 0
+    main = tmp_path / f"{name}-main.py"
+    main.write_text(source)
+    put = mpfleet(tmp_path, "sim", "put", board, main, "/main.py")
+    assert put.returncode == 0, put.stderr
+    return board
+
+
+# ------------------------------------------------------------ run: virtual device time
+
+SLEEPY_MAIN = """\
+import machine, time
+print("awake at", time.time())
+time.sleep(300)
+machine.lightsleep(300000)
+print("after sleeps", time.time())
+machine.deepsleep(600000)
+"""
+
+
+def test_run_hours_skips_sleeps_inside_a_wake_and_deep_sleeps_instead_of_waiting(tmp_path):
+    board = board_with_main(tmp_path, SLEEPY_MAIN)
+    started = time.monotonic()
+    proc = mpfleet(tmp_path, "sim", "run", board, "--hours", "2", "--json")
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    # Each wake is 10 min of sleeps inside it and a 10 min deep sleep: six in two hours.
+    assert [r["exit_reason"] for r in records] == ["deepsleep"] * 6
+    assert all(r["awake_ms"] >= 600000 for r in records)
+    assert took < 30, f"two device-hours took {took:.1f} s of real time"
+
+
+def test_sleeps_inside_a_wake_move_the_device_clock(tmp_path):
+    board = board_with_main(tmp_path, SLEEPY_MAIN)
+    proc = mpfleet(tmp_path, "sim", "run", board, "--boots", "1")
+    assert proc.returncode == 0, proc.stderr
+    awake = int(proc.stdout.split("awake at ")[1].split()[0])
+    after = int(proc.stdout.split("after sleeps ")[1].split()[0])
+    assert after - awake == 600
+
+
+def test_run_hours_counts_device_time_not_the_clock_a_host_sets(tmp_path):
+    # As the host's ack does: the device's RTC is set years ahead at the first wake.
+    board = board_with_main(tmp_path, """\
+import machine
+rtc = machine.RTC()
+if rtc.datetime()[0] < 2020:
+    rtc.datetime((2026, 6, 1, 0, 12, 0, 0, 0))
+machine.deepsleep(600000)
+""")
+    proc = mpfleet(tmp_path, "sim", "run", board, "--hours", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 6  # an hour of 10-minute sleeps, not one boot
+
+
+def test_run_reports_progress_per_boot_on_stderr(tmp_path):
+    board = board_with_main(tmp_path, "import machine\nmachine.deepsleep(1800000)\n")
+    proc = mpfleet(tmp_path, "sim", "run", board, "--hours", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 4, proc.stderr
+    assert lines[0].startswith("boot 1: deepsleep") and "of 2.00 h" in lines[0]
+    assert "device time 2.00 h of 2.00 h" in lines[-1]
+
+
+def test_an_unfed_watchdog_still_resets_the_chip_through_a_skipped_sleep(tmp_path):
+    board = board_with_main(tmp_path, """\
+import machine, time
+if machine.reset_cause() == machine.WDT_RESET:
+    machine.deepsleep(60000)
+machine.WDT(timeout=2000)
+time.sleep(10)
+machine.deepsleep(60000)
+""")
+    proc = mpfleet(tmp_path, "sim", "run", board, "--boots", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    assert records[0]["exit_reason"] == "wdt"
+    assert records[1]["reset_cause_name"] == "WDT_RESET"
+
+
+# ------------------------------------------------------------ status: otadata
+
+def test_status_shows_which_slot_boots_and_each_slots_state_in_text_and_json(tmp_path):
+    board = tmp_path / "dev"
+    assert mpfleet(tmp_path, "sim", "create", board).returncode == 0
+    vb = VirtualBoard(board)
+    vb.write_app_image("ota_1", build_app_image(vb.board["chip"], "v1.25.0"))
+    flash = vb.flash()  # what esp32.Partition.set_boot() writes: a NEW entry for ota_1
+    try:
+        runtime_module("_simota").set_boot(flash, vb.partition("otadata")["offset"], 1, 2)
+    finally:
+        flash.close()
+    proc = mpfleet(tmp_path, "sim", "status", board, "--json")
+    assert proc.returncode == 0, proc.stderr
+    otadata = json.loads(proc.stdout)["otadata"]
+    assert otadata["boots"] == "ota_1"
+    assert otadata["slots"] == [{"slot": "ota_0", "state": "none"}, {"slot": "ota_1", "state": "NEW"}]
+    text = mpfleet(tmp_path, "sim", "status", board)
+    assert "otadata: boots ota_1" in text.stdout
+    assert "ota_1 (boots)" in text.stdout and "NEW" in text.stdout
