@@ -139,3 +139,42 @@ def test_status_shows_which_slot_boots_and_each_slots_state_in_text_and_json(tmp
     text = mpfleet(tmp_path, "sim", "status", board)
     assert "otadata: boots ota_1" in text.stdout
     assert "ota_1 (boots)" in text.stdout and "NEW" in text.stdout
+
+
+# ------------------------------------------------------------ bad input is refused
+
+def assert_usage_error(proc, *words):
+    """click's convention for a bad argument: exit 2, the offending value named, no traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+
+
+def test_create_refuses_a_heap_that_is_not_a_size_and_makes_no_board(tmp_path):
+    for heap in ("12zz", "0", "-5k", "k"):
+        proc = mpfleet(tmp_path, "sim", "create", tmp_path / "dev", "--heap", heap)
+        assert_usage_error(proc, f"'{heap}'", "--heap")
+        assert not (tmp_path / "dev").exists()
+
+
+def test_create_refuses_a_device_id_with_spaces_or_capitals(tmp_path):
+    for device_id in ("pump 7", "Pump-7"):
+        proc = mpfleet(tmp_path, "sim", "create", tmp_path / "dev", "--device-id", device_id)
+        assert_usage_error(proc, f"'{device_id}'", "--device-id")
+        assert not (tmp_path / "dev").exists()
+
+
+def test_create_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "plain").write_text("")
+    assert_one_line_error(mpfleet(tmp_path, "sim", "create", tmp_path / "plain" / "dev"), "plain", "Not a directory")
+
+
+def test_create_where_nothing_can_be_made_is_one_line(tmp_path):
+    assert_one_line_error(mpfleet(tmp_path, "sim", "create", "/proc/no-such-board"), "/proc/no-such-board")
+
+
+def test_run_status_and_flash_on_a_directory_without_a_board_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for command in ("run", "status", "flash"):
+        assert_one_line_error(mpfleet(tmp_path, "sim", command, tmp_path / "empty"), "not a virtual board")

@@ -18,6 +18,21 @@ console = Console()
 _DIR = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 
 
+class _Heap(click.ParamType):
+    """A firmware heap size: 128k, 1m or a byte count, positive."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from mpfleet.sim.board import SimError, parse_heap
+
+        try:
+            parse_heap(value)
+        except SimError as e:
+            self.fail(str(e), param, ctx)
+        return str(value).strip().lower()
+
+
 @click.group()
 def sim() -> None:
     """Virtual ESP32 boards: the real MicroPython unix port on an emulated flash.
@@ -38,7 +53,8 @@ def sim() -> None:
 @click.option("--device-id", type=DEVICE_ID, help="Device id (default: the MAC in hex).")
 @click.option("--firmware-version", default="v1.24.0", show_default=True,
               help="Version in the synthetic firmware image written to ota_0.")
-@click.option("--heap", default="128k", show_default=True, help="Firmware heap budget, e.g. 128k.")
+@click.option("--heap", type=_Heap(), default="128k", show_default=True,
+              help="Firmware heap budget, e.g. 128k.")
 @click.option("--force", is_flag=True, help="Replace a board that already exists there.")
 def sim_create(directory: Path, board: str, device_id: str | None, firmware_version: str, heap: str,
                force: bool) -> None:

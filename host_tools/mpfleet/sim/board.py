@@ -86,6 +86,16 @@ class SimError(MpfleetError):
     """A virtual board could not be created, found or run."""
 
 
+def parse_heap(text) -> int:
+    """A heap size in bytes from "128k", "1m" or "65536"; SimError unless a positive whole size."""
+    raw = str(text).strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(raw[-1:], 1)
+    digits = raw[:-1] if scale != 1 else raw
+    if not digits.isdigit() or int(digits) == 0:
+        raise SimError(f"heap size {text!r} is not a positive size such as 128k, 1m or 65536")
+    return int(digits) * scale
+
+
 _compiled_runtime: dict[str, str] = {}
 
 
@@ -329,9 +339,18 @@ class VirtualBoard:
         """Make a new board: erased flash, a firmware image in ota_0, no filesystem yet
         (the first boot formats LittleFS as a freshly flashed ESP32 does)."""
         path = Path(path)
+        parse_heap(heap)
         if (path / "settings.json").exists() and not overwrite:
             raise SimError(f"{path}: a virtual board already exists here (use overwrite to replace it)")
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            raise SimError(f"{path}: is a file, not a directory for a virtual board")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise SimError(f"cannot make a virtual board in {path}: {e.strerror or e}") from None
         definition = board if isinstance(board, Board) else load_board(board)
         board_json = definition.to_json()
         board_json["chip_id"] = CHIP_IDS[definition.chip]
@@ -576,9 +595,7 @@ class VirtualBoard:
 
     def heap_budget(self) -> int:
         """The firmware's heap in bytes (settings "heap", e.g. "128k")."""
-        text = str(self.settings.get("heap", DEFAULT_HEAP)).lower()
-        scale = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
-        return int(text.rstrip("km")) * scale
+        return parse_heap(self.settings.get("heap", DEFAULT_HEAP))
 
     def environment(self, interactive: bool = False) -> dict:
         env = dict(os.environ)
