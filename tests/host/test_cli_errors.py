@@ -36,22 +36,23 @@ def assert_one_line_error(proc, *words):
 
 # ------------------------------------------------------------ a mistyped --db on a reading command
 
-# Commands that only read the database. Those whose module still opens the Store itself
-# (and so still makes an empty database) are marked; cli/options.open_store is the fix.
-_CREATES_STILL = "opens Store(db) itself, not cli.options.open_store"
+# Commands that only read the database (or need what is in it: a job's devices).
 READING_COMMANDS = [
     ("samples", "export"),
     ("keys", "list"),
     ("db", "check"),
     ("db", "backup", "{tmp}/backup.db"),
-    pytest.param(("devices", "list"), marks=pytest.mark.xfail(reason=f"cli/devices.py _registry {_CREATES_STILL}")),
-    pytest.param(("devices", "pending"),
-                 marks=pytest.mark.xfail(reason=f"cli/devices.py _registry {_CREATES_STILL}")),
-    pytest.param(("devices", "show", "dev-1"),
-                 marks=pytest.mark.xfail(reason=f"cli/devices.py _registry {_CREATES_STILL}")),
-    pytest.param(("job", "list"), marks=pytest.mark.xfail(reason=f"cli/jobs.py _engine {_CREATES_STILL}")),
-    pytest.param(("job", "status", "j-1"), marks=pytest.mark.xfail(reason=f"cli/jobs.py _engine {_CREATES_STILL}")),
-    pytest.param(("image", "list"), marks=pytest.mark.xfail(reason=f"cli/images.py _images {_CREATES_STILL}")),
+    ("devices", "list"),
+    ("devices", "pending"),
+    ("devices", "show", "dev-1"),
+    ("devices", "tag", "dev-1", "--add", "x"),
+    ("devices", "accept", "dev-1"),
+    ("job", "list"),
+    ("job", "status", "j-1"),
+    ("job", "create", "reboot", "--all"),
+    ("job", "cancel", "j-1"),
+    ("image", "list"),
+    ("image", "show", "abc"),
 ]
 
 

@@ -9,17 +9,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mpfleet.cli.options import DB, DEVICE_ID, GROUP, JSON, Query
+from mpfleet.cli.options import DB, DEVICE_ID, GROUP, JSON, Query, open_store
 from mpfleet.cli.render import ago, print_json, utc_time
 
 console = Console()
 
 
-def _registry(db: str | None):
+def _registry(db: str | None, create: bool = False):
+    """The database and its registry; only `devices add` makes a missing database."""
     from mpfleet.fleet.registry import Registry
-    from mpfleet.db.store import Store
 
-    store = Store(db)
+    store = open_store(db, create=create)
     return store, Registry(store)
 
 
@@ -181,7 +181,7 @@ def devices_add(device_id: str, board: str | None, groups: tuple[str, ...], db: 
     from mpfleet.boards import load_board
 
     board_name = load_board(board).name if board else None
-    store, registry = _registry(db)
+    store, registry = _registry(db, create=True)
     with store:
         _show_change(registry.add(device_id, board=board_name, groups=groups), as_json)
 

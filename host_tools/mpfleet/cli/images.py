@@ -6,18 +6,18 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mpfleet.cli.options import DB, IMAGES_DIR, JSON
+from mpfleet.cli.options import DB, IMAGES_DIR, JSON, open_store
 from mpfleet.cli.render import ago, print_json
 
 
 console = Console()
 
 
-def _images(db, images_dir):
+def _images(db, images_dir, create: bool = False):
+    """The database and image store; only `image add` makes a missing database."""
     from mpfleet.images.store import ImageStore
-    from mpfleet.db.store import Store
 
-    store = Store(db)
+    store = open_store(db, create=create)
     return store, ImageStore(store, images_dir)
 
 
@@ -44,7 +44,7 @@ def image_add(file, chip, db, images_dir, as_json):
     """Check FILE (app image, merged flash image or app bundle) and add it to the store."""
     from mpfleet.images.appbundle import is_bundle_file
 
-    store, images = _images(db, images_dir)
+    store, images = _images(db, images_dir, create=True)
     with store:
         if is_bundle_file(file):
             if chip:

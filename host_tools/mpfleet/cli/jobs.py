@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.options import DB, DEVICE_ID, DURATION, IMAGES_DIR, KEYS_DIR, JSON, POINT_IN_TIME
+from mpfleet.cli.options import DB, DEVICE_ID, DURATION, IMAGES_DIR, KEYS_DIR, JSON, POINT_IN_TIME, open_store
 from mpfleet.cli.render import ago, print_json
 from mpfleet.errors import MpfleetError
 from mpfleet.fleet.registry import split_names
@@ -80,9 +80,8 @@ def _engine(db: str | None, keys_dir: str | None):
     from mpfleet.fleet.keys import KeyRing
     from mpfleet.fleet.registry import Registry
     from mpfleet.fleet.rollout import RolloutEngine
-    from mpfleet.db.store import Store
 
-    store = Store(db)
+    store = open_store(db)  # a job needs devices: a missing database is a mistyped --db
     return store, RolloutEngine(store, KeyRing(store, keys_dir), Registry(store))
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, BrokerUrl, TopicRoot
+from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, BrokerUrl, TopicRoot, open_store
 from mpfleet.cli.render import Column, print_json, report_boards
 
 # No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
@@ -189,7 +189,6 @@ def deploy(ports, all_ports, board, broker, topic_root, wifi_ssid, wifi_password
     """
     from mpfleet.boards import load_board
     from mpfleet.fleet.keys import KeyRing
-    from mpfleet.db.store import Store
     from mpfleet.usb.field import DEPLOY_STEPS, DeploySettings
     from mpfleet.usb.field import deploy as deploy_boards
 
@@ -201,7 +200,7 @@ def deploy(ports, all_ports, board, broker, topic_root, wifi_ssid, wifi_password
     settings = DeploySettings(board=board, broker=broker, topic_root=topic_root, wifi_ssid=wifi_ssid,
                               wifi_password=wifi_password, groups=list(groups), with_credentials=credentials,
                               transport=transport, wait_s=wait_s)
-    store = Store(db)
+    store = open_store(db, create=True)  # deploy registers the boards
     with store:
         ring = KeyRing(store, keys_dir)
         ring.fleet_key()  # no signing key: the devices could trust nothing; say so now
@@ -243,11 +242,10 @@ def usb_run(job_id, ports, all_ports, transport, wait_s, quiet, db, keys_dir, as
     from mpfleet.fleet.keys import KeyRing
     from mpfleet.fleet.registry import Registry
     from mpfleet.fleet.rollout import RolloutEngine
-    from mpfleet.db.store import Store
     from mpfleet.usb.field import RUN_STEPS, run_job
 
     chosen = chosen_ports(ports, all_ports, f"run {job_id} on")
-    store = Store(db)
+    store = open_store(db)  # the job must be in it
     with store:
         engine = RolloutEngine(store, KeyRing(store, keys_dir), Registry(store))
         engine.job_status(job_id)  # an unknown job is refused before any board is touched
@@ -265,11 +263,10 @@ def usb_run(job_id, ports, all_ports, transport, wait_s, quiet, db, keys_dir, as
 @JSON
 def usb_collect(ports, all_ports, transport, wait_s, quiet, db, as_json):
     """Pull each board's unacked samples into the database; each board then trims what was stored."""
-    from mpfleet.db.store import Store
     from mpfleet.usb.field import COLLECT_STEPS, collect
 
     chosen = chosen_ports(ports, all_ports, "collect from")
-    store = Store(db)
+    store = open_store(db, create=True)  # a field laptop may start a database with what it collects
     with store:
         results = collect(store, chosen, transport, on_progress=_Lines(COLLECT_STEPS, quiet or as_json),
                           wait_s=wait_s)
