@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from mpfleet.broker.local import free_port
 from mpfleet.images.espimage import build_app_image
 from mpfleet.sim.board import VirtualBoard, runtime_module
 
@@ -178,3 +179,29 @@ def test_run_status_and_flash_on_a_directory_without_a_board_are_one_line(tmp_pa
     (tmp_path / "empty").mkdir()
     for command in ("run", "status", "flash"):
         assert_one_line_error(mpfleet(tmp_path, "sim", command, tmp_path / "empty"), "not a virtual board")
+
+
+# ------------------------------------------------------------ sim fleet: a dead broker, --provision-only
+
+def test_fleet_against_a_dead_broker_fails_at_once_in_one_line(tmp_path):
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    proc = mpfleet(tmp_path, "sim", "fleet", "--devices", "2", "--root", tmp_path / "fleet",
+                   "--broker", f"mqtt://127.0.0.1:{port}", "--duration", "30")
+    assert_one_line_error(proc, f"no broker at mqtt://127.0.0.1:{port}")
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "fleet").exists()  # nothing provisioned for a run that cannot happen
+
+
+def test_fleet_provision_only_registers_the_boards_and_runs_none(tmp_path, mosquitto):
+    proc = mpfleet(tmp_path, "sim", "fleet", "--devices", "3", "--root", tmp_path / "fleet",
+                   "--broker", mosquitto.url, "--provision-only")
+    assert proc.returncode == 0, proc.stderr
+    assert "provisioned 3 devices" in proc.stdout
+    listed = mpfleet(tmp_path, "devices", "list", "--json")
+    assert sorted(d["id"] for d in json.loads(listed.stdout)) == ["sim-0001", "sim-0002", "sim-0003"]
+    assert all(VirtualBoard(p).state["boot_count"] == 0 for p in sorted((tmp_path / "fleet").glob("sim-*")))
+    run = mpfleet(tmp_path, "sim", "fleet", "--root", tmp_path / "fleet", "--broker", mosquitto.url,
+                  "--duration", "3", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout[run.stdout.index("{"):])["boots"] >= 3

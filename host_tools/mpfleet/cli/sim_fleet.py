@@ -65,30 +65,40 @@ def _summary(s: dict) -> Table:
               help="Group of every device (when provisioning). Repeatable.")
 @click.option("--credentials/--no-credentials", default=None,
               help="Give each device its own broker account (default: when `mpfleet broker config` has been run).")
+@click.option("--provision-only", is_flag=True,
+              help="Provision the boards (database records, keys, broker accounts) and exit without running them.")
 @DB
 @KEYS_DIR
 @JSON
 def sim_fleet(count: int, root: Path, broker, awake: bool, scale: float | None, duration: float | None,
-              workers: int | None, prefix: str, groups: tuple[str, ...], credentials: bool | None, db: str | None,
-              keys_dir: str | None, as_json: bool) -> None:
+              workers: int | None, prefix: str, groups: tuple[str, ...], credentials: bool | None,
+              provision_only: bool, db: str | None, keys_dir: str | None, as_json: bool) -> None:
     """Run many virtual devices at once (provisioning them first if ROOT is empty).
 
     Provisioning is what a real device gets: it is registered in the database, trusts
     the host's signing keys, and (with a secured broker) gets its own broker account.
+    A run needs the broker listening: without it the command fails at once.
 
     \b
       mpfleet keys init
-      mpfleet sim fleet --devices 100 --root /tmp/fleet --broker mqtt://127.0.0.1:1883 --duration 60
+      mpfleet sim fleet --devices 100 --root /tmp/fleet --broker mqtt://127.0.0.1:1883 --provision-only
+      mpfleet sim fleet --root /tmp/fleet --broker mqtt://127.0.0.1:1883 --duration 60
       mpfleet serve --broker mqtt://127.0.0.1:1883      # in another terminal
     """
     from mpfleet.broker.config import host_credentials
     from mpfleet.fleet.keys import KeyRing
-    from mpfleet.sim.fleet import AWAKE_CONFIG, FLEET_FILE, FleetRunner, load_fleet, provision_sim_fleet
+    from mpfleet.sim.fleet import (AWAKE_CONFIG, FLEET_FILE, FleetRunner, check_broker_listening, load_fleet,
+                                   provision_sim_fleet)
     from mpfleet.db.store import Store
 
+    if not provision_only:
+        check_broker_listening(broker)
     if (root / FLEET_FILE).exists():
         boards = load_fleet(root)
         console.print(f"loaded {len(boards)} devices from {root}", highlight=False)
+        if provision_only:
+            console.print(f"provisioned {len(boards)} devices (already, in {root})", highlight=False)
+            return
     else:
         started = time.perf_counter()
         with Store(db) as store:
@@ -108,6 +118,8 @@ def sim_fleet(count: int, root: Path, broker, awake: bool, scale: float | None, 
         took = time.perf_counter() - started
         console.print(f"provisioned {count} devices in {root} in {took:.1f} s "
                       f"({took / count * 1000:.1f} ms per device)", highlight=False)
+        if provision_only:
+            return
     runner = FleetRunner(boards, mode="awake" if awake else "sleeping", clock_scale=scale, workers=workers)
     deadline = None if duration is None else time.monotonic() + duration
     live = sys.stdout.isatty() and not as_json

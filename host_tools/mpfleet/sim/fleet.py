@@ -233,6 +233,19 @@ def provision_sim_fleet(store: Store, keyring: KeyRing, root: str | os.PathLike,
                            credentials_fn=(lambda i, d: creds[d]) if creds else None, workers=workers)
 
 
+def check_broker_listening(broker: BrokerConfig, timeout_s: float = 3.0) -> None:
+    """SimError unless something accepts a TCP connection at the broker's address: a
+    fleet run against a dead broker would otherwise look busy while no device uploads."""
+    import socket
+
+    try:
+        with socket.create_connection((broker.host, broker.port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise SimError(f"no broker at {broker.url()}: {e.strerror or e} "
+                       f"(start one there, e.g. `mosquitto -p {broker.port}`, or give --broker)") from None
+
+
 def load_fleet(root: str | os.PathLike) -> list[VirtualBoard]:
     """The boards of a fleet provisioned in `root` (fleet.json's device list)."""
     root = Path(root)
