@@ -218,7 +218,7 @@ def setting_options():
 # deploy's --broker and --topic-root have no default on purpose (a redeploy without one keeps
 # each board's own), but they should still take the config file's when it names one:
 # default=configured("broker") in cli/usb.py (owned elsewhere).
-_DEFAULT_NOT_FROM_CONFIG = {("deploy", "broker"), ("deploy", "topic_root")}
+_DEFAULT_NOT_FROM_CONFIG: set = set()  # every setting flag takes the config file's value
 
 
 def _ids(rows):

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, BrokerUrl, TopicRoot, open_store
+from mpfleet.cli.settings import configured
 from mpfleet.cli.render import Column, print_json, report_boards
 
 # No emoji codes: a MAC such as 24:0a:c4:cd:0f:a2 holds ":cd:", which rich would draw as a disc.
@@ -141,17 +142,19 @@ def ports(probe, ports, as_json):
 # ---------------------------------------------------------------- deploy
 # Deploy's own --broker, without the default of options.broker_option: a redeploy without
 # --broker keeps each board's broker, it never resets it to 127.0.0.1.
+# A broker or topic root written in the config file (or the environment) is one the user
+# chose, so deploy takes it as if given; only with none anywhere does a board keep its own.
 DEPLOY_BROKER = click.option(
-    "--broker", type=BrokerUrl(), envvar="MPFLEET_BROKER", default=None,
+    "--broker", type=BrokerUrl(), envvar="MPFLEET_BROKER", default=configured("broker", None),
     help="The broker the boards will use: mqtt://[user:pass@]host[:port] or mqtts://... (host, port, TLS and "
-         "the URL's user and password go into their config; env MPFLEET_BROKER). Not given: each board keeps "
-         "the broker its /config.json has, and a board without one fails.")
+         "the URL's user and password go into their config; env MPFLEET_BROKER, config key broker). Not given "
+         "anywhere: each board keeps the broker its /config.json has, and a board without one fails.")
 
 
 DEPLOY_TOPIC_ROOT = click.option(
-    "--topic-root", type=TopicRoot(), envvar="MPFLEET_TOPIC_ROOT", default=None,
-    help="Where the fleet's topics live on the broker (config broker.topic_root; env MPFLEET_TOPIC_ROOT). "
-         "Not given: each board keeps its own (mpf/v1 unless set).")
+    "--topic-root", type=TopicRoot(), envvar="MPFLEET_TOPIC_ROOT", default=configured("topic_root", None),
+    help="Where the fleet's topics live on the broker (the board's broker.topic_root; env MPFLEET_TOPIC_ROOT, "
+         "config key topic_root). Not given anywhere: each board keeps its own (mpf/v1 unless set).")
 
 
 @click.command("deploy", epilog=BOARDS_HELP)
