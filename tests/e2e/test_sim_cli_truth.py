@@ -205,3 +205,19 @@ def test_fleet_provision_only_registers_the_boards_and_runs_none(tmp_path, mosqu
                   "--duration", "3", "--json")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout[run.stdout.index("{"):])["boots"] >= 3
+
+
+# ------------------------------------------------------------ image add: a refused image leaves nothing
+
+def test_image_add_of_an_image_for_another_chip_refuses_and_leaves_nothing_behind(tmp_path):
+    image = tmp_path / "s3.bin"
+    image.write_bytes(build_app_image("esp32s3", "v1.25.0"))
+    db, images = tmp_path / "fleet.db", tmp_path / "images"
+    proc = mpfleet(tmp_path, "image", "add", image, "--chip", "esp32", "--db", db, "--images-dir", images)
+    assert_one_line_error(proc, "s3.bin is an image for esp32s3, not for esp32")
+    assert not db.exists() and not images.exists()
+    # The same file for its own chip goes in: the refusal was the chip, not the file.
+    added = mpfleet(tmp_path, "image", "add", image, "--chip", "esp32s3", "--db", db, "--images-dir", images,
+                    "--json")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["chip"] == "esp32s3" and len(list(images.iterdir())) == 1

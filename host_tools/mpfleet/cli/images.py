@@ -43,12 +43,17 @@ def image() -> None:
 def image_add(file, chip, db, images_dir, as_json):
     """Check FILE (app image, merged flash image or app bundle) and add it to the store."""
     from mpfleet.images.appbundle import is_bundle_file
+    from mpfleet.images.store import check_image_file
 
+    bundle = is_bundle_file(file)
+    # Refused before the store is opened: a refused image leaves no file, no record, no database.
+    if bundle and chip:
+        raise click.UsageError(f"{file} is an app bundle: --chip is for firmware images")
+    if not bundle:
+        check_image_file(file, chip)
     store, images = _images(db, images_dir, create=True)
     with store:
-        if is_bundle_file(file):
-            if chip:
-                raise click.UsageError(f"{file} is an app bundle: --chip is for firmware images")
+        if bundle:
             record, new = images.add_bundle(file)
         else:
             record, new = images.add(file, chip=chip)

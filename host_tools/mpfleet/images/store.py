@@ -117,6 +117,16 @@ def read_image_file(path: str | os.PathLike) -> tuple[bytes, str, AppImageInfo]:
     return app, kind, parse_app_image(app)
 
 
+def check_image_file(path: str | os.PathLike, chip: str | None = None) -> tuple[bytes, str, AppImageInfo]:
+    """read_image_file, and refuse the image unless it is for `chip` (when given): what
+    ImageStore.add checks, callable before any store or database is opened."""
+    path = Path(path)
+    app, kind, info = read_image_file(path)
+    if chip is not None and info.chip != normalize_chip(chip):
+        raise ImageStoreError(f"{path.name} is an image for {info.chip}, not for {normalize_chip(chip)}")
+    return app, kind, info
+
+
 def _read_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -170,9 +180,7 @@ class ImageStore:
         """Validate and store an image file; returns (record, True if it was new).
         `chip`: refuse the image unless it is for this chip."""
         path = Path(path)
-        app, kind, info = read_image_file(path)
-        if chip is not None and info.chip != normalize_chip(chip):
-            raise ImageStoreError(f"{path.name} is an image for {info.chip}, not for {normalize_chip(chip)}")
+        app, kind, info = check_image_file(path, chip)
         known = self._row("sha256 = ?", info.sha256)
         if known is not None:
             return known, False
