@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
 import time
@@ -221,3 +223,59 @@ def test_image_add_of_an_image_for_another_chip_refuses_and_leaves_nothing_behin
                     "--json")
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["chip"] == "esp32s3" and len(list(images.iterdir())) == 1
+
+
+# ------------------------------------------------------------ console: a REPL on a board that reboots fast
+
+def _expect(fd: int, word: bytes, timeout_s: float = 20) -> bytes:
+    got, deadline = b"", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                got += os.read(fd, 4096)
+            except OSError:
+                break
+            if word in got:
+                return got
+    raise AssertionError(f"no {word!r} in {got!r}")
+
+
+def test_console_gives_mpremote_a_repl_on_the_agent_waking_many_times_a_second(tmp_path):
+    board = tmp_path / "dev"
+    assert mpfleet(tmp_path, "sim", "create", board, "--device-id", "pump-9").returncode == 0
+    config = tmp_path / "pump-9.json"
+    config.write_text(json.dumps({"device_id": "pump-9", "wifi": {"ssid": "sim", "password": "sim"},
+                                  "broker": {"host": "127.0.0.1", "port": free_port()}}))
+    assert mpfleet(tmp_path, "sim", "deploy", board, "--config", config).returncode == 0
+    link = tmp_path / "dev.tty"
+    console = subprocess.Popen([sys.executable, "-m", "mpfleet", "sim", "console", board, "--link", link],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while VirtualBoard(board).state["boot_count"] < 10:  # the agent's wakes, back to back
+            assert time.monotonic() < deadline and console.poll() is None, "the board did not boot"
+            time.sleep(0.1)
+        mpremote = str(Path(sys.executable).with_name("mpremote"))
+        ran = subprocess.run([mpremote, "connect", str(link), "exec", "print(6*7)"], capture_output=True,
+                             text=True, timeout=30)
+        assert ran.returncode == 0 and ran.stdout.strip() == "42", ran.stdout + ran.stderr
+        master, slave = pty.openpty()
+        repl = subprocess.Popen([mpremote, "connect", str(link), "repl"], stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        try:
+            _expect(master, b"Connected")
+            os.write(master, b"\x03")
+            _expect(master, b">>> ")
+            boots = VirtualBoard(board).state["boot_count"]
+            os.write(master, b"print(6*7)\r")
+            _expect(master, b"42")
+            time.sleep(1)
+            assert VirtualBoard(board).state["boot_count"] == boots  # it stays at the REPL
+            os.write(master, b"\x1d")  # mpremote's exit key
+            assert repl.wait(10) == 0
+        finally:
+            repl.kill()
+            os.close(master)
+    finally:
+        console.terminate()
+        console.wait(20)

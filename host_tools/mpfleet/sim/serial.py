@@ -40,7 +40,10 @@ What a client sees is what an ESP32 would send, where tools check it:
 - Deep sleep, reset, watchdog: the process ends with an exit record;
   `VirtualBoard.finish_boot` prepares the next boot; deep sleep waits
   sleep_ms / clock_scale real seconds (clock_scale 0: no wait). While the chip
-  sleeps or resets, bytes from the client are lost, as a UART's are.
+  sleeps or resets, bytes from the client are lost, as a UART's are, except a
+  Ctrl-C: it ends the sleep and interrupts the next boot once its code runs,
+  so firmware that wakes many times a second (the agent on an unscaled clock)
+  still leaves a console at its REPL (`SerialConsole._interrupt_board`).
 - Power cut (scheduled with `schedule_power_cut`): the board stays dark until
   `console.power_on()`. Other stops (no bootable image, ROM bootloader,
   deep sleep without a wake source, a crash of the interpreter) wait for
@@ -312,6 +315,7 @@ class SerialConsole:
         self._client_raw = False
         self._to_client = bytearray()
         self._to_device = bytearray()
+        self._interrupt_next_boot = False
         self._hold_until: float | None = None
         self._carry = b""
         self._session = bytearray()
@@ -470,9 +474,11 @@ class SerialConsole:
             except (BlockingIOError, OSError):
                 data = b""
             # Only a running chip reads its UART; bytes sent to a sleeping,
-            # resetting or unpowered board are lost.
+            # resetting or unpowered board are lost, except a Ctrl-C (below).
             if dev is not None and data:
                 self._to_device += data
+            elif data and _CTRL_C in data and self.vb.powered and self._stopped_reason is None:
+                self._interrupt_board()
         if dev is not None and dev.master in readable:
             self._device_output(dev, dev.read())
         if dev is not None:
@@ -515,10 +521,25 @@ class SerialConsole:
                     self.vb.press_reset()
                     self._start_boot("run")
 
+    def _interrupt_board(self) -> None:
+        """A console's Ctrl-C that found the chip asleep, resetting or still starting:
+        it ends the sleep and interrupts the next boot's main.py as soon as it runs,
+        so a board whose firmware sleeps and wakes many times a second (the agent
+        on an unscaled clock) still gives a console its REPL. (A real ESP32's UART
+        does not wake it; on hardware the wake is seconds long and a Ctrl-C lands.)"""
+        self._interrupt_next_boot = True
+        if self._sleep_until is not None:
+            self._sleep_until = time.monotonic()
+
     # --- boots -----------------------------------------------------------
     def _start_boot(self, mode: str) -> None:
         self._stopped_reason = None
+        if _CTRL_C in self._to_device:
+            self._interrupt_next_boot = True  # the last boot ended before its ^C could be delivered
         self._to_device.clear()
+        if self._interrupt_next_boot:
+            self._interrupt_next_boot = False
+            self._to_device.append(_CTRL_C)
         self._hold_until = None
         if mode != "soft-raw":
             # After a reset or a friendly soft reset the board is in the friendly REPL.
