@@ -138,33 +138,36 @@ def sandbox_env(root: Path) -> dict[str, str]:
 
 
 def run_block(text: str, root: Path, env: dict[str, str], timeout_s: float) -> tuple[int, str]:
-    """Run `text` with bash -e in its own process group; afterwards stop whatever it
-    left in the background (`serve &`), as a reader's Ctrl-C would."""
-    script = root / "block.sh"
+    """Run `text` with bash -e in its own process group; once the script ends, stop
+    whatever it left in the background (`serve &`), as a reader's Ctrl-C would. The
+    output goes to a file, not a pipe: a background process holds a pipe open."""
+    script, log = root / "block.sh", root / "block.out"
     script.write_text("set -e\n" + text)
-    process = subprocess.Popen(["bash", str(script)], cwd=root / "work", env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-        status = process.returncode
-    except subprocess.TimeoutExpired:
-        status = None
-        output = ""
-    finally:
-        for sig in (signal.SIGINT, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(1.0)
-        if status is None:
-            output, _ = process.communicate()
-            output += f"\n[timed out after {timeout_s:.0f} s]"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(["bash", str(script)], cwd=root / "work", env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            status = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            status = None
+        finally:
+            for sig in (signal.SIGINT, signal.SIGKILL):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+            process.wait()
+    output = log.read_text(errors="replace")
+    if status is None:
+        output += f"\n[timed out after {timeout_s:.0f} s]"
     return (-1 if status is None else status), output
 
 
 def substitute(text: str, root: Path, broker_port: int) -> str:
-    return text.replace("127.0.0.1:1883", f"127.0.0.1:{broker_port}").replace("/tmp/", f"{root}/tmp/")
+    # the documented broker is 127.0.0.1:1883, in a URL or in a device's JSON config
+    return (text.replace("127.0.0.1:1883", f"127.0.0.1:{broker_port}").replace('"port": 1883', f'"port": {broker_port}')
+            .replace("/tmp/", f"{root}/tmp/"))
 
 
 @pytest.mark.slow
