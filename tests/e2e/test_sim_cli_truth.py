@@ -279,3 +279,29 @@ def test_console_gives_mpremote_a_repl_on_the_agent_waking_many_times_a_second(t
     finally:
         console.terminate()
         console.wait(20)
+
+
+# ------------------------------------------------------------ image build: a test image without writing Python
+
+def test_image_build_writes_an_image_the_store_accepts_and_a_virtual_board_boots(tmp_path):
+    image = tmp_path / "test-v1.25.0.app-bin"
+    built = mpfleet(tmp_path, "image", "build", "--board", "virtual", "--version", "v1.25.0",
+                    "--secure-version", "2", "-o", image)
+    assert built.returncode == 0, built.stderr
+    added = mpfleet(tmp_path, "image", "add", image, "--chip", "esp32", "--json", "--db", tmp_path / "fleet.db",
+                    "--images-dir", tmp_path / "images")
+    assert added.returncode == 0, added.stderr
+    record = json.loads(added.stdout)
+    assert (record["version"], record["secure_version"]) == ("v1.25.0", 2)
+    board = board_with_main(tmp_path, "import machine\nmachine.deepsleep(60000)\n")
+    VirtualBoard(board).write_app_image("ota_0", image.read_bytes())
+    run = mpfleet(tmp_path, "sim", "run", board, "--boots", "1", "--json")
+    assert json.loads(run.stdout)[0]["firmware_version"] == "v1.25.0"
+
+
+def test_image_build_refuses_an_unknown_board_and_a_version_too_long_in_one_line(tmp_path):
+    assert_one_line_error(mpfleet(tmp_path, "image", "build", "--board", "nosuch", "--version", "v1",
+                                  "-o", tmp_path / "x.bin"), "unknown board 'nosuch'")
+    assert_usage_error(mpfleet(tmp_path, "image", "build", "--version", "v" * 40, "-o", tmp_path / "x.bin"),
+                       "31-byte version field")
+    assert not (tmp_path / "x.bin").exists()

@@ -31,7 +31,38 @@ def image() -> None:
       mpfleet image add firmware.bin           # a merged image: the app is taken from 0x10000
       mpfleet image add agent-0.2.0.mpfa       # an app bundle (mpfleet app bundle)
       mpfleet image list
+      mpfleet image build --board virtual --version v1.25.0 -o test-v1.25.0.app-bin   # a test image
     """
+
+
+@image.command("build")
+@click.option("--board", default="virtual", show_default=True, help="Board definition name or .json path.")
+@click.option("--version", "version", required=True, help="Version written into the image, e.g. v1.25.0.")
+@click.option("--secure-version", type=click.IntRange(min=0, max=0xFFFFFFFF), default=0, show_default=True,
+              help="esp_app_desc_t's secure_version (anti-rollback).")
+@click.option("--size", type=click.IntRange(min=4096), help="Image size in bytes, about (default about 4 KiB).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
+              help="Where to write the image.")
+def image_build(board, version, secure_version, size, output):
+    """Write a test firmware image for a board: a valid ESP app image (header, chip id,
+    esp_app_desc_t) that virtual boards boot and `image add` accepts. It holds no
+    MicroPython: it is for trying updates (docs/ota.md) on virtual boards."""
+    from mpfleet.boards import load_board
+    from mpfleet.errors import MpfleetError
+    from mpfleet.images.espimage import build_app_image
+
+    if len(version.encode()) > 31:
+        raise click.BadParameter(f"{version!r} is longer than the image's 31-byte version field",
+                                 param_hint="--version")
+    definition = load_board(board)
+    data = build_app_image(definition.chip, version, secure_version=secure_version, size=size)
+    try:
+        with open(output, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise MpfleetError(f"cannot write {output}: {e.strerror or e}") from None
+    console.print(f"wrote {output}: {definition.chip} image {version}, secure_version {secure_version}, "
+                  f"{len(data)} bytes", highlight=False)
 
 
 @image.command("add")
