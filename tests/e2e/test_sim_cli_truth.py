@@ -305,3 +305,25 @@ def test_image_build_refuses_an_unknown_board_and_a_version_too_long_in_one_line
     assert_usage_error(mpfleet(tmp_path, "image", "build", "--version", "v" * 40, "-o", tmp_path / "x.bin"),
                        "31-byte version field")
     assert not (tmp_path / "x.bin").exists()
+
+
+# ------------------------------------------------------------ flashing a virtual board from the CLI
+
+def test_a_virtual_board_in_download_mode_is_flashed_by_mpfleet_flash_and_boots_the_image(tmp_path):
+    board = board_with_main(tmp_path, "import machine\nmachine.deepsleep(60000)\n")
+    image = tmp_path / "test.app-bin"
+    assert mpfleet(tmp_path, "image", "build", "--version", "v1.26.0", "-o", image).returncode == 0
+    link = tmp_path / "dev.rom"
+    rom = subprocess.Popen([sys.executable, "-m", "mpfleet", "sim", "download-mode", board, "--link", link],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert "ROM bootloader on" in rom.stdout.readline()
+        flashed = mpfleet(tmp_path, "flash", "--board", "virtual", "--firmware", image, "--port", link,
+                          "--no-stub", "--before", "no-reset", "--after", "no-reset", "--baud", "115200", "--json")
+        assert flashed.returncode == 0, flashed.stdout + flashed.stderr
+    finally:
+        rom.terminate()
+        assert rom.wait(20) == 0
+    assert not link.exists()
+    run = mpfleet(tmp_path, "sim", "run", board, "--boots", "1", "--json")
+    assert json.loads(run.stdout)[0]["firmware_version"] == "v1.26.0"

@@ -249,6 +249,45 @@ def sim_console(directory: Path, link: Path | None) -> None:
     serve_console(directory, link=link)
 
 
+@sim.command("download-mode")
+@_DIR
+@click.option("--link", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also make this path a symlink to the ROM loader's pty.")
+def sim_download_mode(directory: Path, link: Path | None) -> None:
+    """Hold the board in its ROM bootloader (GPIO0 low) on a pseudo-terminal until Ctrl-C,
+    so `mpfleet flash` or esptool write its flash like a USB board's.
+
+    \b
+      mpfleet sim download-mode /tmp/dev1 --link /tmp/d.rom   # then, in another terminal:
+      mpfleet flash --board virtual --firmware t.bin --port /tmp/d.rom --no-stub --before no-reset --after no-reset
+    """
+    import signal
+    import threading
+
+    from mpfleet.sim.rom import RomBootloader
+
+    vb = VirtualBoard(directory)
+    with RomBootloader(vb) as rom:
+        if link is not None:
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(rom.port)
+        where = rom.port if link is None else f"{rom.port} (also {link})"
+        click.echo(f"{vb.device_id}: ROM bootloader on {where} (Ctrl-C here ends download mode)")
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if link is not None and link.is_symlink():
+                link.unlink()
+    click.echo(f"{vb.device_id}: download mode ended; `mpfleet sim run` boots what was written")
+
+
 from mpfleet.cli.sim_fleet import sim_fleet  # noqa: E402 - registered last, kept in its own module
 
 sim.add_command(sim_fleet)
