@@ -43,26 +43,11 @@ class JobId(click.ParamType):
     name = "job"
 
     def shell_complete(self, ctx, param, incomplete):
-        import os
-        import sqlite3
-
         from click.shell_completion import CompletionItem
 
-        path = ctx.params.get("db") or os.environ.get("MPFLEET_DB")
-        if not path:
-            from mpfleet.db.store import default_db_path
+        from mpfleet.cli.options import completion_rows
 
-            path = str(default_db_path())
-        if not os.path.isfile(path):
-            return []
-        try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-            try:
-                rows = db.execute("SELECT id, type, status FROM jobs ORDER BY created DESC LIMIT 1000").fetchall()
-            finally:
-                db.close()
-        except sqlite3.Error:
-            return []
+        rows = completion_rows(ctx, "SELECT id, type, status FROM jobs ORDER BY created DESC LIMIT 1000")
         rows = [r for r in rows if r[0].startswith(incomplete)]
         return [CompletionItem(r[0], help=f"{r[1]} {r[2]}") for r in rows]
 
