@@ -121,6 +121,7 @@ def clients(setup):
 def test_config_gives_every_device_and_the_host_an_account(setup):
     store, files, _ = setup
     assert files.devices == ["dev-a", "dev-b"] and set(files.new) == {"dev-a", "dev-b", HOST_ENTRY}
+    assert set(files.new_accounts()) == {"dev-a", "dev-b", files.host_user}  # what `broker config` prints
 
 
 def test_password_file_holds_hashes_only_readable_by_its_owner(setup):

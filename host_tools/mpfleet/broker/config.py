@@ -106,6 +106,11 @@ class BrokerFiles:
     host_accounts: list[str] = field(default_factory=list)  # further host accounts (usernames)
     data_dir: Path | None = None                       # the generated configuration's persistence_location
 
+    def new_accounts(self) -> list[str]:
+        """The usernames that got fresh passwords (`new` with the host rows named by their
+        accounts: HOST_ENTRY is host_user, HOST_ACCOUNT_ENTRY+name is name)."""
+        return [self.host_user if e == HOST_ENTRY else e.removeprefix(HOST_ACCOUNT_ENTRY) for e in self.new]
+
     def conf_lines(self) -> list[str]:
         """The lines to append after a listener line (LocalBroker's extra_config)."""
         return conf_lines(self.passwd, self.acl)

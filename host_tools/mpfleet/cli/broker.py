@@ -92,12 +92,12 @@ def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accoun
                     "acl": str(result.acl),
                     "conf": str(result.conf), "data_dir": str(result.data_dir), "listen": listen,
                     "host_user": result.host_user, "host_accounts": result.host_accounts,
-                    "devices": result.devices, "new_credentials": result.new, "skipped": result.skipped,
+                    "devices": result.devices, "new_credentials": result.new_accounts(), "skipped": result.skipped,
                     "conf_lines": result.conf_lines()})
         return
     hosts = ", ".join([result.host_user, *result.host_accounts])
     console.print(f"{len(result.devices)} devices + host account(s) {hosts}; "
-                  f"new credentials: {', '.join(result.new) or 'none'}", highlight=False)
+                  f"new credentials: {', '.join(result.new_accounts()) or 'none'}", highlight=False)
     for name in result.skipped:
         console.print(f"skipped registry id {name!r}: not a valid device id", highlight=False)
     console.print(f"wrote {result.passwd}, {result.acl}, {result.conf} (listener {listen}, "
