@@ -661,11 +661,10 @@ class VirtualBoard:
             f.write(output)
         return rec
 
-    def boot(self, mode: str = "run", clock_scale: float | None = None) -> BootRecord:
+    def boot(self, mode: str = "run", clock_scale: float = 1) -> BootRecord:
         """Run one boot, headless, to its end; returns what happened. Sleeps inside
-        the wake follow `clock_scale` (default the board's, 0: skipped)."""
-        if clock_scale is None:
-            clock_scale = self.settings.get("clock_scale", 0)
+        the wake follow `clock_scale` (default 1, real time, so a caller can act
+        while the device sleeps; 0 skips them, as run() does by default)."""
         boot = self.prepare_boot(mode, clock_scale)
         started = time.monotonic()
         if _can_fork_interpreter():
