@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, broker_option
+from mpfleet.cli.options import DB, GROUP, JSON, KEYS_DIR, TOPIC_ROOT, broker_option
 from mpfleet.cli.render import print_json
 
 console = Console()
@@ -47,6 +47,17 @@ def _summary(s: dict) -> Table:
     return table
 
 
+def _overrides(awake: bool, topic_root: str) -> dict | None:
+    """What the boards' config gets beyond provisioning: the awake cadence, a topic root."""
+    from mpfleet.protocol.topics import TOPIC_ROOT as DEFAULT_ROOT
+    from mpfleet.sim.fleet import AWAKE_CONFIG
+
+    overrides = dict(AWAKE_CONFIG) if awake else {}
+    if topic_root != DEFAULT_ROOT:
+        overrides["broker"] = {"topic_root": topic_root}
+    return overrides or None
+
+
 @click.command("fleet")
 @click.option("--devices", "count", type=click.IntRange(min=1), default=10, show_default=True,
               help="Number of devices (when provisioning).")
@@ -65,6 +76,7 @@ def _summary(s: dict) -> Table:
               help="Group of every device (when provisioning). Repeatable.")
 @click.option("--credentials/--no-credentials", default=None,
               help="Give each device its own broker account (default: when `mpfleet broker config` has been run).")
+@TOPIC_ROOT
 @click.option("--provision-only", is_flag=True,
               help="Provision the boards (database records, keys, broker accounts) and exit without running them.")
 @DB
@@ -72,7 +84,7 @@ def _summary(s: dict) -> Table:
 @JSON
 def sim_fleet(count: int, root: Path, broker, awake: bool, scale: float | None, duration: float | None,
               workers: int | None, prefix: str, groups: tuple[str, ...], credentials: bool | None,
-              provision_only: bool, db: str | None, keys_dir: str | None, as_json: bool) -> None:
+              topic_root: str, provision_only: bool, db: str | None, keys_dir: str | None, as_json: bool) -> None:
     """Run many virtual devices at once (provisioning them first if ROOT is empty).
 
     Provisioning is what a real device gets: it is registered in the database, trusts
@@ -87,7 +99,7 @@ def sim_fleet(count: int, root: Path, broker, awake: bool, scale: float | None, 
     """
     from mpfleet.broker.config import host_credentials
     from mpfleet.fleet.keys import KeyRing
-    from mpfleet.sim.fleet import (AWAKE_CONFIG, FLEET_FILE, FleetRunner, check_broker_listening, load_fleet,
+    from mpfleet.sim.fleet import (FLEET_FILE, FleetRunner, check_broker_listening, load_fleet,
                                    provision_sim_fleet)
     from mpfleet.db.store import Store
 
@@ -111,7 +123,7 @@ def sim_fleet(count: int, root: Path, broker, awake: bool, scale: float | None, 
             boards = provision_sim_fleet(store, ring, root, count, broker, prefix=prefix,
                                          groups_fn=(lambda i, d: list(groups)) if groups else None,
                                          with_credentials=credentials,
-                                         config_overrides=AWAKE_CONFIG if awake else None)
+                                         config_overrides=_overrides(awake, topic_root))
             if credentials:
                 console.print("each device has its own broker account: run `mpfleet broker config` to write "
                               "the password file and ACL that admit them", highlight=False)
