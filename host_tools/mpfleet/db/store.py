@@ -240,22 +240,35 @@ class Store:
                    "SET upto = excluded.upto, updated = excluded.updated", (device, upto, time.time()))
         return upto
 
-    def samples(self, device: str | None = None, since: float | None = None,
-                until: float | None = None) -> Iterator[tuple[str, int, int, list]]:
-        query = "SELECT device, seq, t, values_json FROM samples WHERE 1=1"
-        args: list = []
+    @staticmethod
+    def _sample_filter(device: str | None, since: float | None, until: float | None) -> tuple[str, list]:
+        """The WHERE clause (and its arguments) of the samples a device/time filter selects:
+        the one rule `samples` and `sample_widths` share."""
+        where, args = "WHERE 1=1", []
         if device:
-            query += " AND device = ?"
+            where += " AND device = ?"
             args.append(device)
         if since is not None:
-            query += " AND t >= ?"
+            where += " AND t >= ?"
             args.append(int(since))
         if until is not None:
-            query += " AND t < ?"
+            where += " AND t < ?"
             args.append(int(until))
-        query += " ORDER BY device, seq"
+        return where, args
+
+    def samples(self, device: str | None = None, since: float | None = None,
+                until: float | None = None) -> Iterator[tuple[str, int, int, list]]:
+        where, args = self._sample_filter(device, since, until)
+        query = f"SELECT device, seq, t, values_json FROM samples {where} ORDER BY device, seq"
         for dev, seq, t, values in self.db.execute(query, args):
             yield dev, seq, t, json.loads(values)
+
+    def sample_widths(self, device: str | None = None, since: float | None = None,
+                      until: float | None = None) -> list[tuple[str, int]]:
+        """(device, most channels in one of its samples) for each device the filter selects."""
+        where, args = self._sample_filter(device, since, until)
+        return self.db.execute(f"SELECT device, MAX(json_array_length(values_json)) FROM samples {where} "
+                               "GROUP BY device ORDER BY device", args).fetchall()
 
     def sample_count(self, device: str | None = None) -> int:
         if device:

@@ -103,20 +103,8 @@ def _board_sensor_names(board: str, width: int) -> list[str] | None:
 
 
 def _widths(store: Store, device: str | None, since: float | None, until: float | None):
-    """(device, most channels in one of its samples) for every device the export covers:
-    the same filter as Store.samples, in one aggregate query."""
-    query = "SELECT device, MAX(json_array_length(values_json)) FROM samples WHERE 1=1"
-    args: list = []
-    if device:
-        query += " AND device = ?"
-        args.append(device)
-    if since is not None:
-        query += " AND t >= ?"
-        args.append(int(since))
-    if until is not None:
-        query += " AND t < ?"
-        args.append(int(until))
-    return store.db.execute(query + " GROUP BY device ORDER BY device", args).fetchall()
+    """(device, most channels in one of its samples) for every device the export covers."""
+    return store.sample_widths(device, since, until)
 
 
 def export_samples_to_file(store: Store, path: str | os.PathLike, fmt: str, device: str | None = None,
