@@ -60,11 +60,13 @@ Linux only (pseudo-terminals with termios, /proc).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import queue
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import termios
@@ -102,6 +104,7 @@ _EXECUTING_LFLAG = termios.ECHOK
 POLL_S = 0.01
 WDT_POLL_S = 0.02  # the wdt file is read at most this often (the loop turns every POLL_S)
 INTERRUPT_HOLD_S = 1.0
+SENT_KEPT = 4096
 # A process younger than this that has printed nothing may still be inside
 # CPython's start-up, whose SIGINT handler is not MicroPython's.
 STARTUP_GRACE_S = 0.5
@@ -188,6 +191,9 @@ class _Device:
         except (AttributeError, OSError):
             self.pidfd = None
         self.cooker = _NewlineCooker()
+        # The last bytes written to the device tty, so those still unread when
+        # the boot ends can be told apart (unread()).
+        self.sent = bytearray()
         self.output = bytearray()
         self.output_dropped = 0
         self.printed = False
@@ -232,9 +238,22 @@ class _Device:
 
     def write(self, data: bytes) -> int:
         try:
-            return os.write(self.master, data)
+            n = os.write(self.master, data)
         except BlockingIOError:
             return 0
+        self.sent += data[:n]
+        if len(self.sent) > SENT_KEPT:
+            del self.sent[:len(self.sent) - SENT_KEPT]
+        return n
+
+    def unread(self) -> bytes:
+        """What was written to the device tty and the process never read."""
+        try:
+            buf = fcntl.ioctl(self.slave, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return b""
+        n = min(struct.unpack("i", buf)[0], len(self.sent))
+        return bytes(self.sent[len(self.sent) - n:]) if n > 0 else b""
 
     def keep_output(self, data: bytes) -> None:
         self.output += data
@@ -477,8 +496,12 @@ class SerialConsole:
             # resetting or unpowered board are lost, except a Ctrl-C (below).
             if dev is not None and data:
                 self._to_device += data
-            elif data and _CTRL_C in data and self.vb.powered and self._stopped_reason is None:
-                self._interrupt_board()
+            elif data and self.vb.powered and self._stopped_reason is None:
+                if self._interrupt_next_boot:
+                    self._to_device += data  # typed after a ^C: the REPL it brings reads it
+                elif _CTRL_C in data:
+                    self._to_device += data[data.find(_CTRL_C):]
+                    self._interrupt_board()
         if dev is not None and dev.master in readable:
             self._device_output(dev, dev.read())
         if dev is not None:
@@ -534,12 +557,17 @@ class SerialConsole:
     # --- boots -----------------------------------------------------------
     def _start_boot(self, mode: str) -> None:
         self._stopped_reason = None
-        if _CTRL_C in self._to_device:
-            self._interrupt_next_boot = True  # the last boot ended before its ^C could be delivered
-        self._to_device.clear()
-        if self._interrupt_next_boot:
-            self._interrupt_next_boot = False
-            self._to_device.append(_CTRL_C)
+        # A ^C the last boot never took (still queued here, or unread in its
+        # tty) interrupts this one, and what the client typed after it (such
+        # as mpremote's Ctrl-A for the raw REPL) goes to the REPL it brings.
+        at = self._to_device.find(_CTRL_C)
+        if at >= 0:
+            del self._to_device[:at]
+        else:
+            self._to_device.clear()
+            if self._interrupt_next_boot:
+                self._to_device.append(_CTRL_C)
+        self._interrupt_next_boot = False
         self._hold_until = None
         if mode != "soft-raw":
             # After a reset or a friendly soft reset the board is in the friendly REPL.
@@ -591,6 +619,12 @@ class SerialConsole:
 
     def _finish(self, dev: _Device, forced: str | None) -> BootRecord:
         self._dev = None
+        unread = dev.unread()
+        at = unread.find(_CTRL_C)
+        if at >= 0:
+            # Written as a character in the moment the port had no SIGINT
+            # handler (code ending) and never read: the chip stopped first.
+            self._to_device[:0] = unread[at:]
         try:
             rec = self.vb.finish_boot(dev.boot, dev.proc.returncode, dev.output_text(),
                                       time.monotonic() - dev.started, forced_reason=forced)
