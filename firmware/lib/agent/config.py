@@ -154,6 +154,8 @@ SCHEMA = (
     ("broker", "user", _opt_str_upto(128), None),
     ("broker", "password", _opt_str_upto(128), None),
     ("broker", "tls", _is_bool, False),
+    # The name the broker's certificate must carry; None: broker.host (agent.tlsid).
+    ("broker", "tls_hostname", _opt_str_upto(253), None),
     ("broker", "keepalive_s", _int_in(0, 65535), 60),
     ("broker", "timeout_ms", _int_in(100, 60000), 5000),
     # Where this fleet's topics live (<root>/<device-id>/<leaf>): fleets that share one

@@ -81,6 +81,10 @@ def resume(runner):
     cur = runner.state["cur"]
     if cur is None:
         return
+    if cur["type"] == "cert" and cur["phase"] in ("trial", "revert"):
+        # Decided by on_connected / on_upload_failed (agent.wakehooks), crash or
+        # not: only they know which certificate the connection presented.
+        return
     crash = cur.get("crash")
     if crash and (cur["type"] not in ("ota", "app")
                   or (cur["phase"] not in _UPDATE_TRIAL_PHASES and runner.ctx.stage.crashes >= 2)):
@@ -271,6 +275,39 @@ def run_config(runner, cur):
     runner.ctx.request_upload()
 
 
+def run_cert(runner, cur):
+    """A new TLS identity (certificate + key DER), on trial at the next
+    connection as a connectivity change is (agent.wakehooks)."""
+    import binascii
+
+    from agent import tlsid
+
+    p = cur["params"]
+    if not runner.cfg["broker"]["tls"]:
+        runner.finish(cur, FAILED, "broker.tls is off: a certificate can only be tried over TLS; nothing changed")
+        return
+    try:
+        identity = binascii.a2b_base64(p["identity"])
+        tlsid.split_identity(identity)
+    except ValueError as e:
+        runner.finish(cur, FAILED, "identity: %s" % e)
+        return
+    # The file first, then the phase: a cut between them resumes this handler
+    # (phase "start"), which writes the same file again; a trial is never on
+    # without its file. The params leave the job state with the phase change:
+    # the private key is kept only in /tls.
+    tlsid.write_trial(identity)
+    identity = None
+    cur["phase"] = "trial"
+    cur["data"] = {"wakes_left": p.get("trial_wakes", _DEFAULT_TRIAL_WAKES)}
+    cur["params"] = {}
+    runner.ctx.stage.flags |= FLAG_TRIAL
+    runner.save()
+    runner.publish(_status(cur["id"], cur["seq"], IN_PROGRESS, "trial: connecting with the new certificate",
+                           cur["attempt"]))
+    runner.ctx.request_upload()
+
+
 def apply_change(current, params):
     """A config job's set/unset applied to a copy of `current` (idempotent:
     applying it to its own result changes nothing)."""
@@ -304,4 +341,5 @@ def _unset_dotted(obj, key):
 _HANDLERS = {
     "diag": run_diag, "upload": run_upload, "reboot": run_reboot, "sample": run_sample, "cancel": run_cancel,
     "exec": run_exec, "ota": run_ota, "app": run_app, "keys": run_keys, "config": run_config,
+    "cert": run_cert,
 }

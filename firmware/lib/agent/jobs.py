@@ -265,10 +265,11 @@ _UPDATE_TRIAL_PHASES = ("switch", "rebooting", "trial", "rollback")
 
 def on_trial(cur):
     """Whether the job in progress is a trial that needs a connection at every
-    wake: a connectivity config, or an OTA/app update that switched."""
+    wake: a connectivity config, a TLS certificate renewal, or an OTA/app
+    update that switched."""
     if cur is None:
         return False
-    if cur["type"] == "config":
+    if cur["type"] in ("config", "cert"):
         return cur["phase"] in ("trial", "revert")
     return cur["type"] in ("ota", "app") and cur["phase"] in _UPDATE_TRIAL_PHASES
 

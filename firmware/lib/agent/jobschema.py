@@ -14,6 +14,7 @@ MAX_KEYS = const(8)  # trusted keys a device holds at most
 _KID_LEN = const(16)
 _KEY_LEN = const(32)
 _MAX_ID = const(64)
+_MAX_IDENTITY_B64 = const(4096)
 
 
 def problem(job_type, params):
@@ -119,6 +120,17 @@ def key_problem(kid, key_b64):
     return None
 
 
+def _cert_params(p):
+    # The identity's DER is checked by the handler (agent.tlsid.split_identity).
+    identity = p.get("identity")
+    if not isinstance(identity, str) or not 1 <= len(identity) <= _MAX_IDENTITY_B64:
+        return "identity must be the base64 of certificate + key DER, at most %d characters" % _MAX_IDENTITY_B64
+    trial = p.get("trial_wakes")
+    if trial is not None and (not _is_int(trial) or not 1 <= trial <= 50):
+        return "trial_wakes must be 1..50"
+    return None
+
+
 def _no_params(p):
     return None
 
@@ -138,5 +150,5 @@ def _update_params(p):
 _PARAM_CHECKS = {
     "config": _config_params, "sample": _sample_params, "cancel": _cancel_params, "exec": _exec_params,
     "keys": _keys_params, "reboot": _no_params, "upload": _no_params, "diag": _no_params,
-    "ota": _update_params, "app": _update_params,
+    "ota": _update_params, "app": _update_params, "cert": _cert_params,
 }

@@ -33,7 +33,10 @@
 # - TLS (tls=True) uses ssl.SSLContext(PROTOCOL_TLS_CLIENT) and always verifies
 #   the broker unless tls_params["insecure"] is set: tls_params keys "cadata"
 #   (DER CA certificate), "server_hostname" (default: host), "cert"/"key"
-#   (client certificate). A failed handshake raises MQTTError with mbedtls's cause.
+#   (client certificate). A failed handshake raises MQTTError with mbedtls's cause;
+#   a broker that drops the connection while it checks the client certificate
+#   (EPIPE/ECONNRESET in the handshake, or before CONNACK under TLS 1.3) is
+#   named as a probable refusal of this device's certificate.
 # - QoS 2 is not supported (subscribe() refuses qos 2, so a broker never
 #   sends it one).
 
@@ -51,6 +54,13 @@ try:
 except ImportError:
     _ETIMEDOUT = const(110)
     _EAGAIN = const(11)
+# The same numbers on Linux and lwIP; MicroPython's errno does not name EPIPE.
+_EPIPE = const(32)
+_ECONNRESET = const(104)
+
+# A broker that refuses the client certificate (expired, another CA, revoked)
+# ends the connection inside the handshake; mbedTLS reports only the closed socket.
+_CERT_REFUSED = " (the broker closed the connection: it refused this device's certificate?)"
 
 # Control packet types, first byte with the flags MQTT 3.1.1 fixes (section 2.2).
 _CONNECT = const(0x10)
@@ -92,6 +102,10 @@ class MQTTError(OSError):
     def __init__(self, msg, rc=None):
         super().__init__(msg)
         self.rc = rc
+
+
+def _closed_by_peer(e):
+    return isinstance(e, OSError) and bool(e.args) and e.args[0] in (_EPIPE, _ECONNRESET)
 
 
 def _as_bytes(s):
@@ -187,7 +201,13 @@ class MQTTClient:
                 self._sock = self._wrap_tls(sock)
             except (OSError, ValueError) as e:
                 # MicroPython reports a certificate that fails verification as ValueError.
-                raise self._fail("TLS handshake with %s failed: %s" % (where, str(e).strip()))
+                why = str(e).strip()
+                if _closed_by_peer(e):
+                    # mbedTLS raises the bare errno: OSError(32) reads "32".
+                    why = "errno %d" % e.args[0]
+                    if "cert" in self.tls_params:
+                        why += _CERT_REFUSED
+                raise self._fail("TLS handshake with %s failed: %s" % (where, why))
         self._send_connect(deadline)
         self._op = "waiting for CONNACK from " + where
         op, n = self._read_header(deadline)
@@ -606,7 +626,7 @@ class MQTTClient:
             if r is None:
                 continue
             if r == 0:
-                raise self._fail("connection closed by broker while " + self._op)
+                raise self._fail("connection closed by broker while " + self._op + self._refused_hint(None))
             got += r
 
     def _readinto(self, mv):
@@ -616,7 +636,16 @@ class MQTTClient:
         except OSError as e:
             if e.args and e.args[0] in (_ETIMEDOUT, _EAGAIN):
                 return None
-            raise self._fail("connection lost while %s: %s" % (self._op, e))
+            raise self._fail("connection lost while %s: %s%s" % (self._op, e, self._refused_hint(e)))
+
+    def _refused_hint(self, e):
+        # Under TLS 1.3 the client's handshake ends before the broker has checked
+        # the client certificate: a refusal then shows while waiting for CONNACK.
+        op = self._op
+        if (self.tls and "cert" in self.tls_params and (e is None or _closed_by_peer(e))
+                and (op.startswith("in TLS handshake") or op.startswith("waiting for CONNACK"))):
+            return _CERT_REFUSED
+        return ""
 
     def _write(self, buf, deadline):
         mv = memoryview(buf)
@@ -629,7 +658,7 @@ class MQTTClient:
             except OSError as e:
                 if e.args and e.args[0] in (_ETIMEDOUT, _EAGAIN):
                     continue
-                raise self._fail("connection lost while %s: %s" % (self._op, e))
+                raise self._fail("connection lost while %s: %s%s" % (self._op, e, self._refused_hint(e)))
             if w:
                 sent += w
         self._last_tx = time.ticks_ms()

@@ -102,6 +102,9 @@ class Uploader:
         # SUBSCRIBE for the two (one round trip).
         client.subscribe([topic(did, "samples/ack"), topic(did, "jobs")], 0)
         clock_unset = time.time() < CLOCK_SET_AFTER
+        if self.stage.flags & rtcstage.FLAG_CLOCK_FLOOR:
+            # Moved only to a TLS floor (agent.tlsid): the host's time may still set it.
+            self.clock_provisional = True
         client.publish(topic(did, "state"), json.dumps(state), qos=1, retain=True)
         # The retained ack arrives at once; with the clock unset, also wait
         # (briefly) for the host's fresh answer carrying its time.

@@ -270,7 +270,8 @@ class Wake:
         """NTP, when configured and the RTC was lost with the power; a failure
         only means the host's time (samples/ack) is used instead."""
         ntp_cfg = self.cfg["ntp"]
-        if not ntp_cfg["host"] or time.time() >= _CLOCK_SET_AFTER:
+        if not ntp_cfg["host"] or (time.time() >= _CLOCK_SET_AFTER
+                                   and not self.stage.flags & rtcstage.FLAG_CLOCK_FLOOR):
             return
         from agent import ntp
 
@@ -286,10 +287,35 @@ class Wake:
         from agent.mqtt import MQTTClient
 
         b = self.cfg["broker"]
+        params = self.tls_params() if b["tls"] else None
         client = MQTTClient(self.device_id, b["host"], b["port"], user=b["user"], password=b["password"],
-                            keepalive_s=b["keepalive_s"], tls=b["tls"], timeout_ms=b["timeout_ms"])
+                            keepalive_s=b["keepalive_s"], tls=b["tls"], tls_params=params,
+                            timeout_ms=b["timeout_ms"])
         client.connect()
         return client
+
+    def tls_params(self):
+        """The CA, the identity (the renewal while a `cert` job has it on trial)
+        and the broker's name (agent.tlsid). With the clock unset (a power
+        loss), the clock first moves forward to the earliest time these
+        certificates allow: on the ESP32 mbedTLS checks validity against the RTC."""
+        from agent import tlsid
+
+        trial = False
+        if self.stage.flags & rtcstage.FLAG_TRIAL:
+            from agent import wakehooks
+
+            trial = wakehooks.cert_on_trial()
+        b = self.cfg["broker"]
+        params = tlsid.tls_params(b["host"], b["tls_hostname"], trial)
+        if time.time() < _CLOCK_SET_AFTER:
+            floor = tlsid.clock_floor(params["cadata"], params.get("cert"))
+            if floor > time.time():
+                self.set_clock(floor)
+                # Only a floor: the host's time (the ack) may still correct it.
+                self.stage.flags |= rtcstage.FLAG_CLOCK_FLOOR
+                print("tls: clock set forward to its floor", floor)
+        return params
 
     def uploader(self):
         if self._uploader is None:
@@ -346,12 +372,17 @@ class Wake:
         (docs/security.md). The staged samples taken on the unset clock move by
         the same amount: the RTC ran on through every deep sleep since they were
         taken (a power loss would have emptied the stage)."""
-        delta = int(seconds) - time.time()
+        now = time.time()
+        delta = int(seconds) - now
         if delta <= 0:
             return
+        # Samples staged since a TLS clock floor was set carry floor-based times:
+        # they move too (a power loss empties the stage, so none is older).
+        before = now + 1 if self.stage.flags & rtcstage.FLAG_CLOCK_FLOOR else _CLOCK_SET_AFTER
+        self.stage.flags &= ~rtcstage.FLAG_CLOCK_FLOOR
         tm = time.gmtime(int(seconds))
         machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], 0))
-        self.stage.shift_times(delta, _CLOCK_SET_AFTER)
+        self.stage.shift_times(delta, before)
 
     # Kept for agent.usb (the USB field tools use the same upload path).
     @property

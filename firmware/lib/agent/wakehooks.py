@@ -11,9 +11,17 @@ from agent.rtcstage import FLAG_JOBS, FLAG_TRIAL
 
 
 def trial_active():
-    """A trial that needs a connection at this boot: a connectivity config, or an
-    OTA/app update that switched and must pass its self-test."""
+    """A trial that needs a connection at this boot: a connectivity config, a
+    certificate renewal, or an OTA/app update that switched and must pass its
+    self-test."""
     return on_trial(load_state()["cur"])
+
+
+def cert_on_trial():
+    """Whether this connection presents the renewal (/tls/id.try): a `cert` job
+    in its trial phase. In any other phase (started, reverting) it is id.der."""
+    cur = load_state()["cur"]
+    return cur is not None and cur["type"] == "cert" and cur["phase"] == "trial"
 
 
 def note_crash(reason):
@@ -29,9 +37,12 @@ def on_connected(ctx):
     """The broker was reached: a connectivity trial succeeded (or a revert did)."""
     state = load_state()
     cur = state["cur"]
-    if cur is None or cur["type"] != "config" or cur["phase"] not in ("trial", "revert"):
+    if cur is None or cur["type"] not in ("config", "cert") or cur["phase"] not in ("trial", "revert"):
         return
     runner = Runner(ctx)
+    if cur["type"] == "cert":
+        _cert_connected(ctx, runner, cur)
+        return
     if cur["phase"] == "revert":
         # A power cut came after the revert began: connected, so it is done.
         ctx.stage.flags &= ~FLAG_TRIAL
@@ -69,8 +80,11 @@ def on_upload_failed(ctx, error):
             from agent import appupdate as update
         update.on_upload_failed(ctx, state, cur, error)
         return
-    if not on_trial(cur) or cur["type"] != "config":
+    if not on_trial(cur) or cur["type"] not in ("config", "cert"):
         ctx.stage.flags &= ~FLAG_TRIAL
+        return
+    if cur["type"] == "cert":
+        _cert_failed(ctx, state, cur, error)
         return
     if cur["phase"] == "trial":
         cur["data"]["wakes_left"] -= 1
@@ -90,3 +104,50 @@ def on_upload_failed(ctx, error):
     ctx.stage.flags |= FLAG_JOBS
     ctx.request_upload()  # report the failure with the old settings next wake
     print("jobs: config trial failed, previous settings restored")
+
+
+# A `cert` job's trial (agent.handlers.run_cert wrote /tls/id.try, then saved
+# the phase "trial"). Power loss, step by step:
+#   trial, id.try there        connected with it: rename over id.der, SUCCEEDED
+#   trial, id.try gone         renamed already (cut before the status): SUCCEEDED
+#   trial, id.bad there        a revert got that far: FAILED
+#   revert (saved first)       id.try to id.bad, FAILED in the state, id.bad removed;
+#                              each step is idempotent, so a cut repeats it
+def _cert_connected(ctx, runner, cur):
+    from agent import tlsid
+
+    ctx.stage.flags &= ~FLAG_TRIAL
+    if cur["phase"] == "trial" and tlsid.promote() == "promoted":
+        runner.finish(cur, SUCCEEDED, "connected with the new certificate")
+    else:
+        tlsid.set_aside()
+        runner.finish(cur, FAILED, _cert_refused(cur, None))
+        tlsid.forget_bad()
+    runner.save()  # the published outbox, cleared: else the job runner sends it again
+
+
+def _cert_refused(cur, error):
+    why = (cur["data"] or {}).get("error", error) or "its trial ended"
+    return "broker refused the new certificate (%s); reverted" % why
+
+
+def _cert_failed(ctx, state, cur, error):
+    """The broker was not reached with the renewal: count down, revert at zero."""
+    from agent import tlsid
+
+    if cur["phase"] == "trial":
+        cur["data"]["wakes_left"] -= 1
+        if cur["data"]["wakes_left"] > 0:
+            save_state(state)
+            return
+        cur["phase"] = "revert"
+        cur["data"]["error"] = error
+        save_state(state)
+    tlsid.set_aside()
+    record_final(state, cur, FAILED, _cert_refused(cur, error))
+    save_state(state)
+    tlsid.forget_bad()
+    ctx.stage.flags &= ~FLAG_TRIAL
+    ctx.stage.flags |= FLAG_JOBS
+    ctx.request_upload()  # report the failure with the old certificate next wake
+    print("jobs: certificate trial failed, the previous one is used again")

@@ -126,6 +126,49 @@ def check_keys_params(params: dict, active: Iterable[str] = ()) -> None:
                            f"{MAX_TRUSTED_KEYS}: retire some first (`mpfleet keys retire`)")
 
 
+CERT_IDENTITY_MAX = 4096  # base64 characters of a `cert` job's identity (the agent's jobschema)
+
+
+def check_cert_params(params: dict) -> None:
+    """KeyringError unless `params` is a `cert` job the device would accept:
+    ``{"identity": base64 of certificate DER + key DER, "trial_wakes": 1..50}``
+    (trial_wakes optional). The identity must be two DER SEQUENCEs back to back."""
+    import base64
+    import binascii
+
+    unknown = sorted(set(params) - {"identity", "trial_wakes"})
+    if unknown:
+        raise KeyringError(f"cert params take identity and trial_wakes only, not {unknown[0]!r}")
+    identity = params.get("identity")
+    if not isinstance(identity, str) or not 1 <= len(identity) <= CERT_IDENTITY_MAX:
+        raise KeyringError(f"cert: identity must be the base64 of certificate + key DER, at most "
+                           f"{CERT_IDENTITY_MAX} characters")
+    try:
+        raw = base64.b64decode(identity, validate=True)
+    except (ValueError, binascii.Error):
+        raise KeyringError("cert: identity is not standard base64") from None
+    if _der_end(raw, 0) is None or _der_end(raw, _der_end(raw, 0)) != len(raw):
+        raise KeyringError("cert: identity must be a certificate DER followed by its key DER, nothing else")
+    trial = params.get("trial_wakes")
+    if trial is not None and (not isinstance(trial, int) or isinstance(trial, bool) or not 1 <= trial <= 50):
+        raise KeyringError(f"cert: trial_wakes must be 1..50, not {trial!r}")
+
+
+def _der_end(buf: bytes, at: int) -> int | None:
+    """Where the DER SEQUENCE at `at` ends, or None (the device's agent.tlsid walk)."""
+    if at + 2 > len(buf) or buf[at] != 0x30:
+        return None
+    first = buf[at + 1]
+    head, body = 2, first
+    if first >= 0x80:
+        k = first & 0x7F
+        if not 1 <= k <= 3 or at + 2 + k > len(buf):
+            return None
+        body, head = int.from_bytes(buf[at + 2:at + 2 + k], "big"), 2 + k
+    end = at + head + body
+    return end if end <= len(buf) else None
+
+
 def default_keys_dir() -> Path:
     env = os.environ.get("MPFLEET_KEYS")
     if env:

@@ -77,8 +77,8 @@ from mpfleet.fleet.jobs_model import (ABORTED, ACTIVE, CANCELED, CANCELED_RUNNIN
                                      REMOVED, RETRIABLE, SUCCEEDED, TIMED_OUT, UPDATE_TYPES, CancelJob, ExecutionRow,
                                      HeldDevice, Job, JobStatus, KeyRotation, RolloutError, RolloutOptions,
                                      StuckExecution, UnattributedReject, check_stage_growth, stage_sizes, stage_text)
-from mpfleet.fleet.keys import (JOB_MAX_BYTES_DEFAULT, MAX_TRUSTED_KEYS, KeyRing, KeyringError, check_config_params,
-                          check_keys_params, envelope_bytes)
+from mpfleet.fleet.keys import (JOB_MAX_BYTES_DEFAULT, MAX_TRUSTED_KEYS, KeyRing, KeyringError, check_cert_params,
+                          check_config_params, check_keys_params, envelope_bytes)
 from mpfleet.fleet.registry import QueryError, Registry, parse_query
 from mpfleet.protocol.ids import DEVICE_ID_MAX_LEN
 from mpfleet.protocol.signing import JOB_TYPES
@@ -203,6 +203,8 @@ class RolloutEngine:
                 check_config_params(params)
             elif type == "keys":
                 check_keys_params(params, [k.kid for k in self.keyring.list() if k.active])
+            elif type == "cert":
+                check_cert_params(params)
         except KeyringError as e:
             raise RolloutError(str(e)) from None
         spec = self._normalize_targets(targets)

@@ -36,7 +36,7 @@ from mpfleet.errors import MpfleetError
 
 PREFIX = "mpf1"
 KID_RE = re.compile(r"[0-9a-f]{16}\Z")
-JOB_TYPES = ("config", "reboot", "upload", "diag", "sample", "ota", "app", "cancel", "exec", "keys")
+JOB_TYPES = ("config", "reboot", "upload", "diag", "sample", "ota", "app", "cancel", "exec", "keys", "cert")
 
 
 class SigningError(MpfleetError):
