@@ -282,7 +282,7 @@ def test_another_applications_database_is_not_mpfleets(tmp_path):
     assert check_database(path) == ["not an mpfleet database: none of its tables (devices, samples, acks, "
                                     "ingest_errors, quarantine, keys, device_credentials, jobs, job_targets, "
                                     "executions, job_controls, job_rejects, queue_published, images, strangers, "
-                                    "dispatchers)"]
+                                    "dispatchers, certificates)"]
 
 
 def test_a_missing_file_is_a_problem_and_is_not_created(tmp_path):

@@ -241,6 +241,23 @@ def conf_lines(passwd: str | os.PathLike, acl: str | os.PathLike) -> list[str]:
             f"acl_file {Path(acl).resolve()}"]
 
 
+def tls_listener_lines(ca, acl: str | os.PathLike | None = None) -> list[str]:
+    """A TLS listener's options for the fleet CA `ca` (mpfleet.fleet.certs.FleetCA): the
+    broker's certificate, client certificates required and checked against the CA and
+    its CRL, the certificate's CN as username (and so as client id), no anonymous
+    clients, and the ACL when given. Lines that go after the listener line they are for."""
+    files = ca.broker_files()
+    if files is None:
+        raise BrokerConfigError(f"no broker certificate in {ca.dir}: `mpfleet broker config` issues one")
+    crt, key = files
+    lines = [f"cafile {ca.cert_path.resolve()}", f"certfile {crt.resolve()}", f"keyfile {key.resolve()}",
+             f"crlfile {ca.crl_path.resolve()}", "require_certificate true", "use_identity_as_username true",
+             "use_username_as_clientid true", "allow_anonymous false"]
+    if acl is not None:
+        lines.append(f"acl_file {Path(acl).resolve()}")
+    return lines
+
+
 def conf_text(passwd: str | os.PathLike, acl: str | os.PathLike, data_dir: str | os.PathLike,
               listen: str = DEFAULT_LISTEN) -> str:
     """A whole mosquitto configuration: the listener with `conf_lines()`, persistence

@@ -235,12 +235,36 @@ _MEMBERSHIP_TABLES = (  # migration 2: mpfleet.db.store (strangers), mpfleet.fle
 )
 
 
+def _certificates(db: sqlite3.Connection) -> None:
+    """Migration 3: every certificate the fleet CA issued (mpfleet.fleet.certs), by
+    serial (hex: serials are up to 159 bits): whose it is, what for, when it is
+    valid, its DER, and when it was revoked. Never a private key."""
+    for statement in _CERTIFICATE_TABLES:
+        db.execute(statement)
+
+
+_CERTIFICATE_TABLES = (  # migration 3: mpfleet.db.store (certificates), written by mpfleet.fleet.certs
+    """CREATE TABLE IF NOT EXISTS certificates (
+    serial      TEXT PRIMARY KEY,
+    subject     TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    issued      REAL NOT NULL,
+    not_before  REAL NOT NULL,
+    not_after   REAL NOT NULL,
+    der         BLOB NOT NULL,
+    revoked     REAL
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS certificates_subject ON certificates (subject, issued)",
+)
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[i] takes a file from user_version i to i + 1 (module docstring). Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     _adopt_unversioned,
     _fleet_membership_and_liveness,
+    _certificates,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -248,7 +272,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # db/maint.py looks for to tell an mpfleet database from another application's.
 TABLES = ("devices", "samples", "acks", "ingest_errors", "quarantine", "keys", "device_credentials",
           "jobs", "job_targets", "executions", "job_controls", "job_rejects",
-          "queue_published", "images", "strangers", "dispatchers")
+          "queue_published", "images", "strangers", "dispatchers", "certificates")
 
 
 class SchemaError(MpfleetError):

@@ -341,6 +341,31 @@ class Store:
             raise StoreError(f"unknown signing key {kid}")
         return row[0]
 
+    # ------------------------------------------------------------ certificates (mpfleet.fleet.certs)
+    _CERT_COLS = ("serial", "subject", "kind", "issued", "not_before", "not_after", "der", "revoked")
+
+    def put_certificate(self, serial: int, subject: str, kind: str, not_before: float, not_after: float,
+                        der: bytes) -> None:
+        self.db.execute("INSERT INTO certificates (serial, subject, kind, issued, not_before, not_after, der) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (f"{serial:x}", subject, kind, time.time(), not_before, not_after, der))
+
+    def certificates(self, subject: str | None = None) -> list[dict]:
+        """Issued certificates (of `subject`), oldest first; serial as an int."""
+        sql = f"SELECT {', '.join(self._CERT_COLS)} FROM certificates"
+        rows = (self.db.execute(sql + " WHERE subject = ? ORDER BY issued", (subject,)) if subject is not None
+                else self.db.execute(sql + " ORDER BY subject, issued"))
+        out = []
+        for r in rows:
+            c = dict(zip(self._CERT_COLS, r))
+            c["serial"] = int(c["serial"], 16)
+            out.append(c)
+        return out
+
+    def revoke_certificate(self, serial: int) -> None:
+        self.db.execute("UPDATE certificates SET revoked = ? WHERE serial = ? AND revoked IS NULL",
+                        (time.time(), f"{serial:x}"))
+
     # ------------------------------------------------------------ broker credentials (mpfleet.broker.config)
     def device_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT id FROM devices ORDER BY id")]

@@ -38,3 +38,15 @@ def register_devices(store: Store, devices: list[str], board: str | None,
         creds[device] = (c["username"], c["password"])
     return creds
 
+
+TLS_CA_PATH = "/tls/ca.der"
+TLS_IDENTITY_PATH = "/tls/id.der"
+
+
+def tls_files(ca, device_id: str) -> dict[str, bytes]:
+    """A new certificate for `device_id` from the fleet CA `ca` (mpfleet.fleet.certs.FleetCA)
+    as the files the device keeps: {"/tls/ca.der": CA DER, "/tls/id.der": certificate DER
+    then key DER}. The key exists only in the returned bytes: the host keeps the certificate."""
+    issued = ca.issue_device(device_id)
+    return {TLS_CA_PATH: ca.ca_der(), TLS_IDENTITY_PATH: issued.identity()}
+
