@@ -28,7 +28,7 @@ _MAX_TIMEOUT_S = const(86400 * 30)
 MAX_PAYLOAD_DEPTH = const(6)
 _MAX_ID = const(64)
 
-JOB_TYPES = ("config", "reboot", "upload", "diag", "sample", "ota", "app", "cancel", "exec", "keys")
+JOB_TYPES = ("config", "reboot", "upload", "diag", "sample", "ota", "app", "cancel", "exec", "keys", "cert")
 
 
 class Rejected(Exception):

@@ -136,6 +136,8 @@ class MQTTClient:
         self._will = None
         self._raw = None  # the TCP socket: timeouts are set on it
         self._sock = None  # what we read and write: the TCP or the TLS socket
+        self._poll = None  # TLS only: reads wait here, never inside mbedTLS (see _readinto)
+        self._wait_ms = 0
         self._pid = 0
         self._ack_type = 0  # last acknowledgement seen: packet type, id, SUBACK code
         self._ack_pid = 0
@@ -208,6 +210,10 @@ class MQTTClient:
                     if "cert" in self.tls_params:
                         why += _CERT_REFUSED
                 raise self._fail("TLS handshake with %s failed: %s" % (where, why))
+            import select
+
+            self._poll = select.poll()
+            self._poll.register(self._sock, select.POLLIN)
         self._send_connect(deadline)
         self._op = "waiting for CONNACK from " + where
         op, n = self._read_header(deadline)
@@ -345,7 +351,7 @@ class MQTTClient:
     def close(self):
         """Close the socket without DISCONNECT (the broker publishes the will)."""
         sock, raw = self._sock, self._raw
-        self._sock = self._raw = None
+        self._sock = self._raw = self._poll = None
         for s in (sock, raw):
             if s is not None:
                 try:
@@ -610,6 +616,7 @@ class MQTTClient:
             raise MQTTError("not connected")
         rem = time.ticks_diff(deadline, time.ticks_ms())
         self._raw.settimeout(rem / 1000 if rem > 0 else 0)
+        self._wait_ms = rem if rem > 0 else 0
         r = self._readinto(self._rx[:1])
         if r is None:
             return False
@@ -631,6 +638,11 @@ class MQTTClient:
 
     def _readinto(self, mv):
         # None when the socket timed out (the ports differ: None, EAGAIN or ETIMEDOUT).
+        # Over TLS the wait is a poll of the TLS socket (it counts what mbedTLS holds
+        # decrypted already): a socket timeout inside mbedTLS's read is an error
+        # mbedTLS keeps, and every later read and write of the session fails with it.
+        if self._poll is not None and not self._poll.poll(self._wait_ms):
+            return None
         try:
             return self._sock.readinto(mv)
         except OSError as e:
@@ -671,6 +683,7 @@ class MQTTClient:
             raise self._fail("timeout " + self._op if self._op.startswith("waiting")
                              else "timeout while " + self._op)
         self._raw.settimeout(rem / 1000)
+        self._wait_ms = rem
 
     def _fail(self, msg, rc=None):
         self.close()
