@@ -320,7 +320,7 @@ def test_generated_conf_declares_its_listener_before_the_binding(tmp_path):
 
 def test_cli_broker_config_listen_and_host_accounts(tmp_path):
     cmd = [sys.executable, "-m", "mpfleet", "broker", "config", "--db", str(tmp_path / "db.sqlite"),
-           "--out", str(tmp_path / "out"), "--device", "dev-1"]
+           "--out", str(tmp_path / "out"), "--device", "dev-1", "--plaintext"]
     done = subprocess.run(cmd + ["--host-account", "mpfleet-ingest", "--listen", "1884", "--json"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

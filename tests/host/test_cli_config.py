@@ -152,7 +152,7 @@ def test_a_command_uses_the_profile_topic_root(home):
     """broker config writes the profile's topic root into the ACL it makes."""
     write_config(home, f'[profile.lab]\ndb = "{home / "lab.db"}"\ntopic_root = "lab/v1"\n')
     out = home / "broker"
-    proc = mpfleet(home, "--profile", "lab", "broker", "config", "--out", out, "--device", "dev-1")
+    proc = mpfleet(home, "--profile", "lab", "broker", "config", "--plaintext", "--out", out, "--device", "dev-1")
     assert proc.returncode == 0, proc.stderr
     acl = "".join(p.read_text() for p in out.rglob("*acl*"))
     assert "lab/v1/" in acl and "mpf/v1/" not in acl

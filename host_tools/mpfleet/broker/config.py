@@ -79,6 +79,7 @@ DEFAULT_HOST_USER = "mpfleet-host"
 HOST_ENTRY = "@host"  # the host account's row in device_credentials ('@' is never in a device id)
 HOST_ACCOUNT_ENTRY = "@host:"  # + name: a further host account's row
 DEFAULT_LISTEN = "127.0.0.1:1883"  # plaintext: loopback unless the operator says otherwise
+DEFAULT_TLS_LISTEN = "127.0.0.1:8883"
 # Seconds between saves of a fleet broker's database: a kill -9 loses at most about
 # this much (docs/security.md). Every save writes the whole database (every retained
 # queue and session) and fsyncs it in mosquitto's only thread, so not every second.
@@ -96,7 +97,7 @@ class BrokerFiles:
     """What `generate()` wrote."""
 
     out_dir: Path
-    passwd: Path
+    passwd: Path | None  # None for a TLS listener
     acl: Path
     conf: Path
     host_user: str
@@ -105,14 +106,20 @@ class BrokerFiles:
     skipped: list[str] = field(default_factory=list)   # registry ids that are not valid device ids
     host_accounts: list[str] = field(default_factory=list)  # further host accounts (usernames)
     data_dir: Path | None = None                       # the generated configuration's persistence_location
+    tls: bool = False                                  # a mutual-TLS listener (no password file)
+    broker_cert: Path | None = None
+    host_certs: dict[str, Path] = field(default_factory=dict)  # host account -> its client certificate
 
     def new_accounts(self) -> list[str]:
         """The usernames that got fresh passwords (`new` with the host rows named by their
         accounts: HOST_ENTRY is host_user, HOST_ACCOUNT_ENTRY+name is name)."""
         return [self.host_user if e == HOST_ENTRY else e.removeprefix(HOST_ACCOUNT_ENTRY) for e in self.new]
 
-    def conf_lines(self) -> list[str]:
-        """The lines to append after a listener line (LocalBroker's extra_config)."""
+    def conf_lines(self, ca=None) -> list[str]:
+        """The lines to append after a listener line (LocalBroker's extra_config); a TLS
+        configuration's need the fleet CA `ca`."""
+        if self.tls:
+            return tls_listener_lines(ca, self.acl)
         return conf_lines(self.passwd, self.acl)
 
 
@@ -258,11 +265,23 @@ def tls_listener_lines(ca, acl: str | os.PathLike | None = None) -> list[str]:
     return lines
 
 
-def conf_text(passwd: str | os.PathLike, acl: str | os.PathLike, data_dir: str | os.PathLike,
-              listen: str = DEFAULT_LISTEN) -> str:
-    """A whole mosquitto configuration: the listener with `conf_lines()`, persistence
-    in `data_dir`, the queue limits serve needs."""
+def conf_text(passwd: str | os.PathLike | None, acl: str | os.PathLike, data_dir: str | os.PathLike,
+              listen: str = DEFAULT_LISTEN, ca=None) -> str:
+    """A whole mosquitto configuration: the listener with `conf_lines()` (with the fleet
+    CA `ca`: `tls_listener_lines()`, no password file), persistence in `data_dir`, the
+    queue limits serve needs."""
     host, port = parse_listen(listen)
+    if ca is not None:
+        access = ["# Mutual TLS: every client presents a certificate from the fleet CA (ca.crt), not revoked",
+                  "# in crl.pem (SIGHUP the broker after `mpfleet devices cert revoke`: it re-reads the",
+                  "# certificates and the CRL). The certificate's CN is the username, and so the client id:",
+                  "# an account holds one session, and no account can take over or wipe another's.",
+                  *tls_listener_lines(ca, acl)]
+    else:
+        access = ["# Plaintext with passwords: for a lab only (`mpfleet broker config` without --plaintext",
+                  "# writes a mutual-TLS listener). Each client's id is its username: an account holds one",
+                  "# session, and no account can take over or wipe another's (a device's, serve's).",
+                  *conf_lines(passwd, acl)]
     return "\n".join([
         "# mosquitto configuration written by `mpfleet broker config`; regenerate rather than edit.",
         "# Run a broker with it (mosquitto -c THIS_FILE), or include it from a configuration that has",
@@ -273,10 +292,9 @@ def conf_text(passwd: str | os.PathLike, acl: str | os.PathLike, data_dir: str |
         "# A listener option applies to the listener declared before it in the same file: a listener",
         "# added elsewhere needs its own use_username_as_clientid line, or its clients choose their ids.",
         f"listener {port}" + (f" {host}" if host else ""),
-        "# Each client's id is its username: an account holds one session, and no account can take",
-        "# over or wipe another's (a device's, serve's).",
-        *conf_lines(passwd, acl),
+        *access,
         "",
+        *_run_as_lines(),
         f"# Sessions and retained messages survive a restart; saved every {FLEET_AUTOSAVE_S} s, so a kill -9",
         "# loses at most the last seconds (docs/security.md: what that is, and how it is made good).",
         *persistence_lines(data_dir, FLEET_AUTOSAVE_S),
@@ -284,6 +302,17 @@ def conf_text(passwd: str | os.PathLike, acl: str | os.PathLike, data_dir: str |
         "# What devices report while serve is down waits in its session: room for a fleet's worth.",
         *TUNING_LINES,
     ]) + "\n"
+
+
+def _run_as_lines() -> list[str]:
+    """Written by root, the files are root's and 0600: a mosquitto started as root drops
+    to the "mosquitto" user before it reads them, so it is told to stay root. (Written
+    by anyone else, mosquitto runs as that user and reads them.)"""
+    if os.geteuid() != 0:
+        return []
+    return ["# Written as root: the files here are root's, mode 0600; a mosquitto started as root would",
+            "# drop to the mosquitto user and fail to read them. chown them and remove this line to drop.",
+            "user root", ""]
 
 
 def write_passwd(path: str | os.PathLike, entries: list[tuple[str, str]]) -> Path:
@@ -329,7 +358,8 @@ def _write_private(path: Path, text: str) -> None:
 def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None = None,
              host_user: str = DEFAULT_HOST_USER, rotate: bool = False, registry: bool = True,
              accounts: list[str] | None = None, listen: str = DEFAULT_LISTEN,
-             data_dir: str | os.PathLike | None = None, root: str = TOPIC_ROOT) -> BrokerFiles:
+             data_dir: str | os.PathLike | None = None, root: str = TOPIC_ROOT, ca=None,
+             broker_names: list[str] | None = None) -> BrokerFiles:
     """Credentials for every device and host account, then `passwd`, `acl` and
     `mosquitto.conf` (listening on `listen`, persisting in `data_dir`, default
     `out_dir`/data) in `out_dir`.
@@ -341,6 +371,13 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     those made before. New ones get credentials; existing ones keep theirs unless
     `rotate`: then the named devices and accounts get new ones, or, when none are
     named, every device and every host account.
+
+    With the fleet CA `ca` (mpfleet.fleet.certs.FleetCA) the listener is mutual TLS
+    instead: no passwords and no password file; the broker gets a certificate for
+    `broker_names` (default: the listen host, localhost, 127.0.0.1) when it has none
+    (or with `rotate`), every host account a client certificate when it has none (or
+    with `rotate`), and the CRL is written if missing. Devices get certificates at
+    provisioning (`mpfleet deploy`, `sim fleet`), not here.
     """
     check_username(host_user)
     named = [check_device_id(d) for d in devices or ()]
@@ -360,6 +397,9 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     if clash:
         raise BrokerConfigError(f"host account {clash[0]!r} has the same name as a device")
     ordered = sorted(everyone)
+    if ca is not None:
+        return _generate_tls(ca, out_dir, ordered, host_user, extra, listen, data_dir, root, rotate, skipped,
+                             broker_names)
     if not rotate:
         to_rotate = []
     elif named or named_accounts:
@@ -382,3 +422,37 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     conf = out / "mosquitto.conf"
     _write_private(conf, conf_text(passwd, acl, data, listen))
     return BrokerFiles(out, passwd, acl, conf, host_user, ordered, fresh, skipped, extra, data.resolve())
+
+
+def _generate_tls(ca, out_dir, devices: list[str], host_user: str, extra: list[str], listen: str,
+                  data_dir, root: str, rotate: bool, skipped: list[str],
+                  broker_names: list[str] | None) -> BrokerFiles:
+    """generate() with the fleet CA: certificates instead of passwords."""
+    ca.certificate()  # no CA: CertError, before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(data_dir) if data_dir is not None else out / "data"
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    host, _ = parse_listen(listen)
+    names = list(dict.fromkeys(broker_names or [n for n in (host, "localhost", "127.0.0.1") if n]))
+    fresh = []
+    if rotate or ca.broker_files() is None:
+        ca.issue_broker(names)
+        fresh.append("broker")
+    host_certs = {}
+    for account in [host_user, *extra]:
+        files = ca.host_files(account)
+        if rotate or files is None:
+            files = ca.issue_host(account)
+            fresh.append(account)
+        host_certs[account] = files[0]
+    if not ca.crl_path.exists():
+        ca.write_crl()
+    acl = out / "acl"
+    _write_private(acl, acl_text(devices, host_user, extra, root))
+    conf = out / "mosquitto.conf"
+    _write_private(conf, conf_text(None, acl, data, listen, ca=ca))
+    result = BrokerFiles(out, None, acl, conf, host_user, devices, [], skipped, extra, data.resolve(), tls=True,
+                         broker_cert=ca.broker_files()[0], host_certs=host_certs)
+    result.new = fresh
+    return result

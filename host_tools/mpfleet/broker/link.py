@@ -2,8 +2,11 @@
 (topic names are mpfleet.protocol.topics).
 
 Broker URL: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (TLS,
-default port 8883; ``?ca=/path/ca.pem`` names a CA file, ``?insecure=1`` skips
-certificate checks for lab brokers).
+default port 8883; ``?ca=/path/ca.pem`` names a CA file, ``?cert=/path/c.crt&key=/path/c.key``
+a client certificate, ``?insecure=1`` skips certificate checks for lab brokers).
+On a broker from `mpfleet broker config` (mutual TLS), `with_client_identity` fills
+in the fleet CA and the host account's certificate from the keys dir: the account
+is the URL's user, else ``mpfleet-host``.
 
 Client ids (`default_client_id`): two host processes with one client id on one broker
 throw each other off, in turn, for as long as both run (MQTT 3.1.1 section 3.1.4: the
@@ -28,7 +31,8 @@ import secrets
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 import paho.mqtt.client as mqtt
@@ -58,6 +62,8 @@ class BrokerConfig:
     tls: bool = False
     ca_file: str | None = None
     insecure: bool = False
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def url(self, with_password: bool = False) -> str:
         auth = ""
@@ -86,7 +92,32 @@ def parse_broker_url(url: str) -> BrokerConfig:
         tls=tls,
         ca_file=query.get("ca", [None])[0],
         insecure=query.get("insecure", ["0"])[0] in ("1", "true", "yes"),
+        cert_file=query.get("cert", [None])[0],
+        key_file=query.get("key", query.get("cert", [None]))[0],
     )
+
+
+DEFAULT_TLS_ACCOUNT = "mpfleet-host"
+
+
+def with_client_identity(cfg: BrokerConfig, keys_dir: str | os.PathLike | None,
+                         account: str | None = None) -> BrokerConfig:
+    """`cfg` with the fleet CA (keys_dir/ca.crt) as its CA file and the host account's
+    client certificate (keys_dir/clients/<account>.crt and .key; account: `account`,
+    the URL's user, else DEFAULT_TLS_ACCOUNT) where the URL names none. Unchanged
+    for a plaintext broker, or when the files do not exist."""
+    if not cfg.tls or keys_dir is None:
+        return cfg
+    keys = Path(keys_dir)
+    changes = {}
+    if cfg.ca_file is None and (keys / "ca.crt").exists():
+        changes["ca_file"] = str(keys / "ca.crt")
+    if cfg.cert_file is None:
+        name = account or cfg.user or DEFAULT_TLS_ACCOUNT
+        crt, key = keys / "clients" / f"{name}.crt", keys / "clients" / f"{name}.key"
+        if crt.exists() and key.exists():
+            changes.update(cert_file=str(crt), key_file=str(key))
+    return replace(cfg, **changes) if changes else cfg
 
 
 def _host_part() -> str:
@@ -108,10 +139,18 @@ def make_client(cfg: BrokerConfig, client_id: str, clean_session: bool = True) -
     if cfg.user:
         client.username_pw_set(cfg.user, cfg.password)
     if cfg.tls:
-        context = ssl.create_default_context(cafile=cfg.ca_file)
+        try:
+            context = ssl.create_default_context(cafile=cfg.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise BrokerUrlError(f"CA file {cfg.ca_file}: {e}") from None
         if cfg.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        if cfg.cert_file:
+            try:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file or cfg.cert_file)
+            except (OSError, ssl.SSLError) as e:
+                raise BrokerUrlError(f"client certificate {cfg.cert_file}: {e}") from None
         client.tls_set_context(context)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)

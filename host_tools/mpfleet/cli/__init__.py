@@ -27,6 +27,7 @@ from mpfleet.errors import MpfleetError
 COMMANDS = {
     "app": ("mpfleet.cli.app", "app"),
     "boards": ("mpfleet.cli.boards", "boards"),
+    "ca": ("mpfleet.cli.ca", "ca"),
     "broker": ("mpfleet.cli.broker", "broker"),
     "config": ("mpfleet.cli.config", "config"),
     "db": ("mpfleet.cli.db", "db_group"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from mpfleet.cli.options import DB, DEVICE_ID, JSON, TOPIC_ROOT
+from mpfleet.cli.options import DB, DEVICE_ID, JSON, KEYS_DIR, TOPIC_ROOT
 from mpfleet.cli.render import print_json
 
 console = Console()
@@ -54,8 +54,15 @@ def broker() -> None:
 @click.option("--host-account", "accounts", type=_Account(), multiple=True,
               help="A further host account (repeatable), e.g. mpfleet-ingest: one per host process that runs "
                    "alongside serve, since each account holds one connection. Kept on later runs.")
-@click.option("--listen", type=_Listen(), default="127.0.0.1:1883", show_default=True,
-              help="[HOST:]PORT of the configuration's listener (a bare PORT: every interface).")
+@click.option("--listen", type=_Listen(),
+              help="[HOST:]PORT of the configuration's listener (a bare PORT: every interface)  "
+                   "[default: 127.0.0.1:8883; with --plaintext 127.0.0.1:1883].")
+@click.option("--plaintext", is_flag=True,
+              help="A plaintext listener with per-device passwords instead of mutual TLS: for a lab only "
+                   "(passwords, samples and jobs cross the network readable).")
+@click.option("--name", "names", multiple=True,
+              help="A host name or IP address devices reach the broker by, for its certificate (repeatable) "
+                   "[default: the --listen host, localhost, 127.0.0.1].")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where the broker keeps sessions and retained messages  [default: OUT/data].")
 @click.option("--rotate", is_flag=True,
@@ -63,37 +70,61 @@ def broker() -> None:
                    "(every device and host account when none given).")
 @click.option("--no-registry", is_flag=True, help="Leave out registry devices that have no credentials yet.")
 @TOPIC_ROOT
+@KEYS_DIR
 @DB
 @JSON
-def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accounts: tuple[str, ...], listen: str,
-                  data_dir: str | None, rotate: bool, no_registry: bool, topic_root: str, db: str | None,
-                  as_json: bool) -> None:
-    """Write a mosquitto password file, an ACL confining device X to ROOT/X/...
-    (ROOT: --topic-root, mpf/v1), and a mosquitto.conf that uses them.
+def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accounts: tuple[str, ...],
+                  listen: str | None, plaintext: bool, names: tuple[str, ...], data_dir: str | None, rotate: bool,
+                  no_registry: bool, topic_root: str, keys_dir: str | None, db: str | None, as_json: bool) -> None:
+    """Write a mosquitto.conf with a mutual-TLS listener, an ACL confining device X
+    to ROOT/X/... (ROOT: --topic-root, mpf/v1), and the broker's and host accounts'
+    certificates from the fleet CA (`mpfleet ca init` first).
 
     \b
-    Passwords are stored in the database for provisioning; the password file
-    holds only hashes (made by mosquitto_passwd). OUT/mosquitto.conf binds each
-    client id to its account (use_username_as_clientid) and persists sessions
-    and retained messages in the data dir: run mosquitto with it, or merge it
-    into the broker's configuration (its comments say how), and restart it.
+    Every client presents a certificate from the fleet CA; its CN (the device id,
+    or the host account) is its username and client id (use_identity_as_username,
+    use_username_as_clientid), revoked ones are refused (crlfile), and the data
+    dir keeps sessions and retained messages. Devices get their certificates at
+    provisioning (`deploy`, `sim fleet` with a mqtts:// broker), serve and ingest
+    find theirs in KEYS_DIR/clients/. With --plaintext: a password file (hashes,
+    by mosquitto_passwd; the passwords are in the database for provisioning)
+    instead, for a lab. Run mosquitto with OUT/mosquitto.conf, or merge it into
+    the broker's configuration (its comments say how), and restart it.
     Accounts go to the fleet's members only (provisioned or accepted), never to
     a device merely seen on the broker (`mpfleet devices pending`).
     """
-    from mpfleet.broker.config import generate
+    from mpfleet.broker.config import DEFAULT_LISTEN, DEFAULT_TLS_LISTEN, generate
     from mpfleet.db.store import Store
 
+    listen = listen or (DEFAULT_LISTEN if plaintext else DEFAULT_TLS_LISTEN)
     with Store(db) as store:
+        authority = None
+        if not plaintext:
+            from mpfleet.cli.ca import fleet_ca
+
+            authority = fleet_ca(keys_dir, store)
         result = generate(store, out_dir, list(devices), host_user=host_user, rotate=rotate,
                           registry=not no_registry, accounts=list(accounts), listen=listen, data_dir=data_dir,
-                          root=topic_root)
+                          root=topic_root, ca=authority, broker_names=list(names) or None)
     if as_json:
-        print_json({"topic_root": topic_root, "out": str(result.out_dir), "passwd": str(result.passwd),
-                    "acl": str(result.acl),
+        print_json({"topic_root": topic_root, "out": str(result.out_dir), "tls": result.tls,
+                    "passwd": str(result.passwd) if result.passwd else None, "acl": str(result.acl),
                     "conf": str(result.conf), "data_dir": str(result.data_dir), "listen": listen,
                     "host_user": result.host_user, "host_accounts": result.host_accounts,
                     "devices": result.devices, "new_credentials": result.new_accounts(), "skipped": result.skipped,
-                    "conf_lines": result.conf_lines()})
+                    "broker_cert": str(result.broker_cert) if result.broker_cert else None,
+                    "host_certs": {k: str(v) for k, v in result.host_certs.items()},
+                    "conf_lines": result.conf_lines(authority)})
+        return
+    if result.tls:
+        hosts = ", ".join([result.host_user, *result.host_accounts])
+        console.print(f"{len(result.devices)} devices + host account(s) {hosts}; "
+                      f"new certificates: {', '.join(result.new) or 'none'}", highlight=False)
+        for name in result.skipped:
+            console.print(f"skipped registry id {name!r}: not a valid device id", highlight=False)
+        # click.echo, not rich: the paths and the listener stay on one line at any width
+        click.echo(f"wrote {result.acl}, {result.conf} (mutual-TLS listener {listen}, data in "
+                   f"{result.data_dir}); broker certificate {result.broker_cert}")
         return
     hosts = ", ".join([result.host_user, *result.host_accounts])
     console.print(f"{len(result.devices)} devices + host account(s) {hosts}; "

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from mpfleet.cli.ca import device_cert
 from mpfleet.cli.options import DB, DEVICE_ID, GROUP, JSON, Query, open_store
 from mpfleet.cli.render import ago, print_json, utc_time
 
@@ -238,3 +239,6 @@ def devices_accept(device_ids: tuple[str, ...], groups: tuple[str, ...], db: str
         return
     for d in accepted:
         _show_change(d, False)
+
+
+devices.add_command(device_cert)

@@ -83,12 +83,19 @@ def serve(broker, topic_root, client_id, tick, quiet, db, keys_dir, images_dir):
     (or killed) and started again at any time: a rollout continues where it was and
     no device runs a job twice. Exit 1 when it stopped on its own (see the last line).
 
+    On a mutual-TLS broker (mqtts://) it presents KEYS_DIR/clients/<user>.crt (user:
+    the URL's, else mpfleet-host) and trusts KEYS_DIR/ca.crt, unless the URL names
+    ?cert=, ?key=, ?ca=.
+
     Only devices in this fleet (provisioned, or accepted with `mpfleet devices accept`)
     are served; others seen under the topic root are listed by `mpfleet devices pending`.
     Cancels and lost or regained broker connections are logged on stderr."""
+    from mpfleet.broker.link import with_client_identity
+    from mpfleet.fleet.keys import default_keys_dir
     from mpfleet.fleet.serve import Dispatcher, ServeError
 
     path = _database(db)
+    broker = with_client_identity(broker, keys_dir or default_keys_dir())
     _log_to_stderr(quiet)
 
     def on_event(kind: str, data: dict) -> None:
@@ -119,16 +126,22 @@ def serve(broker, topic_root, client_id, tick, quiet, db, keys_dir, images_dir):
 @TOPIC_ROOT
 @DB
 @click.option("--client-id", help=_INGEST_CLIENT_ID_HELP)
-def ingest(broker, topic_root: str, db: str | None, client_id: str | None) -> None:
+@KEYS_DIR
+def ingest(broker, topic_root: str, db: str | None, client_id: str | None, keys_dir: str | None) -> None:
     """Store the devices' samples in the database and ack them, until Ctrl-C or SIGTERM.
 
-    The samples half of `serve`, for a host that only collects data. Exit 1 when it
+    The samples half of `serve`, for a host that only collects data. On a mutual-TLS
+    broker it presents KEYS_DIR/clients/<user>.crt (user: the URL's, else mpfleet-host;
+    `mpfleet ca host-cert mpfleet-ingest` makes one). Exit 1 when it
     stopped on its own (see the last line). Only devices in this fleet are stored and
     acked; others are counted (`strangers`, `mpfleet devices pending`)."""
+    from mpfleet.broker.link import with_client_identity
     from mpfleet.errors import MpfleetError
     from mpfleet.fleet.ingest import Ingester
+    from mpfleet.fleet.keys import default_keys_dir
 
     path = _database(db)
+    broker = with_client_identity(broker, keys_dir or default_keys_dir())
     _log_to_stderr(False)
     ingester = Ingester(broker, path, client_id=client_id, root=topic_root)
     ingester.start()

@@ -118,12 +118,22 @@ def sim_fleet(count: int, root: Path, broker, awake: bool, scale: float | None, 
             if not ring.trusted_keys():
                 console.print("[yellow]no signing key yet[/]: these devices will reject every job "
                               "(run `mpfleet keys init` before provisioning)", highlight=False)
+            authority = None
+            if broker.tls:
+                from mpfleet.cli.ca import fleet_ca
+
+                authority = fleet_ca(keys_dir, store)
+                credentials = False  # each device's certificate is its account
             if credentials is None:
                 credentials = host_credentials(store) is not None
             boards = provision_sim_fleet(store, ring, root, count, broker, prefix=prefix,
                                          groups_fn=(lambda i, d: list(groups)) if groups else None,
                                          with_credentials=credentials,
-                                         config_overrides=_overrides(awake, topic_root))
+                                         config_overrides=_overrides(awake, topic_root), ca=authority)
+            if authority is not None:
+                console.print(f"each device has its own certificate from the fleet CA in {authority.dir} "
+                              "(subject: its id); the broker needs `mpfleet broker config`'s TLS listener",
+                              highlight=False)
             if credentials:
                 console.print("each device has its own broker account: run `mpfleet broker config` to write "
                               "the password file and ACL that admit them", highlight=False)

@@ -120,18 +120,24 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _put_files_forked(vb: VirtualBoard, files: dict[str, bytes]) -> None:
-    """Write files at the root of the device's LittleFS (like fs_put, for files
-    directly under /) in a forked interpreter; fs_put where forking is unavailable."""
+    """Write files at the root of the device's LittleFS or one folder down (like fs_put)
+    in a forked interpreter; fs_put where forking is unavailable."""
     if not _can_fork_interpreter():
         vb.fs_put(files)
         return
     stage = vb.path / "stage"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "out").mkdir(parents=True)
-    lines = []
+    lines = ["import os"]
+    folders = []
+    for dest in files:
+        if not dest.startswith("/") or dest.count("/") > 2 or "/." in dest or dest.endswith("/"):
+            raise SimError(f"only files at the root or one folder down go this way: {dest!r}")
+        folder = dest.rpartition("/")[0]
+        if folder and folder not in folders:
+            folders.append(folder)
+            lines += ["try:", f"    os.mkdir({folder!r})", "except OSError:", "    pass"]
     for i, (dest, data) in enumerate(files.items()):
-        if not dest.startswith("/") or dest.count("/") != 1:
-            raise SimError(f"only files at the root go this way: {dest!r}")
         (stage / f"in{i}").write_bytes(data)
         lines += [f"with open('/.host/in{i}', 'rb') as src, open({dest!r}, 'wb') as dst:",
                   "    dst.write(src.read())"]
@@ -154,7 +160,8 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
                     trusted_keys: dict | None = None, broker_credentials: tuple[str, str] | None = None,
                     wifi: dict | None = None, board: str = "virtual", workers: int | None = None,
                     clock_s: float | None = None,
-                    credentials_fn: Callable[[int, str], tuple[str, str] | None] | None = None
+                    credentials_fn: Callable[[int, str], tuple[str, str] | None] | None = None,
+                    files_fn: Callable[[int, str], dict[str, bytes]] | None = None
                     ) -> list[VirtualBoard]:
     """Create `count` boards in `root/<prefix>-0001`..., each with the firmware, its
     own /config.json, its own id and MAC, powered on with the RTC at the host's time.
@@ -163,7 +170,8 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
     `config_overrides` merge into every config (e.g. AWAKE_CONFIG);
     `broker_credentials` is (user, password) for every device, `credentials_fn(index,
     device_id)` each device's own (provision_sim_fleet gives each its broker account);
-    `wifi` is {"ssid", "password"}."""
+    `files_fn(index, device_id)` further files for a device's filesystem (its /tls
+    identity); `wifi` is {"ssid", "password"}."""
     from mpfleet.images.firmware import firmware_tree
 
     if count < 1:
@@ -203,7 +211,8 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
         creds = credentials_fn(index, dev) if credentials_fn else broker_credentials
         cfg = device_config(dev, broker_host, broker_port, groups=groups, trusted_keys=trusted_keys,
                             broker_credentials=creds, wifi=wifi, overrides=config_overrides)
-        _put_files_forked(vb, {"/config.json": json.dumps(cfg).encode()})
+        extra = files_fn(index, dev) if files_fn else {}
+        _put_files_forked(vb, {"/config.json": json.dumps(cfg).encode(), **extra})
         vb.power_on(clock_s=now)
         return vb
 
@@ -220,17 +229,34 @@ def provision_fleet(root: str | os.PathLike, count: int, broker_host: str, broke
 def provision_sim_fleet(store: Store, keyring: KeyRing, root: str | os.PathLike, count: int, broker: BrokerConfig,
                         prefix: str = "sim", groups_fn: Callable[[int, str], list[str]] | None = None,
                         with_credentials: bool = True, config_overrides: dict | None = None,
-                        workers: int | None = None) -> list[VirtualBoard]:
+                        workers: int | None = None, ca=None) -> list[VirtualBoard]:
     """A virtual fleet provisioned like real devices: registered, trusting the host's
-    keys, each with its own broker account (`with_credentials`). Returns the boards."""
+    keys, each with its own broker account (`with_credentials`), or, with a TLS broker
+    (mqtts://), its own certificate from the fleet CA `ca` (mpfleet.fleet.certs.FleetCA)
+    in /tls and no password. Returns the boards."""
     trusted = keyring.trusted_keys()  # none yet: the devices reject every job until a config gives them one
     ids = device_ids(count, prefix)
     index_of = {d: i for i, d in enumerate(ids, 1)}
     groups = (lambda d: groups_fn(index_of[d], d)) if groups_fn else (lambda d: [])
+    files_fn = None
+    if broker.tls:
+        if ca is None:
+            raise SimError(f"{broker.url()} is a TLS broker: provisioning needs the fleet CA (`mpfleet ca init`)")
+        from mpfleet.fleet.provision import tls_files
+
+        # Issued here, in the store's thread, before any device is made.
+        identities = {d: tls_files(ca, d) for d in ids}
+        def files_fn(index: int, device: str) -> dict[str, bytes]:
+            return identities[device]
+
+        config_overrides = {**(config_overrides or {}),
+                            "broker": {**(config_overrides or {}).get("broker", {}), "tls": True}}
+        with_credentials = False  # the certificate is the identity: no password
     creds = register_devices(store, ids, "virtual", groups, with_credentials)
     return provision_fleet(Path(root), count, broker.host, broker.port, prefix=prefix,
                            groups_fn=groups_fn, config_overrides=config_overrides, trusted_keys=trusted,
-                           credentials_fn=(lambda i, d: creds[d]) if creds else None, workers=workers)
+                           credentials_fn=(lambda i, d: creds[d]) if creds else None, workers=workers,
+                           files_fn=files_fn)
 
 
 def check_broker_listening(broker: BrokerConfig, timeout_s: float = 3.0) -> None:
