@@ -308,3 +308,43 @@ def test_one_board_failing_in_json_still_exits_1_and_reports_every_board(bench):
     lost, done = json.loads(proc.stdout)
     assert (lost["port"], lost["ok"], done["ok"]) == (gone, False, True) and "cannot open" in lost["error"]
     assert proc.stderr.strip() == f"mpfleet: 1 of 2 board(s) failed: {gone}"
+
+
+def test_deploy_to_a_tls_broker_gives_the_board_its_own_certificate_and_a_redeploy_keeps_it(bench):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    port = bench.ports[3]
+    args = ("deploy", "--port", port, "--board", "virtual", "--broker", "mqtts://10.1.2.3", "--json")
+    refused = bench.mpfleet(*args, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("mpfleet: no fleet CA in ")
+    assert "Traceback" not in refused.stderr
+    bench.mpfleet("ca", "init")
+    (result,) = json.loads(bench.mpfleet(*args).stdout)
+    device = result["device"]
+    assert result["ok"] and result["detail"]["broker"] == "10.1.2.3:8883"
+    with open_link(port) as link:
+        cfg = json.loads(link.exec("print(open('/config.json').read())"))
+        ca_der = bytes.fromhex(link.exec("import binascii\nprint(binascii.hexlify(open('/tls/ca.der','rb').read())"
+                                         ".decode())").strip())
+        ident = bytes.fromhex(link.exec("import binascii\nprint(binascii.hexlify(open('/tls/id.der','rb').read())"
+                                        ".decode())").strip())
+    assert cfg["broker"]["tls"] is True and cfg["broker"]["port"] == 8883
+    ca_cert = x509.load_pem_x509_certificate((bench.keys / "ca.crt").read_bytes())
+    assert ca_der == ca_cert.public_bytes(Encoding.DER)
+    with Store(bench.db) as store:
+        issued = store.certificates(device)
+    assert len(issued) == 1
+    cert = x509.load_der_x509_certificate(issued[0]["der"])
+    assert ident.startswith(issued[0]["der"]) and len(ident) > len(issued[0]["der"])  # then the key
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == device
+    cert.verify_directly_issued_by(ca_cert)
+    # the host keeps the certificate, never the key
+    with Store(bench.db) as store:
+        dumped = b"".join(bytes(line, "utf-8") for line in store.db.iterdump())
+    assert ident[len(issued[0]["der"]):].hex().encode() not in dumped.lower()
+    (again,) = json.loads(bench.mpfleet(*args).stdout)
+    assert again["ok"] and not again["detail"]["config_written"]
+    with Store(bench.db) as store:
+        assert len(store.certificates(device)) == 1  # kept: valid, not revoked, the board holds it

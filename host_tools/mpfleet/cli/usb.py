@@ -207,6 +207,11 @@ def deploy(ports, all_ports, board, broker, topic_root, wifi_ssid, wifi_password
     with store:
         ring = KeyRing(store, keys_dir)
         ring.fleet_key()  # no signing key: the devices could trust nothing; say so now
+        from mpfleet.cli.ca import fleet_ca
+
+        settings.ca = fleet_ca(keys_dir, store)
+        if broker is not None and broker.tls:
+            settings.ca.certificate()  # no fleet CA: say so before any board is touched
         results = deploy_boards(store, ring, chosen, settings, on_progress=_Lines(DEPLOY_STEPS, quiet or as_json))
     report_boards(console, results, title="deploy", done="deployed and checked", as_json=as_json, columns=[
         DEVICE,

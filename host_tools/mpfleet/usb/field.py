@@ -11,7 +11,9 @@ phases, by the calling thread.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,12 +23,12 @@ from mpfleet.images.firmware import firmware_tree
 from mpfleet.fleet.ingest import FrameError, ingest_frame
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import BrokerConfig
-from mpfleet.fleet.provision import register_devices
+from mpfleet.fleet.provision import TLS_CA_PATH, TLS_IDENTITY_PATH, register_devices, tls_files
 from mpfleet.fleet.jobs_model import FINAL_STATES
 from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.db.store import Store
-from mpfleet.usb.device import (identify, read_backlog, read_config, run_envelopes, running_code_problems, self_check,
-                               send_ack, sync_files, sync_tree)
+from mpfleet.usb.device import (hashes, identify, read_backlog, read_config, run_envelopes, running_code_problems,
+                               self_check, send_ack, sync_files, sync_tree)
 from mpfleet.usb.ports import PortResult, Progress, each_port
 from mpfleet.usb.transport import CATCH_S, LinkPool, UsbError
 
@@ -90,6 +92,7 @@ class DeploySettings:
     wifi_password: str | None = None
     groups: list[str] = field(default_factory=list)
     with_credentials: bool = False
+    ca: object | None = None  # the fleet CA (mpfleet.fleet.certs.FleetCA) when the broker is mqtts://
     transport: str = "mpremote"
     wait_s: float = CATCH_S
 
@@ -109,6 +112,7 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
     mpy = next((mpy_header(d, p)[0] for p, d in files.items() if p.endswith(".mpy")), None)
     failed: dict[str, PortResult] = {}
     configs: dict[str, dict] = {}  # kept out of the results: they hold passwords
+    held: dict[str, dict] = {}  # port -> the hashes of the /tls files the board has
     with LinkPool(settings.transport, settings.wait_s) as pool:
         found = _identified(pool, ports, failed, progress, need_id=False)
 
@@ -123,6 +127,8 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
                 raise NoBroker(f"{port}: the board's /config.json names no broker and no --broker was given: "
                                f"give --broker mqtt://HOST[:PORT] (nothing was changed on the board)")
             configs[port] = current
+            if _uses_tls(current, settings):
+                held[port] = hashes(pool.get(port), [TLS_CA_PATH, TLS_IDENTITY_PATH])
             progress(port, "copying")
             sync = sync_tree(pool.get(port), files)
             device = info["device_id"] or info["mac"]
@@ -137,6 +143,9 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
         creds = register_devices(store, devices, settings.board, lambda d: settings.groups,
                                  settings.with_credentials)
         trusted = keyring.trusted_keys()
+        # In this thread (the store's): a certificate for each TLS board that needs one.
+        identities = {port: _tls_identity(store, held[port], copied[port].device, settings.ca)
+                      for port in copied if port in held}
 
         def provision(port: str) -> PortResult:
             r = copied[port]
@@ -147,7 +156,8 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
             # (exec permission) or through keys jobs, never by a config job.
             security = {"trusted_keys": cfg["trusted_keys"], "exec_allowed": cfg.get("exec_allowed") is True}
             written, _ = sync_files(link, {"/config.json": json.dumps(cfg, sort_keys=True).encode(),
-                                           "/security.json": json.dumps(security, sort_keys=True).encode()})
+                                           "/security.json": json.dumps(security, sort_keys=True).encode(),
+                                           **identities.get(port, {})})
             progress(port, "self-check")
             check = self_check(link, files)
             problems = _check_problems(check, r.device, trusted, files)
@@ -165,6 +175,27 @@ def deploy(store: Store, keyring: KeyRing, ports: list[str], settings: DeploySet
 
 
 _SHOWN = 3  # problems named in a failed self-check's one line
+_MONTH = 30 * 86400
+
+
+def _uses_tls(current: dict, s: DeploySettings) -> bool:
+    """The board will talk TLS: the --broker is mqtts://, or, with none given, its own config says so."""
+    if s.broker is not None:
+        return s.broker.tls
+    return (current.get("broker") or {}).get("tls") is True
+
+
+def _tls_identity(store: Store, held: dict, device: str, ca) -> dict[str, bytes]:
+    """The /tls files a board on a TLS broker gets: none when it holds the fleet CA and an
+    identity, and the device has a certificate that is neither revoked nor within a
+    month of its end (a redeploy keeps it); else a new certificate and key
+    (docs/security.md). The host keeps the certificate; the key goes to the board only."""
+    if ca is None:
+        raise UsbError(f"{device}: the broker is TLS (mqtts://) but there is no fleet CA: run `mpfleet ca init`")
+    current = [c for c in store.certificates(device) if not c["revoked"] and c["not_after"] > time.time() + _MONTH]
+    if held.get(TLS_IDENTITY_PATH) and held.get(TLS_CA_PATH) == hashlib.sha256(ca.ca_der()).hexdigest() and current:
+        return {}
+    return tls_files(ca, device)
 
 
 def _check_problems(check: dict, device: str, trusted: dict, files: dict[str, bytes]) -> list[str]:
