@@ -1,9 +1,10 @@
 """`make demo`: a fleet of virtual ESP32s, a secured broker, `serve`, and three staged rollouts.
 
-1. an embedded broker: mosquitto with a generated password file and ACL (each device
-   may use only its own topics), or amqtt (anonymous) where mosquitto is missing;
-2. a signing key, and 20 virtual devices provisioned like real ones: registered,
-   trusting the key, each with its own broker account;
+1. an embedded broker: mosquitto with a mutual-TLS listener and the per-device ACL
+   (each device may use only its own topics), or amqtt (anonymous, plaintext) where
+   mosquitto is missing; `--plaintext`: mosquitto with a password file instead;
+2. a signing key, the fleet CA, and 20 virtual devices provisioned like real ones:
+   registered, trusting the key, each with its own certificate (subject: its id);
 3. the dispatcher (`mpfleet serve`, here in-process) and the fleet, awake;
 4. a bad config job (an invalid sample interval) with a 10% canary stage: it fails on
    the canary, the rollout aborts, and the other devices never receive it;
@@ -12,7 +13,7 @@
    streamed by serve, installed in the other app slot, trial-booted and confirmed;
 7. a summary, and where the database, the keys and the fleet are kept.
 
-    python -m mpfleet.demo [--devices 20] [--dir DIR]
+    python -m mpfleet.demo [--devices 20] [--dir DIR] [--plaintext]
 
 Exit status 0 when the bad job was stopped at the canary and the good config job and
 the app update SUCCEEDED everywhere.
@@ -34,7 +35,8 @@ from rich.text import Text
 
 from mpfleet.images.appbundle import build_bundle
 from mpfleet.broker.local import embedded_broker
-from mpfleet.broker.config import conf_lines, generate, host_credentials
+from mpfleet.broker.config import conf_lines, generate, host_credentials, tls_listener_lines
+from mpfleet.fleet.certs import FleetCA
 from mpfleet.images.store import ImageStore
 from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import BrokerConfig
@@ -61,6 +63,7 @@ class DemoResult:
     app: JobStatus
     samples: int
     broker_kind: str
+    tls: bool = False
 
 
 def _progress(statuses: list[JobStatus]) -> Table:
@@ -99,7 +102,8 @@ def _watch(engine: RolloutEngine, job_ids: list[str], dispatcher: Dispatcher, li
         time.sleep(0.25)
 
 
-def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = "auto") -> DemoResult:
+def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = "auto",
+             plaintext: bool = False) -> DemoResult:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mpfleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if any(workdir.iterdir()):
@@ -115,6 +119,12 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
     if broker_kind == "mosquitto" and broker.kind != "mosquitto":
         raise SystemExit("mpfleet demo: mosquitto is not installed (apt-get install mosquitto)")
     secured = broker.kind == "mosquitto"
+    tls = secured and not plaintext
+    ca = FleetCA(keys_dir, store)
+    if tls:
+        ca.init()
+        console.print(f"fleet CA in {keys_dir} (ca.key mode 0600): a certificate per device, for the broker and "
+                      "for serve", highlight=False)
     started = time.perf_counter()
 
     def groups(i, dev):
@@ -125,11 +135,18 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
                       "messages when many devices connect at once (docs/dispatch.md); the rollouts may stall. "
                       "Install mosquitto (apt-get install mosquitto) for the real demo.[/]", highlight=False)
     boards = provision_sim_fleet(store, ring, workdir / "fleet", devices,
-                                 BrokerConfig(broker.host, broker.port), prefix="demo", groups_fn=groups,
-                                 with_credentials=secured, config_overrides=AWAKE_CONFIG)
+                                 BrokerConfig(broker.host, broker.port, tls=tls), prefix="demo", groups_fn=groups,
+                                 with_credentials=secured, config_overrides=AWAKE_CONFIG, ca=ca if tls else None)
+    identity = ", each with its own certificate" if tls else ", each with its own broker account" if secured else ""
     console.print(f"provisioned {devices} virtual ESP32s in {time.perf_counter() - started:.1f} s: registered, "
-                  f"trusting the key{', each with its own broker account' if secured else ''}", highlight=False)
-    if secured:
+                  f"trusting the key{identity}", highlight=False)
+    if tls:
+        files = generate(store, workdir / "broker", ca=ca, listen=f"{broker.host}:{broker.port}")
+        broker.extra_config = tls_listener_lines(ca, files.acl)
+        crt, key = files.host_certs[files.host_user], ca.host_files(files.host_user)[1]
+        host_cfg = BrokerConfig(broker.host, broker.port, tls=True, ca_file=str(ca.cert_path), cert_file=str(crt),
+                                key_file=str(key))
+    elif secured:
         files = generate(store, workdir / "broker")
         broker.extra_config = conf_lines(files.passwd, files.acl)
         host = host_credentials(store)
@@ -138,9 +155,10 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
         host_cfg = BrokerConfig(broker.host, broker.port)
     samples = 0
     with broker:
-        console.print(f"broker: {broker.kind} on {broker.url}" + (
-            " with a password file and an ACL: each device may use only mpf/v1/<its id>/..." if secured
-            else " (amqtt: anonymous; install mosquitto for per-device accounts and ACLs)"), highlight=False)
+        console.print(f"broker: {broker.kind} on {host_cfg.url()}" + (
+            " with mutual TLS (the fleet CA, a CRL) and an ACL: each device may use only mpf/v1/<its id>/..."
+            if tls else " with a password file and an ACL: each device may use only mpf/v1/<its id>/..." if secured
+            else " (amqtt: anonymous; install mosquitto for per-device certificates and ACLs)"), highlight=False)
         engine = RolloutEngine(store, ring, Registry(store))
         images = ImageStore(store, workdir / "images")
         bundle_path = workdir / "agent-0.2.0.mpfa"
@@ -186,7 +204,7 @@ def run_demo(devices: int = 20, workdir: Path | None = None, broker_kind: str = 
           and app_status.status == "COMPLETED" and app_status.counts["SUCCEEDED"] == devices)
     _summary(bad_status, good_status, app_status, devices, bad_reached, samples, serve_stats, fleet_stats, workdir,
              ok)
-    return DemoResult(ok, workdir, bad_status, good_status, app_status, samples, broker.kind)
+    return DemoResult(ok, workdir, bad_status, good_status, app_status, samples, broker.kind, tls)
 
 
 def _summary(bad: JobStatus, good: JobStatus, app: JobStatus, devices, bad_reached, samples, serve_stats,
@@ -217,8 +235,8 @@ def _summary(bad: JobStatus, good: JobStatus, app: JobStatus, devices, bad_reach
     env = f"MPFLEET_DB={workdir / 'mpfleet.db'} MPFLEET_KEYS={workdir / 'keys'}"
     console.print(f"""
 The data and the job records stay in {workdir}:
-  mpfleet.db   SQLite: devices, jobs, executions, samples   keys/   the signing key
-  fleet/       the virtual boards (flash images, boot logs)   broker/ passwd, acl, mosquitto.conf
+  mpfleet.db   SQLite: devices, jobs, executions, samples   keys/   the signing key, the fleet CA
+  fleet/       the virtual boards (flash images, boot logs)   broker/ acl (passwd), mosquitto.conf
 Look around:
   {env} mpfleet job list
   {env} mpfleet job status wake-budget-15s
@@ -235,11 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="empty directory for the demo's data (default: a new temp dir)")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
                         help="embedded broker (default: mosquitto when installed, else amqtt)")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="mosquitto with passwords instead of mutual TLS (to compare; a lab setting)")
     args = parser.parse_args(argv)
     if args.devices < 2:
         parser.error("--devices must be at least 2")
     console.rule("[bold]mpfleet demo: a fleet of virtual ESP32s")
-    return 0 if run_demo(args.devices, args.dir, args.broker).ok else 1
+    return 0 if run_demo(args.devices, args.dir, args.broker, args.plaintext).ok else 1
 
 
 if __name__ == "__main__":
