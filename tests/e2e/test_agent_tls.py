@@ -29,6 +29,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from agent_harness import make_device
+from conftest import STRESS
 
 from mpfleet.broker.config import acl_text
 from mpfleet.broker.local import LocalBroker, find_mosquitto
@@ -337,8 +338,10 @@ def test_a_device_with_bs_certificate_can_act_only_as_b(tmp_path, world, pki):
     broker, host = world
     before = len(host.states_of("tls-a"))
     frames_before = len(host.frames.get("tls-a", []))
-    impostor = device(tmp_path, "tls-a", broker.port, pki, identity=pki["ca"].issue_device("tls-b").identity())
-    out = wake(impostor, 2)
+    # (A short broker timeout: mosquitto drops the denied QoS 1 publish without a PUBACK.)
+    impostor = device(tmp_path, "tls-a", broker.port, pki, identity=pki["ca"].issue_device("tls-b").identity(),
+                      broker={"timeout_ms": 400})
+    out = wake(impostor, 1)
     # The broker took the certificate (a member of the fleet: the handshake and
     # CONNECT pass) but knows the device as tls-b, whose ACL has no tls-a topic:
     # what it publishes as tls-a is dropped and nothing of tls-a reaches it.
@@ -525,3 +528,200 @@ def test_an_unset_clock_is_moved_to_the_floor_before_the_handshake_and_never_bac
     times = [s["time"] for s in host.states_of("tls-clock")]
     assert times == sorted(times), f"the clock went backwards: {times}"
     assert times[-1] >= time.time() - 120, "the host's time (the ack) set the clock after the floor"
+
+
+# ---------------------------------------------------------------- power cuts
+# Every flash operation of the renewal path, as tests/e2e/test_promise_powercut.py
+# sweeps the other job kinds: the board is snapshotted before each wake from the
+# queue to the job's end; each snapshot's wake is run uncut to count its flash
+# operations N, then cut at k (every k in 1..N under `make stress`, a deterministic
+# slice in `make test`), and the device recovers over a few wakes. Each cut point
+# runs as its own device id (config rewritten, the job re-signed for it) on a broker
+# without an ACL; every one presents a certificate for SWEEP_CN.
+STRIDE = 10
+RECOVERY_WAKES = 6
+LIFE_WAKES = 6
+
+
+@pytest.fixture(scope="module")
+def sweep_world(pki):
+    ca = pki["ca"]
+    with LocalBroker(extra_config=_tls_lines(ca, *pki["broker"], None)) as broker:
+        host = TlsHost(broker.port, ca.cert_path, pki["host"])
+        try:
+            yield broker, host
+        finally:
+            host.close()
+
+
+def sweep_points(n: int, phase: int) -> list[int]:
+    """Every cut point under `make stress`; else the first, every STRIDE-th of the
+    job's first wake, and the last two of every wake (where the commits land)."""
+    if STRESS:
+        return list(range(1, n + 1))
+    picked = set(range(1, n + 1, STRIDE)) if phase == 0 else {1}
+    picked |= {k for k in (n - 1, n) if k >= 1}
+    return sorted(k for k in picked if 1 <= k <= n)
+
+
+class RenewalSweep:
+    def __init__(self, root: Path, world, pki, name: str, new_identity: bytes, want: str):
+        self.broker, self.host = world
+        self.pki = pki
+        self.root = root / name
+        self.root.mkdir()
+        self.name = name
+        self.old = pki["ca"].issue_device(SWEEP_CN).identity()
+        self.new = new_identity
+        self.want = want  # the uncut run's final status
+        self.violations: dict[str, list[str]] = {}
+        self.points = 0
+
+    def queue(self, device_id: str) -> list[str]:
+        return [cert_job(device_id, self.new, trial_wakes=1)]
+
+    def boot(self, vb: VirtualBoard, cut: int | None = None):
+        before = vb.counters()["ops"]
+        if cut is not None:
+            vb.schedule_power_cut(after_ops=cut, seed=cut)
+        rec = vb.boot(clock_scale=0)
+        if vb.state.get("cut_after_ops") is not None:
+            vb.state["cut_after_ops"] = None
+            vb.save()
+        if rec.exit_reason == "power_cut":
+            vb.power_on(clock_s=vb.clock_s + 5)
+        return rec, vb.counters()["ops"] - before
+
+    def build(self) -> list[Path]:
+        base = f"{self.name}-t"
+        vb = device(self.root, base, self.broker.port, self.pki, identity=self.old)
+        for _ in range(2):
+            self.boot(vb)
+        self.host.publish_queue(base, self.queue(base))
+        snaps = []
+        for phase in range(LIFE_WAKES):
+            self.host.flush()
+            snap = self.root / f"snap-{phase}"
+            shutil.copytree(vb.path, snap)
+            snaps.append(snap)
+            self.boot(vb)
+            if "cert-1" in self.host.final(base):
+                return snaps
+        pytest.fail(f"{self.name}: the uncut template did not end its cert job in {LIFE_WAKES} wakes")
+
+    def restore(self, snap: Path, device_id: str) -> VirtualBoard:
+        work = self.root / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(snap, work)
+        vb = VirtualBoard(work)
+        vb.settings["device_id"] = device_id
+        vb.save()
+        from invariants import read_files
+
+        put = {}
+        for name, data in read_files(vb, ["/config.json", "/config.good.json"]).items():
+            if data is not None:
+                cfg = json.loads(data)
+                cfg["device_id"] = device_id
+                put[name] = json.dumps(cfg).encode()
+        vb.fs_put(put)
+        self.host.publish_queue(device_id, self.queue(device_id))
+        return vb
+
+    def run_point(self, snap: Path, phase: int, k: int | None) -> int:
+        device_id = f"{self.name}-p{phase}-k{k or 0}"
+        label = f"phase {phase} " + (f"cut at op {k}" if k else "uncut")
+        vb = self.restore(snap, device_id)
+        rec, ops = self.boot(vb, cut=k)
+        outputs = [rec.output]
+        if k and rec.exit_reason != "power_cut":
+            label += f" (no cut came: the wake took {ops} ops)"
+        for _ in range(RECOVERY_WAKES):
+            if "cert-1" in self.host.final(device_id):
+                break
+            outputs.append(self.boot(vb)[0].output)
+        # One more wake after the end: the device reaches its broker.
+        seen = len(self.host.states_of(device_id))
+        last, _ = self.boot(vb)
+        outputs.append(last.output)
+        self.points += 1
+        out = []
+        text = "".join(outputs)
+        if "Traceback" in text:
+            out.append("a wake raised: " + text[text.index("Traceback"):][:300])
+        statuses = {s for s, _attempt in self.host.final(device_id).get("cert-1", set())}
+        if len(statuses) != 1:
+            out.append(f"the job ended {sorted(statuses) or 'nowhere'}, not exactly once")
+        elif not k and statuses != {self.want}:
+            out.append(f"uncut, the job ended {sorted(statuses)}, not {self.want}")
+        files = _tls_files(vb)
+        want_id = self.new if statuses == {"SUCCEEDED"} else self.old
+        if files["/tls/id.der"] != want_id:
+            out.append(f"ended {sorted(statuses)} but /tls/id.der is "
+                       + ("the new identity" if files["/tls/id.der"] == self.new else
+                          "the old identity" if files["/tls/id.der"] == self.old else "neither identity"))
+        if files["/tls/id.bad"] is not None:
+            out.append("/tls/id.bad was left behind")
+        if len(self.host.states_of(device_id)) != seen + 1 or upload_errors(last.output):
+            out.append(f"the wake after the end did not reach the broker: {upload_errors(last.output)}")
+        if out:
+            self.violations[label] = out
+            if len(self.violations) <= 2:
+                shutil.copytree(vb.path, self.root / f"failed-{device_id}")
+        return ops
+
+    def report(self) -> str:
+        lines = [f"{self.name}: {len(self.violations)} of {self.points} runs broke a promise"]
+        for label, out in list(self.violations.items())[:10]:
+            lines += [f"  {label}:"] + [f"    - {v}" for v in out]
+        return "\n".join(lines)
+
+
+@pytest.mark.parametrize("kind", ["renew", "refused"])
+def test_power_cuts_at_every_flash_operation_of_a_renewal_leave_a_device_that_connects(tmp_path, sweep_world,
+                                                                                        pki, kind):
+    if kind == "renew":
+        new, want = pki["ca"].issue_device(SWEEP_CN).identity(), "SUCCEEDED"
+    else:
+        new, want = pki["other"].issue_device(SWEEP_CN).identity(), "FAILED"
+    sweep = RenewalSweep(tmp_path, sweep_world, pki, f"tlspc-{kind}", new, want)
+    sizes = []
+    for phase, snap in enumerate(sweep.build()):
+        n = sweep.run_point(snap, phase, None)
+        points = sweep_points(n, phase)
+        sizes.append((phase, n, len(points)))
+        for k in points:
+            sweep.run_point(snap, phase, k)
+    print("sweep", kind, json.dumps({"phases": sizes, "stress": STRESS}))
+    assert sum(n for _, n, _ in sizes) > 0
+    assert not sweep.violations, sweep.report()
+
+
+def test_a_tls_wake_fits_the_heap_budget_and_costs_little_more_than_plaintext(tmp_path, world, pki, mosquitto):
+    """The smallest heap an upload wake completes in (mpfleet.sim.heap), over TLS and
+    in plaintext, both with a host that acks. mbedTLS's own buffers are not in this
+    number on either port (docs/agent.md, "TLS": libc malloc on the unix port, the IDF
+    heap on the ESP32); what it counts is the agent's side: the CA and identity bytes,
+    agent.tlsid, the ssl objects."""
+    from agent_harness import Host
+    from mpfleet.sim.heap import heap_needed
+
+    def completes(rec) -> bool:
+        return (rec.exit_reason == "deepsleep" and "upload failed" not in rec.output
+                and "Traceback" not in rec.output)
+
+    broker, host = world
+    tls = device(tmp_path, "tls-b", broker.port, pki)
+    plain = make_device(tmp_path / "heap-plain", mosquitto.port, device_id="tls-heap-plain", upload_every_wakes=1)
+    acks = Host(mosquitto, tmp_path / "heap.db", client_id="ingest-tls-heap").start()
+    try:
+        needed = {}
+        for name, vb in (("tls", tls), ("plain", plain)):
+            wake(vb, 2)  # past the first boot: a steady upload wake
+            needed[name] = heap_needed(vb, completes, low=32 * 1024, high=128 * 1024, resolution=2048)
+    finally:
+        acks.close()
+    print("heap needed by an upload wake", json.dumps(needed))
+    assert needed["tls"] is not None, "a TLS upload wake does not complete in 128 KiB"
+    assert needed["plain"] is not None
+    assert needed["tls"] - needed["plain"] <= 24 * 1024, needed

@@ -315,6 +315,10 @@ class Wake:
                 # Only a floor: the host's time (the ack) may still correct it.
                 self.stage.flags |= rtcstage.FLAG_CLOCK_FLOOR
                 print("tls: clock set forward to its floor", floor)
+        import agent
+
+        tlsid = None
+        agent.unload("tlsid")  # its code is needed again only by a cert job or the next connect
         return params
 
     def uploader(self):

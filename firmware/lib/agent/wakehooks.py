@@ -111,8 +111,10 @@ def on_upload_failed(ctx, error):
 #   trial, id.try there        connected with it: rename over id.der, SUCCEEDED
 #   trial, id.try gone         renamed already (cut before the status): SUCCEEDED
 #   trial, id.bad there        a revert got that far: FAILED
-#   revert (saved first)       id.try to id.bad, FAILED in the state, id.bad removed;
-#                              each step is idempotent, so a cut repeats it
+#   revert (saved first)       id.try to id.bad, id.bad removed, then FAILED in the
+#                              state; each step is idempotent, so a cut repeats it
+#                              (a sweep found id.bad left behind when the state was
+#                              written before the removal)
 def _cert_connected(ctx, runner, cur):
     from agent import tlsid
 
@@ -121,8 +123,8 @@ def _cert_connected(ctx, runner, cur):
         runner.finish(cur, SUCCEEDED, "connected with the new certificate")
     else:
         tlsid.set_aside()
-        runner.finish(cur, FAILED, _cert_refused(cur, None))
         tlsid.forget_bad()
+        runner.finish(cur, FAILED, _cert_refused(cur, None))
     runner.save()  # the published outbox, cleared: else the job runner sends it again
 
 
@@ -143,10 +145,12 @@ def _cert_failed(ctx, state, cur, error):
         cur["phase"] = "revert"
         cur["data"]["error"] = error
         save_state(state)
+    # The renewal goes before the job ends: once it has ended nothing looks at
+    # /tls again, and a cut in between repeats these idempotent steps.
     tlsid.set_aside()
+    tlsid.forget_bad()
     record_final(state, cur, FAILED, _cert_refused(cur, error))
     save_state(state)
-    tlsid.forget_bad()
     ctx.stage.flags &= ~FLAG_TRIAL
     ctx.stage.flags |= FLAG_JOBS
     ctx.request_upload()  # report the failure with the old certificate next wake
