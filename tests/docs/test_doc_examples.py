@@ -24,7 +24,7 @@ import click
 import pytest
 from doc_examples import DOCUMENTS, REPO, all_blocks, help_examples, mpfleet_commands, shell_blocks
 
-from mpfleet.broker.local import LocalBroker, find_mosquitto
+from mpfleet.broker.local import LocalBroker, find_mosquitto, free_port
 from mpfleet.cli import cli
 
 # ---------------------------------------------------------------- every command line parses
@@ -164,10 +164,11 @@ def run_block(text: str, root: Path, env: dict[str, str], timeout_s: float) -> t
     return (-1 if status is None else status), output
 
 
-def substitute(text: str, root: Path, broker_port: int) -> str:
-    # the documented broker is 127.0.0.1:1883, in a URL or in a device's JSON config
+def substitute(text: str, root: Path, broker_port: int, tls_port: int) -> str:
+    # the documented broker is 127.0.0.1:1883, in a URL or in a device's JSON config; a
+    # TLS broker a block starts itself (mosquitto -c ...) listens on 127.0.0.1:8883
     return (text.replace("127.0.0.1:1883", f"127.0.0.1:{broker_port}").replace('"port": 1883', f'"port": {broker_port}')
-            .replace("/tmp/", f"{root}/tmp/"))
+            .replace("127.0.0.1:8883", f"127.0.0.1:{tls_port}").replace("/tmp/", f"{root}/tmp/"))
 
 
 @pytest.mark.slow
@@ -178,8 +179,10 @@ def test_the_runnable_examples_of_a_document_end_as_documented(document, doc_bro
         (root / folder).mkdir()
     (root / "work" / ".venv").symlink_to(Path(sys.executable).parent.parent)  # `. .venv/bin/activate`
     env = sandbox_env(root)
+    tls_port = free_port()
     for block in RUNNABLE[document]:
-        status, output = run_block(substitute(block.text, root, doc_broker.port), root, env, block.timeout_s)
+        status, output = run_block(substitute(block.text, root, doc_broker.port, tls_port), root, env,
+                                   block.timeout_s)
         shown = f"{block.name}:\n{block.text}\n--- output (exit {status}) ---\n{output[-6000:]}"
         assert status == block.exit, f"exit {status}, documented {block.exit}\n{shown}"
         for pattern in block.expect:

@@ -147,6 +147,8 @@ def test_devices_cert_revoke_names_the_broker_it_could_not_tell(tmp_path):
     proc = mpfleet(tmp_path, "devices", "cert", "revoke", "dev-1", "--reload", "999999", "--db", db,
                    "--keys-dir", keys)
     assert_one_line_error(proc, "revoked, but the broker (pid 999999) was not told")
+    assert_one_line_error(mpfleet(tmp_path, "devices", "cert", "revoke", "dev-1", "--reload", tmp_path / "no.pid",
+                                  "--db", db, "--keys-dir", keys), "the pid file cannot be read")
     assert serial in FleetCA(keys).revoked()  # the revocation itself stands
     shown = mpfleet(tmp_path, "devices", "cert", "show", "dev-1", "--db", db, "--keys-dir", keys, "--json")
     assert shown.returncode == 0 and '"revoked": null' not in shown.stdout

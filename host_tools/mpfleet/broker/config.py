@@ -272,11 +272,14 @@ def conf_text(passwd: str | os.PathLike | None, acl: str | os.PathLike, data_dir
     queue limits serve needs."""
     host, port = parse_listen(listen)
     if ca is not None:
+        pid = Path(acl).resolve().parent / "mosquitto.pid"
         access = ["# Mutual TLS: every client presents a certificate from the fleet CA (ca.crt), not revoked",
                   "# in crl.pem (SIGHUP the broker after `mpfleet devices cert revoke`: it re-reads the",
                   "# certificates and the CRL). The certificate's CN is the username, and so the client id:",
                   "# an account holds one session, and no account can take over or wipe another's.",
-                  *tls_listener_lines(ca, acl)]
+                  *tls_listener_lines(ca, acl),
+                  "# `mpfleet devices cert revoke ID --reload THIS_DIR/mosquitto.pid` signals the broker here.",
+                  f"pid_file {pid}"]
     else:
         access = ["# Plaintext with passwords: for a lab only (`mpfleet broker config` without --plaintext",
                   "# writes a mutual-TLS listener). Each client's id is its username: an account holds one",

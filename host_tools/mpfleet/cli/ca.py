@@ -160,28 +160,46 @@ def cert_renew(device_id: str, trial_wakes: int, keys_dir: str | None, db: str |
                f"{utc_time(issued.not_after.timestamp())}); `mpfleet job status {job_id}` once serve runs")
 
 
+def _broker_pid(value: str) -> int:
+    """A process id, or the number in the pid file `value` names."""
+    text = value
+    if not value.isdigit():
+        try:
+            text = open(value).read().strip()
+        except OSError as e:
+            raise MpfleetError(f"--reload {value}: not a process id, and the pid file cannot be read: "
+                               f"{e.strerror}") from None
+    if not text.isdigit() or int(text) < 1:
+        raise MpfleetError(f"--reload {value}: {text!r} is not a process id")
+    return int(text)
+
+
 @device_cert.command("revoke")
 @click.argument("device_id", type=DEVICE_ID)
-@click.option("--reload", "reload_pid", type=click.IntRange(min=1), metavar="PID",
-              help="Send the broker process PID a SIGHUP so it reads the new CRL at once.")
+@click.option("--reload", "reload_pid", metavar="PID|PIDFILE",
+              help="Send the broker a SIGHUP so it reads the new CRL at once: its process id, or its pid file "
+                   "(`broker config` writes OUT/mosquitto.pid into its configuration).")
 @KEYS_DIR
 @DB
 @JSON
-def cert_revoke(device_id: str, reload_pid: int | None, keys_dir: str | None, db: str | None,
+def cert_revoke(device_id: str, reload_pid: str | None, keys_dir: str | None, db: str | None,
                 as_json: bool) -> None:
     """Revoke every certificate of DEVICE_ID: the CRL (KEYS_DIR/crl.pem) is rewritten,
     and the broker refuses the device at its next connect once it has read it
     (SIGHUP it, or --reload PID). Other devices carry on."""
+    pid = _broker_pid(reload_pid) if reload_pid is not None else None
     with open_store(db) as store:
         serials = fleet_ca(keys_dir, store).revoke(device_id)
-    if reload_pid is not None:
+    reload_pid = pid
+    if pid is not None:
         try:
-            os.kill(reload_pid, signal.SIGHUP)
+            os.kill(pid, signal.SIGHUP)
         except OSError as e:
             raise MpfleetError(f"revoked, but the broker (pid {reload_pid}) was not told: {e.strerror}; "
                                        "SIGHUP it yourself") from None
     if as_json:
         print_json({"device": device_id, "revoked": [f"{s:x}" for s in serials], "reloaded": reload_pid})
         return
-    told = f"; broker {reload_pid} told (SIGHUP)" if reload_pid else "; SIGHUP the broker so it reads the CRL"
+    told = (f"; broker {reload_pid} told (SIGHUP)" if reload_pid
+            else "; SIGHUP the broker so it reads the CRL (--reload PID|PIDFILE)")
     click.echo(f"revoked {len(serials)} certificate(s) of {device_id}{told}")
