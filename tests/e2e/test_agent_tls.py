@@ -31,7 +31,7 @@ import pytest
 from agent_harness import make_device
 from conftest import STRESS
 
-from mpfleet.broker.config import acl_text
+from mpfleet.broker.config import acl_text, tls_listener_lines
 from mpfleet.broker.local import LocalBroker, find_mosquitto
 from mpfleet.fleet.certs import FleetCA
 from mpfleet.protocol.codec import FrameError, decode_frame
@@ -205,11 +205,10 @@ class TlsHost:
 
 
 # ---------------------------------------------------------------- fixtures
-def _tls_lines(ca: FleetCA, crt: Path, key: Path, acl: Path | None) -> list[str]:
-    lines = [f"cafile {ca.cert_path}", f"certfile {crt}", f"keyfile {key}", f"crlfile {ca.crl_path}",
-             "require_certificate true", "use_identity_as_username true", "use_username_as_clientid true",
-             "allow_anonymous false"]
-    return lines + ([f"acl_file {acl}"] if acl else [])
+def _tls_lines(ca: FleetCA, acl: Path | None) -> list[str]:
+    """The listener `mpfleet broker config` writes (tls_listener_lines), for the broker
+    certificate in `ca`'s directory."""
+    return tls_listener_lines(ca, acl)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +216,7 @@ def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
     ca = FleetCA(root / "fleet")
     ca.init()
-    broker = ca.issue_broker(["127.0.0.1", "localhost"])
+    ca.issue_broker(["127.0.0.1", "localhost"])
     host = ca.issue_host(HOST_ACCOUNT)
     # The same CA, a broker certificate for another name (copied aside: issue_broker
     # writes broker.crt/.key in the CA's directory).
@@ -225,12 +224,11 @@ def pki(tmp_path_factory):
     twin.dir.mkdir()
     for name in ("ca.key", "ca.crt", "crl.pem"):
         shutil.copy2(ca.dir / name, twin.dir / name)
-    wrong_name = twin.issue_broker(["broker.example.org"])
+    twin.issue_broker(["broker.example.org"])
     other = FleetCA(root / "other")
     other.init()
-    other_broker = other.issue_broker(["127.0.0.1", "localhost"])
-    return {"ca": ca, "broker": broker, "host": host, "wrong_name": wrong_name, "other": other,
-            "other_broker": other_broker, "root": root}
+    other.issue_broker(["127.0.0.1", "localhost"])
+    return {"ca": ca, "host": host, "twin": twin, "other": other, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +239,7 @@ def world(pki):
     acl = pki["root"] / "acl"
     acl.write_text(acl_text(DEVICES, host_user=HOST_ACCOUNT))
     ca = pki["ca"]
-    with LocalBroker(extra_config=_tls_lines(ca, *pki["broker"], acl)) as broker:
+    with LocalBroker(extra_config=_tls_lines(ca, acl)) as broker:
         host = TlsHost(broker.port, ca.cert_path, pki["host"])
         try:
             yield broker, host
@@ -387,18 +385,17 @@ def test_a_revoked_device_is_refused_at_its_next_connect_and_the_others_carry_on
     assert len(host.states_of("tls-r2")) == 2, "a device that was not revoked was cut off"
 
 
-def _refusing_broker(pki, crt_key) -> LocalBroker:
-    ca = pki["ca"]
-    return LocalBroker(extra_config=_tls_lines(ca, *crt_key, None) + ["log_type notice", "connection_messages true"])
+def _refusing_broker(ca: FleetCA) -> LocalBroker:
+    return LocalBroker(extra_config=_tls_lines(ca, None) + ["log_type notice", "connection_messages true"])
 
 
 @pytest.mark.parametrize("case", ["another CA", "another host name"])
 def test_the_device_refuses_a_broker_it_cannot_verify_and_sends_it_nothing(tmp_path, pki, case):
-    device_id, crt_key, cause = {
-        "another CA": ("tls-badca", pki["other_broker"], "not correctly signed by the trusted CA"),
-        "another host name": ("tls-badname", pki["wrong_name"], "does not match"),
+    device_id, ca, cause = {
+        "another CA": ("tls-badca", pki["other"], "not correctly signed by the trusted CA"),
+        "another host name": ("tls-badname", pki["twin"], "does not match"),
     }[case]
-    with _refusing_broker(pki, crt_key) as broker:
+    with _refusing_broker(ca) as broker:
         relay = Relay(broker.port)
         try:
             vb = device(tmp_path, device_id, relay.port, pki)
@@ -546,7 +543,7 @@ LIFE_WAKES = 6
 @pytest.fixture(scope="module")
 def sweep_world(pki):
     ca = pki["ca"]
-    with LocalBroker(extra_config=_tls_lines(ca, *pki["broker"], None)) as broker:
+    with LocalBroker(extra_config=_tls_lines(ca, None)) as broker:
         host = TlsHost(broker.port, ca.cert_path, pki["host"])
         try:
             yield broker, host

@@ -290,3 +290,63 @@ def test_the_clock_floor_is_the_build_date_or_a_later_not_before(results):
     floors = results.value("floors")
     assert floors.pop("built") == [2026, 12, 1, 0, 0, 0]
     assert floors == {k: True for k in floors}, floors
+
+
+# The host refuses a cert job the device would not run (mpfleet.fleet.keys.check_cert_params
+# against the agent's jobschema and split_identity): one list, both sides.
+_B64 = __import__("base64").b64encode
+CERT_PARAMS = [
+    ("valid", {"identity": _B64(IDENTITY).decode()}, True),
+    ("valid with trial_wakes 50", {"identity": _B64(IDENTITY).decode(), "trial_wakes": 50}, True),
+    ("trial_wakes 1", {"identity": _B64(IDENTITY).decode(), "trial_wakes": 1}, True),
+    ("trial_wakes 51", {"identity": _B64(IDENTITY).decode(), "trial_wakes": 51}, False),
+    ("trial_wakes 0", {"identity": _B64(IDENTITY).decode(), "trial_wakes": 0}, False),
+    ("trial_wakes true", {"identity": _B64(IDENTITY).decode(), "trial_wakes": True}, False),
+    ("trial_wakes a string", {"identity": _B64(IDENTITY).decode(), "trial_wakes": "3"}, False),
+    ("no identity", {}, False),
+    ("identity not a string", {"identity": 5}, False),
+    ("identity empty", {"identity": ""}, False),
+    ("identity over 4096 characters", {"identity": _B64(IDENTITY + b"\x00" * 3000).decode()}, False),
+    ("certificate only", {"identity": _B64(CERT).decode()}, False),
+    ("a byte after the key", {"identity": _B64(IDENTITY + b"\x00").decode()}, False),
+    ("key first", {"identity": _B64(KEY + CERT).decode()}, False),
+    ("not base64", {"identity": "!!!!" * 10}, False),
+]
+# The host checks more than the device can: the key belongs to the certificate.
+OTHER_CERT, OTHER_KEY = _cert(UTC_DATE)
+HOST_ONLY = [("another certificate's key", {"identity": _B64(CERT + OTHER_KEY).decode()})]
+
+AGREEMENT = f"CERT_PARAMS = {[(n, p) for n, p, _ in CERT_PARAMS]!r}\n" + """
+import binascii
+from agent import jobschema, tlsid
+
+
+def device_accepts(p):
+    if jobschema.problem("cert", p) is not None:
+        return False
+    try:
+        tlsid.split_identity(binascii.a2b_base64(p["identity"]))
+    except ValueError:
+        return False
+    return True
+
+
+for name, p in CERT_PARAMS:
+    case(name, lambda p=p: device_accepts(p))
+"""
+
+
+def test_the_host_and_the_device_accept_the_same_cert_jobs(unit_cases):
+    from mpfleet.fleet.keys import KeyringError, check_cert_params
+
+    device = unit_cases(AGREEMENT, ("lib/agent/tlsid.py", "lib/agent/jobschema.py", "lib/agent/envelope.py"))
+    for name, params, valid in CERT_PARAMS:
+        try:
+            check_cert_params(params)
+            host = True
+        except KeyringError:
+            host = False
+        assert (host, device.value(name)) == (valid, valid), name
+    for _name, params in HOST_ONLY:
+        with pytest.raises(KeyringError, match="does not belong"):
+            check_cert_params(params)

@@ -147,8 +147,19 @@ def check_cert_params(params: dict) -> None:
         raw = base64.b64decode(identity, validate=True)
     except (ValueError, binascii.Error):
         raise KeyringError("cert: identity is not standard base64") from None
-    if _der_end(raw, 0) is None or _der_end(raw, _der_end(raw, 0)) != len(raw):
+    end = _der_end(raw, 0)
+    if end is None or _der_end(raw, end) != len(raw):
         raise KeyringError("cert: identity must be a certificate DER followed by its key DER, nothing else")
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_der_private_key
+
+    try:
+        cert = x509.load_der_x509_certificate(raw[:end])
+        key = load_der_private_key(raw[end:], None)
+    except (ValueError, TypeError) as e:
+        raise KeyringError(f"cert: identity is not a certificate followed by its private key: {e}") from None
+    if key.public_key() != cert.public_key():
+        raise KeyringError("cert: the identity's private key does not belong to its certificate")
     trial = params.get("trial_wakes")
     if trial is not None and (not isinstance(trial, int) or isinstance(trial, bool) or not 1 <= trial <= 50):
         raise KeyringError(f"cert: trial_wakes must be 1..50, not {trial!r}")
