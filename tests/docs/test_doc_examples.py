@@ -164,11 +164,21 @@ def run_block(text: str, root: Path, env: dict[str, str], timeout_s: float) -> t
     return (-1 if status is None else status), output
 
 
+_RUN_MOSQUITTO = re.compile(r"^mosquitto -c (\S+)", re.MULTILINE)
+
+
 def substitute(text: str, root: Path, broker_port: int, tls_port: int) -> str:
     # the documented broker is 127.0.0.1:1883, in a URL or in a device's JSON config; a
     # TLS broker a block starts itself (mosquitto -c ...) listens on 127.0.0.1:8883
-    return (text.replace("127.0.0.1:1883", f"127.0.0.1:{broker_port}").replace('"port": 1883', f'"port": {broker_port}')
+    text = (text.replace("127.0.0.1:1883", f"127.0.0.1:{broker_port}").replace('"port": 1883', f'"port": {broker_port}')
             .replace("127.0.0.1:8883", f"127.0.0.1:{tls_port}").replace("/tmp/", f"{root}/tmp/"))
+    if os.geteuid() == 0:
+        # A reader runs mosquitto as themselves, the owner of the files `broker config`
+        # wrote. Started as root (CI), mosquitto would drop to the mosquitto user first
+        # and could not read root's 0600 files: tell it to stay root, as LocalBroker does.
+        text = _RUN_MOSQUITTO.sub(lambda m: f"{{ echo 'user root'; cat {m.group(1)}; }} > {m.group(1)}.root && "
+                                            f"mosquitto -c {m.group(1)}.root", text)
+    return text
 
 
 @pytest.mark.slow

@@ -216,7 +216,8 @@ def test_existing_credentials_kept_unless_rotated(setup, tmp_path):
 
 def test_cli_broker_config(tmp_path):
     db = tmp_path / "db.sqlite"
-    cmd = [sys.executable, "-m", "mpfleet", "broker", "config", "--db", str(db), "--out", str(tmp_path / "out"), "--plaintext"]
+    cmd = [sys.executable, "-m", "mpfleet", "broker", "config", "--db", str(db), "--out", str(tmp_path / "out"),
+           "--plaintext"]
     done = subprocess.run(cmd + ["--device", "dev-1", "--device", "dev-2", "--json"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr

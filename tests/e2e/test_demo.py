@@ -32,8 +32,13 @@ def test_demo_runs_to_a_passing_summary(tmp_path, broker, devices):
     with Store(workdir / "mpfleet.db") as store:
         assert {d["state"]["app"] for d in store.devices()} == {"0.2.0"}
     assert sum(n for (job, _), n in counts.items() if job == "bad-interval") <= max(1, round(devices * 0.1))
-    if broker == "mosquitto":  # per-device accounts: the passwd file and ACL were written and used
-        assert (workdir / "broker" / "passwd").exists() and "user demo-0001" in (workdir / "broker" / "acl").read_text()
+    if broker == "mosquitto":  # mutual TLS: a certificate per device, the ACL written and used, no passwords
+        assert "mqtts://127.0.0.1:" in proc.stdout and "with mutual TLS" in proc.stdout
+        assert "user demo-0001" in (workdir / "broker" / "acl").read_text()
+        assert not (workdir / "broker" / "passwd").exists()
+        with Store(workdir / "mpfleet.db") as store:
+            subjects = {c["subject"] for c in store.certificates() if c["kind"] == "device"}
+        assert subjects == {f"demo-{i:04d}" for i in range(1, devices + 1)}
 
 
 def test_amqtt_fallback_carries_a_job_to_a_device(tmp_path):

@@ -139,8 +139,8 @@ def test_two_fleets_and_a_stranger_share_a_broker(fleets, mosquitto, tmp_path):
         assert sorted(r["device"] for r in everyone["devices"]) == a["ids"]
         running = mpfleet("job", "status", "everyone", "--db", a["db"], check=False)
         assert "is running on" not in running.stdout + running.stderr  # serve's heartbeat is seen
-        conf = json.loads(mpfleet("broker", "config", "--plaintext", "--out", tmp_path / "broker-a", "--topic-root", ROOT_A,
-                                  "--db", a["db"], "--json").stdout)
+        conf = json.loads(mpfleet("broker", "config", "--plaintext", "--out", tmp_path / "broker-a",
+                                  "--topic-root", ROOT_A, "--db", a["db"], "--json").stdout)
         assert conf["devices"] == a["ids"]
         acl = (tmp_path / "broker-a" / "acl").read_text()
         assert intruder not in acl and f"topic write {ROOT_A}/{a['ids'][0]}/samples" in acl

@@ -297,7 +297,6 @@ def conf_text(passwd: str | os.PathLike | None, acl: str | os.PathLike, data_dir
         f"listener {port}" + (f" {host}" if host else ""),
         *access,
         "",
-        *_run_as_lines(),
         f"# Sessions and retained messages survive a restart; saved every {FLEET_AUTOSAVE_S} s, so a kill -9",
         "# loses at most the last seconds (docs/security.md: what that is, and how it is made good).",
         *persistence_lines(data_dir, FLEET_AUTOSAVE_S),
@@ -305,17 +304,6 @@ def conf_text(passwd: str | os.PathLike | None, acl: str | os.PathLike, data_dir
         "# What devices report while serve is down waits in its session: room for a fleet's worth.",
         *TUNING_LINES,
     ]) + "\n"
-
-
-def _run_as_lines() -> list[str]:
-    """Written by root, the files are root's and 0600: a mosquitto started as root drops
-    to the "mosquitto" user before it reads them, so it is told to stay root. (Written
-    by anyone else, mosquitto runs as that user and reads them.)"""
-    if os.geteuid() != 0:
-        return []
-    return ["# Written as root: the files here are root's, mode 0600; a mosquitto started as root would",
-            "# drop to the mosquitto user and fail to read them. chown them and remove this line to drop.",
-            "user root", ""]
 
 
 def write_passwd(path: str | os.PathLike, entries: list[tuple[str, str]]) -> Path:
