@@ -17,6 +17,32 @@ from mpfleet.sim import VirtualBoard
 STRESS = os.environ.get("MPFLEET_STRESS") == "1"
 
 
+# The settings a user's shell or config file may hold: no test reads or writes the
+# user's own database, keys or profiles. Every test runs with an mpfleet home and a
+# config directory of the session's own (a test that wants others passes them).
+_USER_SETTINGS = ("MPFLEET_DB", "MPFLEET_KEYS", "MPFLEET_IMAGES", "MPFLEET_BROKER", "MPFLEET_TOPIC_ROOT",
+                  "MPFLEET_PROFILE")
+
+
+def pytest_configure(config):
+    import tempfile
+
+    for name in _USER_SETTINGS:
+        os.environ.pop(name, None)
+    home = Path(tempfile.mkdtemp(prefix="mpfleet-test-home-"))
+    config.mpfleet_test_home = home
+    os.environ["MPFLEET_HOME"] = str(home / ".mpfleet")
+    os.environ["XDG_CONFIG_HOME"] = str(home / ".config")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    home = getattr(config, "mpfleet_test_home", None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def stress_count(quick: int, full: int) -> int:
     return full if STRESS else quick
 

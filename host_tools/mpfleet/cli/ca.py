@@ -31,10 +31,10 @@ def ca() -> None:
     """The fleet's certificate authority: device, host and broker certificates, the CRL.
 
     \b
-      mpfleet ca init                              # ca.key (0600) and ca.crt in the keys dir
-      mpfleet broker config --out DIR              # a mutual-TLS mosquitto.conf, broker + host certs
-      mpfleet deploy ... --broker mqtts://HOST     # each board gets its own certificate
-      mpfleet devices cert revoke ID --reload PID  # refused at its next connect
+      mpfleet ca init                                  # ca.key (0600) and ca.crt in the keys dir
+      mpfleet broker config --out /etc/mpfleet/broker  # a mutual-TLS mosquitto.conf, broker + host certs
+      mpfleet deploy --all --broker mqtts://10.0.0.2   # each board gets its own certificate
+      mpfleet devices cert revoke pump-7 --reload /etc/mpfleet/broker/mosquitto.pid  # refused from now on
     """
 
 
