@@ -42,7 +42,7 @@ UTC = dt.timezone.utc
 HOST_ACCOUNT = "mpfleet-host"
 # Every device id of the module's main broker: the ACL names each (acl_text).
 DEVICES = ["tls-a", "tls-b", "tls-plain", "tls-other", "tls-expired", "tls-r1", "tls-r2", "tls-badca",
-           "tls-badname", "tls-renew", "tls-refused", "tls-clock", "tls-noca"]
+           "tls-badname", "tls-renew", "tls-refused", "tls-clock", "tls-noca", "tls-wrongcn"]
 SWEEP_CN = "tls-sweep"  # every sweep device presents a certificate for this one name
 KEY = SigningKey.generate()
 CLOCK_SET_AFTER = 1577836800
@@ -195,6 +195,16 @@ class TlsHost:
     def details(self, device: str, job: str) -> list:
         with self.lock:
             return [s.get("detail") for s in self.statuses.get(device, []) if s["job"] == job]
+
+    def forget(self, device: str) -> None:
+        """Start afresh with `device`: what it reported, its ack and its queue, gone
+        (a sweep runs every cut point as the same device)."""
+        self.flush()
+        for leaf in ("samples/ack", "jobs"):
+            self.client.publish(f"mpf/v1/{device}/{leaf}", b"", qos=1, retain=True).wait_for_publish(5)
+        with self.lock:
+            for records in (self.states, self.statuses, self.frames, self.acked):
+                records.pop(device, None)
 
     def publish_queue(self, device: str, envelopes: list[str]) -> None:
         self.client.publish(f"mpf/v1/{device}/jobs", json.dumps(envelopes), qos=1, retain=True).wait_for_publish(5)
@@ -509,6 +519,20 @@ def test_a_cert_job_the_broker_refuses_is_reverted_and_reported_failed(tmp_path,
     assert upload_errors(wake(vb)) == [] and len(host.states_of("tls-refused")) == seen + 1
 
 
+def test_a_cert_job_with_another_devices_certificate_fails_and_changes_nothing(tmp_path, world, pki):
+    """The broker would take it (the fleet's CA) and then confine the device to the
+    other device's topics, for good: the device refuses it before any trial."""
+    broker, host = world
+    mine = pki["ca"].issue_device("tls-wrongcn")
+    vb = device(tmp_path, "tls-wrongcn", broker.port, pki, identity=mine.identity())
+    host.publish_queue("tls-wrongcn", [cert_job("tls-wrongcn", pki["ca"].issue_device("tls-b").identity())])
+    final = _run_until_final(vb, host, "tls-wrongcn", "cert-1", wakes=3)
+    assert final == {"cert-1": {("FAILED", 1)}}, final
+    assert "the certificate is for tls-b" in str(host.details("tls-wrongcn", "cert-1"))
+    files = _tls_files(vb)
+    assert files["/tls/id.der"] == mine.identity() and files["/tls/id.try"] is None
+
+
 def test_an_unset_clock_is_moved_to_the_floor_before_the_handshake_and_never_back(tmp_path, world, pki):
     broker, host = world
     ident = pki["ca"].issue_device("tls-clock")
@@ -532,9 +556,10 @@ def test_an_unset_clock_is_moved_to_the_floor_before_the_handshake_and_never_bac
 # sweeps the other job kinds: the board is snapshotted before each wake from the
 # queue to the job's end; each snapshot's wake is run uncut to count its flash
 # operations N, then cut at k (every k in 1..N under `make stress`, a deterministic
-# slice in `make test`), and the device recovers over a few wakes. Each cut point
-# runs as its own device id (config rewritten, the job re-signed for it) on a broker
-# without an ACL; every one presents a certificate for SWEEP_CN.
+# slice in `make test`), and the device recovers over a few wakes. Every cut point
+# runs as the same device, SWEEP_CN (a certificate is for one device id, and the
+# agent refuses a renewal for another), on a broker of its own: the host forgets the
+# device, its retained ack and queue are published afresh before each point.
 STRIDE = 10
 RECOVERY_WAKES = 6
 LIFE_WAKES = 6
@@ -590,7 +615,8 @@ class RenewalSweep:
         return rec, vb.counters()["ops"] - before
 
     def build(self) -> list[Path]:
-        base = f"{self.name}-t"
+        base = SWEEP_CN
+        self.host.forget(base)
         vb = device(self.root, base, self.broker.port, self.pki, identity=self.old)
         for _ in range(2):
             self.boot(vb)
@@ -606,29 +632,18 @@ class RenewalSweep:
                 return snaps
         pytest.fail(f"{self.name}: the uncut template did not end its cert job in {LIFE_WAKES} wakes")
 
-    def restore(self, snap: Path, device_id: str) -> VirtualBoard:
+    def restore(self, snap: Path) -> VirtualBoard:
         work = self.root / "work"
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(snap, work)
-        vb = VirtualBoard(work)
-        vb.settings["device_id"] = device_id
-        vb.save()
-        from invariants import read_files
-
-        put = {}
-        for name, data in read_files(vb, ["/config.json", "/config.good.json"]).items():
-            if data is not None:
-                cfg = json.loads(data)
-                cfg["device_id"] = device_id
-                put[name] = json.dumps(cfg).encode()
-        vb.fs_put(put)
-        self.host.publish_queue(device_id, self.queue(device_id))
-        return vb
+        self.host.forget(SWEEP_CN)
+        self.host.publish_queue(SWEEP_CN, self.queue(SWEEP_CN))
+        return VirtualBoard(work)
 
     def run_point(self, snap: Path, phase: int, k: int | None) -> int:
-        device_id = f"{self.name}-p{phase}-k{k or 0}"
+        device_id = SWEEP_CN
         label = f"phase {phase} " + (f"cut at op {k}" if k else "uncut")
-        vb = self.restore(snap, device_id)
+        vb = self.restore(snap)
         rec, ops = self.boot(vb, cut=k)
         outputs = [rec.output]
         if k and rec.exit_reason != "power_cut":
@@ -664,7 +679,7 @@ class RenewalSweep:
         if out:
             self.violations[label] = out
             if len(self.violations) <= 2:
-                shutil.copytree(vb.path, self.root / f"failed-{device_id}")
+                shutil.copytree(vb.path, self.root / f"failed-p{phase}-k{k or 0}")
         return ops
 
     def report(self) -> str:

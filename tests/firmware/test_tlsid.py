@@ -19,9 +19,12 @@ MODULES = ("lib/agent/tlsid.py",)
 UTC = dt.timezone.utc
 
 
-def _cert(not_before: dt.datetime, days: int = 30, cn: str = "dev-1") -> tuple[bytes, bytes]:
+def _cert(not_before: dt.datetime, days: int = 30, cn: str | None = "dev-1", org: str | None = None
+          ) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)] if org else []
+    attrs += [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    name = x509.Name(attrs)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(not_before)
             .not_valid_after(not_before + dt.timedelta(days=days)).sign(key, hashes.SHA256()))
@@ -54,6 +57,8 @@ FAR_DATE = dt.datetime(2101, 1, 1, tzinfo=UTC)                   # past the floo
 CERT, KEY = _cert(UTC_DATE)
 GEN_CERT, GEN_KEY = _cert(GEN_DATE)
 FAR_CERT, _ = _cert(FAR_DATE)
+ORG_CERT, _ = _cert(UTC_DATE, cn="pump-7", org="Fleet")  # two RDNs, the CN second
+NO_CN_CERT, _ = _cert(UTC_DATE, cn=None, org="Fleet")
 IDENTITY = CERT + KEY
 V1_CERT = _v1_cert(b"270105120000Z")
 V1_1999 = _v1_cert(b"990101000000Z")
@@ -110,6 +115,8 @@ KEY = h({KEY.hex()!r})
 GEN_CERT = h({GEN_CERT.hex()!r})
 FAR_CERT = h({FAR_CERT.hex()!r})
 V1_CERT = h({V1_CERT.hex()!r})
+ORG_CERT = h({ORG_CERT.hex()!r})
+NO_CN_CERT = h({NO_CN_CERT.hex()!r})
 V1_1999 = h({V1_1999.hex()!r})
 V1_GEN = h({V1_GEN.hex()!r})
 BAD_IDENTITIES = {[(n, b.hex()) for n, b in BAD_IDENTITIES]!r}
@@ -217,6 +224,9 @@ case("truncated_identity", lambda: truncations(IDENTITY, tlsid.split_identity))
 case("truncated_certificate", lambda: truncations(CERT, tlsid.not_before))
 case("garbage", garbage)
 case("floors", floors)
+case("cn", lambda: [tlsid.subject_cn(CERT), tlsid.subject_cn(ORG_CERT), tlsid.subject_cn(NO_CN_CERT)])
+case("cn_truncated", lambda: truncations(CERT, tlsid.subject_cn))
+case("cn_no_subject", lambda: tlsid.subject_cn(V1_CERT))
 case("header_past_end", lambda: tlsid.der_length(b"\\x04\\x00", 1))
 case("negative_offset", lambda: tlsid.der_length(b"\\x04\\x00", -1))
 case("length_past_end", lambda: tlsid.der_length(b"\\x04\\x05abc", 0))
@@ -284,6 +294,12 @@ def test_garbage_never_crashes_the_walker(results):
 def test_offsets_and_lengths_outside_the_buffer_are_value_errors(results):
     for name in ("header_past_end", "negative_offset", "length_past_end"):
         assert results.error(name)[0] == "ValueError", name
+
+
+def test_the_subject_common_name_is_read_among_other_attributes(results):
+    assert results.value("cn") == ["dev-1", "pump-7", None]
+    assert results.value("cn_truncated") == []
+    assert results.error("cn_no_subject")[0] == "ValueError"
 
 
 def test_the_clock_floor_is_the_build_date_or_a_later_not_before(results):

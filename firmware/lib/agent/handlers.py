@@ -288,9 +288,15 @@ def run_cert(runner, cur):
         return
     try:
         identity = binascii.a2b_base64(p["identity"])
-        tlsid.split_identity(identity)
-    except ValueError as e:
+        cert, _ = tlsid.split_identity(identity)
+        cn = tlsid.subject_cn(cert)
+    except (ValueError, UnicodeError) as e:
         runner.finish(cur, FAILED, "identity: %s" % e)
+        return
+    if cn != runner.ctx.device_id:
+        # The broker would take it (the fleet's CA) and the ACL would then confine
+        # this device to another device's topics: it could never report again.
+        runner.finish(cur, FAILED, "the certificate is for %s, not this device; nothing changed" % str(cn)[:64])
         return
     # The file first, then the phase: a cut between them resumes this handler
     # (phase "start"), which writes the same file again; a trial is never on

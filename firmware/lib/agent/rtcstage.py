@@ -61,7 +61,7 @@ _MAX_CHANNELS = 8
 _NO_MARK = b"\x00" * 8
 # The flag bits, one owner (agent.wake and agent.jobs use these names):
 FLAG_UPLOAD_REQUESTED = 1  # connect at the next wake whatever the cadence
-FLAG_TRIAL = 2  # a connectivity config or an update is on trial: connect every wake
+FLAG_TRIAL = 2  # a connectivity config, a certificate or an update is on trial: connect every wake
 FLAG_JOBS = 4  # a job in progress or a status to send: load the job code
 FLAG_CLOCK_FLOOR = 8  # the clock was only moved to a TLS floor (agent.tlsid): the host's time may set it
 

@@ -44,6 +44,11 @@ _VERSION_TAG = const(0xA0)  # [0] EXPLICIT Version in a TBSCertificate
 _UTC_TIME = const(0x17)
 _GENERALIZED_TIME = const(0x18)
 _HIGH_TAG = const(0x1F)
+_SET = const(0x31)
+_OID = const(0x06)
+_CN_OID = b"\x55\x04\x03"  # 2.5.4.3, id-at-commonName
+_STRING_TAGS = (0x0C, 0x13, 0x16)  # UTF8String, PrintableString, IA5String
+_TBS_FIELDS = ("the serial number", "the signature algorithm", "the issuer", "the validity", "the subject")
 _MAX_LENGTH_BYTES = const(3)
 _MAX_IDENTITY = const(8192)
 # No certificate this agent uses was valid before this build was made: the
@@ -141,19 +146,57 @@ def _time_at(buf, at):
     return year, month, day, hour, minute, second
 
 
-def not_before_date(cert):
-    """The certificate's notBefore as (year, month, day, hour, minute, second), UTC."""
+def _tbs_field(cert, index):
+    """Offset of field `index` of the TBSCertificate (after the optional version:
+    0 serial, 1 signature algorithm, 2 issuer, 3 validity, 4 subject), and the
+    TBSCertificate's end: no field is read from beyond it."""
     head, _ = _element(cert, 0, _SEQUENCE, "a certificate")
     at = head
-    head, _ = _element(cert, at, _SEQUENCE, "the TBSCertificate")
+    head, body = _element(cert, at, _SEQUENCE, "the TBSCertificate")
+    end = at + head + body
     at += head
-    if at < len(cert) and cert[at] == _VERSION_TAG:
+    if at < end and cert[at] == _VERSION_TAG:
         at = _skip(cert, at, _VERSION_TAG, "the version")
-    at = _skip(cert, at, _INTEGER, "the serial number")
-    at = _skip(cert, at, _SEQUENCE, "the signature algorithm")
-    at = _skip(cert, at, _SEQUENCE, "the issuer")
+    for i in range(index):
+        at = _skip(cert, at, _INTEGER if i == 0 else _SEQUENCE, _TBS_FIELDS[i])
+    if at >= end:
+        raise ValueError("DER: the TBSCertificate ends before %s" % _TBS_FIELDS[index])
+    return at, end
+
+
+def not_before_date(cert):
+    """The certificate's notBefore as (year, month, day, hour, minute, second), UTC."""
+    at, _ = _tbs_field(cert, 3)
     head, _ = _element(cert, at, _SEQUENCE, "the validity")
     return _time_at(cert, at + head)
+
+
+def subject_cn(cert):
+    """The certificate's subject common name (str), or None when it has none."""
+    at, _ = _tbs_field(cert, 4)
+    head, body = _element(cert, at, _SEQUENCE, "the subject")
+    at, end = at + head, at + head + body
+    cn = None
+    while at < end:  # RDNSequence: SET { SEQUENCE { OID, value } ... } ...
+        shead, sbody = _element(cert, at, _SET, "a relative distinguished name")
+        inner, send = at + shead, at + shead + sbody
+        if send > end:
+            raise ValueError("DER: a name part runs past the subject at offset %d" % at)
+        while inner < send:
+            ahead, abody = _element(cert, inner, _SEQUENCE, "an attribute")
+            if inner + ahead + abody > send:
+                raise ValueError("DER: an attribute runs past its name part at offset %d" % inner)
+            oid = inner + ahead
+            ohead, obody = _element(cert, oid, _OID, "an attribute type")
+            if bytes(cert[oid + ohead:oid + ohead + obody]) == _CN_OID:
+                vat = oid + ohead + obody
+                vhead, vbody = der_length(cert, vat)
+                if cert[vat] not in _STRING_TAGS:
+                    raise ValueError("DER: the common name is not a string (tag 0x%02x)" % cert[vat])
+                cn = bytes(cert[vat + vhead:vat + vhead + vbody]).decode()
+            inner += ahead + abody
+        at = send
+    return cn
 
 
 def _seconds(date):
