@@ -425,8 +425,6 @@ def test_the_device_refuses_a_broker_it_cannot_verify_and_sends_it_nothing(tmp_p
             assert len(relay.sessions) == tried + 1
         finally:
             relay.close()
-    state = vb.rtc_memory()
-    assert state, "the RTC stage holds the backoff"
 
 
 def test_plaintext_mqtt_to_the_tls_listener_is_refused(tmp_path, world):
@@ -457,6 +455,15 @@ def test_a_device_without_the_fleet_ca_never_connects_unverified(tmp_path, world
     vb = device(tmp_path, "tls-noca", broker.port, pki, ca_der=b"")
     errors = upload_errors(wake(vb, 1))
     assert errors == ["upload failed: no /tls/ca.der: provision the device for TLS"], errors
+    assert host.states_of("tls-noca") == []
+
+
+def test_a_damaged_identity_is_a_broker_failure_with_its_cause(tmp_path, world, pki):
+    broker, host = world
+    whole = pki["ca"].issue_device("tls-noca").identity()
+    vb = device(tmp_path, "tls-noca", broker.port, pki, identity=whole[:-7])
+    errors = upload_errors(wake(vb, 1))
+    assert len(errors) == 1 and errors[0].startswith("upload failed: /tls/id.der: DER:"), errors
     assert host.states_of("tls-noca") == []
 
 
