@@ -18,6 +18,7 @@ from agent.jsonfile import read_json, write_json
 from agent.rtcstage import FLAG_JOBS, FLAG_TRIAL
 
 _MAX_ATTEMPTS = const(3)
+_UPDATE_OOM_WAKES = const(4)  # an update out of memory fails at the 4th time, not before
 _JOB_MIN_BUDGET_MS = const(500)
 _MAX_BURST = const(600)
 _MAX_EXEC_OUTPUT = const(4096)
@@ -127,10 +128,29 @@ def run(runner, cur):
         handler(runner, cur)
     except Exception as e:  # no handler's failure may escape: it is the job's result
         gc.collect()
-        if runner.state["cur"] is not None and runner.state["cur"]["id"] == cur["id"]:
-            runner.finish(cur, FAILED, "%s: %s" % (type(e).__name__, e))
-        else:
+        if runner.state["cur"] is None or runner.state["cur"]["id"] != cur["id"]:
             raise
+        if isinstance(e, MemoryError) and _resume_next_wake(runner, cur):
+            return
+        runner.finish(cur, FAILED, "%s: %s" % (type(e).__name__, e))
+
+
+def _resume_next_wake(runner, cur):
+    """An update that ran out of memory goes on in the next wake, whose heap is whole
+    again (a download resumes at its offset, a switch at its phase), until it has
+    run out _UPDATE_OOM_WAKES times; True if it will. A heap fragmented by one
+    wake's connection and queue is not a reason to fail a rollout."""
+    if cur["type"] not in ("ota", "app"):
+        return False
+    cur["oom"] = cur.get("oom", 0) + 1
+    if cur["oom"] >= _UPDATE_OOM_WAKES:
+        return False
+    runner.save()
+    runner.publish(_status(cur["id"], cur["seq"], IN_PROGRESS, "out of memory; resuming in the next wake",
+                           cur["attempt"]))
+    runner.ctx.request_upload()
+    print("jobs: %s out of memory, resuming next wake" % cur["id"])
+    return True
 
 
 def run_diag(runner, cur):
