@@ -19,7 +19,10 @@
 # The DER walker reads definite-length TLV elements with single-byte tags and
 # at most 3 length bytes (16 MiB; an identity is under 4 KiB), and refuses
 # anything else with ValueError: it runs on bytes that came over the air.
-# It never allocates more than the slices it returns.
+# Each field is read within its parent (the TBSCertificate, the subject), so a
+# length that lies cannot send it into the next structure. It reads what the
+# agent needs, no more: the two parts of an identity, a notBefore (the clock
+# floor) and the subject CN (a renewal must be for this device).
 #
 # On the ESP32 mbedTLS checks certificate validity against the RTC, which a
 # power loss resets to 2000-01-01: clock_floor() gives the earliest time the
