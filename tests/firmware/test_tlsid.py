@@ -366,3 +366,15 @@ def test_the_host_and_the_device_accept_the_same_cert_jobs(unit_cases):
     for _name, params in HOST_ONLY:
         with pytest.raises(KeyringError, match="does not belong"):
             check_cert_params(params)
+
+
+def test_the_host_sends_a_cert_job_only_to_the_device_its_certificate_names():
+    from mpfleet.fleet.keys import KeyringError, check_cert_params
+
+    params = {"identity": _B64(IDENTITY).decode()}
+    spec = {"all": False, "ids": ["dev-1"], "groups": [], "query": None}
+    assert check_cert_params(params, spec) == "dev-1"
+    for wrong in ({"ids": ["dev-2"]}, {"ids": ["dev-1", "dev-2"]}, {"groups": ["pumps"]}, {"all": True},
+                  {"query": "fw<v2"}):
+        with pytest.raises(KeyringError, match="names 'dev-1'"):
+            check_cert_params(params, {**spec, **wrong})

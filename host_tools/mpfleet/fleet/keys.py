@@ -129,10 +129,13 @@ def check_keys_params(params: dict, active: Iterable[str] = ()) -> None:
 CERT_IDENTITY_MAX = 4096  # base64 characters of a `cert` job's identity (the agent's jobschema)
 
 
-def check_cert_params(params: dict) -> None:
+def check_cert_params(params: dict, targets: dict | None = None) -> str:
     """KeyringError unless `params` is a `cert` job the device would accept:
     ``{"identity": base64 of certificate DER + key DER, "trial_wakes": 1..50}``
-    (trial_wakes optional). The identity must be two DER SEQUENCEs back to back."""
+    (trial_wakes optional): a certificate followed by its own private key. With
+    `targets` (a rollout's normalized target spec) the job must target exactly the one
+    device the certificate names: the device refuses a certificate for another id.
+    Returns that device id (the subject CN)."""
     import base64
     import binascii
 
@@ -160,9 +163,18 @@ def check_cert_params(params: dict) -> None:
         raise KeyringError(f"cert: identity is not a certificate followed by its private key: {e}") from None
     if key.public_key() != cert.public_key():
         raise KeyringError("cert: the identity's private key does not belong to its certificate")
+    from cryptography.x509.oid import NameOID
+
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else ""
+    if targets is not None and (targets.get("all") or targets.get("groups") or targets.get("query")
+                                or list(targets.get("ids") or []) != [cn]):
+        raise KeyringError(f"cert: a certificate is for one device: this one names {cn!r}, so the job "
+                           f"must target that device id only")
     trial = params.get("trial_wakes")
     if trial is not None and (not isinstance(trial, int) or isinstance(trial, bool) or not 1 <= trial <= 50):
         raise KeyringError(f"cert: trial_wakes must be 1..50, not {trial!r}")
+    return cn
 
 
 def _der_end(buf: bytes, at: int) -> int | None:

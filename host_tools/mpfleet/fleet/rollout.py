@@ -203,11 +203,14 @@ class RolloutEngine:
                 check_config_params(params)
             elif type == "keys":
                 check_keys_params(params, [k.kid for k in self.keyring.list() if k.active])
-            elif type == "cert":
-                check_cert_params(params)
         except KeyringError as e:
             raise RolloutError(str(e)) from None
         spec = self._normalize_targets(targets)
+        if type == "cert":
+            try:
+                check_cert_params(params, spec)
+            except KeyringError as e:
+                raise RolloutError(str(e)) from None
         opts = RolloutOptions() if options is None else options
         if job_id is None:
             job_id = f"j-{secrets.token_hex(5)}"
