@@ -119,12 +119,15 @@ def result_device(laptop) -> str:
 
 
 def test_an_mqtts_broker_url_turns_tls_on_and_its_account_goes_into_the_config(laptop, board):
+    assert laptop.mpfleet("ca", "init").returncode == 0  # TLS: the board gets the fleet CA and its certificate
     console = on_console(board)
     try:
         result = ok(*laptop.deploy(console.port, "--broker", "mqtts://site:pw@10.1.2.3"))
         broker = board_json(console.port, "/config.json")["broker"]
+        tls_files = [f for f in board_files(console.port) if f.startswith("/tls/")]
     finally:
         console.close()
+    assert tls_files == ["/tls/ca.der", "/tls/id.der"]
     assert (broker["host"], broker["port"], broker.get("tls")) == ("10.1.2.3", 8883, True)
     assert (broker.get("user"), broker.get("password")) == ("site", "pw")
     assert result["detail"]["broker"] == "10.1.2.3:8883"
