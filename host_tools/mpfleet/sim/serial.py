@@ -43,7 +43,10 @@ What a client sees is what an ESP32 would send, where tools check it:
   sleeps or resets, bytes from the client are lost, as a UART's are, except a
   Ctrl-C: it ends the sleep and interrupts the next boot once its code runs,
   so firmware that wakes many times a second (the agent on an unscaled clock)
-  still leaves a console at its REPL (`SerialConsole._interrupt_board`).
+  still leaves a console at its REPL (`SerialConsole._interrupt_board`). The
+  REPL keys typed after it (mpremote's "\\r\\x01") reach that REPL; so does a ^C
+  the ending boot was written but never read, with such keys after it and
+  nothing else (code meant for the old boot's REPL is not replayed).
 - Power cut (scheduled with `schedule_power_cut`): the board stays dark until
   `console.power_on()`. Other stops (no bootable image, ROM bootloader,
   deep sleep without a wake source, a crash of the interpreter) wait for
@@ -95,6 +98,7 @@ _CTRL_A = 0x01
 _CTRL_B = 0x02
 _CTRL_C = 0x03
 _SIGINT_MASK = 1 << (signal.SIGINT - 1)
+_REPL_KEYS = frozenset(b"\r\n\x01\x02\x03")  # what a tool types to reach a REPL: Enter, Ctrl-A/B/C
 
 # The device tty's lflag outside the port's raw mode: ECHOK does nothing
 # without ICANON and ECHO, but it makes "the port switched the tty to raw mode
@@ -498,9 +502,11 @@ class SerialConsole:
                 self._to_device += data
             elif data and self.vb.powered and self._stopped_reason is None:
                 if self._interrupt_next_boot:
-                    self._to_device += data  # typed after a ^C: the REPL it brings reads it
+                    if all(b in _REPL_KEYS for b in data):
+                        self._to_device += data  # typed after a ^C: the REPL it brings reads it
                 elif _CTRL_C in data:
-                    self._to_device += data[data.find(_CTRL_C):]
+                    tail = data[data.find(_CTRL_C):]
+                    self._to_device += tail if all(b in _REPL_KEYS for b in tail) else tail[:1]
                     self._interrupt_board()
         if dev is not None and dev.master in readable:
             self._device_output(dev, dev.read())
@@ -623,8 +629,13 @@ class SerialConsole:
         at = unread.find(_CTRL_C)
         if at >= 0:
             # Written as a character in the moment the port had no SIGINT
-            # handler (code ending) and never read: the chip stopped first.
-            self._to_device[:0] = unread[at:]
+            # handler (code ending) and never read: the chip stopped first. The
+            # ^C goes on to the next boot, and what followed it only if it is the
+            # keys of entering a REPL (mpremote's "\r\x01"): code sent after it
+            # was for the REPL of this boot, and replayed into another it would
+            # put a tool and the board out of step.
+            tail = unread[at:]
+            self._to_device[:0] = tail if all(b in _REPL_KEYS for b in tail) else tail[:1]
         try:
             rec = self.vb.finish_boot(dev.boot, dev.proc.returncode, dev.output_text(),
                                       time.monotonic() - dev.started, forced_reason=forced)
