@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from agent_harness import make_device
 from conftest import STRESS
-from wirecap import Relay
+from wirecap import Relay, tls_record_types
 
 from mpfleet.broker.config import acl_text, tls_listener_lines
 from mpfleet.broker.local import LocalBroker, find_mosquitto
@@ -46,17 +46,6 @@ DEVICES = ["tls-a", "tls-b", "tls-plain", "tls-other", "tls-expired", "tls-r1", 
 SWEEP_CN = "tls-sweep"  # every sweep device presents a certificate for this one name
 KEY = SigningKey.generate()
 CLOCK_SET_AFTER = 1577836800
-
-
-# ---------------------------------------------------------------- the wire
-def tls_record_types(stream: bytes) -> list[int]:
-    """The content types of the TLS records in one direction of a session
-    (0x14 change cipher spec, 0x15 alert, 0x16 handshake, 0x17 application data)."""
-    types, i = [], 0
-    while i + 5 <= len(stream):
-        types.append(stream[i])
-        i += 5 + int.from_bytes(stream[i + 3:i + 5], "big")
-    return types
 
 
 # ---------------------------------------------------------------- the host

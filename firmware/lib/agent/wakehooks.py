@@ -86,14 +86,8 @@ def on_upload_failed(ctx, error):
     if cur["type"] == "cert":
         _cert_failed(ctx, state, cur, error)
         return
-    if cur["phase"] == "trial":
-        cur["data"]["wakes_left"] -= 1
-        if cur["data"]["wakes_left"] > 0:
-            save_state(state)
-            return
-        cur["phase"] = "revert"
-        cur["data"]["error"] = error
-        save_state(state)
+    if _still_on_trial(state, cur, error):
+        return
     from agent import config
 
     config.restore_good()
@@ -133,18 +127,28 @@ def _cert_refused(cur, error):
     return "broker refused the new certificate (%s); reverted" % why
 
 
-def _cert_failed(ctx, state, cur, error):
-    """The broker was not reached with the renewal: count down, revert at zero."""
-    from agent import tlsid
-
+def _still_on_trial(state, cur, error):
+    """One more failed connection of a trial (connectivity config or renewal): count
+    it down; at zero the revert phase is written first, before anything is put
+    back, so a power cut finds "revert" (finish it), never "trial" again. True
+    while wakes are left."""
     if cur["phase"] == "trial":
         cur["data"]["wakes_left"] -= 1
         if cur["data"]["wakes_left"] > 0:
             save_state(state)
-            return
+            return True
         cur["phase"] = "revert"
         cur["data"]["error"] = error
         save_state(state)
+    return False
+
+
+def _cert_failed(ctx, state, cur, error):
+    """The broker was not reached with the renewal: count down, revert at zero."""
+    from agent import tlsid
+
+    if _still_on_trial(state, cur, error):
+        return
     # The renewal goes before the job ends: once it has ended nothing looks at
     # /tls again, and a cut in between repeats these idempotent steps.
     tlsid.set_aside()
