@@ -29,6 +29,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from agent_harness import make_device
 from conftest import STRESS
+from invariants import read_files
 from wirecap import Relay, tls_record_types
 
 from mpfleet.broker.config import acl_text, tls_listener_lines
@@ -452,6 +453,13 @@ def test_a_cert_job_the_broker_refuses_is_reverted_and_reported_failed(tmp_path,
     assert files["/tls/id.try"] is None and files["/tls/id.bad"] is None
     seen = len(host.states_of("tls-refused"))
     assert upload_errors(wake(vb)) == [] and len(host.states_of("tls-refused")) == seen + 1
+    # The first wake back on the old certificate told the host why the trial's could
+    # not connect, once: the next state has no failure to report, and the record is gone.
+    states = host.states_of("tls-refused")
+    reported = [s["last_failure"] for s in states if s.get("last_failure")]
+    assert len(reported) == 1 and "refused this device's certificate?" in reported[0]["error"], reported
+    assert states[-1]["last_failure"] is None
+    assert read_files(vb, ["/failure.json"])["/failure.json"] is None
 
 
 def test_a_cert_job_with_another_devices_certificate_fails_and_changes_nothing(tmp_path, world, pki):

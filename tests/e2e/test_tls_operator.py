@@ -18,6 +18,8 @@ from cryptography import x509
 
 from mpfleet.broker.local import LocalBroker, find_mosquitto, free_port
 from mpfleet.db.store import Store
+from mpfleet.fleet.certs import FleetCA
+from mpfleet.fleet.provision import tls_files
 from mpfleet.sim.board import VirtualBoard
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (make test installs it)")
@@ -111,6 +113,27 @@ def test_renewal_and_revocation_through_the_cli_and_serve(tmp_path):
             assert after["op-0002"] == seen["op-0002"], outputs["op-0002"]
             assert any("refused this device's certificate" in o or "upload failed" in o
                        for o in outputs["op-0002"]), outputs["op-0002"]
+            # A field engineer gives op-0002 a new certificate: at its next connection it
+            # tells the host why it could not connect before, and the host keeps that
+            # after the device stops reporting it.
+            with Store(tmp_path / "mpfleet.db") as store:
+                boards[1].fs_put(tls_files(FleetCA(tmp_path / "keys", store), "op-0002"))
+
+            def failure_shown():
+                shown = json.loads(op("devices", "show", "op-0002", "--json").stdout)
+                return ((shown["state"] or {}).get("last_failure") or {}).get("error")
+
+            run_until([boards[1]], failure_shown, "reporting its failure", boots=5)
+            assert "refused this device's certificate" in failure_shown(), failure_shown()
+            assert boards[1].fs_get("/failure.json") is None
+
+            def reported_at():
+                with Store(tmp_path / "mpfleet.db") as store:
+                    return store.device("op-0002")["reported_at"]
+
+            before = reported_at()
+            run_until([boards[1]], lambda: reported_at() > before, "reporting again", boots=3)
+            assert "refused this device's certificate" in failure_shown()
         finally:
             serve.terminate()
             serve.wait(timeout=30)

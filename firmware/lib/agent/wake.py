@@ -32,6 +32,12 @@ _CLOCK_SET_AFTER = const(1577836800)  # 2020-01-01
 _APP_DESC_OFFSET = const(0x20)
 _WDT_RESET = const(3)  # machine.WDT_RESET
 CRASH_PATH = "/last_crash.txt"  # written by main.py when a wake raised
+# Why the broker could not be reached, kept until a connected wake has reported
+# it (the state's `last_failure`): {"error", "since", "wake"}. Written when a
+# failure's cause is new (the first failure after a report, or a different
+# cause), not at every failed wake: one write per outage, one removal after it.
+FAILURE_PATH = "/failure.json"
+_FAILURE_TEXT = const(160)
 
 
 def _file_exists(path):
@@ -87,6 +93,7 @@ class Wake:
         self.log = None
         self.sensor_failures = 0
         self.last_error = None
+        self.last_failure = None
         self.rssi = None
         self.crash = None
         self._uploader = None
@@ -352,10 +359,17 @@ class Wake:
                 from agent import wakehooks
 
                 wakehooks.on_connected(self.job_context(client))
+            self.last_failure = self.unreported_failure()
             self.uploader().exchange(client, self.state())
+            if self.last_failure is not None:
+                from agent.jsonfile import remove
+
+                remove(FAILURE_PATH)  # the broker holds the state that reports it
+                self.last_failure = None
             self.run_jobs(client)
         except OSError as e:
             self.last_error = str(e)
+            self.note_failure(self.last_error)
             print("upload failed:", e)
             stage.backoff_level = min(stage.backoff_level + 1, 6)
             stage.skip_wakes = min((1 << stage.backoff_level) - 1, _MAX_SKIP_WAKES)
@@ -369,6 +383,29 @@ class Wake:
                     client.disconnect()
                 except OSError:
                     pass
+
+    def unreported_failure(self):
+        """The failure record no connected wake has reported yet, or None."""
+        if not _file_exists(FAILURE_PATH):
+            return None
+        from agent.jsonfile import read_json
+
+        record, _ = read_json(FAILURE_PATH)
+        return record if isinstance(record, dict) else {"error": "unreadable failure record"}
+
+    def note_failure(self, error):
+        """Keep why this upload failed for the next state (agent.wake.FAILURE_PATH):
+        the first failure of an outage, and each change of cause, is written."""
+        error = error[:_FAILURE_TEXT]
+        record = self.last_failure if self.last_failure is not None else self.unreported_failure()
+        if record is not None and record.get("error") == error:
+            return
+        from agent.jsonfile import write_json
+
+        try:
+            write_json(FAILURE_PATH, {"error": error, "since": time.time(), "wake": self.stage.wake_count})
+        except OSError as e:
+            print("failure record:", e)  # a full flash: the wake goes on; only the report is lost
 
     def set_clock(self, seconds):
         """Set the RTC from an unauthenticated source (the host's ack, NTP):
@@ -504,6 +541,9 @@ class Wake:
             "rssi": self.rssi,
             "time": time.time(),
             "last_error": self.last_error,
+            # Why earlier wakes could not reach the broker, reported once (the
+            # host keeps it: mpfleet devices show).
+            "last_failure": self.last_failure,
             # The host refuses at `job create` any envelope larger than this.
             "limits": {"job_max_bytes": self.cfg["limits"]["job_max_bytes"]},
             # After a crash: why, and how many wakes in a row ended in one. The

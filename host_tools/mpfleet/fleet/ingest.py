@@ -415,6 +415,14 @@ def handle_state(store: Store, device: str, payload: bytes, publish, live: bool 
     board = state.get("board")
     if not (isinstance(board, str) and 0 < len(board) <= 64):
         board = None  # a board is a board definition's name; anything else is not taken as one
+    if not isinstance(state.get("last_failure"), dict):
+        # A device reports why it could not reach the broker once, at the next
+        # connection (firmware agent.wake.FAILURE_PATH): the record stays with
+        # the device's state until a newer failure replaces it.
+        known = store.device(device)
+        kept = ((known or {}).get("state") or {}).get("last_failure")
+        if isinstance(kept, dict):
+            state["last_failure"] = kept
     store.report_device(device, live=live, board=board, state=state,
                         reported_at=report_time(state, time.time(), live))
     device_time = state.get("time")
