@@ -258,6 +258,82 @@ _CERTIFICATE_TABLES = (  # migration 3: mpfleet.db.store (certificates), written
 )
 
 
+def _scrub_cert_keys(db: sqlite3.Connection) -> None:
+    """Migration 4: a `cert` job's params carry the device's new private key (identity:
+    base64 of certificate DER + key DER), and so does every envelope signed from them.
+    Once the job can sign no further envelope and no execution of it is pending, the
+    key is of no more use to the host: triggers replace it (params: identity null,
+    `scrubbed` the Unix time; each envelope: the text 'scrubbed') in the statement that
+    ends the last execution or the job, so in its transaction, whichever module or
+    command wrote it. The certificate stays in `certificates`. A file that already
+    holds such jobs is scrubbed here."""
+    for statement in _CERT_SCRUB_TRIGGERS:
+        db.execute(statement)
+    db.execute(_scrub_params("jobs.id"))
+    db.execute(_scrub_envelopes("executions.job"))
+
+
+# A cert job is done with its key when none of its executions is pending (QUEUED,
+# IN_PROGRESS: the device may still take that envelope from its queue) and it signs no
+# further one by itself: it is no longer ACTIVE, or every target's latest execution is
+# final and not to be retried (RolloutEngine._settled: FAILED or TIMED_OUT, not the
+# operator's, within the `retries` budget, before `end_at`). {job} is the job's id as
+# the statement sees it. The state names are those of mpfleet.fleet.jobs_model.
+_CERT_DONE = """jobs.type = 'cert'
+AND json_extract(jobs.params_json, '$.identity') IS NOT NULL
+AND NOT EXISTS (SELECT 1 FROM executions p WHERE p.job = {job} AND p.status IN ('QUEUED', 'IN_PROGRESS'))
+AND (jobs.status != 'ACTIVE' OR (
+    EXISTS (SELECT 1 FROM executions x WHERE x.job = {job})
+    AND NOT EXISTS (SELECT 1 FROM job_targets t WHERE t.job = {job} AND t.left_at IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM executions x WHERE x.job = {job} AND x.device = t.device))
+    AND NOT EXISTS (
+        SELECT 1 FROM executions l WHERE l.job = {job}
+        AND l.attempt = (SELECT MAX(m.attempt) FROM executions m WHERE m.job = {job} AND m.device = l.device)
+        AND l.status IN ('FAILED', 'TIMED_OUT') AND l.by_operator = 0
+        AND (SELECT COUNT(*) FROM executions f WHERE f.job = {job} AND f.device = l.device
+             AND f.status IN ('FAILED', 'TIMED_OUT'))
+            <= COALESCE(json_extract(jobs.options_json, '$.retries'), 0)
+        AND (json_extract(jobs.options_json, '$.end_at') IS NULL
+             OR json_extract(jobs.options_json, '$.end_at') > CAST(strftime('%s', 'now') AS REAL)))))"""
+
+
+def _scrub_params(job: str) -> str:
+    """The statement that scrubs the params of job `job` (an SQL expression) when it is done."""
+    return ("UPDATE jobs SET params_json = json_set(params_json, '$.identity', NULL, "
+            "'$.scrubbed', CAST(strftime('%s', 'now') AS INTEGER)) "
+            f"WHERE jobs.id = {job} AND " + _CERT_DONE.format(job="jobs.id"))
+
+
+def _scrub_envelopes(job: str) -> str:
+    """The statement that replaces the final envelopes of job `job` once its params are scrubbed."""
+    return ("UPDATE executions SET envelope = 'scrubbed' WHERE executions.job = "
+            f"{job} AND envelope != 'scrubbed' AND status NOT IN ('QUEUED', 'IN_PROGRESS') "
+            "AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = executions.job AND jobs.type = 'cert' "
+            "AND json_extract(jobs.params_json, '$.scrubbed') IS NOT NULL)")
+
+
+_CERT_SCRUB_TRIGGERS = (  # migration 4: written by mpfleet.fleet.rollout, read by nobody else
+    f"""CREATE TRIGGER IF NOT EXISTS cert_scrub_on_execution_end AFTER UPDATE OF status ON executions
+WHEN NEW.status NOT IN ('QUEUED', 'IN_PROGRESS')
+BEGIN
+    {_scrub_params("NEW.job")};
+    {_scrub_envelopes("NEW.job")};
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS cert_scrub_on_execution_final AFTER INSERT ON executions
+WHEN NEW.status NOT IN ('QUEUED', 'IN_PROGRESS')
+BEGIN
+    {_scrub_params("NEW.job")};
+    {_scrub_envelopes("NEW.job")};
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS cert_scrub_on_job_end AFTER UPDATE OF status ON jobs
+WHEN NEW.status != 'ACTIVE' AND NEW.type = 'cert'
+BEGIN
+    {_scrub_params("NEW.id")};
+    {_scrub_envelopes("NEW.id")};
+END""",
+)
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # MIGRATIONS[i] takes a file from user_version i to i + 1 (module docstring). Append only.
@@ -265,6 +341,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _adopt_unversioned,
     _fleet_membership_and_liveness,
     _certificates,
+    _scrub_cert_keys,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

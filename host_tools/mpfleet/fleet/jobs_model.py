@@ -53,6 +53,21 @@ OUTCOME_EXIT = {"succeeded": 0, "aborted": 3, "canceled": 3, "stuck": 4, "failur
 # (RolloutEngine.cancel): what the device says next decides what is recorded.
 CANCELED_RUNNING = "canceled while in progress"
 
+# A `cert` job carries the device's new private key in its params (identity) and in
+# each envelope signed from them. Once the job is done with it (no execution pending,
+# none to be signed), the database replaces it: the params' identity becomes null
+# beside `scrubbed` (the Unix time), each envelope becomes SCRUBBED_ENVELOPE (schema
+# migration 4, db/schema.py). The certificate itself stays in `certificates`.
+SCRUBBED_ENVELOPE = "scrubbed"
+SCRUBBED_TEXT = ("job {job}'s private key was removed from the database once the job ended: nothing can be "
+                 "signed from it again; renew the certificate instead (`mpfleet devices cert renew {device}`)")
+
+
+def is_scrubbed(params: Mapping) -> bool:
+    """Whether a job's params are those of a `cert` job scrubbed of its key."""
+    return params.get("scrubbed") is not None and params.get("identity") is None
+
+
 UPDATE_TYPES = {"ota": "fw", "app": "app"}  # job type -> the state key a device reports its version in
 
 # A QUEUED execution older than this is flagged stuck (option queued_timeout_s).

@@ -74,9 +74,11 @@ from dataclasses import dataclass, field, replace
 
 from mpfleet.fleet.jobs_model import (ABORTED, ACTIVE, CANCELED, CANCELED_RUNNING, COMPLETED, COUNTED, DEVICE_STATES,
                                      EXECUTION_STATES, FAILURES, IN_PROGRESS, PENDING, QUEUED, REJECTED,
-                                     REMOVED, RETRIABLE, SUCCEEDED, TIMED_OUT, UPDATE_TYPES, CancelJob, ExecutionRow,
+                                     REMOVED, RETRIABLE, SCRUBBED_ENVELOPE, SCRUBBED_TEXT, SUCCEEDED, TIMED_OUT,
+                                     UPDATE_TYPES, CancelJob, ExecutionRow,
                                      HeldDevice, Job, JobStatus, KeyRotation, RolloutError, RolloutOptions,
-                                     StuckExecution, UnattributedReject, check_stage_growth, stage_sizes, stage_text)
+                                     StuckExecution, UnattributedReject, check_stage_growth, is_scrubbed, stage_sizes,
+                                     stage_text)
 from mpfleet.fleet.keys import (JOB_MAX_BYTES_DEFAULT, MAX_TRUSTED_KEYS, KeyRing, KeyringError, check_cert_params,
                           check_config_params, check_keys_params, envelope_bytes)
 from mpfleet.fleet.registry import QueryError, Registry, parse_query
@@ -423,7 +425,12 @@ class RolloutEngine:
 
         An envelope larger than the device takes (a device that joined a continuous job
         or reported a smaller limit after create_job checked) is never queued: the device
-        would drop it without a status. It is recorded REJECTED, with the sizes as note."""
+        would drop it without a status. It is recorded REJECTED, with the sizes as note.
+
+        Nothing is signed for a `cert` job whose key was scrubbed (schema migration 4:
+        the job was done with it); False."""
+        if job.type == "cert" and self._scrubbed(job.id):
+            return False
         signed, envelope = self.keyring.sign(self._payload(job, device, now), kid=self._signing_kid(job))
         kid = envelope.split(".")[1]
         limit, source = self.job_max_bytes(device)
@@ -438,11 +445,18 @@ class RolloutEngine:
         if replace is None:
             cur = self.db.execute(*insert)
         else:
+            # the new attempt is recorded before the old one ends: ended first, a cert job
+            # would be done for a moment, and its key scrubbed (schema migration 4)
             with self.store.transaction() as db:
-                old = db.execute("UPDATE executions SET status = ?, finished = ?, updated = ?, note = ? "
-                                 "WHERE id = ? AND status = ?", (REMOVED, now, now, replace[1], replace[0], QUEUED))
-                cur = db.execute(*insert) if old.rowcount == 1 else old
-            if changes is not None and old.rowcount == 1:
+                cur = None
+                if db.execute("SELECT 1 FROM executions WHERE id = ? AND status = ?",
+                              (replace[0], QUEUED)).fetchone():
+                    cur = db.execute(*insert)
+                    db.execute("UPDATE executions SET status = ?, finished = ?, updated = ?, note = ? "
+                               "WHERE id = ? AND status = ?", (REMOVED, now, now, replace[1], replace[0], QUEUED))
+            if cur is None:
+                return False  # no longer QUEUED: nothing recorded
+            if changes is not None:
                 changes.removed.append((job.id, device))
         if cur.rowcount != 1:
             return False  # someone queued it first; the seq taken is simply unused
@@ -450,6 +464,12 @@ class RolloutEngine:
             changes.devices.add(device)
             changes.queued.append((job.id, device, attempt))
         return True
+
+    def _scrubbed(self, job_id: str) -> bool:
+        """Whether the job's params were scrubbed (a `cert` job done with its key), as stored
+        now: a Job read earlier may still hold them."""
+        row = self.db.execute("SELECT params_json FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is not None and is_scrubbed(json.loads(row[0]))
 
     def _signing_kid(self, job: Job) -> str:
         """The job's own key while it is active, else the fleet key (the oldest active one)."""
@@ -794,6 +814,8 @@ class RolloutEngine:
             return latest["envelope"]
         if latest is not None and latest["status"] not in RETRIABLE:
             raise RolloutError(f"job {job_id} already ended on {device}: {latest['status']}")
+        if is_scrubbed(job.params):
+            raise RolloutError(SCRUBBED_TEXT.format(job=job_id, device=device))
         behind = self._holds(job, self.clock(), [device]).get(device)
         if behind is not None:
             raise RolloutError(f"job {job_id} waits for job {behind}, created before it, to reach {device}: "
@@ -860,7 +882,7 @@ class RolloutEngine:
         for row in self.db.execute(f"SELECT {', '.join(self._EXEC_COLS)} FROM executions WHERE device = ? "
                                    "ORDER BY id DESC", (device,)):
             e = dict(zip(self._EXEC_COLS, row))
-            if envelope_digest(e["envelope"]) == digest:
+            if e["envelope"] != SCRUBBED_ENVELOPE and envelope_digest(e["envelope"]) == digest:
                 return e
         return None
 
@@ -1130,6 +1152,8 @@ class RolloutEngine:
         now = self.clock()
         if job.status in (ABORTED, CANCELED):
             raise RolloutError(f"job {job_id} is {job.status}: create a new job to run it again")
+        if is_scrubbed(job.params):
+            raise RolloutError(SCRUBBED_TEXT.format(job=job_id, device=", ".join(self._current_targets(job))))
         if job.options.end_at is not None and now >= job.options.end_at:
             raise RolloutError(f"job {job_id} ended at its end_at: create a new job to run it again")
         targets = set(self._current_targets(job))
