@@ -272,3 +272,43 @@ def test_jobs_that_do_not_fit_the_wake_budget_continue_on_later_wakes(tmp_path, 
     assert done_at["b1"] <= done_at["b2"] <= done_at["b3"] <= done_at["b4"], "ascending seq"
     spent = [r for r in records if "wake budget spent" in r.output]
     assert spent, "the budget split the queue over wakes"
+
+
+def test_a_plaintext_device_installs_a_first_tls_identity_only_with_the_fleet_ca(tmp_path, mosquitto, desk_factory,
+                                                                                host):
+    """A `cert` job while broker.tls is off (devices cert migrate): without the fleet CA,
+    or for another device, it fails and writes nothing; with both it installs the CA and
+    the identity and the device goes on over plaintext (a config job turns TLS on)."""
+    import base64
+
+    from mpfleet.fleet.certs import FleetCA
+
+    vb, desk = _device(tmp_path, mosquitto, desk_factory)
+    ca = FleetCA(tmp_path / "ca")
+    ca.init()
+    mine = ca.issue_device(vb.device_id).identity()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    _, no_ca = desk.job("cert", {"identity": b64(mine)})
+    _, other = desk.job("cert", {"identity": b64(ca.issue_device("someone-else").identity()), "ca": b64(ca.ca_der())})
+    _, good = desk.job("cert", {"identity": b64(mine), "ca": b64(ca.ca_der())})
+    desk.publish_queue([no_ca])
+    _wakes(vb, 2)
+    final = _settle(desk, 1)
+    assert [s["status"] for s in final["job-1"]] == ["FAILED"] and "no fleet CA" in str(final["job-1"][0]["detail"])
+    assert vb.fs_get("/tls/id.der") is None and vb.fs_get("/tls/ca.der") is None
+    desk.publish_queue([other])
+    _wakes(vb, 2)
+    final = _settle(desk, 2)
+    assert [s["status"] for s in final["job-2"]] == ["FAILED"], final
+    assert "the certificate is for someone-else" in str(final["job-2"][0]["detail"])
+    assert vb.fs_get("/tls/id.der") is None and vb.fs_get("/tls/ca.der") is None
+    desk.publish_queue([good])
+    _wakes(vb, 2)
+    final = _settle(desk, 3)
+    assert [s["status"] for s in final["job-3"]] == ["SUCCEEDED"], final
+    assert vb.fs_get("/tls/id.der") == mine and vb.fs_get("/tls/ca.der") == ca.ca_der()
+    assert _config(vb)["broker"].get("tls") in (None, False)
+    assert not any("upload failed" in r.output for r in _wakes(vb, 2))

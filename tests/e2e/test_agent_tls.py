@@ -43,7 +43,7 @@ UTC = dt.timezone.utc
 HOST_ACCOUNT = "mpfleet-host"
 # Every device id of the module's main broker: the ACL names each (acl_text).
 DEVICES = ["tls-a", "tls-b", "tls-plain", "tls-other", "tls-expired", "tls-r1", "tls-r2", "tls-badca",
-           "tls-badname", "tls-renew", "tls-refused", "tls-clock", "tls-noca", "tls-wrongcn"]
+           "tls-badname", "tls-renew", "tls-refused", "tls-clock", "tls-noca", "tls-wrongcn", "tls-cajob"]
 SWEEP_CN = "tls-sweep"  # every sweep device presents a certificate for this one name
 KEY = SigningKey.generate()
 CLOCK_SET_AFTER = 1577836800
@@ -474,6 +474,24 @@ def test_a_cert_job_with_another_devices_certificate_fails_and_changes_nothing(t
     assert "the certificate is for tls-b" in str(host.details("tls-wrongcn", "cert-1"))
     files = _tls_files(vb)
     assert files["/tls/id.der"] == mine.identity() and files["/tls/id.try"] is None
+
+
+def test_a_cert_job_that_would_change_the_fleet_ca_of_a_tls_device_fails_and_changes_nothing(tmp_path, world,
+                                                                                              pki):
+    """The CA is what the device checks its broker against: a job may send it only to a
+    device that does not use TLS yet (devices cert migrate), never swap it under TLS."""
+    broker, host = world
+    mine = pki["ca"].issue_device("tls-cajob")
+    vb = device(tmp_path, "tls-cajob", broker.port, pki, identity=mine.identity())
+    new = pki["other"].issue_device("tls-cajob")
+    host.publish_queue("tls-cajob", [cert_job("tls-cajob", new.identity(),
+                                              ca=base64.b64encode(pki["other"].ca_der()).decode())])
+    final = _run_until_final(vb, host, "tls-cajob", "cert-1", wakes=3)
+    assert final == {"cert-1": {("FAILED", 1)}}, final
+    assert "the fleet CA cannot change" in str(host.details("tls-cajob", "cert-1"))
+    files = read_files(vb, ["/tls/id.der", "/tls/id.try", "/tls/ca.der"])
+    assert files == {"/tls/id.der": mine.identity(), "/tls/id.try": None, "/tls/ca.der": pki["ca"].ca_der()}
+    assert upload_errors(wake(vb)) == []
 
 
 def test_an_unset_clock_is_moved_to_the_floor_before_the_handshake_and_never_back(tmp_path, world, pki):

@@ -68,6 +68,8 @@ class Kind:
     # For kinds without jobs: which wake after `before` is swept (0 = the next).
     # For kinds with jobs: every wake from the queue to the job's reported end.
     check: object = None  # (config dict, finals) -> list of violations, kind-specific
+    board_check: object = None  # (device id, files, finals) -> list of violations, for the files it names
+    board_files: tuple = ()
 
     @property
     def upload_every(self) -> int:
@@ -101,6 +103,42 @@ def _reverted(cfg, finals):
 
 KEY2 = SigningKey.generate()
 
+
+class _InstallIdentities:
+    """A plaintext device's first TLS identity (a `cert` job with the fleet CA, while
+    broker.tls is off): one per device id, the same each time the queue is signed."""
+
+    def __init__(self):
+        import tempfile
+
+        from mpfleet.fleet.certs import FleetCA
+
+        self.ca = FleetCA(Path(tempfile.mkdtemp(prefix="mpfleet-sweep-ca-")) / "ca")
+        self.ca.init()
+        self.issued: dict[str, bytes] = {}
+
+    def params(self, device_id: str) -> dict:
+        import base64
+
+        if device_id not in self.issued:
+            self.issued[device_id] = self.ca.issue_device(device_id).identity()
+        return {"identity": base64.b64encode(self.issued[device_id]).decode(),
+                "ca": base64.b64encode(self.ca.ca_der()).decode()}
+
+    def check(self, device_id: str, files: dict, finals: dict) -> list[str]:
+        ended = sorted({s["status"] for s in finals.get("cert-1", [])})
+        if ended != ["SUCCEEDED"]:
+            return []  # the generic checks report a job that did not end
+        out = []
+        if files["/tls/id.der"] != self.issued.get(device_id):
+            out.append("the cert job SUCCEEDED but /tls/id.der is not the identity it sent")
+        if files["/tls/ca.der"] != self.ca.ca_der():
+            out.append("the cert job SUCCEEDED but /tls/ca.der is not the fleet CA")
+        return out
+
+
+INSTALL = _InstallIdentities()
+
 KINDS = [
     Kind("sample", {"upload_every_wakes": 5}, before=2),
     Kind("flush", {"upload_every_wakes": 6, "limits": {"stage_max_samples": 3}}, before=3),
@@ -119,6 +157,9 @@ KINDS = [
     Kind("burst", jobs=[("sample", {"sensor": "adc0", "rate_hz": 20, "duration_s": 0.5}, "burst-1")]),
     Kind("cancel", jobs=[("config", {"set": {"upload_watermark": 7}}, "to-cancel"),
                          ("cancel", {"job": "to-cancel"}, "cancel-1")]),
+    # A plaintext device's first TLS identity (devices cert migrate): installed, not tried.
+    Kind("cert-install", jobs=[("cert", INSTALL.params, "cert-1")], board_check=INSTALL.check,
+         board_files=("/tls/id.der", "/tls/ca.der")),
 ]
 
 
@@ -141,6 +182,8 @@ class Sweep:
         for seq, (type_, params, job_id) in enumerate(self.kind.jobs, start=1):
             if type_ == "exec":
                 params = {"code": trace_code(job_id)}  # noqa: PLW2901 - an exec job's code is its trace line
+            elif callable(params):
+                params = params(device_id)  # noqa: PLW2901 - made for this device id
             out.append({"id": job_id, "seq": seq, "type": type_, "params": params or {},
                         "targets": [device_id], "iat": int(clock_s) - 60})
         return out
@@ -259,6 +302,8 @@ class Sweep:
             # wrote it, else the provisioned config's (agent/config.py).
             cfg.update(json.loads(files["/security.json"] or b"{}"))
             out += self.kind.check(cfg, merged)
+        if self.kind.board_check is not None:
+            out += self.kind.board_check(device_id, read_files(run.vb, list(self.kind.board_files)), merged)
         if out:
             self.violations[label] = out
             if len(self.violations) <= 3:

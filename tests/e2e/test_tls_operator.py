@@ -137,3 +137,92 @@ def test_renewal_and_revocation_through_the_cli_and_serve(tmp_path):
         finally:
             serve.terminate()
             serve.wait(timeout=30)
+
+
+def _run_mosquitto(conf: Path, ports: tuple[int, ...], log: Path) -> subprocess.Popen:
+    """mosquitto on the configuration `broker config` wrote, as is (as root: with
+    `user root` first, else it drops to a user that cannot read the 0600 files)."""
+    if os.geteuid() == 0:
+        rooted = conf.with_name("mosquitto.root.conf")
+        rooted.write_text("user root\n" + conf.read_text())
+        conf = rooted
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        if all(_listening(p) for p in ports):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"mosquitto did not listen on {ports}: {log.read_text()[-2000:]}")
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_plaintext_devices_move_to_mutual_tls_over_the_air_or_stay_on_plaintext(tmp_path):
+    """`devices cert migrate` on a broker with both listeners (`broker config
+    --also-plaintext`): one device moves to TLS and goes on reporting there; one told a
+    broker name the certificate does not carry fails its trial, goes back to plaintext
+    and reports why; nothing happens without --key-over-plaintext."""
+    op = Operator(tmp_path)
+    tls_port, plain_port = free_port(), free_port()
+    op("keys", "init")
+    op("ca", "init")
+    op("sim", "fleet", "--devices", "2", "--prefix", "mig", "--root", tmp_path / "fleet", "--broker",
+       f"mqtt://127.0.0.1:{plain_port}", "--credentials", "--awake", "--provision-only")
+    conf = json.loads(op("broker", "config", "--out", tmp_path / "broker", "--listen", f"127.0.0.1:{tls_port}",
+                         "--also-plaintext", f"127.0.0.1:{plain_port}", "--json").stdout)
+    assert conf["tls"] and conf["passwd"] and conf["also_plaintext"] == f"127.0.0.1:{plain_port}"
+    boards = {d: VirtualBoard(tmp_path / "fleet" / d) for d in conf["devices"]}
+    assert sorted(boards) == ["mig-0001", "mig-0002"]
+    assert all(b.fs_get("/tls/id.der") is None for b in boards.values())
+    broker = _run_mosquitto(Path(conf["conf"]), (tls_port, plain_port), tmp_path / "mosquitto.log")
+    serve = op.serve(f"mqtts://127.0.0.1:{tls_port}", tmp_path / "serve.log")
+    try:
+        def reported_at(device_id: str) -> float:
+            with Store(tmp_path / "mpfleet.db") as store:
+                return (store.device(device_id) or {}).get("reported_at") or 0
+
+        run_until(list(boards.values()), lambda: all(reported_at(d) for d in boards), "reporting over plaintext")
+        refused = op("devices", "cert", "migrate", "mig-0001", "--to", f"mqtts://127.0.0.1:{tls_port}",
+                     check=False)
+        assert refused.returncode != 0 and "--key-over-plaintext" in refused.stderr, refused
+        assert json.loads(op("job", "list", "--json").stdout) == []
+
+        moved = json.loads(op("devices", "cert", "migrate", "mig-0001", "--to", f"mqtts://127.0.0.1:{tls_port}",
+                              "--key-over-plaintext", "--json").stdout)
+        stays = json.loads(op("devices", "cert", "migrate", "mig-0002", "--to", f"mqtts://127.0.0.1:{tls_port}",
+                              "--tls-hostname", "broker.example.org", "--trial-wakes", "2", "--key-over-plaintext",
+                              "--json").stdout)
+
+        def status(job_id: str) -> dict:
+            return json.loads(op("job", "status", job_id, "--json", check=False).stdout)
+
+        run_until(list(boards.values()), lambda: all(status(j["config_job"])["status"] != "ACTIVE"
+                                                     for j in (moved, stays)), "through the migration")
+        assert status(moved["devices"][0]["cert_job"])["status"] == "COMPLETED"
+        assert status(moved["config_job"])["status"] == "COMPLETED", status(moved["config_job"])
+        assert status(stays["devices"][0]["cert_job"])["status"] == "COMPLETED"
+        assert status(stays["config_job"])["counts"]["FAILED"] == 1, status(stays["config_job"])
+
+        cfg = {d: json.loads(b.fs_get("/config.json")) for d, b in boards.items()}
+        assert cfg["mig-0001"]["broker"]["tls"] is True and cfg["mig-0001"]["broker"]["port"] == tls_port
+        assert "user" not in cfg["mig-0001"]["broker"] and "password" not in cfg["mig-0001"]["broker"]
+        assert _first_der(boards["mig-0001"]).serial_number == int(moved["devices"][0]["serial"], 16)
+        assert not cfg["mig-0002"]["broker"].get("tls") and cfg["mig-0002"]["broker"]["port"] == plain_port
+        # Both go on reporting: mig-0001 over TLS (its only listener now), mig-0002 over plaintext,
+        # telling the host why its trial could not connect.
+        before = {d: reported_at(d) for d in boards}
+        run_until(list(boards.values()), lambda: all(reported_at(d) > before[d] for d in boards), "reporting after")
+        shown = json.loads(op("devices", "show", "mig-0002", "--json").stdout)
+        assert "TLS handshake" in shown["state"]["last_failure"]["error"], shown["state"]["last_failure"]
+        assert shown["state"]["last_error"] is None
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+        broker.terminate()
+        broker.wait(timeout=10)

@@ -197,6 +197,16 @@ def garbage():
     return wrong
 
 
+def _only_value_errors(fn, data):
+    try:
+        fn(data)
+    except ValueError:
+        pass
+    except Exception:
+        return False
+    return True
+
+
 def floors():
     built = tlsid.clock_floor()
     return {
@@ -221,6 +231,14 @@ case("lengths", lengths)
 case("bad_identities", lambda: each_refused(BAD_IDENTITIES, tlsid.split_identity))
 case("bad_times", lambda: each_refused(BAD_TIMES, tlsid.not_before))
 case("truncated_identity", lambda: truncations(IDENTITY, tlsid.split_identity))
+case("ca_truncated", lambda: truncations(CERT, tlsid.check_certificate))
+# Every malformed identity but the one that is a lone certificate, an identity, a key.
+case("ca_bad", lambda: each_refused([b for b in BAD_IDENTITIES if b[0] != "certificate only"]
+                                    + [["identity", (CERT + KEY).hex()], ["key", KEY.hex()]],
+                                    tlsid.check_certificate))
+case("ca_garbage", lambda: [i for i, hx in enumerate(GARBAGE)
+                            if not _only_value_errors(tlsid.check_certificate, h(hx))])
+case("ca_valid", lambda: tlsid.check_certificate(CERT))
 case("truncated_certificate", lambda: truncations(CERT, tlsid.not_before))
 case("garbage", garbage)
 case("floors", floors)
@@ -302,6 +320,13 @@ def test_the_subject_common_name_is_read_among_other_attributes(results):
     assert results.error("cn_no_subject")[0] == "ValueError"
 
 
+def test_a_fleet_ca_is_one_certificate_and_anything_else_is_refused(results):
+    assert results.value("ca_valid") is None
+    assert results.value("ca_truncated") == []
+    assert results.value("ca_bad") == []
+    assert results.value("ca_garbage") == []
+
+
 def test_the_clock_floor_is_the_build_date_or_a_later_not_before(results):
     floors = results.value("floors")
     assert floors.pop("built") == [2026, 12, 1, 0, 0, 0]
@@ -327,10 +352,22 @@ CERT_PARAMS = [
     ("a byte after the key", {"identity": _B64(IDENTITY + b"\x00").decode()}, False),
     ("key first", {"identity": _B64(KEY + CERT).decode()}, False),
     ("not base64", {"identity": "!!!!" * 10}, False),
+    # The fleet CA sent along to a device that does not use TLS yet (CERT is self-signed: its own CA).
+    ("with its ca", {"identity": _B64(IDENTITY).decode(), "ca": _B64(CERT).decode()}, True),
+    ("ca not a string", {"identity": _B64(IDENTITY).decode(), "ca": 5}, False),
+    ("ca empty", {"identity": _B64(IDENTITY).decode(), "ca": ""}, False),
+    ("ca a key", {"identity": _B64(IDENTITY).decode(), "ca": _B64(KEY).decode()}, False),
+    ("ca with a byte after it", {"identity": _B64(IDENTITY).decode(), "ca": _B64(CERT + b"\x00").decode()}, False),
+    ("ca twice", {"identity": _B64(IDENTITY).decode(), "ca": _B64(CERT + CERT).decode()}, False),
+    ("ca cut short", {"identity": _B64(IDENTITY).decode(), "ca": _B64(CERT[:-1]).decode()}, False),
+    ("ca over 4096 characters", {"identity": _B64(IDENTITY).decode(), "ca": "A" * 4100}, False),
+    ("ca not base64", {"identity": _B64(IDENTITY).decode(), "ca": "!!!!" * 10}, False),
 ]
 # The host checks more than the device can: the key belongs to the certificate.
 OTHER_CERT, OTHER_KEY = _cert(UTC_DATE)
-HOST_ONLY = [("another certificate's key", {"identity": _B64(CERT + OTHER_KEY).decode()})]
+HOST_ONLY = [("another certificate's key", {"identity": _B64(CERT + OTHER_KEY).decode()}, "does not belong"),
+             ("a ca that did not issue it", {"identity": _B64(IDENTITY).decode(), "ca": _B64(OTHER_CERT).decode()},
+              "not issued by the ca")]
 
 AGREEMENT = f"CERT_PARAMS = {[(n, p) for n, p, _ in CERT_PARAMS]!r}\n" + """
 import binascii
@@ -342,6 +379,8 @@ def device_accepts(p):
         return False
     try:
         tlsid.split_identity(binascii.a2b_base64(p["identity"]))
+        if p.get("ca") is not None:
+            tlsid.check_certificate(binascii.a2b_base64(p["ca"]))
     except ValueError:
         return False
     return True
@@ -363,8 +402,8 @@ def test_the_host_and_the_device_accept_the_same_cert_jobs(unit_cases):
         except KeyringError:
             host = False
         assert (host, device.value(name)) == (valid, valid), name
-    for _name, params in HOST_ONLY:
-        with pytest.raises(KeyringError, match="does not belong"):
+    for _name, params, why in HOST_ONLY:
+        with pytest.raises(KeyringError, match=why):
             check_cert_params(params)
 
 

@@ -152,3 +152,60 @@ def test_devices_cert_revoke_names_the_broker_it_could_not_tell(tmp_path):
     assert serial in FleetCA(keys).revoked()  # the revocation itself stands
     shown = mpfleet(tmp_path, "devices", "cert", "show", "dev-1", "--db", db, "--keys-dir", keys, "--json")
     assert shown.returncode == 0 and '"revoked": null' not in shown.stdout
+
+
+def test_migrate_and_a_second_plaintext_listener_refuse_mistakes_in_one_line(tmp_path):
+    keys, db = tmp_path / "keys", tmp_path / "f.db"
+    assert mpfleet(tmp_path, "ca", "init", "--keys-dir", keys).returncode == 0
+    assert mpfleet(tmp_path, "keys", "init", "--db", db, "--keys-dir", keys).returncode == 0
+    with Store(db) as store:
+        store.touch_device("dev-1")
+
+    def migrate(*args):
+        return mpfleet(tmp_path, "devices", "cert", "migrate", *args, "--db", db, "--keys-dir", keys)
+
+    assert_one_line_error(migrate("dev-1", "--to", "mqtts://127.0.0.1:8883"), "--key-over-plaintext")
+    assert_one_line_error(migrate("dev-1", "--to", "mqtt://127.0.0.1:1883", "--key-over-plaintext"),
+                          "use mqtts://")
+    assert_one_line_error(migrate("dev-1", "--to", "mqtts://u:p@127.0.0.1:8883", "--key-over-plaintext"),
+                          "no user in the URL")
+    assert_one_line_error(migrate("dev-9", "--to", "mqtts://127.0.0.1:8883", "--key-over-plaintext"), "dev-9")
+    with Store(db) as store:
+        assert store.certificates("dev-1") == [] and store.certificates("dev-9") == []
+        assert store.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+    out = tmp_path / "b"
+    assert_one_line_error(mpfleet(tmp_path, "broker", "config", "--out", out, "--db", db, "--keys-dir", keys,
+                                  "--listen", "127.0.0.1:8883", "--also-plaintext", "127.0.0.1:8883"),
+                          "needs a port of its own")
+    proc = mpfleet(tmp_path, "broker", "config", "--out", out, "--db", db, "--keys-dir", keys, "--plaintext",
+                   "--also-plaintext", "1884")
+    assert proc.returncode == 2 and "not with --plaintext" in proc.stderr
+    assert not (out / "mosquitto.conf").exists()
+
+
+def test_migrate_queues_the_install_then_the_switch_for_each_device(tmp_path):
+    import json
+
+    keys, db = tmp_path / "keys", tmp_path / "f.db"
+    assert mpfleet(tmp_path, "ca", "init", "--keys-dir", keys).returncode == 0
+    assert mpfleet(tmp_path, "keys", "init", "--db", db, "--keys-dir", keys).returncode == 0
+    with Store(db) as store:
+        for d in ("dev-1", "dev-2"):
+            store.touch_device(d)
+    proc = mpfleet(tmp_path, "devices", "cert", "migrate", "dev-1", "dev-2", "--to", "mqtts://broker.lan",
+                   "--tls-hostname", "mqtt.example.org", "--key-over-plaintext", "--json", "--db", db,
+                   "--keys-dir", keys)
+    assert proc.returncode == 0, proc.stderr
+    made = json.loads(proc.stdout)
+    assert [d["device"] for d in made["devices"]] == ["dev-1", "dev-2"] and made["broker"] == "mqtts://broker.lan:8883"
+    with Store(db) as store:
+        jobs = {r[0]: (r[1], json.loads(r[2])) for r in store.db.execute("SELECT id, type, params_json FROM jobs")}
+        for d in made["devices"]:
+            kind, params = jobs[d["cert_job"]]
+            assert kind == "cert" and params["ca"] and params["identity"]
+            assert [f"{c['serial']:x}" for c in store.certificates(d["device"])] == [d["serial"]]
+        kind, params = jobs[made["config_job"]]
+    assert kind == "config"
+    assert params["set"] == {"broker.tls": True, "broker.host": "broker.lan", "broker.port": 8883,
+                             "broker.tls_hostname": "mqtt.example.org"}
+    assert params["unset"] == ["broker.user", "broker.password"] and params["trial_wakes"] == 3

@@ -303,20 +303,35 @@ def run_cert(runner, cur):
     from agent import tlsid
 
     p = cur["params"]
-    if not runner.cfg["broker"]["tls"]:
-        runner.finish(cur, FAILED, "broker.tls is off: a certificate can only be tried over TLS; nothing changed")
+    tls_on = runner.cfg["broker"]["tls"]
+    if tls_on and p.get("ca") is not None:
+        runner.finish(cur, FAILED, "the fleet CA cannot change while the device uses TLS; nothing changed")
         return
     try:
         identity = binascii.a2b_base64(p["identity"])
         cert, _ = tlsid.split_identity(identity)
         cn = tlsid.subject_cn(cert)
-    except (ValueError, UnicodeError) as e:
+        ca = None
+        if p.get("ca") is not None:
+            ca = binascii.a2b_base64(p["ca"])
+            tlsid.check_certificate(ca)
+    except (ValueError, UnicodeError, TypeError) as e:
         runner.finish(cur, FAILED, "identity: %s" % e)
         return
     if cn != runner.ctx.device_id:
         # The broker would take it (the fleet's CA) and the ACL would then confine
         # this device to another device's topics: it could never report again.
         runner.finish(cur, FAILED, "the certificate is for %s, not this device; nothing changed" % str(cn)[:64])
+        return
+    if not tls_on:
+        # Not in use until a config job turns broker.tls on (that change is the
+        # trial, with its revert to plaintext): installed, nothing to try.
+        if ca is None and not tlsid.exists(tlsid.CA_PATH):
+            runner.finish(cur, FAILED, "no fleet CA on the device: send it with the certificate; nothing changed")
+            return
+        tlsid.install(identity, ca)
+        identity = ca = None
+        runner.finish(cur, SUCCEEDED, "installed; used once a config job turns broker.tls on")
         return
     # The file first, then the phase: a cut between them resumes this handler
     # (phase "start"), which writes the same file again; a trial is never on

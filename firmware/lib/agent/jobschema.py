@@ -128,6 +128,10 @@ def _cert_params(p):
     trial = p.get("trial_wakes")
     if trial is not None and (not _is_int(trial) or not 1 <= trial <= 50):
         return "trial_wakes must be 1..50"
+    # The fleet CA, for a device that does not use TLS yet (agent.handlers.run_cert).
+    ca = p.get("ca")
+    if ca is not None and (not isinstance(ca, str) or not 1 <= len(ca) <= _MAX_IDENTITY_B64):
+        return "ca must be the base64 of the fleet CA's certificate DER, at most %d characters" % _MAX_IDENTITY_B64
     return None
 
 

@@ -115,6 +115,17 @@ def split_identity(buf):
     return buf[:end], buf[end:]
 
 
+def check_certificate(buf):
+    """ValueError unless `buf` is one certificate (a SEQUENCE holding a
+    TBSCertificate) and nothing after it: the fleet CA a `cert` job installs."""
+    if len(buf) > _MAX_IDENTITY:
+        raise ValueError("CA: %d bytes, at most %d" % (len(buf), _MAX_IDENTITY))
+    head, body = _element(buf, 0, _SEQUENCE, "a certificate")
+    _element(buf, head, _SEQUENCE, "the certificate's TBSCertificate")
+    if head + body != len(buf):
+        raise ValueError("CA: %d bytes after the certificate" % (len(buf) - head - body))
+
+
 def _digits(buf, at, n):
     v = 0
     for i in range(at, at + n):
@@ -270,16 +281,31 @@ def tls_params(host, hostname=None, trial=False):
     return params
 
 
-def write_trial(identity):
-    """Store a renewal as /tls/id.try, atomically."""
+def _write(path, data):
     try:
         os.mkdir(_DIR)
     except OSError:
         pass  # there already
-    tmp = TRY_PATH + ".tmp"
+    tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(identity)
-    os.rename(tmp, TRY_PATH)
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def write_trial(identity):
+    """Store a renewal as /tls/id.try, atomically."""
+    _write(TRY_PATH, identity)
+
+
+def install(identity, ca):
+    """A first TLS identity for a device that does not use TLS yet (a `cert`
+    job while broker.tls is off): the fleet CA (when given) then the identity,
+    each written atomically. Nothing connects with them until a config job turns
+    broker.tls on, so there is nothing to try; running it again after a power
+    cut writes the same files."""
+    if ca is not None:
+        _write(CA_PATH, ca)
+    _write(ID_PATH, identity)
 
 
 def promote():

@@ -266,10 +266,11 @@ def tls_listener_lines(ca, acl: str | os.PathLike | None = None) -> list[str]:
 
 
 def conf_text(passwd: str | os.PathLike | None, acl: str | os.PathLike, data_dir: str | os.PathLike,
-              listen: str = DEFAULT_LISTEN, ca=None) -> str:
+              listen: str = DEFAULT_LISTEN, ca=None, also_plaintext: str | None = None) -> str:
     """A whole mosquitto configuration: the listener with `conf_lines()` (with the fleet
-    CA `ca`: `tls_listener_lines()`, no password file), persistence in `data_dir`, the
-    queue limits serve needs."""
+    CA `ca`: `tls_listener_lines()`, no password file; and with `also_plaintext` a
+    password listener there too, for devices still to move to TLS), persistence in
+    `data_dir`, the queue limits serve needs."""
     host, port = parse_listen(listen)
     if ca is not None:
         pid = Path(acl).resolve().parent / "mosquitto.pid"
@@ -280,6 +281,16 @@ def conf_text(passwd: str | os.PathLike | None, acl: str | os.PathLike, data_dir
                   *tls_listener_lines(ca, acl),
                   "# `mpfleet devices cert revoke ID --reload THIS_DIR/mosquitto.pid` signals the broker here.",
                   f"pid_file {pid}"]
+        if also_plaintext is not None:
+            p_host, p_port = parse_listen(also_plaintext)
+            # The ACL and allow_anonymous above are global (per_listener_settings is off), so
+            # they hold here too; a TLS client's certificate is its account, and the password
+            # file is checked only for this listener's clients.
+            access += ["",
+                       "# Plaintext with passwords, while devices move to TLS (`mpfleet devices cert migrate`):",
+                       "# drop it, and regenerate without --also-plaintext, once every device is over.",
+                       f"listener {p_port}" + (f" {p_host}" if p_host else ""), "use_username_as_clientid true",
+                       f"password_file {Path(passwd).resolve()}"]
     else:
         access = ["# Plaintext with passwords: for a lab only (`mpfleet broker config` without --plaintext",
                   "# writes a mutual-TLS listener). Each client's id is its username: an account holds one",
@@ -350,7 +361,7 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
              host_user: str = DEFAULT_HOST_USER, rotate: bool = False, registry: bool = True,
              accounts: list[str] | None = None, listen: str = DEFAULT_LISTEN,
              data_dir: str | os.PathLike | None = None, root: str = TOPIC_ROOT, ca=None,
-             broker_names: list[str] | None = None) -> BrokerFiles:
+             broker_names: list[str] | None = None, also_plaintext: str | None = None) -> BrokerFiles:
     """Credentials for every device and host account, then `passwd`, `acl` and
     `mosquitto.conf` (listening on `listen`, persisting in `data_dir`, default
     `out_dir`/data) in `out_dir`.
@@ -368,7 +379,10 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     `broker_names` (default: the listen host, localhost, 127.0.0.1) when it has none
     (or with `rotate`), every host account a client certificate when it has none (or
     with `rotate`), and the CRL is written if missing. Devices get certificates at
-    provisioning (`mpfleet deploy`, `sim fleet`), not here.
+    provisioning (`mpfleet deploy`, `sim fleet`), not here. With `also_plaintext`
+    ([HOST:]PORT) a second, password listener stays open beside the TLS one for the
+    devices that have not moved yet (`mpfleet devices cert migrate`): the password file
+    is written as without `ca`, and the one ACL holds for both.
     """
     check_username(host_user)
     named = [check_device_id(d) for d in devices or ()]
@@ -388,9 +402,34 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     if clash:
         raise BrokerConfigError(f"host account {clash[0]!r} has the same name as a device")
     ordered = sorted(everyone)
+    if also_plaintext is not None:
+        if ca is None:
+            raise BrokerConfigError("a second, plaintext listener goes beside a TLS one: it needs the fleet CA")
+        if parse_listen(also_plaintext)[1] == parse_listen(listen)[1]:
+            raise BrokerConfigError(f"the plaintext listener {also_plaintext} needs a port of its own")
+    passwd = None
+    fresh = []
+    if ca is None or also_plaintext is not None:
+        passwd, fresh = _passwords(store, out_dir, ordered, host_user, extra, named, named_accounts, rotate)
     if ca is not None:
-        return _generate_tls(ca, out_dir, ordered, host_user, extra, listen, data_dir, root, rotate, skipped,
-                             broker_names)
+        result = _generate_tls(ca, out_dir, ordered, host_user, extra, listen, data_dir, root, rotate, skipped,
+                               broker_names, passwd, also_plaintext)
+        result.new = list(dict.fromkeys(result.new + fresh))  # certificates, then passwords
+        return result
+    out = Path(out_dir)
+    data = Path(data_dir) if data_dir is not None else out / "data"
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    acl = out / "acl"
+    _write_private(acl, acl_text(ordered, host_user, extra, root))
+    conf = out / "mosquitto.conf"
+    _write_private(conf, conf_text(passwd, acl, data, listen))
+    return BrokerFiles(out, passwd, acl, conf, host_user, ordered, fresh, skipped, extra, data.resolve())
+
+
+def _passwords(store: Store, out_dir, ordered: list[str], host_user: str, extra: list[str], named: list[str],
+               named_accounts: list[str], rotate: bool) -> tuple[Path, list[str]]:
+    """Credentials for every device and host account (new ones made; with `rotate` the
+    named ones, or all, get new ones), and `out_dir`/passwd with their hashes."""
     if not rotate:
         to_rotate = []
     elif named or named_accounts:
@@ -399,26 +438,20 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
         to_rotate = ordered + [HOST_ENTRY] + [HOST_ACCOUNT_ENTRY + a for a in extra]
     with store.transaction():
         fresh = ensure_credentials(store, ordered, host_user, to_rotate, extra)
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(data_dir) if data_dir is not None else out / "data"
-    data.mkdir(mode=0o700, parents=True, exist_ok=True)
     hosts = [store.credentials(HOST_ENTRY)] + [store.credentials(HOST_ACCOUNT_ENTRY + a) for a in extra]
     entries = [(c["username"], c["password"]) for c in hosts]
     entries += [(c["username"], c["password"]) for c in (store.credentials(d) for d in ordered)]
-    passwd = write_passwd(out / "passwd", entries)
-    acl = out / "acl"
-    _write_private(acl, acl_text(ordered, host_user, extra, root))
-    conf = out / "mosquitto.conf"
-    _write_private(conf, conf_text(passwd, acl, data, listen))
-    return BrokerFiles(out, passwd, acl, conf, host_user, ordered, fresh, skipped, extra, data.resolve())
+    return write_passwd(out / "passwd", entries), fresh
 
 
 def _generate_tls(ca, out_dir, devices: list[str], host_user: str, extra: list[str], listen: str,
                   data_dir, root: str, rotate: bool, skipped: list[str],
-                  broker_names: list[str] | None) -> BrokerFiles:
-    """generate() with the fleet CA: certificates instead of passwords."""
+                  broker_names: list[str] | None, passwd: Path | None = None,
+                  also_plaintext: str | None = None) -> BrokerFiles:
+    """generate() with the fleet CA: certificates instead of passwords (and beside
+    them, with `also_plaintext`, the password listener with `passwd`)."""
     ca.certificate()  # no CA: CertError, before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,8 +475,8 @@ def _generate_tls(ca, out_dir, devices: list[str], host_user: str, extra: list[s
     acl = out / "acl"
     _write_private(acl, acl_text(devices, host_user, extra, root))
     conf = out / "mosquitto.conf"
-    _write_private(conf, conf_text(None, acl, data, listen, ca=ca))
-    result = BrokerFiles(out, None, acl, conf, host_user, devices, [], skipped, extra, data.resolve(), tls=True,
+    _write_private(conf, conf_text(passwd, acl, data, listen, ca=ca, also_plaintext=also_plaintext))
+    result = BrokerFiles(out, passwd, acl, conf, host_user, devices, [], skipped, extra, data.resolve(), tls=True,
                          broker_cert=ca.broker_files()[0], host_certs=host_certs)
     result.new = fresh
     return result

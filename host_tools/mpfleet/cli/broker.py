@@ -60,6 +60,9 @@ def broker() -> None:
 @click.option("--plaintext", is_flag=True,
               help="A plaintext listener with per-device passwords instead of mutual TLS: for a lab only "
                    "(passwords, samples and jobs cross the network readable).")
+@click.option("--also-plaintext", metavar="[HOST:]PORT", type=_Listen(),
+              help="Keep a plaintext password listener there too, beside the TLS one, while devices move to TLS "
+                   "(`mpfleet devices cert migrate`).")
 @click.option("--name", "names", multiple=True,
               help="A host name or IP address devices reach the broker by, for its certificate (repeatable) "
                    "[default: the --listen host, localhost, 127.0.0.1].")
@@ -74,7 +77,8 @@ def broker() -> None:
 @DB
 @JSON
 def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accounts: tuple[str, ...],
-                  listen: str | None, plaintext: bool, names: tuple[str, ...], data_dir: str | None, rotate: bool,
+                  listen: str | None, plaintext: bool, also_plaintext: str | None, names: tuple[str, ...],
+                  data_dir: str | None, rotate: bool,
                   no_registry: bool, topic_root: str, keys_dir: str | None, db: str | None, as_json: bool) -> None:
     """Write a mosquitto.conf with a mutual-TLS listener, an ACL confining device X
     to ROOT/X/... (ROOT: --topic-root, mpf/v1), and the broker's and host accounts'
@@ -97,6 +101,8 @@ def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accoun
     from mpfleet.db.store import Store
 
     listen = listen or (DEFAULT_LISTEN if plaintext else DEFAULT_TLS_LISTEN)
+    if plaintext and also_plaintext:
+        raise click.UsageError("--also-plaintext adds a plaintext listener beside the TLS one: not with --plaintext")
     with Store(db) as store:
         authority = None
         if not plaintext:
@@ -105,7 +111,8 @@ def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accoun
             authority = fleet_ca(keys_dir, store)
         result = generate(store, out_dir, list(devices), host_user=host_user, rotate=rotate,
                           registry=not no_registry, accounts=list(accounts), listen=listen, data_dir=data_dir,
-                          root=topic_root, ca=authority, broker_names=list(names) or None)
+                          root=topic_root, ca=authority, broker_names=list(names) or None,
+                          also_plaintext=also_plaintext)
     if as_json:
         print_json({"topic_root": topic_root, "out": str(result.out_dir), "tls": result.tls,
                     "passwd": str(result.passwd) if result.passwd else None, "acl": str(result.acl),
@@ -114,7 +121,7 @@ def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accoun
                     "devices": result.devices, "new_credentials": result.new_accounts(), "skipped": result.skipped,
                     "broker_cert": str(result.broker_cert) if result.broker_cert else None,
                     "host_certs": {k: str(v) for k, v in result.host_certs.items()},
-                    "conf_lines": result.conf_lines(authority)})
+                    "also_plaintext": also_plaintext, "conf_lines": result.conf_lines(authority)})
         return
     if result.tls:
         hosts = ", ".join([result.host_user, *result.host_accounts])
@@ -123,7 +130,8 @@ def broker_config(out_dir: str, devices: tuple[str, ...], host_user: str, accoun
         for name in result.skipped:
             console.print(f"skipped registry id {name!r}: not a valid device id", highlight=False)
         # click.echo, not rich: the paths and the listener stay on one line at any width
-        click.echo(f"wrote {result.acl}, {result.conf} (mutual-TLS listener {listen}, data in "
+        beside = f", plaintext listener {also_plaintext} with {result.passwd}" if also_plaintext else ""
+        click.echo(f"wrote {result.acl}, {result.conf} (mutual-TLS listener {listen}{beside}, data in "
                    f"{result.data_dir}); broker certificate {result.broker_cert}")
         return
     hosts = ", ".join([result.host_user, *result.host_accounts])

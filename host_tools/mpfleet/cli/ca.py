@@ -160,6 +160,73 @@ def cert_renew(device_id: str, trial_wakes: int, keys_dir: str | None, db: str |
                f"{utc_time(issued.not_after.timestamp())}); `mpfleet job status {job_id}` once serve runs")
 
 
+@device_cert.command("migrate")
+@click.argument("device_ids", nargs=-1, required=True, type=DEVICE_ID)
+@click.option("--to", "broker_url", required=True, metavar="mqtts://HOST[:PORT]",
+              help="The TLS listener the devices move to (port default 8883).")
+@click.option("--tls-hostname", metavar="NAME",
+              help="The name the broker's certificate carries, when it is not HOST.")
+@click.option("--key-over-plaintext", is_flag=True,
+              help="Required: each device's new private key reaches it in a job over its plaintext link.")
+@click.option("--trial-wakes", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="Connection attempts over TLS before a device goes back to plaintext.")
+@KEYS_DIR
+@DB
+@JSON
+def cert_migrate(device_ids: tuple[str, ...], broker_url: str, tls_hostname: str | None, key_over_plaintext: bool,
+                 trial_wakes: int, keys_dir: str | None, db: str | None, as_json: bool) -> None:
+    """Move plaintext devices to mutual TLS over the air. Per device, two signed jobs
+    (serve dispatches them): a `cert` job that installs the fleet CA and a new
+    certificate and key (not used while the device is on plaintext), then a `config`
+    job that turns broker.tls on with the new port (and host), on trial: a device that
+    cannot connect over TLS in --trial-wakes attempts goes back to plaintext and the
+    job ends FAILED. The broker needs both listeners meanwhile
+    (`mpfleet broker config --also-plaintext`).
+
+    The new key crosses the plaintext link once, in the cert job: anyone who can read
+    that link, or subscribe as a host account, during the migration can copy it. Use
+    --key-over-plaintext to accept that (e.g. on a network you trust); otherwise give
+    each board its identity over USB (`mpfleet deploy --broker mqtts://...`)."""
+    from mpfleet.broker.link import parse_broker_url
+    from mpfleet.fleet.keys import KeyRing
+    from mpfleet.fleet.registry import Registry
+    from mpfleet.fleet.rollout import RolloutEngine
+
+    target = parse_broker_url(broker_url)
+    if not target.tls:
+        raise MpfleetError(f"--to {broker_url}: the devices move to a TLS listener: use mqtts://")
+    if target.user or target.password:
+        raise MpfleetError(f"--to {broker_url}: over mutual TLS the certificate is the account: no user in the URL")
+    if not key_over_plaintext:
+        raise MpfleetError("each device's new private key would cross its plaintext link in a job: pass "
+                           "--key-over-plaintext to accept that, or provision the boards over USB instead")
+    settings = {"broker.tls": True, "broker.host": target.host, "broker.port": target.port}
+    if tls_hostname:
+        settings["broker.tls_hostname"] = tls_hostname
+    jobs = []
+    with open_store(db) as store:
+        registry = Registry(store)
+        for device_id in device_ids:
+            registry.get(device_id)  # an unknown id: a clear error before any certificate is issued
+        authority = fleet_ca(keys_dir, store)
+        ca_b64 = base64.b64encode(authority.ca_der()).decode()
+        engine = RolloutEngine(store, KeyRing(store, keys_dir), registry)
+        for device_id in device_ids:
+            issued = authority.issue_device(device_id)
+            cert_job = engine.create_job("cert", {"identity": base64.b64encode(issued.identity()).decode(),
+                                                  "ca": ca_b64}, {"ids": [device_id]})
+            jobs.append({"device": device_id, "cert_job": cert_job, "serial": f"{issued.serial:x}"})
+        config_job = engine.create_job("config", {"set": settings, "unset": ["broker.user", "broker.password"],
+                                                  "trial_wakes": trial_wakes}, {"ids": list(device_ids)})
+    if as_json:
+        print_json({"devices": jobs, "config_job": config_job, "broker": target.url()})
+        return
+    for j in jobs:
+        click.echo(f"{j['device']}: job {j['cert_job']} installs certificate {j['serial']}")
+    click.echo(f"job {config_job}: {len(jobs)} device(s) move to {target.url()} on trial; "
+               f"`mpfleet job status {config_job}` once serve runs")
+
+
 def _broker_pid(value: str) -> int:
     """A process id, or the number in the pid file `value` names."""
     text = value

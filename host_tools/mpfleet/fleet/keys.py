@@ -139,9 +139,9 @@ def check_cert_params(params: dict, targets: dict | None = None) -> str:
     import base64
     import binascii
 
-    unknown = sorted(set(params) - {"identity", "trial_wakes"})
+    unknown = sorted(set(params) - {"identity", "trial_wakes", "ca"})
     if unknown:
-        raise KeyringError(f"cert params take identity and trial_wakes only, not {unknown[0]!r}")
+        raise KeyringError(f"cert params take identity, trial_wakes and ca only, not {unknown[0]!r}")
     identity = params.get("identity")
     if not isinstance(identity, str) or not 1 <= len(identity) <= CERT_IDENTITY_MAX:
         raise KeyringError(f"cert: identity must be the base64 of certificate + key DER, at most "
@@ -154,6 +154,7 @@ def check_cert_params(params: dict, targets: dict | None = None) -> str:
     if end is None or _der_end(raw, end) != len(raw):
         raise KeyringError("cert: identity must be a certificate DER followed by its key DER, nothing else")
     from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.serialization import load_der_private_key
 
     try:
@@ -174,6 +175,23 @@ def check_cert_params(params: dict, targets: dict | None = None) -> str:
     trial = params.get("trial_wakes")
     if trial is not None and (not isinstance(trial, int) or isinstance(trial, bool) or not 1 <= trial <= 50):
         raise KeyringError(f"cert: trial_wakes must be 1..50, not {trial!r}")
+    ca = params.get("ca")
+    if ca is not None:
+        # The fleet CA for a device that does not use TLS yet (it refuses one while it does).
+        try:
+            ca_der = base64.b64decode(ca, validate=True) if isinstance(ca, str) and len(ca) <= CERT_IDENTITY_MAX \
+                else None
+        except (ValueError, binascii.Error):
+            ca_der = None
+        if ca_der is None or _der_end(ca_der, 0) != len(ca_der):
+            raise KeyringError(f"cert: ca must be the base64 of one certificate DER, at most {CERT_IDENTITY_MAX} "
+                               f"characters")
+        try:
+            issuer = x509.load_der_x509_certificate(ca_der)
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise KeyringError(f"cert: the certificate was not issued by the ca sent with it: {e or 'bad signature'}") \
+                from None
     return cn
 
 
