@@ -521,7 +521,7 @@ class Wake:
         fs = os.statvfs("/")
         gc.collect()
         stage = self.stage
-        return {
+        state = {
             "device": self.device_id,
             "fw": version,
             "app": self.app_version(),
@@ -541,9 +541,6 @@ class Wake:
             "rssi": self.rssi,
             "time": time.time(),
             "last_error": self.last_error,
-            # Why earlier wakes could not reach the broker, reported once (the
-            # host keeps it: mpfleet devices show).
-            "last_failure": self.last_failure,
             # The host refuses at `job create` any envelope larger than this.
             "limits": {"job_max_bytes": self.cfg["limits"]["job_max_bytes"]},
             # After a crash: why, and how many wakes in a row ended in one. The
@@ -552,6 +549,12 @@ class Wake:
             "last_crash": self.crash,
             "safe_mode": stage.crashes > 0,
         }
+        if self.last_failure is not None:
+            # Why earlier wakes could not reach the broker, reported once (the host
+            # keeps it: mpfleet devices show); absent otherwise, not a null every
+            # upload connection pays for.
+            state["last_failure"] = self.last_failure
+        return state
 
     def sleep(self):
         # This wake ended well. The stage's mark stays: an envelope whose verify
