@@ -291,3 +291,5 @@ def sim_download_mode(directory: Path, link: Path | None) -> None:
 from mpfleet.cli.sim_fleet import sim_fleet  # noqa: E402 - registered last, kept in its own module
 
 sim.add_command(sim_fleet)
+from mpfleet.cli.sim_load import sim_load  # noqa: E402 - beside sim fleet, in its own module
+sim.add_command(sim_load)

@@ -444,11 +444,13 @@ class LoadFleet:
         if upto > dev.acked:
             dev.acked = upto
             self.stats.acks_taken += 1
-        dev.backlog = [s for s in dev.backlog if s[0] > upto]
         if upto >= dev.next_seq:
-            # an earlier life of this id: renumber after the host's ack (agent.upload.rebase)
+            # an earlier life of this id (a new process): renumber what it holds after the
+            # host's ack, as agent.upload.rebase does, or the host takes it for duplicates
             dev.backlog = [(upto + 1 + i, t, v) for i, (_, t, v) in enumerate(dev.backlog)]
             dev.next_seq = upto + 1 + len(dev.backlog)
+            return
+        dev.backlog = [s for s in dev.backlog if s[0] > upto]
 
     async def publish_status(self, dev: LoadDevice, client: MiniMqtt, status: dict) -> None:
         body = json.dumps(status).encode()
