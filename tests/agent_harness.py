@@ -11,6 +11,9 @@ from pathlib import Path
 from conftest import firmware_files
 
 from mpfleet.fleet.ingest import Ingester
+from mpfleet.fleet.keys import KeyRing
+from mpfleet.fleet.registry import Registry
+from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.broker.link import parse_broker_url
 from mpfleet.sim import VirtualBoard
 from mpfleet.db.store import Store
@@ -71,6 +74,23 @@ def provisioned_on_sight(store: Store, device: str) -> bool:
     if not store.is_member(device):
         store.add_device(device)
     return True
+
+
+class FleetEnv:
+    """The host's side of a fleet in one directory, on one broker: the database, an
+    initialised key ring and the rollout engine (what `mpfleet keys init` and `mpfleet
+    job create` use). The caller closes `store`."""
+
+    def __init__(self, root: Path, broker):
+        self.root = root
+        self.broker = broker
+        self.cfg = parse_broker_url(broker.url)
+        self.db = root / "mpfleet.db"
+        self.keys = root / "keys"
+        self.store = Store(self.db)
+        self.ring = KeyRing(self.store, self.keys)
+        self.ring.init()
+        self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
 
 
 class Host:

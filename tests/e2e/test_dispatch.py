@@ -21,15 +21,13 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from agent_harness import FleetEnv
 
-from mpfleet.fleet.keys import KeyRing
 from mpfleet.broker.link import parse_broker_url
 from mpfleet.fleet.registry import Registry
 from mpfleet.fleet.jobs_model import JobStatus, RolloutOptions
-from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.fleet.serve import Dispatcher, ServeError
 from mpfleet.sim.fleet import AWAKE_CONFIG, FleetRunner, provision_sim_fleet
-from mpfleet.db.store import Store
 
 AWAKE = 50
 OFFLINE = 4
@@ -78,18 +76,7 @@ class Observer:
         self.client.disconnect()
 
 
-class Env:
-    def __init__(self, root: Path, broker):
-        self.root = root
-        self.broker = broker
-        self.cfg = parse_broker_url(broker.url)
-        self.db = root / "mpfleet.db"
-        self.keys = root / "keys"
-        self.store = Store(self.db)
-        self.ring = KeyRing(self.store, self.keys)
-        self.ring.init()
-        self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
-
+class Env(FleetEnv):
     def status(self, job: str) -> JobStatus:
         return self.engine.job_status(job)
 

@@ -11,28 +11,15 @@ import time
 
 import pytest
 
+from agent_harness import FleetEnv
 from conftest import stress_count
-from mpfleet.broker.link import parse_broker_url
-from mpfleet.db.store import Store
-from mpfleet.fleet.keys import KeyRing
-from mpfleet.fleet.registry import Registry
-from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.fleet.serve import Dispatcher
 from mpfleet.sim.load import Faults, LoadFleet, provision_load_fleet
 
 EQUIV_K = stress_count(20, 200)
 
 
-class Env:
-    def __init__(self, root, broker):
-        self.cfg = parse_broker_url(broker.url)
-        self.db = root / "mpfleet.db"
-        self.keys = root / "keys"
-        self.store = Store(self.db)
-        self.ring = KeyRing(self.store, self.keys)
-        self.ring.init()
-        self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
-
+class Env(FleetEnv):
     def executions(self, job: str) -> dict[str, list[tuple]]:
         out: dict[str, list[tuple]] = {}
         for dev, status, attempt, detail in self.store.db.execute(
