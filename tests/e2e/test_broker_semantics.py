@@ -176,6 +176,18 @@ class Processes:
             p.wait()
 
 
+def _serving(procs: Processes, broker: str, nodes: list[str], ports: list[int], listen_s: float,
+             ready_s: float) -> None:
+    """Each node's MQTT port listens within `listen_s` and carries a QoS 1 round trip
+    within `ready_s` more; else the test is skipped with the error and the node's log."""
+    for node, port in zip(nodes, ports):
+        try:
+            wait_for_port(HOST, port, timeout_s=listen_s)
+            _ready(port, timeout_s=ready_s)
+        except BrokerError as e:
+            pytest.skip(f"{broker} node {node} did not serve MQTT: {e}: {procs.log(node)[-300:]}")
+
+
 def _nats(procs: Processes, nodes: int) -> Deployment:
     if not Path(NATS).exists():
         pytest.skip("nats-server is not installed")
@@ -191,12 +203,7 @@ def _nats(procs: Processes, nodes: int) -> Deployment:
         conf = procs.workdir / f"nats{i + 1}.conf"
         conf.write_text("\n".join(lines) + "\n")
         procs.start(f"nats{i + 1}", [NATS, "-c", str(conf)])
-    for i, port in enumerate(mqtt_ports):
-        try:
-            wait_for_port(HOST, port, timeout_s=10)
-            _ready(port, timeout_s=20)
-        except BrokerError as e:
-            pytest.skip(f"nats-server did not start: {e}: {procs.log(f'nats{i + 1}')[-300:]}")
+    _serving(procs, "nats-server", [f"nats{i + 1}" for i in range(nodes)], mqtt_ports, listen_s=10, ready_s=20)
     return Deployment("nats", mqtt_ports[0], mqtt_ports[-1])
 
 
@@ -248,12 +255,7 @@ def _rabbit(procs: Processes, nodes: int) -> Deployment:
             if done.returncode != 0:
                 pytest.skip(f"RabbitMQ node {name} could not join the cluster ({' '.join(args)}): "
                             f"{(done.stderr or done.stdout).strip()[-300:]}")
-    for port in mqtt_ports:
-        try:
-            wait_for_port(HOST, port, timeout_s=60)
-            _ready(port, timeout_s=30)
-        except BrokerError as e:
-            pytest.skip(f"RabbitMQ did not serve MQTT: {e}")
+    _serving(procs, "RabbitMQ", names, mqtt_ports, listen_s=60, ready_s=30)
     return Deployment("rabbitmq", mqtt_ports[0], mqtt_ports[-1])
 
 
