@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import time
 
@@ -15,7 +16,51 @@ from mpfleet.cli.render import print_json
 
 console = Console()
 
-PROBABILITY = click.FloatRange(0.0, 1.0)
+
+class Number(click.FloatRange):
+    """A click.FloatRange that also refuses nan and inf: float() takes them, and nan
+    passes every bound."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class Count(click.IntRange):
+    """A click.IntRange that says "whole number" when the text is none."""
+
+    name = "whole number"
+
+
+PROBABILITY = Number(0.0, 1.0)
+DEFAULT_JITTER_S = 5.0  # or half of --interval, when that is less
+
+
+def _check_schedule(ctx: click.Context, interval: float, jitter: float | None) -> float:
+    """The jitter to use: --jitter, at most --interval (more would put a wake before the
+    one it follows, and the schedule would become a burst); given none, 5 s or half the
+    interval, so that a short --interval alone is not refused for a jitter never given."""
+    if jitter is None:
+        return min(DEFAULT_JITTER_S, interval / 2)
+    if jitter > interval:
+        raise click.BadParameter(f"{jitter:g} is more than --interval ({interval:g}): a wake may come at most "
+                                 "one interval early or late.", ctx=ctx, param_hint="'--jitter'")
+    return jitter
+
+
+def _check_prefix(ctx: click.Context, prefix: str, count: int) -> None:
+    from mpfleet.protocol.ids import DEVICE_ID_RULE, is_device_id
+    from mpfleet.sim.load import device_ids
+
+    last = device_ids(count, prefix)[-1]  # the longest
+    if not prefix or not is_device_id(last):
+        raise click.BadParameter(f"{prefix!r} makes device ids such as {last!r}, which are not {DEVICE_ID_RULE}."
+                                 if prefix else "the prefix is empty: device ids would begin with '-'.",
+                                 ctx=ctx, param_hint="'--prefix'")
 
 
 def _summary(s: dict, devices: int, elapsed: float) -> Table:
@@ -36,19 +81,21 @@ def _summary(s: dict, devices: int, elapsed: float) -> Table:
 
 
 @click.command("load")
-@click.option("--devices", "count", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Number of devices: PREFIX-0001 ... (the same ids when provisioning and running).")
-@click.option("--prefix", default="load", show_default=True, help="Device id prefix.")
+@click.option("--devices", "count", type=Count(min=1), default=1000, show_default=True,
+              help="Number of devices, at least 1: PREFIX-0001 ... (the same ids when provisioning and running).")
+@click.option("--prefix", default="load", show_default=True,
+              help="Device id prefix: PREFIX-0001 must be a device id (a-z, 0-9, _ and -; 64 at most).")
 @broker_option("The broker the devices connect to", "broker")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
-              help="Seconds between a device's wakes.")
-@click.option("--jitter", type=click.FloatRange(min=0.0), default=5.0, show_default=True,
-              help="Each wake comes up to this many seconds earlier or later (seeded RNG).")
-@click.option("--duration", type=click.FloatRange(min=0.0), default=None,
-              help="Stop after this many seconds (default: Ctrl-C). Wakes under way finish first.")
+@click.option("--interval", type=Number(min=0.1), metavar="SECONDS", default=60.0, show_default=True,
+              help="Seconds between a device's wakes, at least 0.1.")
+@click.option("--jitter", type=Number(min=0.0), metavar="SECONDS", default=None,
+              show_default=f"{DEFAULT_JITTER_S:g}, or half of --interval when less",
+              help="Each wake comes up to this many seconds earlier or later (seeded RNG): 0 up to --interval.")
+@click.option("--duration", type=Number(min=0.0), metavar="SECONDS", default=None,
+              help="Stop after this many seconds, 0 or more (default: Ctrl-C). Wakes under way finish first.")
 @click.option("--seed", type=int, default=0, show_default=True, help="RNG seed: schedules and faults.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Wakes (connections) under way at once, at most.")
+@click.option("--concurrency", type=Count(min=1), default=512, show_default=True,
+              help="Wakes (connections) under way at once, at most (1 or more).")
 @click.option("--provision", is_flag=True,
               help="Register the devices in the database first (like `sim fleet --provision-only`), "
                    "with broker accounts when the broker has passwords (--credentials).")
@@ -56,20 +103,21 @@ def _summary(s: dict, devices: int, elapsed: float) -> Table:
 @click.option("--group", "groups", type=GROUP, multiple=True, help="Group of every device (when provisioning).")
 @click.option("--credentials/--no-credentials", default=None,
               help="Each device its own broker account (default: when `mpfleet broker config` has been run).")
-@click.option("--lost-ack", type=PROBABILITY, default=0.0, show_default=True,
-              help="Probability that a wake never hears the host's sample ack (its samples are sent again).")
-@click.option("--duplicate-status", type=PROBABILITY, default=0.0, show_default=True,
-              help="Probability that a job status is published twice.")
-@click.option("--never-wake", type=PROBABILITY, default=0.0, show_default=True,
-              help="Probability that a device never wakes at all.")
+@click.option("--lost-ack", type=PROBABILITY, metavar="P", default=0.0, show_default=True,
+              help="Probability, 0 to 1, that a wake never hears the host's sample ack (its samples are sent again).")
+@click.option("--duplicate-status", type=PROBABILITY, metavar="P", default=0.0, show_default=True,
+              help="Probability, 0 to 1, that a job status is published twice.")
+@click.option("--never-wake", type=PROBABILITY, metavar="P", default=0.0, show_default=True,
+              help="Probability, 0 to 1, that a device never wakes at all.")
 @TOPIC_ROOT
 @DB
 @KEYS_DIR
 @JSON
-def sim_load(count: int, prefix: str, broker, interval: float, jitter: float, duration: float | None, seed: int,
-             concurrency: int, provision: bool, provision_only: bool, groups: tuple[str, ...],
-             credentials: bool | None, lost_ack: float, duplicate_status: float, never_wake: float,
-             topic_root: str, db: str | None, keys_dir: str | None, as_json: bool) -> None:
+@click.pass_context
+def sim_load(ctx: click.Context, count: int, prefix: str, broker, interval: float, jitter: float | None,
+             duration: float | None, seed: int, concurrency: int, provision: bool, provision_only: bool,
+             groups: tuple[str, ...], credentials: bool | None, lost_ack: float, duplicate_status: float,
+             never_wake: float, topic_root: str, db: str | None, keys_dir: str | None, as_json: bool) -> None:
     """Run a protocol-level device fleet: thousands of devices in one process.
 
     Each wake does on the wire what the agent's connected wake does: state, samples
@@ -92,6 +140,8 @@ def sim_load(count: int, prefix: str, broker, interval: float, jitter: float, du
     from mpfleet.sim.fleet import check_broker_listening
     from mpfleet.sim.load import Faults, LoadDevice, LoadFleet, device_ids, provision_load_fleet
 
+    jitter = _check_schedule(ctx, interval, jitter)
+    _check_prefix(ctx, prefix, count)
     if broker.tls:
         raise MpfleetError("the load fleet speaks plaintext MQTT only: give an mqtt:// broker")
     if not provision_only:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import struct
 import time
@@ -198,6 +199,12 @@ class Faults:
     duplicate_status: float = 0.0  # a status is published twice
     never_wake: float = 0.0      # a device never wakes at all
 
+    def __post_init__(self):
+        for name in ("lost_ack", "duplicate_status", "never_wake"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:  # nan too
+                raise ValueError(f"Faults.{name} is a probability, 0 to 1, not {p!r}")
+
 
 @dataclass
 class LoadStats:
@@ -367,6 +374,14 @@ class LoadFleet:
     def __init__(self, devices: list[LoadDevice], host: str, port: int, interval_s: float = 60.0,
                  jitter_s: float = 0.0, faults: Faults | None = None, seed: int = 0, concurrency: int = 512,
                  first_wake_s: float | None = None):
+        if not (math.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"interval_s must be a positive number of seconds, not {interval_s!r}")
+        if not 0.0 <= jitter_s <= interval_s:
+            raise ValueError(f"jitter_s must be 0 to interval_s ({interval_s!r}), not {jitter_s!r}")
+        if first_wake_s is not None and not (math.isfinite(first_wake_s) and first_wake_s >= 0):
+            raise ValueError(f"first_wake_s must be 0 or more seconds, not {first_wake_s!r}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be 1 or more, not {concurrency!r}")
         self.devices = devices
         self.host, self.port = host, port
         self.interval_s = interval_s
