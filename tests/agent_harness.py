@@ -76,21 +76,37 @@ def provisioned_on_sight(store: Store, device: str) -> bool:
     return True
 
 
-class FleetEnv:
-    """The host's side of a fleet in one directory, on one broker: the database, an
-    initialised key ring and the rollout engine (what `mpfleet keys init` and `mpfleet
-    job create` use). The caller closes `store`."""
+def wait(predicate, timeout: float, what: str, poll_s: float = 0.1) -> None:
+    """Until `predicate()` is true; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
-    def __init__(self, root: Path, broker):
+
+class FleetEnv:
+    """The host's side of a fleet in one directory, on one broker: the database (`db`,
+    else root/mpfleet.db), an initialised key ring and the rollout engine (what `mpfleet
+    keys init` and `mpfleet job create` use). The caller closes `store`."""
+
+    poll_s = 0.1  # how often `wait` asks
+
+    def __init__(self, root: Path, broker, db: Path | None = None):
         self.root = root
         self.broker = broker
         self.cfg = parse_broker_url(broker.url)
-        self.db = root / "mpfleet.db"
+        self.db = db or root / "mpfleet.db"
         self.keys = root / "keys"
         self.store = Store(self.db)
         self.ring = KeyRing(self.store, self.keys)
         self.ring.init()
         self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
+
+    @classmethod
+    def wait(cls, predicate, timeout: float, what: str) -> None:
+        wait(predicate, timeout, what, cls.poll_s)
 
 
 class Host:

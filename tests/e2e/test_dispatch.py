@@ -80,14 +80,6 @@ class Env(FleetEnv):
     def status(self, job: str) -> JobStatus:
         return self.engine.job_status(job)
 
-    def wait(self, predicate, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
     def wait_job_done(self, job: str, timeout: float = 90) -> JobStatus:
         self.wait(lambda: self.status(job).status != "ACTIVE", timeout, f"job {job} to finish")
         return self.status(job)

@@ -21,13 +21,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from agent_harness import FleetEnv
 
 from mpfleet.protocol.codec import _uvarint, encode_frame, zigzag
 from mpfleet.fleet.ingest import SEQ_AHEAD_MAX, Ingester
-from mpfleet.fleet.keys import KeyRing
-from mpfleet.broker.link import parse_broker_url
 from mpfleet.fleet.registry import Registry
-from mpfleet.fleet.rollout import RolloutEngine
 from mpfleet.fleet.serve import Dispatcher
 from mpfleet.db.store import Store
 
@@ -80,29 +78,12 @@ class Device:
         self.client.disconnect()
 
 
-class Host:
-    def __init__(self, root: Path, broker, db: Path | None = None):
-        self.broker = broker
-        self.cfg = parse_broker_url(broker.url)
-        self.db = db or root / "mpfleet.db"
-        self.keys = root / "keys"
-        self.store = Store(self.db)
-        self.ring = KeyRing(self.store, self.keys)
-        self.ring.init()
-        self.engine = RolloutEngine(self.store, self.ring, Registry(self.store))
+class Host(FleetEnv):
+    poll_s = 0.05
 
     def execution(self, job: str, device: str) -> str:
         return self.store.db.execute("SELECT status FROM executions WHERE job = ? AND device = ?",
                                      (job, device)).fetchone()[0]
-
-    @staticmethod
-    def wait(predicate, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _queued(host: Host, dev: Device, job: str) -> int:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from agent_harness import wait
+from cli_harness import mpfleet
 
 from mpfleet.broker.link import parse_broker_url
 from mpfleet.db.store import Store
@@ -28,14 +30,6 @@ from mpfleet.fleet.keys import KeyRing
 from mpfleet.sim.fleet import AWAKE_CONFIG, provision_sim_fleet
 
 ROOT_A = "site-a/mpf"
-
-
-def mpfleet(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "mpfleet", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mpfleet {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 class Retained:
@@ -57,15 +51,6 @@ class Retained:
     def close(self):
         self.client.loop_stop()
         self.client.disconnect()
-
-
-def wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def samples_of(db: Path, device: str) -> int:

@@ -13,29 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+from cli_harness import assert_one_line_error, mpfleet_at
 from mpfleet.broker.local import free_port
 from mpfleet.images.espimage import build_app_image
 from mpfleet.sim.board import VirtualBoard, runtime_module
 
-SETTING_VARS = ("MPFLEET_DB", "MPFLEET_KEYS", "MPFLEET_IMAGES", "MPFLEET_BROKER", "MPFLEET_TOPIC_ROOT",
-                "MPFLEET_PROFILE", "MPFLEET_HOME")
-
-
 def mpfleet(tmp_path: Path, *args, timeout: float = 120):
     """`mpfleet ARGS` with a HOME, config directory and database of the test's own."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARS}
-    env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"),
-               XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")))
-    return subprocess.run([sys.executable, "-m", "mpfleet", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.startswith("mpfleet: ") and proc.stderr.count("\n") == 1, proc.stderr
-    for word in words:
-        assert word in proc.stderr, proc.stderr
+    return mpfleet_at(tmp_path, *args, timeout=timeout, keep_cache=True)
 
 
 def board_with_main(tmp_path: Path, source: str, name: str = "dev") -> Path:

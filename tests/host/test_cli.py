@@ -5,13 +5,7 @@ import subprocess
 import sys
 
 import pytest
-
-
-def mpfleet(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "mpfleet", *map(str, args)], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mpfleet {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from cli_harness import mpfleet
 
 
 @pytest.mark.slow

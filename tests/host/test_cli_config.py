@@ -14,12 +14,11 @@ from pathlib import Path
 
 import click
 import pytest
+from cli_harness import SETTING_VARS
 
 from mpfleet.cli import cli
 from mpfleet.cli.settings import ENV_VARS, FLAGS
 
-SETTING_VARS = ("MPFLEET_DB", "MPFLEET_KEYS", "MPFLEET_IMAGES", "MPFLEET_BROKER", "MPFLEET_TOPIC_ROOT",
-                "MPFLEET_PROFILE", "MPFLEET_HOME")
 
 
 @pytest.fixture

@@ -7,32 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_harness import assert_one_line_error
+from cli_harness import mpfleet_at as mpfleet
 
 from mpfleet.db.store import Store
-
-SETTING_VARS = ("MPFLEET_DB", "MPFLEET_KEYS", "MPFLEET_IMAGES", "MPFLEET_BROKER", "MPFLEET_TOPIC_ROOT",
-                "MPFLEET_PROFILE", "MPFLEET_HOME")
-
-
-def mpfleet(tmp_path: Path, *args, timeout: float = 60):
-    """`mpfleet ARGS` with a HOME and config directory of the test's own."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARS}
-    env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"))
-    return subprocess.run([sys.executable, "-m", "mpfleet", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.startswith("mpfleet: ") and proc.stderr.count("\n") == 1, proc.stderr
-    for word in words:
-        assert word in proc.stderr
-
 
 # ------------------------------------------------------------ a mistyped --db on a reading command
 

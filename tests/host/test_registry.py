@@ -2,11 +2,10 @@
 changed; a query language selects devices by reported state (for `devices list --where` and job targets)."""
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
+from cli_harness import mpfleet
 
 from mpfleet.fleet.ingest import handle_state
 from mpfleet.fleet.registry import QueryError, Registry, RegistryError, UnknownDeviceError, parse_query, version_key
@@ -21,13 +20,6 @@ AGENT_STATE = {
     "sensor_failures": [], "channels": ["adc0", "temp"], "scales": [1000, 10], "config_problems": [],
     "rssi": -67, "time": 1790000000, "last_error": None,
 }
-
-
-def mpfleet(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "mpfleet", *map(str, args)], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mpfleet {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture
