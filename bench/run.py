@@ -18,7 +18,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
-BENCHMARKS = ("flash_wear", "agent", "tls", "ed25519_verify", "dispatch", "ota", "usb_flash", "usb_deploy")
+BENCHMARKS = ("flash_wear", "agent", "tls", "ed25519_verify", "dispatch", "scale", "ota", "usb_flash", "usb_deploy")
 
 
 def main(argv: list[str]) -> int:
