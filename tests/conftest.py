@@ -47,6 +47,71 @@ def stress_count(quick: int, full: int) -> int:
     return full if STRESS else quick
 
 
+# MPFLEET_TEST_BACKEND=postgresql (make test runs it over the store's and the engine's
+# tests, PG_SUITE in the Makefile): every Store a test opens on a file path opens a
+# schema of its own on the test PostgreSQL instead (tests/pgharness.py), the same
+# schema for the same path within one test, so the same assertions hold on both.
+ON_POSTGRES = os.environ.get("MPFLEET_TEST_BACKEND") == "postgresql"
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A PostgreSQL database of this test session's own (skips where there is none)."""
+    from pgharness import TestDatabase, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    database = TestDatabase().create()
+    yield database
+    database.drop()
+
+
+@pytest.fixture(autouse=True)
+def _store_on_postgres(request, monkeypatch):
+    if not ON_POSTGRES:
+        yield
+        return
+    only = request.node.get_closest_marker("sqlite_only")
+    if only is not None:
+        pytest.skip(f"SQLite only: {only.args[0] if only.args else 'checks the SQLite file'}")
+    database = request.getfixturevalue("pg_database")
+    from mpfleet.db import backend
+    from mpfleet.db.store import Store
+
+    import subprocess
+
+    urls: dict[str, str] = {}
+    original_store, original_popen = Store.__init__, subprocess.Popen.__init__
+
+    def url_of(path) -> str:
+        key = str(Path(path).resolve())
+        if key not in urls:
+            urls[key] = database.url()
+        return urls[key]
+
+    def names_a_store(arg) -> bool:
+        if not isinstance(arg, (str, os.PathLike)) or "\n" in str(arg) or backend.is_url(arg):
+            return False
+        return str(arg).endswith(".db") or str(Path(arg).resolve()) in urls
+
+    def store_on_postgres(self, path=None):
+        original_store(self, url_of(path) if path is not None and not backend.is_url(path) else path)
+
+    def cli_on_postgres(self, args, *rest, **kwargs):
+        # an mpfleet command a test runs as a process names its database by path: the same schema
+        if isinstance(args, (list, tuple)):
+            args = [url_of(a) if names_a_store(a) else a for a in args]
+        env = kwargs.get("env")
+        if env and env.get("MPFLEET_DB") and not backend.is_url(env["MPFLEET_DB"]):
+            kwargs["env"] = {**env, "MPFLEET_DB": url_of(env["MPFLEET_DB"])}
+        original_popen(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(Store, "__init__", store_on_postgres)
+    monkeypatch.setattr(subprocess.Popen, "__init__", cli_on_postgres)
+    yield
+
+
 @pytest.fixture
 def new_board(tmp_path):
     """Factory: a freshly created, powered virtual board (128 KiB firmware heap)."""

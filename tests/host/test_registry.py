@@ -317,6 +317,7 @@ def test_cli_json_output_is_stable(tmp_path):
     assert d["groups"] == ["a", "b"] and d["last_seen"] is None and d["state"] is None
 
 
+@pytest.mark.sqlite_only("the message names the database file")
 def test_cli_unknown_device_is_one_line_and_exit_1(tmp_path):
     db = tmp_path / "fleet.db"
     mpfleet("devices", "add", "d1", "--db", db)

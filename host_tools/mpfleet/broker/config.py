@@ -209,7 +209,7 @@ def ensure_credentials(store: Store, devices: list[str], host_user: str = DEFAUL
         if entry in rotate or store.credentials(entry) is None:
             store.put_credentials(entry, account, new_password())
             fresh.append(entry)
-    if fresh:
+    if fresh and store.dialect == "sqlite":  # a server's database: its owner grants who reads it
         _private(store.path)
     return fresh
 

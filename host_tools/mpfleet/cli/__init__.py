@@ -138,8 +138,8 @@ def _database_named_in(argv: list[str] | None):
     """The database the failed command used: the last --db given, else $MPFLEET_DB, the
     config file's db, or the default (every command takes its database as --db, cli_options.DB)."""
     import os
-    from pathlib import Path
 
+    from mpfleet.db.backend import normalized
     from mpfleet.db.store import default_db_path
 
     args = sys.argv[1:] if argv is None else argv
@@ -152,11 +152,11 @@ def _database_named_in(argv: list[str] | None):
         elif arg.startswith("--db="):
             given = arg[len("--db="):]
     if given:
-        return Path(given)
+        return normalized(given)
     if not os.environ.get("MPFLEET_DB"):
         configured = _configured_db(args)
         if configured:
-            return Path(configured)
+            return normalized(configured)
     return default_db_path()
 
 

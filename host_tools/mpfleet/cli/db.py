@@ -22,14 +22,20 @@ EXIT_UNREADABLE = 4  # the file is missing or cannot be read: nothing was checke
 
 
 def _path(db: str | None) -> Path:
-    from mpfleet.db.store import default_db_path
+    """The SQLite file --db names; PostgreSQL has its own tools for what `db` does here."""
+    from mpfleet.cli.options import database_path
+    from mpfleet.db.backend import is_url, shown
 
-    return Path(db) if db else default_db_path()
+    path = database_path(db)
+    if is_url(path):
+        raise click.UsageError(f"{shown(path)} is a PostgreSQL database: check and back it up with PostgreSQL's "
+                               "own tools (pg_amcheck, pg_dump); `mpfleet db` works on SQLite files")
+    return path
 
 
 @click.group("db")
 def db_group() -> None:
-    """The database file: check it, back it up.
+    """The SQLite database file: check it, back it up.
 
     \b
       mpfleet db check                  # quick: every page of every table

@@ -485,7 +485,7 @@ def _no_dispatcher(store) -> str | None:
 
     if running(store):
         return None
-    return f"no `mpfleet serve` is running on {store.path}; nothing will move until one runs (mpfleet serve)"
+    return f"no `mpfleet serve` is running on {store.shown}; nothing will move until one runs (mpfleet serve)"
 
 
 def _status_json(status: JobStatus) -> dict:

@@ -22,7 +22,8 @@ from mpfleet.protocol.times import TimeFormatError, parse_duration, parse_time
 # [default]); click puts the flag and then its environment variable above it.
 DB = click.option("--db", type=click.Path(dir_okay=False), envvar="MPFLEET_DB", default=configured("db"),
                   show_default="~/.mpfleet/mpfleet.db",
-                  help="SQLite database (env MPFLEET_DB, config key db).")
+                  help="The database: a SQLite file, or a PostgreSQL URL postgresql://user@host/name "
+                       "for several serve workers (env MPFLEET_DB, config key db).")
 KEYS_DIR = click.option("--keys-dir", type=click.Path(file_okay=False), envvar="MPFLEET_KEYS",
                         default=configured("keys_dir"), show_default="~/.mpfleet/keys",
                         help="Private key directory (env MPFLEET_KEYS, config key keys_dir).")
@@ -36,11 +37,13 @@ class NoDatabaseError(MpfleetError):
     """The database a command should read does not exist (a mistyped --db, MPFLEET_DB or profile)."""
 
 
-def database_path(db: str | None) -> Path:
-    """The file a command's --db names: the option's value, else the library's default."""
+def database_path(db: str | None) -> Path | str:
+    """The database a command's --db names: the option's value (a file's Path, or a
+    PostgreSQL URL as given), else the library's default."""
+    from mpfleet.db.backend import normalized
     from mpfleet.db.store import default_db_path
 
-    return Path(db) if db else default_db_path()
+    return normalized(db) if db else default_db_path()
 
 
 def open_store(db: str | None, *, create: bool = False):
@@ -49,9 +52,12 @@ def open_store(db: str | None, *, create: bool = False):
     Only a command that registers something (keys init, devices add, sim fleet...) passes
     `create=True`: any other command refuses a missing file instead of leaving an empty
     database wherever a mistyped --db pointed."""
+    from mpfleet.db.backend import is_url
     from mpfleet.db.store import Store
 
     path = database_path(db)
+    if is_url(path):
+        return Store(path)  # a server's database: made by its operator (createdb), migrated on open
     if path.is_dir():
         raise NoDatabaseError(f"{path} is a directory, not a database file (--db names the file)")
     if not create and not path.exists():
@@ -121,6 +127,7 @@ def completion_rows(ctx: click.Context, query: str) -> list[tuple]:
     import sqlite3
 
     from mpfleet.cli.settings import load_settings
+    from mpfleet.db import backend
 
     db = ctx.params.get("db") or os.environ.get("MPFLEET_DB")
     if not db:
@@ -129,6 +136,16 @@ def completion_rows(ctx: click.Context, query: str) -> list[tuple]:
         except MpfleetError:
             return []
     path = database_path(db)
+    if backend.is_url(path):
+        try:
+            connection = backend.PgConnection(str(path), connect_timeout=1)
+            try:
+                connection.execute("SET default_transaction_read_only = on")
+                return connection.execute(query).fetchall()
+            finally:
+                connection.close()
+        except (backend.BackendError, *backend.storage_errors()):
+            return []
     if not path.is_file():
         return []
     try:

@@ -110,7 +110,12 @@ def check_database(path: str | os.PathLike, quick: bool = True) -> list[str]:
 def require_sound_database(path: str | os.PathLike, missing_ok: bool = True) -> None:
     """Raise unless the database at `path` passes the quick check: `DamagedDatabaseError`
     (damage) or `DatabaseUnreadableError` (cannot be read), one line naming the file and
-    the reason. A missing file passes when `missing_ok` (a first start creates it)."""
+    the reason. A missing file passes when `missing_ok` (a first start creates it). A
+    PostgreSQL database is not a file: the server answers for its pages."""
+    from mpfleet.db.backend import is_url
+
+    if is_url(path):
+        return
     report = examine_database(path, quick=True)
     if report.sound or (not report.exists and missing_ok):
         return

@@ -1,6 +1,7 @@
-"""The host's SQLite store: devices, samples and acks, keys, broker accounts.
+"""The host's store: devices, samples and acks, keys, broker accounts.
 
-One file (default ~/.mpfleet/mpfleet.db, or $MPFLEET_DB, or --db). Opening it applies
+One SQLite file (default ~/.mpfleet/mpfleet.db, or $MPFLEET_DB, or --db), or one
+PostgreSQL database (a `postgresql://` URL there instead; db/backend.py). Opening it applies
 the schema (db/schema.py: every table of every module, migrations run once), so the
 modules that share the connection (the rollout engine, serve, the image store) find
 their tables there and create none.
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mpfleet.db import schema
+from mpfleet.db import backend, schema
 from mpfleet.errors import MpfleetError
 
 
@@ -41,30 +42,56 @@ def is_damaged_database(e: BaseException) -> bool:
 
 def is_storage_error(e: BaseException) -> bool:
     """A failure of the storage, not of what was being stored: the same write may succeed
-    later (disk full, database locked, an I/O error)."""
-    return isinstance(e, (sqlite3.OperationalError, OSError))
+    later (disk full, database locked, an I/O error, the PostgreSQL server gone)."""
+    if isinstance(e, (sqlite3.OperationalError, OSError)):
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(e, psycopg.OperationalError)
 
 
-def default_db_path() -> Path:
+# PostgreSQL: the two-key advisory lock namespaces of Store.transaction (key 1: the one
+# writer at a time SQLite has; key 2: one device's samples and ack).
+_PG_WRITE_LOCK = (0x6D70, 1)
+_PG_DEVICE_LOCKS = 0x6D71
+
+
+def default_db_path() -> Path | str:
+    """$MPFLEET_DB (a file's path or a PostgreSQL URL), else ~/.mpfleet/mpfleet.db."""
     env = os.environ.get("MPFLEET_DB")
     if env:
-        return Path(env)
+        return backend.normalized(env)
     return Path(os.environ.get("MPFLEET_HOME", Path.home() / ".mpfleet")) / "mpfleet.db"
 
 
 class Store:
-    """A connection to the mpfleet database (one per thread)."""
+    """A connection to the mpfleet database (one per thread). `target`: a SQLite file's
+    path or a PostgreSQL URL (db/backend.py); `path` is the same, as given."""
 
     def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path) if path else default_db_path()
+        self.path = backend.normalized(path) if path else default_db_path()
+        self.dialect = "postgresql" if backend.is_url(self.path) else "sqlite"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            if self.dialect == "sqlite":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = backend.connect_sqlite(self.path)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            else:
+                self.db = backend.PgConnection(self.path)
             schema.apply(self.db)  # every table, created or migrated once (db/schema.py)
-        except (sqlite3.Error, schema.SchemaError) as e:
-            raise StoreError(f"cannot open database {self.path}: {e}") from None
+        except (*backend.storage_errors(), schema.SchemaError) as e:
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StoreError(f"cannot open database {backend.shown(self.path)}: {reason}") from None
+
+    @property
+    def shown(self) -> str:
+        """The database as messages name it (a URL without its password)."""
+        return backend.shown(self.path)
 
     def close(self) -> None:
         self.db.close()
@@ -76,8 +103,20 @@ class Store:
         self.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+    def transaction(self, device: str | None = None) -> Iterator[backend.Connection]:
+        """One write transaction. SQLite: BEGIN IMMEDIATE, the file's one writer at a time.
+        PostgreSQL: the same one writer at a time among mpfleet's transactions (an
+        advisory lock held to the commit), so every read-then-write written for SQLite
+        stays right; or, given `device`, one transaction at a time for that device only
+        (a device's samples and ack, which no other transaction writes)."""
+        if self.dialect == "sqlite":
+            self.db.execute("BEGIN IMMEDIATE")
+        else:
+            self.db.execute("BEGIN")
+            if device is None:
+                self.db.execute("SELECT pg_advisory_xact_lock(?, ?)", _PG_WRITE_LOCK)
+            else:
+                self.db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_PG_DEVICE_LOCKS, device))
         try:
             yield self.db
         except BaseException:
@@ -119,7 +158,7 @@ class Store:
         `reported_at` (the device's own time of the report) only ever moves forward."""
         now = time.time()
         cur = self.db.execute(
-            "UPDATE devices SET last_seen = CASE WHEN ? THEN ? ELSE last_seen END, "
+            "UPDATE devices SET last_seen = CASE WHEN ? = 1 THEN ? ELSE last_seen END, "
             "board = COALESCE(?, board), state_json = COALESCE(?, state_json), "
             "reported_at = CASE WHEN ? IS NULL THEN reported_at "
             "WHEN reported_at IS NULL OR reported_at < ? THEN ? ELSE reported_at END WHERE id = ?",
@@ -160,7 +199,7 @@ class Store:
             held = db.execute("SELECT COUNT(*) FROM strangers WHERE id != ?", (self.STRANGERS_OVERFLOW,)).fetchone()[0]
             if held >= self.STRANGERS_MAX:
                 db.execute("INSERT INTO strangers (id, first_seen, last_seen, times) VALUES (?, ?, ?, 1) "
-                           "ON CONFLICT(id) DO UPDATE SET times = times + 1, last_seen = excluded.last_seen",
+                           "ON CONFLICT(id) DO UPDATE SET times = strangers.times + 1, last_seen = excluded.last_seen",
                            (self.STRANGERS_OVERFLOW, now, now))
                 return False
             db.execute("INSERT INTO strangers (id, first_seen, last_seen, times, state_json) VALUES (?, ?, ?, 1, ?)",
@@ -192,9 +231,10 @@ class Store:
                    state: dict | None = None) -> bool:
         """Insert a device not seen yet (last_seen stays NULL; `state`: what it reported
         before it joined, if anything); False if it already exists."""
-        cur = self.db.execute("INSERT OR IGNORE INTO devices (id, board, groups_json, first_seen, state_json) "
-                              "VALUES (?, ?, ?, ?, ?)", (device, board, json.dumps(list(groups)), time.time(),
-                                                         json.dumps(state) if state is not None else None))
+        cur = self.db.execute("INSERT INTO devices (id, board, groups_json, first_seen, state_json) "
+                              "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                              (device, board, json.dumps(list(groups)), time.time(),
+                               json.dumps(state) if state is not None else None))
         return cur.rowcount == 1
 
     def set_device(self, device: str, board: str | None = None, groups: Iterable[str] | None = None) -> None:
@@ -205,22 +245,22 @@ class Store:
             self.db.execute("UPDATE devices SET groups_json = ? WHERE id = ?", (json.dumps(list(groups)), device))
 
     # ------------------------------------------------------------ samples
-    def add_samples(self, db: sqlite3.Connection, device: str,
+    def add_samples(self, db: backend.Connection, device: str,
                     samples: Iterable[tuple[int, int, list]]) -> int:
         """Insert samples inside an open transaction; returns how many were new."""
         now = time.time()
-        before = db.total_changes
-        db.executemany(
-            "INSERT OR IGNORE INTO samples (device, seq, t, values_json, received) VALUES (?, ?, ?, ?, ?)",
-            ((device, seq, t, json.dumps(values), now) for seq, t, values in samples),
+        cur = db.executemany(
+            "INSERT INTO samples (device, seq, t, values_json, received) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [(device, seq, t, json.dumps(values), now) for seq, t, values in samples],
         )
-        return db.total_changes - before
+        return max(cur.rowcount, 0)
 
     def ack_point(self, device: str) -> int:
         row = self.db.execute("SELECT upto FROM acks WHERE device = ?", (device,)).fetchone()
         return row[0] if row else 0
 
-    def advance_ack(self, db: sqlite3.Connection, device: str, oldest_held: int | None = None) -> int:
+    def advance_ack(self, db: backend.Connection, device: str, oldest_held: int | None = None) -> int:
         """Move the device's ack point over every seq now stored contiguously.
 
         `oldest_held` is the oldest seq the device still holds: anything before

@@ -47,13 +47,13 @@ def export_samples(store: Store, out: TextIO, fmt: str, device: str | None = Non
     if first is None:
         what = f"device {device!r}" if device else "any device"
         if device and store.device(device) is None and store.sample_count(device) == 0:
-            raise ExportError(f"no samples: {what} is not known to this database ({store.path})")
+            raise ExportError(f"no samples: {what} is not known to this database ({store.shown})")
         window = ""
         if since is not None:
             window += f" since {_iso(int(since))}"
         if until is not None:
             window += f" until {_iso(int(until))}"
-        raise ExportError(f"no samples from {what}{window} in {store.path}")
+        raise ExportError(f"no samples from {what}{window} in {store.shown}")
     count = 0
     if fmt == "csv":
         names = {dev: channel_names(store, dev, width) for dev, width in _widths(store, device, since, until)}

@@ -118,7 +118,7 @@ def ingest_frame(store: Store, device: str, payload: bytes) -> IngestResult:
     doubt = frame_doubt(store, device, frame, time.time())
     if doubt is not None:
         raise Quarantined(doubt)
-    with store.transaction() as db:
+    with store.transaction(device=device) as db:  # a device's samples and ack only: workers in parallel
         new = store.add_samples(db, device, ((seq, t, list(values)) for seq, t, values in frame.samples))
         ack = store.advance_ack(db, device, oldest_held=frame.oldest_seq)
     return IngestResult(device, new, frame.count - new, ack)
@@ -186,7 +186,7 @@ class HeldMessages:
                 self._apply(msg)
             except Exception as e:  # sorted below; one message must not stop the rest
                 if is_damaged_database(e):
-                    raise DamagedDatabaseError(f"the database {self.store.path} is damaged: {e}; "
+                    raise DamagedDatabaseError(f"the database {self.store.shown} is damaged: {e}; "
                                                "see `mpfleet db check`") from e
                 if is_storage_error(e):
                     self._retry_at = time.monotonic() + STORAGE_RETRY_S

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mpfleet.db.backend import PgConnection, is_url, normalized, storage_errors
 from mpfleet.errors import MpfleetError
 from mpfleet.protocol.topics import topic
 
@@ -77,7 +78,7 @@ class ArtifactServer:
                  publish: Callable[[str, bytes], None], cache_size: int = 4):
         from mpfleet.images.store import default_images_dir
 
-        self.db_path = Path(db_path)
+        self.db_path = normalized(db_path)
         self.images_dir = Path(images_dir) if images_dir else default_images_dir()
         self.publish = publish
         self.cache_size = cache_size
@@ -85,10 +86,18 @@ class ArtifactServer:
         self._cache: OrderedDict[str, bytes] = OrderedDict()  # job id -> artifact
         self._local = threading.local()
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self):
+        """This thread's read-only connection (a SQLite file opened read-only; a PostgreSQL
+        session whose transactions are read-only)."""
         db = getattr(self._local, "db", None)
+        if db is not None and is_url(self.db_path) and db.raw.closed:
+            db = None  # the server went away: a new session
         if db is None:
-            db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+            if is_url(self.db_path):
+                db = PgConnection(str(self.db_path))
+                db.execute("SET default_transaction_read_only = on")
+            else:
+                db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
             self._local.db = db
         return db
 
@@ -106,7 +115,7 @@ class ArtifactServer:
             job, offset, length, count = parse_request(payload)
             try:
                 artifact = self.artifact(device, job)
-            except sqlite3.Error as e:
+            except storage_errors() as e:
                 raise Refusal(f"the host cannot read its database: {e}") from None
         except Refusal as e:
             with self.stats.lock:

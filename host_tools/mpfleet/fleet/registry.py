@@ -213,7 +213,7 @@ class Registry:
     def _unknown(self, device_id: str) -> UnknownDeviceError:
         known = self.store.device_ids()
         shown = ", ".join(known[:10]) + (f", ... ({len(known)} in all)" if len(known) > 10 else "")
-        return UnknownDeviceError(f"no device {device_id} in {self.store.path} (known: {shown or 'none'})")
+        return UnknownDeviceError(f"no device {device_id} in {self.store.shown} (known: {shown or 'none'})")
 
 
 # ---------------------------------------------------------------- query language

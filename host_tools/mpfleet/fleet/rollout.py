@@ -182,6 +182,10 @@ class RolloutEngine:
         self.db = store.db  # its tables: jobs, job_targets, executions, job_controls, job_rejects (db/schema.py)
         self._stuck_seen: set[tuple[str, str, int]] = set()  # reported by tick() in Changes.stuck
         self._stuck_next = -math.inf
+        # Whether on_status also does what a final status may call for at once (an abort,
+        # a retry). serve's workers that do not lead leave it to the leader's next tick,
+        # which does the same: a job's aborts and retries are then decided in one place.
+        self.follow_up = True
 
     # ------------------------------------------------------------ jobs
     def create_job(self, type: str, params: dict | None, targets, job_id: str | None = None, *,
@@ -438,8 +442,9 @@ class RolloutEngine:
         if len(envelope) > limit:
             status, finished = REJECTED, now
             note = f"not sent: the envelope is {len(envelope)} bytes, over the limit of {limit} bytes ({source})"
-        insert = ("INSERT OR IGNORE INTO executions (job, device, attempt, seq, kid, envelope, status, stage, queued, "
-                  "updated, finished, note, by_operator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        insert = ("INSERT INTO executions (job, device, attempt, seq, kid, envelope, status, stage, queued, "
+                  "updated, finished, note, by_operator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                  "ON CONFLICT DO NOTHING",
                   (job.id, device, attempt, signed["seq"], kid, envelope, status, stage, now, now, finished, note,
                    int(by_operator)))
         if replace is None:
@@ -848,8 +853,8 @@ class RolloutEngine:
                 return self._refused_as_replay(e, detail, now)
             if e is not None:
                 return status == REJECTED and self._apply_status(e, status, detail, None, now)
-            cur = self.db.execute("INSERT OR IGNORE INTO job_rejects (device, ref, detail_json, at) "
-                                  "VALUES (?, ?, ?, ?)", (device, job_id, json.dumps(detail), now))
+            cur = self.db.execute("INSERT INTO job_rejects (device, ref, detail_json, at) VALUES (?, ?, ?, ?) "
+                                  "ON CONFLICT DO NOTHING", (device, job_id, json.dumps(detail), now))
             return cur.rowcount == 1
         seq = message.get("seq")
         control = self._control_status(device, job_id, seq, status, detail, now)
@@ -925,6 +930,8 @@ class RolloutEngine:
             (status, now, now, dev_attempt, json.dumps(detail), e["id"], QUEUED, IN_PROGRESS))
         if cur.rowcount != 1:
             return False
+        if not self.follow_up:
+            return True
         job = self._job(e["job"])
         job_id = job.id
         if job.status == ACTIVE:
@@ -964,6 +971,8 @@ class RolloutEngine:
                  e["id"], CANCELED, e["note"]))
         if cur.rowcount != 1:
             return False
+        if not self.follow_up:
+            return True
         job = self._job(e["job"])
         if job.status == ACTIVE and status == SUCCEEDED:
             reason = self._abort_reason(job)
@@ -1064,8 +1073,11 @@ class RolloutEngine:
                                                   "params": {"job": job_id}, "iat": int(now)},
                                                  kid=self._signing_kid(job))
             # one row per (job, device): a later cancel (of a retried attempt) replaces a finished one
-            self.db.execute("INSERT OR REPLACE INTO job_controls (job, device, control_id, type, seq, envelope, "
-                            "status, created) VALUES (?, ?, ?, 'cancel', ?, ?, ?, ?)",
+            self.db.execute("INSERT INTO job_controls (job, device, control_id, type, seq, envelope, status, "
+                            "created) VALUES (?, ?, ?, 'cancel', ?, ?, ?, ?) ON CONFLICT (job, device, type) "
+                            "DO UPDATE SET control_id = excluded.control_id, seq = excluded.seq, "
+                            "envelope = excluded.envelope, status = excluded.status, created = excluded.created, "
+                            "finished = NULL, detail_json = NULL",
                             (job_id, d, control_id, signed["seq"], envelope, QUEUED, now))
         return {r[0]: r[1] for r in self.db.execute(
             "SELECT device, envelope FROM job_controls WHERE job = ? AND type = 'cancel' ORDER BY device",
