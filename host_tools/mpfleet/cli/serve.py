@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import click
 from rich.console import Console
@@ -29,11 +28,11 @@ _INGEST_CLIENT_ID_HELP = (
     "session, so what devices sent while ingest was down arrives).")
 
 
-def _database(db: str | None) -> Path:
-    """The database path; checked when the worker starts, never created before the check."""
-    from mpfleet.db.store import default_db_path
+def _database(db: str | None):
+    """The database (a file's path or a URL); checked when the worker starts, never created before the check."""
+    from mpfleet.cli.options import database_path
 
-    return Path(db) if db else default_db_path()
+    return database_path(db)
 
 
 def _log_to_stderr(quiet: bool) -> None:
@@ -73,10 +72,14 @@ def _run_until_stopped(worker, every_s: float, report=None) -> None:
 @click.option("--tick", type=click.FloatRange(min=0.01), default=0.25, show_default=True,
               help="Seconds between rollout decisions.")
 @click.option("--quiet", is_flag=True, help="Only errors; no progress lines.")
+@click.option("--worker", metavar="NAME",
+              help="PostgreSQL only: this worker's name (default 1), one per running serve of the fleet, the same "
+                   "at each restart (its broker session keeps what it had not acknowledged). Workers share the "
+                   "devices' messages; one of them leads (docs/scale.md).")
 @DB
 @KEYS_DIR
 @IMAGES_DIR
-def serve(broker, topic_root, client_id, tick, quiet, db, keys_dir, images_dir):
+def serve(broker, topic_root, client_id, tick, quiet, db, keys_dir, images_dir, worker):
     """The dispatcher: roll out jobs, keep device queues, collect statuses and samples.
 
     Runs until Ctrl-C or SIGTERM. All state is in the database, so it can be stopped
@@ -89,7 +92,14 @@ def serve(broker, topic_root, client_id, tick, quiet, db, keys_dir, images_dir):
 
     Only devices in this fleet (provisioned, or accepted with `mpfleet devices accept`)
     are served; others seen under the topic root are listed by `mpfleet devices pending`.
-    Cancels and lost or regained broker connections are logged on stderr."""
+    Cancels and lost or regained broker connections are logged on stderr.
+
+    \b
+    Several workers (--db postgresql://..., docs/scale.md):
+      mpfleet serve --db postgresql://mpfleet@db1/fleet --worker a &
+      mpfleet serve --db postgresql://mpfleet@db1/fleet --worker b &
+    The leader ticks the rollouts and publishes the queues; when it dies another
+    takes over."""
     from mpfleet.broker.link import with_client_identity
     from mpfleet.fleet.keys import default_keys_dir
     from mpfleet.fleet.serve import Dispatcher, ServeError
@@ -106,12 +116,15 @@ def serve(broker, topic_root, client_id, tick, quiet, db, keys_dir, images_dir):
         style = {"error": "red", "aborted": "red", "completed": "green", "advanced": "cyan"}.get(kind, "")
         console.print(f"{stamp} [{style}]{kind}[/] {text}" if style else f"{stamp} {kind} {text}", highlight=False)
 
+    from mpfleet.db.backend import shown
+
     dispatcher = Dispatcher(broker, path, keys_dir=keys_dir, client_id=client_id, tick_s=tick, on_event=on_event,
-                            images_dir=images_dir, root=topic_root)
+                            images_dir=images_dir, root=topic_root, worker=worker)
     dispatcher.start()
     # click.echo, not rich: a line rich wraps at 80 columns would cut the client id in two
-    click.echo(f"serving {path} on {broker.url()}, topics {topic_root}/..., client id {dispatcher.client_id} "
-               "(Ctrl-C stops)")
+    as_worker = f", worker {dispatcher.worker}" if dispatcher.worker else ""
+    click.echo(f"serving {shown(path)} on {broker.url()}, topics {topic_root}/..., client id "
+               f"{dispatcher.client_id}{as_worker} (Ctrl-C stops)")
     _run_until_stopped(dispatcher, 0.5)
     stats = dispatcher.stats.as_dict()
     if not quiet:

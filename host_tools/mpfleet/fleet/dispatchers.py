@@ -30,6 +30,7 @@ class Dispatcher:
     host: str
     started: float
     beat: float
+    leads: float | None = None  # since when it leads (serve's workers, fleet/serve.py); None: it does not
 
 
 def default_name() -> str:
@@ -47,6 +48,14 @@ def beat(store: Store, name: str, now: float | None = None) -> None:
         (name, os.getpid(), socket.gethostname(), now, now, now - STALE_AFTER_S))
 
 
+def lead(store: Store, name: str, now: float | None = None) -> None:
+    """The dispatcher `name` leads from `now`; no other row says it leads any more."""
+    now = time.time() if now is None else now
+    with store.transaction() as db:
+        db.execute("UPDATE dispatchers SET leads = NULL WHERE name != ?", (name,))
+        db.execute("UPDATE dispatchers SET leads = ? WHERE name = ?", (now, name))
+
+
 def stopped(store: Store, name: str) -> None:
     """The dispatcher `name` stopped cleanly: its row goes."""
     store.db.execute("DELETE FROM dispatchers WHERE name = ?", (name,))
@@ -55,6 +64,6 @@ def stopped(store: Store, name: str) -> None:
 def running(store: Store, now: float | None = None) -> list[Dispatcher]:
     """The dispatchers whose heartbeat is recent, oldest start first."""
     now = time.time() if now is None else now
-    rows = store.db.execute("SELECT name, pid, host, started, beat FROM dispatchers WHERE beat >= ? "
+    rows = store.db.execute("SELECT name, pid, host, started, beat, leads FROM dispatchers WHERE beat >= ? "
                             "ORDER BY started, name", (now - STALE_AFTER_S,))
     return [Dispatcher(*row) for row in rows]

@@ -25,8 +25,28 @@ the only state that matters outside the database is "what does the broker hold":
   device drops jobs it has finished (by key and seq) and never runs a seq twice.
 
 Jobs created, canceled or changed by other processes (`mpfleet job ...`) are
-noticed through SQLite's `PRAGMA data_version`, which changes when another
-connection commits.
+noticed through the connection's `data_version()` (db/backend.py: SQLite's PRAGMA
+data_version, PostgreSQL's notifications from the jobs tables' triggers).
+
+Workers (PostgreSQL only; docs/scale.md). On SQLite one serve runs per database
+(DatabaseLock). On PostgreSQL several run, each with a name of its own (`worker`,
+`--worker`; a second process of one name is refused through an advisory lock):
+
+- every worker takes device statuses, states, samples and chunk requests through
+  MQTT shared subscriptions (`$share/<group>/...`, the group one per database and
+  root), so the broker hands each message to one of them; its persistent session
+  (client id per worker name) keeps what it had not acknowledged when it died, for
+  its restart. Applying them is idempotent and per device whichever worker does it:
+  statuses by (job, device, seq) from a pending state only, samples by (device,
+  seq) under the device's transaction lock (Store.transaction(device=...));
+- one worker leads: the one holding the session advisory lock of the database and
+  root (`pg_try_advisory_lock`, tried by the others every tick). Only the leader
+  ticks the engine (stages, the rate, timeouts, retries, aborts: a final status on
+  another worker is only applied, engine.follow_up) and publishes the queues. When
+  the leader dies its session ends, the lock with it, and the next worker to try
+  takes over: it reads the confirmed queues from `queue_published` and publishes
+  what differs, as a restarted serve does. Its `dispatchers` row says since when
+  it leads (`leads`).
 
 - answers the devices' OTA chunk requests (`ota/get`, otaserve.py) from the
   image store.
@@ -60,13 +80,13 @@ import json
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from mpfleet.db.backend import is_url, normalized, shown, storage_errors
 from mpfleet.db.maint import require_sound_database
 from mpfleet.errors import MpfleetError
 from mpfleet.fleet import dispatchers
@@ -83,6 +103,9 @@ from mpfleet.db.store import DamagedDatabaseError, Store, is_damaged_database
 log = logging.getLogger("mpfleet.fleet.serve")
 
 EMPTY_QUEUE = "[]"
+LEAD_TRY_EVERY_S = 0.2    # how often a worker that does not lead tries to (PostgreSQL)
+# PostgreSQL advisory lock namespaces (two-key form): who leads, which worker names run
+_PG_LEADER_LOCKS, _PG_WORKER_LOCKS = 0x6D72, 0x6D73
 RESYNC_EVERY_S = 5.0      # full queue comparison even when nothing seems to have changed
 BATCH = 500               # messages handled between two ticks at most
 
@@ -176,17 +199,26 @@ class Dispatcher:
                  client_id: str | None = None, tick_s: float = 0.25,
                  on_event: Callable[[str, dict], None] | None = None, clock: Callable[[], float] = time.time,
                  images_dir: str | os.PathLike | None = None, root: str = TOPIC_ROOT,
-                 member: Callable[[Store, str], bool] = registered):
+                 member: Callable[[Store, str], bool] = registered, worker: str | None = None):
         if tick_s <= 0:
             raise ServeError("tick must be positive")
         self.broker = broker
-        self.db_path = Path(db_path)
+        self.db_path = normalized(db_path)
+        self.workers = is_url(self.db_path)  # several workers share the database (module docstring)
+        if worker is not None and not self.workers:
+            raise ServeError("several serve workers need a PostgreSQL database (--db postgresql://...); "
+                             "on a SQLite file one serve runs")
+        self.worker = (worker or "1") if self.workers else None
+        fleet = f"{shown(self.db_path)}|{root}" if self.workers else f"{self.db_path.resolve()}|{root}"
+        self.group = "mpfleet-" + hashlib.sha256(fleet.encode()).hexdigest()[:8]  # the shared subscriptions'
+        self._fleet_key = fleet
         self.keys_dir = keys_dir
         self.root = root
         self.member = member
         self.client_id = client_id if client_id is not None else default_client_id(
-            "serve", stable_for=f"{self.db_path.resolve()}|{root}")
-        self.name = dispatchers.default_name()  # this serve's heartbeat row
+            "serve", stable_for=fleet if self.worker is None else f"{fleet}|{self.worker}")
+        # this serve's heartbeat row: host:pid, and the worker's name (a process may run several)
+        self.name = dispatchers.default_name() + (f"/{self.worker}" if self.worker else "")
         self.tick_s = tick_s
         self.on_event = on_event
         self.clock = clock
@@ -198,7 +230,9 @@ class Dispatcher:
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._client = None
-        self._lock = DatabaseLock(self.db_path)
+        self._lock = None if self.workers else DatabaseLock(self.db_path)
+        self.leads = not self.workers  # on SQLite the one serve leads
+        self._lead_tried = 0.0
         # worker-thread state
         self._sent: dict[str, str] = {}        # device -> digest published (maybe not yet confirmed)
         self._in_flight: dict[int, tuple[str, str]] = {}
@@ -211,11 +245,13 @@ class Dispatcher:
 
     # ------------------------------------------------------------ control
     def start(self) -> "Dispatcher":
-        self._lock.acquire()
+        if self._lock is not None:
+            self._lock.acquire()
         try:
-            # Never run on a damaged file: with a broken executions table nothing new
-            # would ever be queued. One line naming the file and the reason.
-            require_sound_database(self.db_path)
+            if not self.workers:
+                # Never run on a damaged file: with a broken executions table nothing new
+                # would ever be queued. One line naming the file and the reason.
+                require_sound_database(self.db_path)
             self._thread = threading.Thread(target=self._run, name="mpfleet-serve", daemon=True)
             self._thread.start()
             self._ready.wait(30)
@@ -228,7 +264,8 @@ class Dispatcher:
                                        lambda t, payload: client.publish(reroot(t, self.root), payload))
             artifacts.stats = self.stats.ota
             self._artifacts = artifacts
-            # OTA chunk requests are answered at once in paho's network thread.
+            # OTA chunk requests are answered at once in paho's network thread. (paho matches a
+            # callback against the message's topic, which carries no $share prefix.)
             client.message_callback_add(topic("+", "ota/get", self.root), lambda c, u, msg: self._on_ota_get(msg))
             client.on_publish = lambda c, u, mid, rc=None, props=None: self._inbox.put(("puback", mid))
             subscribed = threading.Event()
@@ -236,10 +273,12 @@ class Dispatcher:
             self._client = client
             root = self.root
 
+            share = f"$share/{self.group}/" if self.workers else ""
+
             def on_connected(c):
                 self._inbox.put(("connected", None))
-                c.subscribe([(topic("+", "jobs/status", root), 1), (topic("+", "state", root), 1),
-                             (topic("+", "samples", root), 1), (topic("+", "ota/get", root), 0)])
+                c.subscribe([(share + topic("+", "jobs/status", root), 1), (share + topic("+", "state", root), 1),
+                             (share + topic("+", "samples", root), 1), (share + topic("+", "ota/get", root), 0)])
 
             connect(client, self.broker, on_connected=on_connected, name="serve", stopping=self._stop.is_set)
             if not subscribed.wait(10):
@@ -262,7 +301,8 @@ class Dispatcher:
                 finally:
                     client.loop_stop()
         finally:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> "Dispatcher":
         return self.start()
@@ -282,15 +322,14 @@ class Dispatcher:
     # ------------------------------------------------------------ the worker
     def _run(self) -> None:
         try:
-            self.store = Store(self.db_path)  # with serve's table queue_published (db/schema.py)
-            self.engine = RolloutEngine(self.store, KeyRing(self.store, self.keys_dir), Registry(self.store),
-                                        clock=self.clock)
-            self._sent = dict(self.store.db.execute("SELECT device, digest FROM queue_published"))
+            self._open_store()
             self._held = HeldMessages(self.store, self._on_message, self._ack, self._note_error, self.stats.messages,
                                       self.root)
             self._canceled_seen = {job for (job,) in self.store.db.execute(
                 "SELECT id FROM jobs WHERE status = 'CANCELED'")}
             self._beat()
+            if self.leads:
+                dispatchers.lead(self.store, self.name)
         except BaseException as e:  # noqa: BLE001 - reported by start()
             self._fatal = e
             self._ready.set()
@@ -298,10 +337,14 @@ class Dispatcher:
         self._ready.set()
         try:
             while not self._stop.is_set():
+                if self.workers:
+                    self._guarded("database connection", self._keep_connected)
+                    self._guarded("leadership", self._try_to_lead)
                 self._held.apply()
                 self._drain()
-                self._guarded("tick", self._tick)
-                self._guarded("queue sync", self._sync_queues)
+                if self.leads:
+                    self._guarded("tick", self._tick)
+                    self._guarded("queue sync", self._sync_queues)
                 if time.monotonic() - self._last_beat >= dispatchers.BEAT_EVERY_S:
                     self._guarded("heartbeat", self._beat)
                 with self.stats.lock:
@@ -320,6 +363,51 @@ class Dispatcher:
                 log.warning("could not remove this dispatcher's heartbeat (%s); it goes stale in %.0f s",
                             self.name, dispatchers.STALE_AFTER_S)
             self.store.close()
+
+    def _open_store(self) -> None:
+        """The worker's connection, engine and what it knows of the queues; on PostgreSQL
+        with the worker's name claimed (module docstring)."""
+        self.store = Store(self.db_path)  # with serve's table queue_published (db/schema.py)
+        if self.workers and not self.store.db.execute("SELECT pg_try_advisory_lock(?, hashtext(?))", (
+                _PG_WORKER_LOCKS, f"{self._fleet_key}|{self.worker}")).fetchone()[0]:
+            self.store.close()
+            raise ServeError(f"a serve worker named {self.worker!r} already runs on this database and topic root: "
+                             "give each worker its own --worker name")
+        self.engine = RolloutEngine(self.store, KeyRing(self.store, self.keys_dir), Registry(self.store),
+                                    clock=self.clock)
+        self.engine.follow_up = self.leads
+        self._sent = dict(self.store.db.execute("SELECT device, digest FROM queue_published"))
+
+    def _keep_connected(self) -> None:
+        """PostgreSQL: a connection the server dropped is opened again (leadership, held
+        by the old session, is lost with it and tried for again)."""
+        if not self.store.db.raw.closed:
+            return
+        log.warning("serve worker %s: the database connection was lost; connecting again", self.worker)
+        self.leads = False
+        self._open_store()
+        self._held.store = self.store
+
+    def _try_to_lead(self) -> None:
+        """PostgreSQL: take the leader's lock when it is free (the leader died or stopped)."""
+        now = time.monotonic()
+        if self.leads or now - self._lead_tried < LEAD_TRY_EVERY_S:
+            return
+        self._lead_tried = now
+        got = self.store.db.execute("SELECT pg_try_advisory_lock(?, hashtext(?))",
+                                    (_PG_LEADER_LOCKS, self._fleet_key)).fetchone()[0]
+        if not got:
+            return
+        self.leads = self.engine.follow_up = True
+        # what the broker holds, as the last leader had it confirmed; the rest is published again
+        self._sent = dict(self.store.db.execute("SELECT device, digest FROM queue_published"))
+        self._in_flight.clear()
+        self._dirty, self._data_version = True, None
+        self._canceled_seen = {job for (job,) in self.store.db.execute(
+            "SELECT id FROM jobs WHERE status = 'CANCELED'")}
+        dispatchers.lead(self.store, self.name)
+        log.info("serve worker %s leads now", self.worker)
+        self._event("leads", {"worker": self.worker})
 
     def _beat(self) -> None:
         self._last_beat = time.monotonic()
@@ -362,7 +450,7 @@ class Dispatcher:
             self.stats.last_error = text
         if text not in self._error_seen:  # log each distinct error once
             self._error_seen.add(text)
-            log.error("%s\n%s", text, traceback.format_exc() if not isinstance(e, (MpfleetError, sqlite3.Error))
+            log.error("%s\n%s", text, traceback.format_exc() if not isinstance(e, (MpfleetError, *storage_errors()))
                       else "")
             self._event("error", {"error": text})
 
@@ -467,7 +555,7 @@ class Dispatcher:
         """Publish every device queue that differs from what the broker was last given."""
         if self._client is None:
             return
-        version = self.store.db.execute("PRAGMA data_version").fetchone()[0]
+        version = self.store.db.data_version()
         now = time.monotonic()
         if version != self._data_version:  # another process committed (a job created, canceled...)
             self._data_version, self._dirty = version, True
@@ -499,8 +587,8 @@ class Dispatcher:
                 continue
             self._canceled_seen.add(job)
             unstarted, started = db.execute(
-                "SELECT COALESCE(SUM(started IS NULL AND status = 'CANCELED'), 0), "
-                "COALESCE(SUM(started IS NOT NULL AND status IN ('CANCELED', 'IN_PROGRESS')), 0) "
+                "SELECT COUNT(CASE WHEN started IS NULL AND status = 'CANCELED' THEN 1 END), "
+                "COUNT(CASE WHEN started IS NOT NULL AND status IN ('CANCELED', 'IN_PROGRESS') THEN 1 END) "
                 "FROM executions WHERE job = ?", (job,)).fetchone()
             log.info("job %s canceled (%s): taking it off the queues of %d device(s) that had not started it; "
                      "%d device(s) running it get a cancel job", job, reason or "no reason given", unstarted, started)
