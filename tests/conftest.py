@@ -107,6 +107,23 @@ def _store_on_postgres(request, monkeypatch):
             kwargs["env"] = {**env, "MPFLEET_DB": url_of(env["MPFLEET_DB"])}
         original_popen(self, args, *rest, **kwargs)
 
+    from mpfleet.cli import options
+
+    original_path = options.database_path
+
+    def path_on_postgres(db):  # an in-process command line (cli.main) names its database by path too
+        target = original_path(db)
+        return target if backend.is_url(target) or not names_a_store(target) else url_of(target)
+
+    monkeypatch.setattr(options, "database_path", path_on_postgres)
+    from mpfleet.fleet.otaserve import ArtifactServer
+
+    original_artifacts = ArtifactServer.__init__
+
+    def artifacts_on_postgres(self, db_path, *rest, **kwargs):
+        original_artifacts(self, url_of(db_path) if names_a_store(db_path) else db_path, *rest, **kwargs)
+
+    monkeypatch.setattr(ArtifactServer, "__init__", artifacts_on_postgres)
     monkeypatch.setattr(Store, "__init__", store_on_postgres)
     monkeypatch.setattr(subprocess.Popen, "__init__", cli_on_postgres)
     yield

@@ -40,6 +40,7 @@ def test_the_ca_key_is_private_and_a_second_init_is_refused(ca):
     assert ca.crl_path.exists() and ca.revoked() == {}
 
 
+@pytest.mark.sqlite_only("reads the whole file with iterdump; test_cert_scrub scans a PostgreSQL database")
 def test_a_device_certificate_names_the_device_and_only_the_key_leaves(ca):
     issued = ca.issue_device("pump-7")
     cert = x509.load_der_x509_certificate(issued.cert_der)

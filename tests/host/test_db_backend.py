@@ -107,18 +107,28 @@ def test_two_stores_migrate_one_new_database_once(pg_database):
     assert not errors and ran == [schema.SCHEMA_VERSION] * 4
 
 
-def test_data_version_moves_when_another_connection_changes_a_jobs_table(pg, pg_database):
-    before = pg.db.data_version()
-    assert pg.db.data_version() == before  # nothing changed
+def test_changes_say_which_devices_another_connection_changed(pg, tmp_path):
+    assert pg.db.changes() == (True, set())  # the first call: what came before is not known
+    assert pg.db.changes() == (False, set())
     pg.db.execute("INSERT INTO dispatchers (name, pid, host, started, beat) VALUES ('x', 1, 'h', 0, 0)")
-    assert pg.db.data_version() == before  # not a jobs table
+    assert pg.db.changes() == (False, set())  # not a jobs table
     other = backend.PgConnection(pg.path)
     try:
         other.execute("INSERT INTO jobs (id, type, params_json, targets_json, options_json, status, created, "
                       "updated) VALUES ('j', 'diag', '{}', '{}', '{}', 'ACTIVE', 0, 0)")
+        assert pg.db.changes() == (True, set())
+        for device in ("d1", "d2"):
+            other.execute("INSERT INTO executions (job, device, attempt, seq, kid, envelope, status, stage, queued, "
+                          "updated) VALUES ('j', ?, 1, 1, 'k', 'e', 'QUEUED', 0, 0, 0)", (device,))
+        other.execute("UPDATE executions SET status = 'SUCCEEDED' WHERE device = 'd2'")
+        other.execute("DELETE FROM executions WHERE device = 'd1'")
+        assert pg.db.changes() == (False, {"d1", "d2"})
     finally:
         other.close()
-    assert pg.db.data_version() > before
+    lite = backend.connect_sqlite(tmp_path / "c.db")
+    assert lite.changes() == (True, set())
+    assert lite.changes() == (False, set())
+    lite.close()
 
 
 def test_samples_store_once_and_the_ack_moves_as_on_sqlite(pg, tmp_path):

@@ -230,6 +230,7 @@ def test_help_of_status_documents_every_exit_code(capsys, fleet):
 
 
 # ---------------------------------------------------------------- no dispatcher
+@pytest.mark.sqlite_only("the hint names the database file")
 def test_watch_and_create_say_when_no_serve_is_running(capsys, fleet, eng):
     code, out, _ = mpfleet(capsys, fleet, "job", "create", "reboot", "--targets", "pumps", "--id", "w")
     hint = f"no `mpfleet serve` is running on {fleet / 'm.db'}; nothing will move"

@@ -19,7 +19,7 @@ placeholders); the connection of each dialect takes it as it is:
 What the dialects do not share is said where it is used, by `db.dialect`: the table
 definitions (schema.py translates SQLite's types to PostgreSQL's), the schema version
 (SQLite's `user_version`, a table in PostgreSQL), how a write transaction starts
-(store.Store.transaction), how another process's commit is noticed (`data_version`).
+(store.Store.transaction), how another process's commit is noticed (`changes()`).
 
 Why not SQLAlchemy. Its Core would translate expressions built in Python; mpfleet's
 statements are already portable text, tested on both, and the few differences are
@@ -78,9 +78,14 @@ class SqliteConnection(sqlite3.Connection):
 
     dialect = "sqlite"
 
-    def data_version(self) -> int:
-        """Changes when another connection commits (SQLite's PRAGMA data_version)."""
-        return self.execute("PRAGMA data_version").fetchone()[0]
+    _seen_version: int | None = None
+
+    def changes(self) -> tuple[bool, set[str]]:
+        """(whether another connection committed since the last call, set()): SQLite's
+        PRAGMA data_version, which tells that, not what."""
+        version = self.execute("PRAGMA data_version").fetchone()[0]
+        changed, self._seen_version = version != self._seen_version, version
+        return changed, set()
 
 
 def connect_sqlite(path: str | os.PathLike, timeout: float = 30) -> SqliteConnection:
@@ -118,7 +123,8 @@ class PgConnection:
         self.errors = psycopg
         self.raw = psycopg.connect(url, autocommit=True, cursor_factory=psycopg.ClientCursor,
                                    connect_timeout=int(connect_timeout))
-        self._changes = 0
+        self._whole = False
+        self._devices: set[str] = set()
         self._listening = False
 
     def execute(self, sql: str, params=()):
@@ -140,18 +146,25 @@ class PgConnection:
 
         return self.raw.info.transaction_status != TransactionStatus.IDLE
 
-    def data_version(self) -> int:
-        """Changes when anyone commits a change to the jobs tables: a count of the
-        notifications their triggers send (schema.py), this connection's own included."""
+    def changes(self) -> tuple[bool, set[str]]:
+        """What was committed to the jobs tables since the last call, by anyone (this
+        connection too), from their triggers' notifications (schema.py): (whether a job
+        or its targets changed, the devices whose executions or control jobs changed).
+        The first call reports a change: what happened before it is not known."""
         if not self._listening:
             self.raw.add_notify_handler(self._on_notify)
             self.raw.execute(f"LISTEN {CHANGES_CHANNEL}")
-            self._listening = True
+            self._listening, self._whole = True, True
         self.raw.execute("SELECT 1")  # delivers what arrived since the last statement
-        return self._changes
+        out = (self._whole, self._devices)
+        self._whole, self._devices = False, set()
+        return out
 
-    def _on_notify(self, _notify) -> None:
-        self._changes += 1
+    def _on_notify(self, notify) -> None:
+        if notify.payload:
+            self._devices.add(notify.payload)
+        else:
+            self._whole = True
 
 
 Connection = SqliteConnection | PgConnection

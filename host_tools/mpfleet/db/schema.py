@@ -35,8 +35,9 @@ the version lives in the one-row table `mpfleet_schema`; `apply` holds a transac
 advisory lock while it migrates, as SQLite's write lock does. What only PostgreSQL
 needs is created with migration 1 there (no PostgreSQL database predates it): SQLite's
 `json_array_length(text)`, and the triggers that NOTIFY `mpfleet_changes` when a jobs
-table changes (how serve hears of another process's commit: SQLite has PRAGMA
-data_version for it). Migration 4's triggers are written in each dialect.
+table changes, naming the device when an execution or control job changed (how
+serve hears of another process's commit: SQLite has PRAGMA data_version for it).
+Migration 4's triggers are written in each dialect.
 """
 
 from __future__ import annotations
@@ -205,14 +206,28 @@ _PG_ONLY = (  # migration 1 on PostgreSQL: what SQLite has built in
     # SQLite's json_array_length of a TEXT column (store.sample_widths)
     "CREATE OR REPLACE FUNCTION json_array_length(text) RETURNS integer LANGUAGE sql IMMUTABLE "
     "AS 'SELECT json_array_length($1::json)'",
+    # a job or its targets changed: every queue may have (payload '')
     f"""CREATE OR REPLACE FUNCTION mpfleet_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('{CHANGES_CHANNEL}', '');
     RETURN NULL;
 END $$""",
+    # (for each row: a statement that changes none, as the key scrub's on other jobs, tells nothing)
     *(f"CREATE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE ON {table} "
-      "FOR EACH STATEMENT EXECUTE FUNCTION mpfleet_notify_change()"
-      for table in ("jobs", "job_targets", "executions", "job_controls")),
+      "FOR EACH ROW EXECUTE FUNCTION mpfleet_notify_change()" for table in ("jobs", "job_targets")),
+    # one device's execution or control job changed: its queue may have (payload: the device;
+    # PostgreSQL sends one of equal notifications of a transaction)
+    f"""CREATE OR REPLACE FUNCTION mpfleet_notify_device() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('{CHANGES_CHANNEL}', OLD.device);
+    ELSE
+        PERFORM pg_notify('{CHANGES_CHANNEL}', NEW.device);
+    END IF;
+    RETURN NULL;
+END $$""",
+    *(f"CREATE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE ON {table} "
+      "FOR EACH ROW EXECUTE FUNCTION mpfleet_notify_device()" for table in ("executions", "job_controls")),
 )
 
 _LATER_EXECUTION_COLUMNS = (

@@ -49,11 +49,16 @@ def beat(store: Store, name: str, now: float | None = None) -> None:
 
 
 def lead(store: Store, name: str, now: float | None = None) -> None:
-    """The dispatcher `name` leads from `now`; no other row says it leads any more."""
+    """The dispatcher `name` leads from `now`; no other row says it leads."""
     now = time.time() if now is None else now
     with store.transaction() as db:
         db.execute("UPDATE dispatchers SET leads = NULL WHERE name != ?", (name,))
         db.execute("UPDATE dispatchers SET leads = ? WHERE name = ?", (now, name))
+
+
+def stepped_down(store: Store, name: str) -> None:
+    """The dispatcher `name` no longer leads."""
+    store.db.execute("UPDATE dispatchers SET leads = NULL WHERE name = ?", (name,))
 
 
 def stopped(store: Store, name: str) -> None:

@@ -186,6 +186,7 @@ class RolloutEngine:
         # a retry). serve's workers that do not lead leave it to the leader's next tick,
         # which does the same: a job's aborts and retries are then decided in one place.
         self.follow_up = True
+        self.job_ended = False  # set when this engine ends a job; serve clears it
 
     # ------------------------------------------------------------ jobs
     def create_job(self, type: str, params: dict | None, targets, job_id: str | None = None, *,
@@ -500,6 +501,7 @@ class RolloutEngine:
         return rows
 
     def _finish_job(self, db, job_id: str, status: str, now: float, reason: str | None) -> None:
+        self.job_ended = True  # its running executions leave every queue (serve publishes them all)
         db.execute("UPDATE jobs SET status = ?, finished = ?, updated = ?, reason = ? WHERE id = ? AND status = ?",
                    (status, now, now, reason, job_id, ACTIVE))
 
@@ -1277,7 +1279,7 @@ class RolloutEngine:
         return changes
 
     # ------------------------------------------------------------ views
-    def _queues(self, device: str | None = None) -> dict[str, list[str]]:
+    def _queues(self, device: str | Iterable[str] | None = None) -> dict[str, list[str]]:
         """{device: queue} of `device` (None: of every device with a non-empty queue): the
         one place a queue is computed. A queue is the envelopes the device's retained
         `jobs` topic must carry now: QUEUED and IN_PROGRESS executions of ACTIVE jobs plus
@@ -1286,10 +1288,11 @@ class RolloutEngine:
         128 KiB heap; the rest follow as these finish. An envelope no queue can carry
         (only an old database holds one: _queue never records it QUEUED) is left out
         rather than block the ones behind it."""
-        only = "" if device is None else "AND e.device = ? "
-        only_c = "" if device is None else "AND device = ? "
-        args = (QUEUED, IN_PROGRESS, ACTIVE, *(() if device is None else (device,)),
-                QUEUED, *(() if device is None else (device,)))
+        some = () if device is None else (device,) if isinstance(device, str) else tuple(device)
+        marks = ", ".join("?" * len(some))
+        only = "" if device is None else f"AND e.device IN ({marks}) "
+        only_c = "" if device is None else f"AND device IN ({marks}) "
+        args = (QUEUED, IN_PROGRESS, ACTIVE, *some, QUEUED, *some)
         rows = self.db.execute(
             "SELECT e.device, e.seq, e.envelope FROM executions e JOIN jobs j ON j.id = e.job "
             f"WHERE e.status IN (?, ?) AND j.status = ? {only}"
@@ -1313,6 +1316,15 @@ class RolloutEngine:
     def device_queue(self, device: str) -> list[str]:
         """`device`'s queue (see _queues), ascending seq, at most QUEUE_MAX_BYTES encoded."""
         return self._queues(device).get(device, [])
+
+    def queues_of(self, devices: Iterable[str], chunk: int = 400) -> dict[str, list[str]]:
+        """device_queue() of each of `devices` whose queue is not empty, a few hundred
+        devices a query."""
+        devices = sorted(set(devices))
+        out: dict[str, list[str]] = {}
+        for i in range(0, len(devices), chunk):
+            out.update(self._queues(devices[i:i + chunk]))
+        return out
 
     def all_queues(self) -> dict[str, list[str]]:
         """device_queue() of every device whose queue is not empty, in one query: what

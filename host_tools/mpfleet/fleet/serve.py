@@ -25,8 +25,9 @@ the only state that matters outside the database is "what does the broker hold":
   device drops jobs it has finished (by key and seq) and never runs a seq twice.
 
 Jobs created, canceled or changed by other processes (`mpfleet job ...`) are
-noticed through the connection's `data_version()` (db/backend.py: SQLite's PRAGMA
-data_version, PostgreSQL's notifications from the jobs tables' triggers).
+noticed through the connection's `changes()` (db/backend.py: SQLite's PRAGMA
+data_version, PostgreSQL's notifications from the jobs tables' triggers, which name the
+device whose execution changed, so the leader publishes only those queues again).
 
 Workers (PostgreSQL only; docs/scale.md). On SQLite one serve runs per database
 (DatabaseLock). On PostgreSQL several run, each with a name of its own (`worker`,
@@ -104,6 +105,7 @@ log = logging.getLogger("mpfleet.fleet.serve")
 
 EMPTY_QUEUE = "[]"
 LEAD_TRY_EVERY_S = 0.2    # how often a worker that does not lead tries to (PostgreSQL)
+LEAD_OFFLINE_S = 10.0     # a leader this long without the broker lets another worker lead
 # PostgreSQL advisory lock namespaces (two-key form): who leads, which worker names run
 _PG_LEADER_LOCKS, _PG_WORKER_LOCKS = 0x6D72, 0x6D73
 RESYNC_EVERY_S = 5.0      # full queue comparison even when nothing seems to have changed
@@ -232,12 +234,12 @@ class Dispatcher:
         self._client = None
         self._lock = None if self.workers else DatabaseLock(self.db_path)
         self.leads = not self.workers  # on SQLite the one serve leads
-        self._lead_tried = 0.0
+        self._lead_tried = self._online_at = 0.0
         # worker-thread state
         self._sent: dict[str, str] = {}        # device -> digest published (maybe not yet confirmed)
         self._in_flight: dict[int, tuple[str, str]] = {}
-        self._data_version: int | None = None
         self._dirty = True
+        self._touched: set[str] = set()  # devices whose queue may differ from what was published
         self._last_resync = 0.0
         self._error_seen: set[str] = set()
         self._last_beat = 0.0
@@ -389,9 +391,23 @@ class Dispatcher:
         self._held.store = self.store
 
     def _try_to_lead(self) -> None:
-        """PostgreSQL: take the leader's lock when it is free (the leader died or stopped)."""
+        """PostgreSQL: take the leader's lock when it is free (the leader died or stopped),
+        while this worker has the broker; let it go when the broker has been gone for
+        LEAD_OFFLINE_S (the queues it could not publish, another worker can)."""
         now = time.monotonic()
-        if self.leads or now - self._lead_tried < LEAD_TRY_EVERY_S:
+        online = self._client is not None and self._client.is_connected()
+        if online:
+            self._online_at = now
+        if self.leads:
+            if now - self._online_at >= LEAD_OFFLINE_S:
+                self.leads = self.engine.follow_up = False
+                dispatchers.stepped_down(self.store, self.name)
+                self.store.db.execute("SELECT pg_advisory_unlock(?, hashtext(?))",
+                                      (_PG_LEADER_LOCKS, self._fleet_key))
+                log.warning("serve worker %s: no broker for %.0f s; another worker may lead", self.worker,
+                            now - self._online_at)
+            return
+        if not online or now - self._lead_tried < LEAD_TRY_EVERY_S:
             return
         self._lead_tried = now
         got = self.store.db.execute("SELECT pg_try_advisory_lock(?, hashtext(?))",
@@ -402,7 +418,7 @@ class Dispatcher:
         # what the broker holds, as the last leader had it confirmed; the rest is published again
         self._sent = dict(self.store.db.execute("SELECT device, digest FROM queue_published"))
         self._in_flight.clear()
-        self._dirty, self._data_version = True, None
+        self._dirty = True
         self._canceled_seen = {job for (job,) in self.store.db.execute(
             "SELECT id FROM jobs WHERE status = 'CANCELED'")}
         dispatchers.lead(self.store, self.name)
@@ -478,7 +494,10 @@ class Dispatcher:
                 self.store.record_ingest_error(device, f"unreadable job status: {e}")
                 return
             if self.engine.on_status(device, status):
-                self._dirty = True
+                if self.leads:
+                    self._touched.add(device)
+                if self.engine.job_ended:  # the status aborted its job: every queue holding it changes
+                    self.engine.job_ended, self._dirty = False, True
                 with self.stats.lock:
                     self.stats.statuses_applied += 1
         elif leaf == "state":
@@ -530,7 +549,9 @@ class Dispatcher:
         with self.stats.lock:
             self.stats.ticks += 1
         if changes:
-            self._dirty = True
+            if changes.advanced or changes.completed or changes.aborted:
+                self._dirty = True  # a job's end takes its running executions off every queue
+            self._touched |= changes.devices
             self._report(changes)
         for job, device, reason in getattr(changes, "stuck", ()):  # flagged, not changed: heard once each
             self._event("stuck", {"job": job, "device": device, "reason": reason})
@@ -552,19 +573,28 @@ class Dispatcher:
             self._event("aborted", {"job": job, "reason": self.engine.job_status(job).reason})
 
     def _sync_queues(self) -> None:
-        """Publish every device queue that differs from what the broker was last given."""
+        """Publish every device queue that differs from what the broker was last given: all
+        of them after another process changed a job (or every RESYNC_EVERY_S), else those
+        of the devices whose executions changed since the last sync (`_touched`: statuses
+        applied here, the tick's changes, other workers' commits on PostgreSQL)."""
         if self._client is None:
             return
-        version = self.store.db.data_version()
+        whole, devices = self.store.db.changes()
         now = time.monotonic()
-        if version != self._data_version:  # another process committed (a job created, canceled...)
-            self._data_version, self._dirty = version, True
+        if whole:  # another process committed (a job created, canceled...)
+            self._dirty = True
             self._note_cancels()
-        if not self._dirty and now - self._last_resync < RESYNC_EVERY_S:
+        self._touched |= devices
+        if self._dirty or now - self._last_resync >= RESYNC_EVERY_S:
+            self._dirty, self._last_resync = False, now
+            self._touched.clear()
+            desired = self.engine.all_queues()
+            devices = set(desired) | {d for d, digest in self._sent.items() if digest != EMPTY_DIGEST}
+        elif self._touched:
+            devices, self._touched = self._touched, set()
+            desired = self.engine.queues_of(devices)
+        else:
             return
-        self._dirty, self._last_resync = False, now
-        desired = self.engine.all_queues()
-        devices = set(desired) | {d for d, digest in self._sent.items() if digest != EMPTY_DIGEST}
         for device in sorted(devices):
             payload = encode_queue(desired.get(device, []))
             digest = queue_digest(payload)
