@@ -104,6 +104,33 @@ def test_two_workers_share_the_messages_one_leads_and_the_other_takes_over(tmp_p
     assert a.stats.errors == 0 and b.stats.errors == 0, (a.stats.last_error, b.stats.last_error)
 
 
+def test_a_leader_without_the_broker_steps_down_for_one_that_has_it(tmp_path, mosquitto, pg_url, monkeypatch):
+    from mpfleet.broker.link import BrokerConfig
+    from mpfleet.fleet import serve
+    from mpfleet.sim.netfault import LinkCutter
+
+    monkeypatch.setattr(serve, "LEAD_OFFLINE_S", 1.0)
+    env = FleetEnv(tmp_path, mosquitto, db=pg_url)
+    link = LinkCutter(env.cfg.host, env.cfg.port).start()
+    cut_off = BrokerConfig(host="127.0.0.1", port=link.port)
+    a = Dispatcher(cut_off, pg_url, keys_dir=env.keys, worker="a", tick_s=0.1).start()
+    try:
+        env.wait(lambda: a.leads, 10, "the first worker to lead")
+        b = Dispatcher(env.cfg, pg_url, keys_dir=env.keys, worker="b", tick_s=0.1).start()
+        try:
+            time.sleep(1.5)
+            assert a.leads and not b.leads  # a leader with the broker keeps the lead
+            link.stop()  # a loses the broker, and cannot reach it again
+            env.wait(lambda: b.leads and not a.leads, 15, "the worker with the broker to lead")
+            assert [d.name for d in _leaders(env.store)] == [b.name]
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+        link.stop()
+        env.store.close()
+
+
 class Workers:
     """`mpfleet serve` workers as processes of their own, killed with SIGKILL."""
 
