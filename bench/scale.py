@@ -190,7 +190,9 @@ def _serve_cmd(broker_url: str, db_url: str, keys: Path, profile_dir: Path | Non
 
 
 def profiled_serve(profile_dir: str, args: list[str]) -> None:
-    """`mpfleet serve` with every thread under cProfile: one <thread name>.prof each."""
+    """`mpfleet serve` with every thread under cProfile, timed by the thread's own CPU
+    clock (waits for the GIL, the inbox or the socket count nothing): one
+    <thread name>.prof each."""
     import cProfile
     import runpy
     import threading
@@ -198,7 +200,7 @@ def profiled_serve(profile_dir: str, args: list[str]) -> None:
     original = threading.Thread.run
 
     def run(self):
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)
         prof.enable()
         try:
             original(self)
@@ -380,7 +382,7 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
             n = counts.samples()
             if n != last:
                 last, still = n, time.monotonic()
-            elif time.monotonic() - still >= 3:
+            elif time.monotonic() - still >= 10:
                 break
             time.sleep(0.5)
         drain_s = time.monotonic() - t0 - job_s
@@ -450,6 +452,82 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
     if profile_dir:
         result["profile"] = profile_report(profile_dir)
     return result
+
+
+def fanout_case(devices: int, broker, tmp: Path | None = None, profile: bool = False) -> dict:
+    """The job's fan-out alone, no device awake: from the job's creation until serve
+    has every one of the `devices` queues published and confirmed by the broker; serve's
+    CPU and memory for it (what one serve does before the first device even wakes)."""
+    from mpfleet.db.store import Store
+    from mpfleet.fleet.keys import KeyRing
+    from mpfleet.fleet.registry import Registry
+    from mpfleet.fleet.rollout import RolloutEngine
+    from mpfleet.sim.load import provision_load_fleet
+
+    tmp = tmp or Path(tempfile.mkdtemp(prefix="mpfleet-bench-fanout-"))
+    db_url = str(tmp / "mpfleet.db")
+    keys = tmp / "keys"
+    started = time.perf_counter()
+    store = Store(db_url)
+    ring = KeyRing(store, keys)
+    ring.init()
+    provision_load_fleet(store, ring, devices, prefix=PREFIX)
+    provision_s = time.perf_counter() - started
+    engine = RolloutEngine(store, ring, Registry(store))
+    profile_dir = tmp / "profile" if profile else None
+    if profile_dir:
+        profile_dir.mkdir(exist_ok=True)
+    serve = start_serve(broker.url, db_url, keys, tmp, profile_dir)
+    counts = Counts(db_url)
+    try:
+        time.sleep(2)
+        rss_start, cpu0, t0 = _proc_kib(serve.pid, "VmRSS"), _proc_cpu_s(serve.pid), time.monotonic()
+        engine.create_job("config", {"set": {"sample_interval_s": 30}}, "*", job_id="scale-fanout")
+        queued = confirmed = 0
+        first_confirmed = None
+        moved, last = time.monotonic(), -1
+        progress = []
+        while time.monotonic() - t0 < JOB_TIMEOUT_S and serve.poll() is None:
+            queued = counts.one("SELECT COUNT(*) FROM executions WHERE job = 'scale-fanout'")[0]
+            confirmed = counts.one("SELECT COUNT(*) FROM queue_published WHERE digest != ?",
+                                   _empty_digest())[0]
+            if confirmed and first_confirmed is None:
+                first_confirmed = time.monotonic() - t0
+            if queued >= devices and confirmed >= devices:
+                break
+            if confirmed != last:
+                last, moved = confirmed, time.monotonic()
+                progress.append((round(moved - t0, 1), confirmed))
+            elif time.monotonic() - moved > 60:
+                break  # stalled: no confirmation for a minute
+            time.sleep(0.25)
+        took = time.monotonic() - t0
+        cpu = _proc_cpu_s(serve.pid) - cpu0
+        peak = _proc_kib(serve.pid, "VmHWM")
+    finally:
+        counts.close()
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+        store.close()
+    result = {"devices": devices, "provision_s": round(provision_s, 1), "queued": queued, "confirmed": confirmed,
+              "first_confirmed_s": round(first_confirmed, 1) if first_confirmed is not None else None,
+              "seconds": round(took, 1), "serve_cpu_s": round(cpu, 2),
+              "serve_cpu_per_device_ms": round(cpu / devices * 1000, 3), "serve_rss_start_kib": rss_start,
+              "serve_peak_rss_kib": peak, "stalled": confirmed < devices,
+              "progress": progress[:: max(1, len(progress) // 30)]}
+    if profile_dir:
+        result["profile"] = profile_report(profile_dir)
+    return result
+
+
+def _empty_digest() -> str:
+    from mpfleet.fleet.serve import EMPTY_QUEUE, queue_digest
+
+    return queue_digest(EMPTY_QUEUE)
 
 
 def profile_report(profile_dir: Path, top: int = 15) -> dict:
@@ -694,6 +772,9 @@ def report(devices: int, cases: list[dict], ceiling: dict) -> dict:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--fleet-worker"]:
         return fleet_worker(argv[1])
+    # SIGTERM (a timeout, Ctrl-C's cousin) ends the bench through its finally blocks:
+    # serve, the fleet processes and mosquitto stop with it
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     if argv[:1] == ["--profiled-serve"]:
         profiled_serve(argv[1], argv[2:])
         return 0
@@ -704,8 +785,21 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--interval", type=float, help="the fleet's wake interval (default: devices / 250, at least 10 s)")
     ap.add_argument("--no-samples-run", action="store_true", help="skip the second run with samples off")
     ap.add_argument("--profile", action="store_true", help="serve under cProfile in the first run")
+    ap.add_argument("--fanout", action="store_true",
+                    help="only the job's fan-out to DEVICES queues, no device awake (quick at 100,000)")
     ap.add_argument("--json", help="write the whole result here")
     a = ap.parse_args(argv)
+    if a.fanout:
+        from mpfleet.broker.local import LocalBroker
+
+        with LocalBroker() as broker:
+            result = fanout_case(a.devices, broker, profile=a.profile)
+        for thread, rep in result.pop("profile", {}).items():
+            print(f"\n==== profile of thread {thread}\n{rep['cumulative']}\n{rep['tottime']}")
+        print(json.dumps(result, indent=2))
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=2))
+        return 0
     result = run(a.devices, a.interval, not a.no_samples_run, a.profile)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
