@@ -106,6 +106,7 @@ log = logging.getLogger("mpfleet.fleet.serve")
 EMPTY_QUEUE = "[]"
 LEAD_TRY_EVERY_S = 0.2    # how often a worker that does not lead tries to (PostgreSQL)
 LEAD_OFFLINE_S = 10.0     # a leader this long without the broker lets another worker lead
+TICK_SHARE = 0.25         # at most this share of the worker's time goes to engine ticks
 # PostgreSQL advisory lock namespaces (two-key form): who leads, which worker names run
 _PG_LEADER_LOCKS, _PG_WORKER_LOCKS = 0x6D72, 0x6D73
 RESYNC_EVERY_S = 5.0      # full queue comparison even when nothing seems to have changed
@@ -235,6 +236,7 @@ class Dispatcher:
         self._lock = None if self.workers else DatabaseLock(self.db_path)
         self.leads = not self.workers  # on SQLite the one serve leads
         self._lead_tried = self._online_at = 0.0
+        self._next_tick = 0.0
         # worker-thread state
         self._sent: dict[str, str] = {}        # device -> digest published (maybe not yet confirmed)
         self._in_flight: dict[int, tuple[str, str]] = {}
@@ -545,7 +547,16 @@ class Dispatcher:
 
     # ------------------------------------------------------------ rollout
     def _tick(self) -> None:
-        changes = self.engine.tick()
+        """One engine tick, when it is due: every tick_s, and no more often than keeps the
+        ticks to TICK_SHARE of the worker's time (a tick reads every target and execution
+        of every active job, so it grows with the fleet; the messages must not wait)."""
+        started = time.monotonic()
+        if started < self._next_tick:
+            return
+        try:
+            changes = self.engine.tick()
+        finally:
+            self._next_tick = started + max(self.tick_s, (time.monotonic() - started) / TICK_SHARE)
         with self.stats.lock:
             self.stats.ticks += 1
         if changes:
