@@ -187,6 +187,7 @@ class RolloutEngine:
         # which does the same: a job's aborts and retries are then decided in one place.
         self.follow_up = True
         self.job_ended = False  # set when this engine ends a job; serve clears it
+        self._limits: dict[str, tuple[int, tuple[int, str]]] = {}  # _limit_of's: hash of the state text, limit
 
     # ------------------------------------------------------------ jobs
     def create_job(self, type: str, params: dict | None, targets, job_id: str | None = None, *,
@@ -297,6 +298,17 @@ class RolloutEngine:
         if limit > ENVELOPE_MAX_BYTES:
             return ENVELOPE_MAX_BYTES, "what one device queue carries, QUEUE_MAX_BYTES"
         return limit, source
+
+    def _limit_of(self, device: str, state_json: str | None) -> tuple[int, str]:
+        """job_max_bytes() from the device's stored state text, parsed again only when it changed."""
+        key = hash(state_json)
+        cached = self._limits.get(device)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        state = _loads(state_json) if state_json else None
+        found = self.job_max_bytes(device, state if isinstance(state, dict) else {})
+        self._limits[device] = (key, found)
+        return found
 
     def _check_size(self, job: Job, now: float) -> None:
         """RolloutError unless the job's envelope fits every device it targets now (or, with
@@ -1100,25 +1112,24 @@ class RolloutEngine:
         Reading only: a flag changes no state (a device that wakes late still takes
         the job); retry() and remove() are the operator's."""
         now = self.clock() if now is None else now
-        q = ("SELECT e.job, e.device, e.attempt, e.seq, e.envelope, e.queued, e.detail_json FROM executions e "
-             "JOIN jobs j ON j.id = e.job WHERE e.status = ? AND j.status = ?")
+        # each device's last report and state in the same rows; a state is parsed once while
+        # its text stays the same (stuck() runs every STUCK_CHECK_S over every QUEUED execution)
+        q = ("SELECT e.job, e.device, e.attempt, e.seq, e.envelope, e.queued, e.detail_json, d.last_seen, "
+             "d.state_json FROM executions e JOIN jobs j ON j.id = e.job LEFT JOIN devices d ON d.id = e.device "
+             "WHERE e.status = ? AND j.status = ?")
         args: list = [QUEUED, ACTIVE]
         if job_id is not None:
             q += " AND e.job = ?"
             args.append(job_id)
         rows = self.db.execute(q + " ORDER BY e.job, e.device, e.attempt", args).fetchall()
         jobs: dict[str, Job] = {}
-        devices: dict[str, dict] = {}
         out = []
-        for job, device, attempt, seq, envelope, queued, detail_json in rows:
+        for job, device, attempt, seq, envelope, queued, detail_json, last, state_json in rows:
             if job not in jobs:
                 jobs[job] = self._job(job)
-            if device not in devices:
-                devices[device] = self.store.device(device) or {}
-            info = devices[device]
             bound = jobs[job].options.queued_limit_s
-            age, last = now - queued, info.get("last_seen")
-            limit, source = self.job_max_bytes(device, info.get("state") or {})
+            age = now - queued
+            limit, source = self._limit_of(device, state_json)
             detail = _loads(detail_json)
             if isinstance(detail, dict) and "refused_as_replay" in detail:
                 kind = "passed"
