@@ -4,6 +4,7 @@ that a PostgreSQL database gets the same tables, migrations and answers as a fil
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -142,4 +143,25 @@ def test_samples_store_once_and_the_ack_moves_as_on_sqlite(pg, tmp_path):
             assert store.advance_ack(db, "d1", oldest_held=4) == 4
     assert list(pg.samples()) == list(lite.samples())
     assert pg.sample_widths() == lite.sample_widths() == [("d1", 2)]
+    lite.close()
+
+
+def test_a_reported_failure_stays_with_the_state_until_a_newer_one_on_both(pg, tmp_path):
+    from mpfleet.fleet.ingest import handle_state
+
+    lite = Store(tmp_path / "kept.db")
+    sent = []
+    for store in (pg, lite):
+        store.add_device("d1")
+        failure = {"error": "TLS handshake failed", "at": 1796000000}
+        handle_state(store, "d1", json.dumps({"time": 1796000100, "last_failure": failure}).encode(),
+                     lambda *a, **k: sent.append(a))
+        handle_state(store, "d1", json.dumps({"time": 1796000200, "wakes": 3}).encode(), lambda *a, **k: None)
+        assert store.device("d1")["state"] == {"time": 1796000200, "wakes": 3, "last_failure": failure}
+        newer = {"error": "broker refused", "at": 1796000300}
+        handle_state(store, "d1", json.dumps({"time": 1796000400, "last_failure": newer}).encode(),
+                     lambda *a, **k: None)
+        assert store.kept_failure("d1") == newer
+        store.add_device("d2")
+        assert store.kept_failure("d2") is None
     lite.close()

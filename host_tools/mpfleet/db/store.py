@@ -166,6 +166,16 @@ class Store:
              reported_at, reported_at, reported_at, device))
         return cur.rowcount == 1
 
+    def kept_failure(self, device: str) -> dict | None:
+        """The `last_failure` of the device's stored state, if it has one (read and parsed
+        only then: every state report asks, few states hold one)."""
+        row = self.db.execute("SELECT state_json FROM devices WHERE id = ? AND state_json LIKE ?",
+                              (device, '%"last_failure": {%')).fetchone()
+        if row is None:
+            return None
+        kept = json.loads(row[0]).get("last_failure")
+        return kept if isinstance(kept, dict) else None
+
     def device(self, device: str) -> dict | None:
         row = self.db.execute(f"SELECT {self._DEVICE_COLS} FROM devices WHERE id = ?", (device,)).fetchone()
         return None if row is None else self._device_row(row)

@@ -419,9 +419,8 @@ def handle_state(store: Store, device: str, payload: bytes, publish, live: bool 
         # A device reports why it could not reach the broker once, at the next
         # connection (firmware agent.wake.FAILURE_PATH): the record stays with
         # the device's state until a newer failure replaces it.
-        known = store.device(device)
-        kept = ((known or {}).get("state") or {}).get("last_failure")
-        if isinstance(kept, dict):
+        kept = store.kept_failure(device)
+        if kept is not None:
             state["last_failure"] = kept
     store.report_device(device, live=live, board=board, state=state,
                         reported_at=report_time(state, time.time(), live))
