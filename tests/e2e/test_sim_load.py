@@ -146,3 +146,20 @@ def test_same_config_job_gives_the_same_records_as_the_real_firmware(env, tmp_pa
     mine = sorted(r for recs in env.executions("eq-load").values() for r in [tuple(map(json.dumps, recs))])
     assert len(real) == len(mine) == EQUIV_K
     assert real == mine
+
+
+def test_a_fan_out_past_the_unconfirmed_window_publishes_every_queue(env, monkeypatch):
+    # serve holds at most QUEUE_WINDOW queue publishes unconfirmed (MQTT packet ids are 16
+    # bits: past 65,535 outstanding, paho reuses one and a queue is lost); the rest follow
+    from mpfleet.fleet import serve
+
+    monkeypatch.setattr(serve, "QUEUE_WINDOW", 7)
+    devices = provision_load_fleet(env.store, env.ring, 60, prefix="win", groups=["win"])
+    fleet = _fleet(env, devices, concurrency=60)
+    asyncio.run(fleet.wake_all())
+    env.engine.create_job("config", {"set": {"sample_interval_s": 35}}, ["win"], job_id="windowed")
+    _wake_until(env, fleet, lambda: env.engine.job_status("windowed").status != "ACTIVE")
+    assert all(r == [("SUCCEEDED", 1, {"applied": ["sample_interval_s"]})]
+               for r in env.executions("windowed").values())
+    assert len(env.executions("windowed")) == 60
+    assert env.dispatcher.stats.queue_confirmed >= 60

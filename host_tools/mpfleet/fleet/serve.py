@@ -107,6 +107,10 @@ EMPTY_QUEUE = "[]"
 LEAD_TRY_EVERY_S = 0.2    # how often a worker that does not lead tries to (PostgreSQL)
 LEAD_OFFLINE_S = 10.0     # a leader this long without the broker lets another worker lead
 TICK_SHARE = 0.25         # at most this share of the worker's time goes to engine ticks
+# Queue publishes the broker has not confirmed yet, at most: the rest wait for the next
+# sync. MQTT packet ids are 16 bits; paho hands out the id of a publish it still holds to
+# a new one past 65,535 outstanding, and the older is lost (a fan-out to 100,000 did).
+QUEUE_WINDOW = 10_000
 # PostgreSQL advisory lock namespaces (two-key form): who leads, which worker names run
 _PG_LEADER_LOCKS, _PG_WORKER_LOCKS = 0x6D72, 0x6D73
 RESYNC_EVERY_S = 5.0      # full queue comparison even when nothing seems to have changed
@@ -606,7 +610,11 @@ class Dispatcher:
             desired = self.engine.queues_of(devices)
         else:
             return
-        for device in sorted(devices):
+        ordered = sorted(devices)
+        for i, device in enumerate(ordered):
+            if len(self._in_flight) >= QUEUE_WINDOW:
+                self._touched.update(ordered[i:])  # computed again and published as confirmations come
+                break
             payload = encode_queue(desired.get(device, []))
             digest = queue_digest(payload)
             if self._sent.get(device) == digest:
