@@ -38,6 +38,7 @@ available with serve's own reason. `workers` is the number of serve processes (1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -169,21 +170,28 @@ class Fleets:
         return sum(s.get(key, 0) or 0 for s in self.stats())
 
     def stop(self) -> list[dict]:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        _terminate(self.procs, 60)
         return self.stats()
 
 
+def _terminate(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM to each process still running, then wait; SIGKILL what is still there."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 # ---------------------------------------------------------------- serve
-def _serve_cmd(broker_url: str, db_url: str, keys: Path, profile_dir: Path | None) -> list[str]:
-    args = ["serve", "--broker", broker_url, "--db", db_url, "--keys-dir", str(keys), "--quiet"]
+def _serve_cmd(broker_url: str, db_url: str, keys: Path, profile_dir: Path | None,
+               worker: str | None = None) -> list[str]:
+    args = ["serve", "--broker", broker_url, "--db", db_url, "--keys-dir", str(keys), "--quiet",
+            *(("--worker", worker) if worker else ())]
     if profile_dir is None:
         return [sys.executable, "-m", "mpfleet", *args]
     return [sys.executable, str(BENCH), "--profiled-serve", str(profile_dir), *args]
@@ -220,9 +228,9 @@ def _env(tmp: Path) -> dict:
 
 
 def start_serve(broker_url: str, db_url: str, keys: Path, tmp: Path, profile_dir: Path | None = None,
-                timeout_s: float = 60) -> subprocess.Popen:
-    log = tmp / "serve.log"
-    proc = subprocess.Popen(_serve_cmd(broker_url, db_url, keys, profile_dir), stdout=open(log, "wb"),
+                timeout_s: float = 60, worker: str | None = None) -> subprocess.Popen:
+    log = tmp / (f"serve-{worker}.log" if worker else "serve.log")
+    proc = subprocess.Popen(_serve_cmd(broker_url, db_url, keys, profile_dir, worker), stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, cwd=tmp, env=_env(tmp))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -235,6 +243,41 @@ def start_serve(broker_url: str, db_url: str, keys: Path, tmp: Path, profile_dir
     proc.kill()
     proc.wait()
     raise NotAvailable(f"mpfleet serve did not start within {timeout_s:.0f} s")
+
+
+class Serves:
+    """The serve processes of one case (one on SQLite; `workers` on PostgreSQL), measured
+    together: CPU and memory are their sums."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs = procs
+
+    @classmethod
+    def start(cls, broker_url: str, db_url: str, keys: Path, tmp: Path, workers: int,
+              profile_dir: Path | None = None, timeout_s: float = 60) -> "Serves":
+        if workers == 1 and "://" not in db_url:
+            return cls([start_serve(broker_url, db_url, keys, tmp, profile_dir, timeout_s)])
+        procs: list[subprocess.Popen] = []
+        try:
+            for i in range(workers):
+                procs.append(start_serve(broker_url, db_url, keys, tmp, profile_dir, timeout_s, worker=f"w{i + 1}"))
+        except BaseException:
+            cls(procs).stop()
+            raise
+        return cls(procs)
+
+    def cpu_s(self) -> float:
+        return sum(_proc_cpu_s(p.pid) for p in self.procs)
+
+    def kib(self, key: str) -> int:
+        return sum(_proc_kib(p.pid, key) for p in self.procs)
+
+    def poll(self):
+        """None while every process runs, else the first exit code."""
+        return next((p.poll() for p in self.procs if p.poll() is not None), None)
+
+    def stop(self) -> None:
+        _terminate(self.procs, 120)
 
 
 class NotAvailable(Exception):
@@ -297,8 +340,8 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
     interval = interval or _interval_for(devices)
     case = {"db": "postgresql" if db_url.startswith("postgres") else "sqlite", "workers": workers,
             "devices": devices, "interval_s": interval, "samples": samples, "states": states}
-    if workers != 1:
-        return case | {"available": False, "reason": "one serve per database today (serve takes a lock on it)"}
+    if workers != 1 and case["db"] != "postgresql":
+        return case | {"available": False, "reason": "several serve workers need PostgreSQL"}
     job = "scale-config"
 
     serve = None
@@ -306,24 +349,15 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
         # serve first: if it cannot open the URL, that is the case's reason (and the
         # bench's Store is never asked to make a file out of a URL)
         try:
-            serve = start_serve(broker.url, db_url, keys, tmp, timeout_s=20)
+            serve = Serves.start(broker.url, db_url, keys, tmp, workers, timeout_s=20)
         except NotAvailable as e:
             return case | {"available": False, "reason": str(e)}
-        line = next((ln for ln in (tmp / "serve.log").read_text(errors="replace").splitlines()
-                     if ln.startswith("serving ")), "")
-        if not line.startswith(f"serving {db_url} "):
-            # serve took the URL for a file name (a SQLite file under ./postgresql:/...)
-            serve.kill()
-            serve.wait()
-            return case | {"available": False, "reason": "mpfleet serve --db takes a SQLite path: it opened "
-                                                          f"{line.split(' on ')[0][8:]!r} as a file"}
     started = time.perf_counter()
     try:
         store = Store(db_url)
     except Exception as e:  # noqa: BLE001 - the reason is the result
         if serve is not None:
-            serve.kill()
-            serve.wait()
+            serve.stop()
         return case | {"available": False, "reason": f"{type(e).__name__}: {e}"}
     ring = KeyRing(store, keys)
     ring.init()
@@ -336,14 +370,14 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
         profile_dir.mkdir(exist_ok=True)
     if serve is None:
         try:
-            serve = start_serve(broker.url, db_url, keys, tmp, profile_dir)
+            serve = Serves.start(broker.url, db_url, keys, tmp, workers, profile_dir)
         except NotAvailable as e:
             store.close()
             return case | {"available": False, "reason": str(e)}
     fleets = counts = None
     try:
         counts = Counts(db_url)
-        rss_start = _proc_kib(serve.pid, "VmRSS")
+        rss_start = serve.kib("VmRSS")
         fleets = Fleets(tmp, broker.host, broker.port, devices, trusted, interval, samples, states, job)
         # every device has woken (state and samples reported) once: the host knows the fleet
         deadline = time.monotonic() + max(120.0, 3 * interval)
@@ -354,7 +388,7 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
         wakes0, frames0, sent0 = fleets.total("wakes"), fleets.total("frames"), fleets.total("samples_sent")
         statuses0 = fleets.total("statuses_sent")
         samples0 = counts.samples()
-        cpu0 = _proc_cpu_s(serve.pid)
+        cpu0 = serve.cpu_s()
         t0 = time.monotonic()
         engine.create_job("config", {"set": {"sample_interval_s": 30}}, "*", job_id=job)
         done, progress = 0, []
@@ -365,13 +399,13 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
                 break
             time.sleep(0.25)
         job_s = time.monotonic() - t0
-        serve_cpu = _proc_cpu_s(serve.pid) - cpu0
+        serve_cpu = serve.cpu_s() - cpu0
         samples_job = counts.samples() - samples0
         wakes = fleets.total("wakes") - wakes0
         frames = fleets.total("frames") - frames0
         sent = fleets.total("samples_sent") - sent0
         statuses_sent = fleets.total("statuses_sent") - statuses0
-        peak_kib = _proc_kib(serve.pid, "VmHWM")
+        peak_kib = serve.kib("VmHWM")
         fleet_cpu = sum(s.get("cpu_s", 0) for s in fleets.stats())
         final_stats = fleets.stop()
         fleets = None
@@ -390,13 +424,7 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
     finally:
         if fleets is not None:
             fleets.stop()
-        if serve.poll() is None:
-            serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        serve.stop()
         store.close()
         if counts is not None and sys.exc_info()[0] is not None:
             counts.close()
@@ -408,7 +436,7 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
     succeeded_once = sum(n for s, a, n in rows if s == "SUCCEEDED" and a == 1)
     committed = counts.samples()
     holes = counts.one("SELECT COUNT(*) FROM (SELECT device FROM samples GROUP BY device "
-                       "HAVING COUNT(*) != COUNT(DISTINCT seq) OR COUNT(*) != MAX(seq))")[0]
+                       "HAVING COUNT(*) != COUNT(DISTINCT seq) OR COUNT(*) != MAX(seq)) AS odd")[0]
     counts.close()
     taken = sum(s.get("samples_taken", 0) for s in final_stats)
     unacked = sum(s.get("samples_unacked", 0) for s in final_stats)
@@ -689,10 +717,28 @@ def broker_ceiling(broker, devices: int, tmp: Path) -> dict:
 
 
 # ---------------------------------------------------------------- the whole bench
-def _pg_url() -> str:
-    """MPFLEET_BENCH_PG_URL, else a URL where nothing listens (port 1): the case then
-    says why it cannot run, and no server of this machine is touched."""
-    return os.environ.get("MPFLEET_BENCH_PG_URL", "postgresql://mpfleet@127.0.0.1:1/mpfleet_bench")
+PG_SERVER = os.environ.get("MPFLEET_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.contextmanager
+def pg_database():
+    """A database of the bench's own on PG_SERVER (MPFLEET_BENCH_PG; this project's
+    machines run one on 127.0.0.1:5432), dropped afterwards; None where there is no
+    server (the PostgreSQL cases then say so)."""
+    try:
+        import psycopg
+
+        admin = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=3)
+    except Exception as e:  # noqa: BLE001 - the reason is the result
+        yield None, f"no PostgreSQL at {PG_SERVER}: {str(e).strip().splitlines()[0] if str(e).strip() else e}"
+        return
+    name = f"mpfleet_bench_{os.getpid()}_{int(time.time())}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_SERVER.rsplit("/", 1)[0] + "/" + name, None
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
 
 
 def run(devices: int = DEVICES, interval: float | None = None, samples_run: bool = True,
@@ -708,9 +754,13 @@ def run(devices: int = DEVICES, interval: float | None = None, samples_run: bool
     if samples_run:
         with LocalBroker() as broker:
             cases.append(run_case(None, 1, devices, interval=interval, samples=False, broker=broker))
-    with LocalBroker() as broker:
-        cases.append(run_case(_pg_url(), 1, devices, interval=interval, broker=broker,
-                              tmp=Path(tempfile.mkdtemp(prefix="mpfleet-bench-scale-pg-"))))
+    for workers in (1, 2):
+        with LocalBroker() as broker, pg_database() as (url, why):
+            if url is None:
+                cases.append({"db": "postgresql", "workers": workers, "available": False, "reason": why})
+                continue
+            cases.append(run_case(url, workers, devices, interval=interval, broker=broker,
+                                  tmp=Path(tempfile.mkdtemp(prefix="mpfleet-bench-scale-pg-"))))
     return report(devices, cases, ceiling)
 
 
@@ -761,7 +811,15 @@ def report(devices: int, cases: list[dict], ceiling: dict) -> dict:
                            f"serve during the job: {main['serve_messages_per_s']:.0f} msg/s"})
     for c in cases[1:]:
         if not c.get("available"):
-            rows.append({"measure": f"{c['db']} case", "value": "not available", "detail": c["reason"][:160]})
+            rows.append({"measure": f"{c['db']} x {c.get('workers', 1)} case", "value": "not available",
+                         "detail": c["reason"][:160]})
+        elif c["db"] == "postgresql":
+            rows.append({"measure": f"PostgreSQL x {c['workers']} worker(s)", "value": f"{c['job_s']} s",
+                         "detail": f"{c['final']}/{c['devices']} final, {c['executions_per_s']} executions/s, "
+                                   f"{c['serve_cpu_per_execution_ms']:.2f} ms CPU per execution (all workers), "
+                                   f"peak RSS {c['serve_peak_rss_kib'] / 1024:.0f} MiB (all workers), "
+                                   f"{c['wakes_per_execution']} wakes per execution, "
+                                   f"check {'ok' if c['check']['ok'] else 'NO'}"})
     return {"name": "scale", "devices": devices, "cases": cases, "ceiling": ceiling,
             "ratio": round(ratio, 3) if ratio else None,
             "ratio_label": "serve's messages/s during the job / the broker's ceiling for the same pattern",
