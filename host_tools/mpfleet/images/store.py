@@ -229,8 +229,9 @@ class ImageStore:
 
     def get(self, ref: str) -> ImageRecord:
         """An image by id, or by a unique prefix of its id or SHA-256."""
-        rows = self.store.db.execute(f"SELECT {_COLS} FROM images WHERE id LIKE ? OR sha256 LIKE ?",
-                                     (ref + "%", ref + "%")).fetchall() if ref else []
+        # LOWER on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not
+        rows = self.store.db.execute(f"SELECT {_COLS} FROM images WHERE LOWER(id) LIKE LOWER(?) "
+                                     "OR LOWER(sha256) LIKE LOWER(?)", (ref + "%", ref + "%")).fetchall() if ref else []
         if not rows:
             raise ImageStoreError(f"no image {ref!r} (see `mpfleet image list`)")
         if len(rows) > 1:
