@@ -68,6 +68,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpfleet.files import write_atomic
 from mpfleet.broker.local import TUNING_LINES, find_mosquitto, persistence_lines
 from mpfleet.errors import MpfleetError
 from mpfleet.db.store import Store
@@ -346,17 +347,6 @@ def write_passwd(path: str | os.PathLike, entries: list[tuple[str, str]]) -> Pat
     return path
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None = None,
              host_user: str = DEFAULT_HOST_USER, rotate: bool = False, registry: bool = True,
              accounts: list[str] | None = None, listen: str = DEFAULT_LISTEN,
@@ -420,9 +410,9 @@ def generate(store: Store, out_dir: str | os.PathLike, devices: list[str] | None
     data = Path(data_dir) if data_dir is not None else out / "data"
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     acl = out / "acl"
-    _write_private(acl, acl_text(ordered, host_user, extra, root))
+    write_atomic(acl, acl_text(ordered, host_user, extra, root).encode())
     conf = out / "mosquitto.conf"
-    _write_private(conf, conf_text(passwd, acl, data, listen))
+    write_atomic(conf, conf_text(passwd, acl, data, listen).encode())
     return BrokerFiles(out, passwd, acl, conf, host_user, ordered, fresh, skipped, extra, data.resolve())
 
 
@@ -473,9 +463,9 @@ def _generate_tls(ca, out_dir, devices: list[str], host_user: str, extra: list[s
     if not ca.crl_path.exists():
         ca.write_crl()
     acl = out / "acl"
-    _write_private(acl, acl_text(devices, host_user, extra, root))
+    write_atomic(acl, acl_text(devices, host_user, extra, root).encode())
     conf = out / "mosquitto.conf"
-    _write_private(conf, conf_text(passwd, acl, data, listen, ca=ca, also_plaintext=also_plaintext))
+    write_atomic(conf, conf_text(passwd, acl, data, listen, ca=ca, also_plaintext=also_plaintext).encode())
     result = BrokerFiles(out, passwd, acl, conf, host_user, devices, [], skipped, extra, data.resolve(), tls=True,
                          broker_cert=ca.broker_files()[0], host_certs=host_certs)
     result.new = fresh

@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mpfleet.files import write_atomic
 from mpfleet.errors import MpfleetError
 
 CA_DAYS = 3650
@@ -73,20 +73,6 @@ class Issued:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Atomically, with `mode` from the start (a key is never readable by others, not even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".part")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -141,8 +127,8 @@ class FleetCA:
                                              decipher_only=False), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
                 .sign(key, hashes.SHA256()))
-        _write_file(self.key_path, _key_pem(key), 0o600)
-        _write_file(self.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(self.key_path, _key_pem(key), 0o600)
+        write_atomic(self.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         self._key, self._cert = key, cert
         self.write_crl()
         return cert
@@ -221,8 +207,8 @@ class FleetCA:
 
     def _write_pair(self, stem: Path, key, cert) -> tuple[Path, Path]:
         crt, kp = stem.with_suffix(".crt"), stem.with_suffix(".key")
-        _write_file(kp, _key_pem(key), 0o600)
-        _write_file(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(kp, _key_pem(key), 0o600)
+        write_atomic(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return crt, kp
 
     def issue_host(self, account: str, days: int = LEAF_DAYS) -> tuple[Path, Path]:
@@ -279,7 +265,7 @@ class FleetCA:
                 x509.RevokedCertificateBuilder().serial_number(serial)
                 .revocation_date(dt.datetime.fromtimestamp(when, dt.timezone.utc)).build())
         crl = builder.sign(ca_key, hashes.SHA256())
-        _write_file(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
         return self.crl_path
 
     def revoke_serial(self, serial: int) -> None:
