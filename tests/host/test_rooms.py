@@ -28,7 +28,8 @@ MAY_IMPORT = {
     "sim": {"errors", "files", "paths", "protocol", "db", "images", "boards", "broker", "fleet"},
     "tools": {"errors", "paths"},
     "demo": {"errors", "files", "paths", "protocol", "db", "images", "boards", "broker", "fleet", "sim"},
-    "cli": {"errors", "files", "paths", "protocol", "db", "images", "boards", "broker", "fleet", "usb", "sim", "package"},
+    "cli": {"errors", "files", "paths", "protocol", "db", "images", "boards", "broker", "fleet", "usb", "sim",
+            "package"},
     "__main__": {"cli"},
     "package": set(),  # mpfleet/__init__.py: the version, nothing else
 }
