@@ -322,6 +322,26 @@ def _interval_for(devices: int) -> float:
     return float(max(10, devices // 250))
 
 
+def _own_folder(case):
+    """`case` run in a folder of its own (the database, keys, logs: hundreds of MB at
+    100,000 devices) that goes when it ends, unless the caller gave one (tmp=...)."""
+    import functools
+    import shutil
+
+    @functools.wraps(case)
+    def run(*args, tmp: Path | None = None, **kwargs):
+        if tmp is not None:
+            return case(*args, tmp=tmp, **kwargs)
+        folder = Path(tempfile.mkdtemp(prefix=f"mpfleet-bench-{case.__name__}-"))
+        try:
+            return case(*args, tmp=folder, **kwargs)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return run
+
+
+@_own_folder
 def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES, *, interval: float | None = None,
              samples: bool = True, states: bool = True, profile: bool = False, broker=None,
              tmp: Path | None = None) -> dict:
@@ -482,6 +502,7 @@ def run_case(db_url: str | None = None, workers: int = 1, devices: int = DEVICES
     return result
 
 
+@_own_folder
 def fanout_case(devices: int, broker, tmp: Path | None = None, profile: bool = False) -> dict:
     """The job's fan-out alone, no device awake: from the job's creation until serve
     has every one of the `devices` queues published and confirmed by the broker; serve's
@@ -750,7 +771,8 @@ def run(devices: int = DEVICES, interval: float | None = None, samples_run: bool
     with LocalBroker() as broker:
         cases.append(run_case(None, 1, devices, interval=interval, profile=profile, broker=broker))
         # the same mosquitto, holding the job's retained messages, serve and the fleet gone
-        ceiling = broker_ceiling(broker, devices, Path(tempfile.mkdtemp(prefix="mpfleet-bench-ceiling-")))
+        with tempfile.TemporaryDirectory(prefix="mpfleet-bench-ceiling-") as folder:
+            ceiling = broker_ceiling(broker, devices, Path(folder))
     if samples_run:
         with LocalBroker() as broker:
             cases.append(run_case(None, 1, devices, interval=interval, samples=False, broker=broker))
@@ -759,8 +781,7 @@ def run(devices: int = DEVICES, interval: float | None = None, samples_run: bool
             if url is None:
                 cases.append({"db": "postgresql", "workers": workers, "available": False, "reason": why})
                 continue
-            cases.append(run_case(url, workers, devices, interval=interval, broker=broker,
-                                  tmp=Path(tempfile.mkdtemp(prefix="mpfleet-bench-scale-pg-"))))
+            cases.append(run_case(url, workers, devices, interval=interval, broker=broker))
     return report(devices, cases, ceiling)
 
 
