@@ -71,11 +71,7 @@ def test_two_workers_share_the_messages_one_leads_and_the_other_takes_over(tmp_p
         assert a.leads != b.leads
         asyncio.run(fleet.wake_all())
         env.engine.create_job("config", {"set": {"sample_interval_s": 45}}, ["sw"], job_id="share")
-        for _ in range(10):
-            time.sleep(0.4)
-            asyncio.run(fleet.wake_all())
-            if env.engine.job_status("share").status != "ACTIVE":
-                break
+        _roll_out(env, fleet, "share", rounds=20)
         assert env.engine.job_status("share").status == "COMPLETED"
         # the broker spread the statuses and samples over both workers, exactly once in total
         assert a.stats.statuses > 0 and b.stats.statuses > 0, (a.stats.statuses, b.stats.statuses)
@@ -86,15 +82,11 @@ def test_two_workers_share_the_messages_one_leads_and_the_other_takes_over(tmp_p
         stopped_at = time.time()
         leader.stop()
         env.wait(lambda: other.leads, 5, "the other worker to lead")
-        row = [d for d in _leaders(env.store)]
+        row = _leaders(env.store)
         assert len(row) == 1 and row[0].leads >= stopped_at
         # the new leader runs the next job on its own
         env.engine.create_job("config", {"set": {"sample_interval_s": 50}}, ["sw"], job_id="after")
-        for _ in range(10):
-            time.sleep(0.4)
-            asyncio.run(fleet.wake_all())
-            if env.engine.job_status("after").status != "ACTIVE":
-                break
+        _roll_out(env, fleet, "after", rounds=20)
         assert env.engine.job_status("after").status == "COMPLETED"
         assert all(d.config["sample_interval_s"] == 50 for d in devices)
     finally:
